@@ -1,0 +1,479 @@
+"""The training engine: learn a U-Net from sparse painted labels, as a generator a GUI worker can drive.
+
+Label semantics (a napari Labels layer as it is): 0 = unpainted (weight zero in every loss term), painted
+ids 1..K are the classes, and they need not be contiguous ({1, 3} is fine). The id mapping is kept in the
+model metadata so predictions come back with the user's ids (class index ``i`` of the network is
+``metadata["class_ids"][i]``).
+
+API
+---
+``TrainingSettings``
+    A dataclass with every knob and good defaults (see its fields).
+``Trainer(images, labels, settings=None, *, init=None, class_names=None)``
+    ``images``/``labels``: lists of numpy arrays (or one array each) of equal shapes. With ``ndim=2`` a
+    3D array is a stack trained slice by slice with a 2D net; with ``ndim=3`` it is a volume for a 3D
+    net. Construction validates the data (clear ``ValueError`` messages), normalizes each whole image
+    with percentiles (``normalization.py``) and builds the model, or takes it from ``init`` (a
+    ``(model, metadata)`` pair as returned by ``io.load_model``) to fine-tune it: its normalization and
+    class mapping are kept, and painting a class the model does not know is a ``ValueError``.
+``trainer.run()``
+    A generator of ``TrainingEvent`` (one per iteration, then a last one with ``done=True`` and a
+    ``reason``: "iterations", "time_budget", "plateau" or "stopped"). Closing the generator, or
+    ``trainer.request_stop()`` from any thread, ends training within one iteration; either way the
+    model is left usable in eval mode on the CPU and GPU memory is released.
+``trainer.update_labels(index, labels)``
+    Thread-safe: new strokes of image ``index`` are picked up by the sampler at the next iteration.
+``trainer.snapshot()``
+    An eval-mode copy (batch norm folded) of the current model, for live previews; safe to call between
+    events or from another thread.
+``trainer.model``, ``trainer.metadata``, ``trainer.save(path)``
+    The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``) and
+    saving both with ``io.save_model``.
+``train(images, labels, settings=None, *, init=None, class_names=None, callback=None, **overrides)``
+    Runs a ``Trainer`` to completion and returns it.
+
+Normalization
+-------------
+Percentiles over each whole image, never per patch. The metadata stores the recipe (``low``/``high``
+percentiles), and prediction recomputes the percentiles over each image it is applied to.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .augment import Augmenter
+from .devices import amp_dtype, default_cpu_threads, resolve_device
+from .io import save_model
+from .losses import border_weight_map, class_weights, masked_loss
+from .model import UNet, center_crop
+from .normalization import normalize, percentile_params
+from .sampling import PatchSampler
+
+STOP_REASONS = ("iterations", "time_budget", "plateau", "stopped")
+
+
+@dataclass
+class TrainingSettings:
+    """Everything that controls a training run. The defaults suit 2D fluorescence/EM on a CPU laptop."""
+
+    ndim: int = 2
+    """2: a 2D net (3D arrays are stacks trained slice by slice); 3: a 3D net on volumes."""
+    depth: int = 3
+    base_filters: int = 16
+    block: str = "plain"
+    batch_norm: bool = True
+    dropout: float = 0.0
+    patch_size: int | tuple[int, ...] = 96
+    """Minimum output tile size per spatial axis; the input tile adds the model's halo."""
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    """Peak Adam learning rate; a short warm-up then cosine decay over the iteration/time budget."""
+    iterations: int | None = None
+    time_budget: float | None = 60.0
+    """Seconds. Training ends at whichever of ``iterations``/``time_budget`` comes first."""
+    patience: int | None = None
+    """Early stop after this many iterations without a 1 % improvement of the smoothed loss (None: off)."""
+    flips: bool = True
+    rotations: bool = True
+    elastic: bool = True
+    intensity: bool = True
+    border_weight: bool = False
+    """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
+    dice_weight: float = 1.0
+    """Weight of the soft Dice term added to the cross-entropy."""
+    normalization: dict = field(default_factory=lambda: {"low": 1.0, "high": 99.8})
+    device: str = "auto"
+    seed: int | None = 0
+    cpu_threads: int | None = None
+    """Torch CPU threads; None: cores - 1 so an interface stays responsive."""
+    amp: bool = True
+    """Mixed precision (float16) on CUDA; ignored elsewhere."""
+
+    def __post_init__(self):
+        if self.ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
+        if self.iterations is None and self.time_budget is None:
+            raise ValueError("set iterations, time_budget or both")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive, got {self.time_budget}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    """Progress of one training iteration (``done`` marks the final event, with its ``reason``)."""
+
+    iteration: int
+    loss: float
+    elapsed: float
+    samples_seen: int
+    learning_rate: float
+    done: bool = False
+    reason: str | None = None
+
+
+def _as_list(arrays) -> list[np.ndarray]:
+    if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
+        arrays = [arrays]
+    return [np.asarray(a) for a in arrays]
+
+
+def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+    """Return ``labels`` as a non-negative integer array; float arrays holding whole numbers are accepted."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise ValueError(f"{name} must hold integer class ids, got non-integer values")
+        labels = labels.astype(np.int64)
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name} must not hold negative ids (0 = unpainted, 1..K = classes)")
+    return labels
+
+
+def painted_ids(labels: Sequence[np.ndarray]) -> list[int]:
+    """Sorted painted class ids (non-zero values) over all label arrays."""
+    ids: set[int] = set()
+    for lab in labels:
+        ids.update(int(v) for v in np.unique(lab) if v != 0)
+    return sorted(ids)
+
+
+def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+    """Map user ids to class indices 0..K-1 (int16), unpainted (0) to -1. Unknown ids are a ValueError."""
+    ids = np.asarray(class_ids, dtype=np.int64)
+    flat = labels.astype(np.int64, copy=False)
+    index = np.searchsorted(ids, flat)
+    index = np.clip(index, 0, len(ids) - 1)
+    known = ids[index] == flat
+    unknown = ~known & (flat != 0)
+    if unknown.any():
+        extra = sorted(int(v) for v in np.unique(flat[unknown]))
+        raise ValueError(f"labels hold class ids {extra} that the model does not know (it has {list(ids)})")
+    return np.where(known, index, -1).astype(np.int16)
+
+
+class Trainer:
+    """Train a U-Net from sparse painted labels; see the module docstring for the whole API."""
+
+    def __init__(
+        self,
+        images,
+        labels,
+        settings: TrainingSettings | None = None,
+        *,
+        init: tuple[torch.nn.Module, dict] | None = None,
+        class_names: Sequence[str] | None = None,
+    ):
+        self.settings = settings = settings or TrainingSettings()
+        images, labels = _as_list(images), _as_list(labels)
+        if len(images) != len(labels):
+            raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
+        if not images:
+            raise ValueError("no images given")
+        labels = [integer_labels(lab, f"labels {i}") for i, lab in enumerate(labels)]
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            if img.shape != lab.shape:
+                raise ValueError(f"image {i} has shape {img.shape} but its labels have shape {lab.shape}")
+            if img.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and img.ndim != 3):
+                raise ValueError(f"image {i} has {img.ndim} dimensions; a {settings.ndim}D net needs "
+                                 + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
+        found = painted_ids(labels)
+        if not found:
+            raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
+
+        if init is not None:
+            model, meta = init
+            self.class_ids = [int(c) for c in meta.get("class_ids", range(1, model.config["n_classes"] + 1))]
+            if model.config["n_classes"] != len(self.class_ids):
+                raise ValueError("the initial model's metadata does not match its number of classes")
+            if len(found) > len(self.class_ids) or not set(found) <= set(self.class_ids):
+                raise ValueError(
+                    f"the initial model has {len(self.class_ids)} classes (ids {self.class_ids}) but the labels "
+                    f"hold ids {found}: paint the same classes or train a new model"
+                )
+            if model.config["ndim"] != settings.ndim:
+                raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
+            self.normalization = dict(meta.get("normalization") or settings.normalization)
+            names = meta.get("class_names") or [f"class {c}" for c in self.class_ids]
+            self._history = list((meta.get("training") or {}).get("history", []))
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            self.model = copy.deepcopy(model).cpu().train()
+        else:
+            if len(found) < 2:
+                raise ValueError(f"only one class is painted (id {found[0]}): paint at least two classes")
+            self.class_ids = found
+            self.normalization = dict(settings.normalization)
+            names = list(class_names) if class_names else [f"class {c}" for c in found]
+            if len(names) != len(found):
+                raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
+            self._history = []
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            self.model = UNet(
+                in_channels=1,
+                n_classes=len(found),
+                ndim=settings.ndim,
+                depth=settings.depth,
+                base_filters=settings.base_filters,
+                batch_norm=settings.batch_norm,
+                dropout=settings.dropout,
+                block=settings.block,
+            )
+        self.class_names = list(names)
+        self.image_ndim = settings.ndim
+        self.output_shape = self.model.legal_output_shape(settings.patch_size)
+        self.input_shape = self.model.legal_input_shape(self.output_shape)
+
+        self._rng = np.random.default_rng(settings.seed)
+        normalized = [self._normalize(img) for img in images]
+        targets = [targets_from_labels(lab, self.class_ids) for lab in labels]
+        self._n_images = len(images)
+        self.sampler = PatchSampler(
+            self._split(normalized), self._split(targets), self.input_shape, self._rng,
+            weights=self._split([self._weights(t) for t in targets]) if settings.border_weight else None,
+        )
+        self.augmenter = Augmenter(
+            self._rng, flips=settings.flips, rotations=settings.rotations,
+            elastic=settings.elastic, intensity=settings.intensity,
+        )
+        self._class_weights = self._compute_class_weights()
+        self._lock = threading.Lock()
+        self._pending: dict[int, np.ndarray] = {}
+        self._stop = threading.Event()
+        self._record: dict = {}
+        self.iteration = 0
+
+    # --- data -------------------------------------------------------------------------------------
+
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        return normalize(image, percentile_params(image, **self.normalization))
+
+    def _split(self, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Per input image, the list of network-sized pieces: slices of a stack for a 2D net."""
+        return [list(a) if a.ndim == self.image_ndim + 1 else [a] for a in arrays]
+
+    def _weights(self, target: np.ndarray) -> np.ndarray:
+        if target.ndim == self.image_ndim + 1:
+            return np.stack([border_weight_map(t) for t in target])
+        return border_weight_map(target)
+
+    def _compute_class_weights(self) -> torch.Tensor:
+        counts = self.sampler.class_counts(len(self.class_ids))
+        return torch.as_tensor(class_weights(counts), dtype=torch.float32)
+
+    def update_labels(self, index: int, labels: np.ndarray) -> None:
+        """Replace the labels of image ``index`` (thread-safe); the sampler uses them from the next iteration.
+
+        Raises ``ValueError`` for a wrong shape, non-integer labels or ids the model does not know.
+        """
+        if not 0 <= index < self._n_images:
+            raise IndexError(f"image index {index} out of range (0..{self._n_images - 1})")
+        labels = integer_labels(labels)
+        target = targets_from_labels(labels, self.class_ids)
+        expected = self.sampler.image_shape(index)
+        if target.shape != expected:
+            raise ValueError(f"labels shape {target.shape} does not match image {index} shape {expected}")
+        with self._lock:
+            self._pending[index] = target
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for index, target in pending.items():
+            pieces = self._split([target])[0]
+            weights = self._split([self._weights(target)])[0] if self.settings.border_weight else None
+            self.sampler.set_targets(index, pieces, weights)
+        if pending:
+            self._class_weights = self._compute_class_weights()
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the training loop to end (thread-safe); it ends within one iteration, keeping the model."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether ``request_stop`` was called."""
+        return self._stop.is_set()
+
+    def _batch(self, device: torch.device):
+        images, targets, weights = [], [], []
+        for _ in range(self.settings.batch_size):
+            image, target, weight = self.sampler.sample()
+            image, target, weight = self.augmenter(image, target, weight)
+            images.append(image)
+            targets.append(target)
+            weights.append(weight)
+        x = torch.from_numpy(np.stack(images)[:, None]).to(device)
+        y = center_crop(torch.from_numpy(np.stack(targets).astype(np.int64))[:, None], self.output_shape)[:, 0]
+        w = None
+        if self.settings.border_weight:
+            w = center_crop(torch.from_numpy(np.stack(weights))[:, None], self.output_shape)[:, 0].to(device)
+        return x, y.to(device), w
+
+    def _learning_rate(self, progress: float) -> float:
+        peak = self.settings.learning_rate
+        warmup = 0.03
+        if progress < warmup:
+            return peak * (0.1 + 0.9 * progress / warmup)
+        progress = (progress - warmup) / (1 - warmup)
+        return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def run(self) -> Iterator[TrainingEvent]:
+        """Train, yielding a ``TrainingEvent`` per iteration and a final one with ``done=True``."""
+        s = self.settings
+        device = resolve_device(s.device)
+        previous_threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(s.cpu_threads or default_cpu_threads())
+        dtype = amp_dtype(device) if s.amp else None
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        model = self.model.to(device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+        weights = self._class_weights.to(device)
+        start = time.perf_counter()
+        self._record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device)}
+        smoothed, best, since_best = None, math.inf, 0
+        reason, loss_value, iteration, lr = "stopped", float("nan"), 0, s.learning_rate
+        data_time = 0.0
+        try:
+            while True:
+                elapsed = time.perf_counter() - start
+                if self._stop.is_set():
+                    reason = "stopped"
+                    break
+                if s.iterations is not None and iteration >= s.iterations:
+                    reason = "iterations"
+                    break
+                if s.time_budget is not None and elapsed >= s.time_budget:
+                    reason = "time_budget"
+                    break
+                if s.patience is not None and since_best >= s.patience:
+                    reason = "plateau"
+                    break
+                progress = max(
+                    iteration / s.iterations if s.iterations else 0.0,
+                    elapsed / s.time_budget if s.time_budget else 0.0,
+                )
+                lr = self._learning_rate(progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tick = time.perf_counter()
+                self._apply_pending()
+                if self._class_weights.device != device:
+                    weights = self._class_weights.to(device)
+                x, y, w = self._batch(device)
+                data_time += time.perf_counter() - tick
+                with self._lock:
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        logits = model(x)
+                    loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                iteration += 1
+                self.iteration = iteration
+                loss_value = float(loss.detach())
+                smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
+                if smoothed < 0.99 * best:
+                    best, since_best = smoothed, 0
+                else:
+                    since_best += 1
+                yield TrainingEvent(
+                    iteration, loss_value, time.perf_counter() - start, iteration * s.batch_size, lr
+                )
+        except GeneratorExit:
+            reason = "stopped"
+            self._finish(device, previous_threads, iteration, start, loss_value, reason, data_time)
+            raise
+        self._finish(device, previous_threads, iteration, start, loss_value, reason, data_time)
+        yield TrainingEvent(
+            iteration, loss_value, time.perf_counter() - start, iteration * s.batch_size, lr, True, reason
+        )
+
+    def _finish(self, device, previous_threads, iterations, start, loss, reason, data_time) -> None:
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.model = self.model.cpu().eval()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.set_num_threads(previous_threads)
+        self._record.update(
+            iterations=iterations,
+            seconds=round(elapsed, 3),
+            data_seconds=round(data_time, 3),
+            final_loss=loss,
+            stop_reason=reason,
+        )
+        self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
+
+    def snapshot(self) -> UNet:
+        """An eval-mode copy of the current model (batch norm folded) for previews; thread-safe."""
+        with self._lock:
+            return self.model.inference_copy()
+
+    @property
+    def metadata(self) -> dict:
+        """Metadata for the model file: class ids and names, normalization recipe, training record."""
+        return {
+            "class_ids": list(self.class_ids),
+            "class_names": list(self.class_names),
+            "normalization": dict(self.normalization),
+            "training": {"history": list(self._history), "input_shape": list(self.input_shape),
+                         "output_shape": list(self.output_shape)},
+            "napari_unet_version": __version__,
+        }
+
+    def save(self, path) -> None:
+        """Write the model and its metadata with ``io.save_model`` (atomic)."""
+        with self._lock:
+            model = copy.deepcopy(self.model).cpu().eval()
+        save_model(model, path, self.metadata)
+
+
+def train(
+    images,
+    labels,
+    settings: TrainingSettings | None = None,
+    *,
+    init: tuple[torch.nn.Module, dict] | None = None,
+    class_names: Sequence[str] | None = None,
+    callback: Callable[[TrainingEvent], None] | None = None,
+    **overrides,
+) -> Trainer:
+    """Train to completion and return the ``Trainer`` (``trainer.model``, ``trainer.metadata``).
+
+    ``overrides`` replace fields of ``settings`` (e.g. ``train(img, lab, time_budget=30, depth=2)``);
+    ``callback`` is called with every ``TrainingEvent``.
+    """
+    settings = dataclasses.replace(settings or TrainingSettings(), **overrides)
+    trainer = Trainer(images, labels, settings, init=init, class_names=class_names)
+    for event in trainer.run():
+        if callback is not None:
+            callback(event)
+    return trainer
