@@ -1,0 +1,361 @@
+"""Model files and TIFF images.
+
+Model files
+    One self-describing ``.safetensors`` file: the tensors are the model's ``state_dict`` and
+    the safetensors string metadata holds, under the key ``"napari_unet"``, a JSON record with
+    the architecture ``config`` (``UNet(**config)`` rebuilds it), ``class_ids``,
+    ``class_names``, ``normalization`` (a recipe for :mod:`napari_unet.normalization`), the
+    ``training`` record, ``napari_unet_version``, ``format`` and ``format_version``.
+    Loading never executes code from the file: safetensors holds raw tensor bytes only, and
+    anything that is not a valid napari-unet safetensors file (a torch ``.pt`` pickle, a
+    crafted pickle, a truncated or corrupt file) is refused with :class:`ModelFileError`.
+    Writes are atomic (temporary file in the same folder, fsync, ``os.replace``), so a crash
+    mid-save leaves the previous file intact.
+
+TIFF images
+    :func:`read_image` reads the first image series with tifffile and describes its axes with
+    the letters ``Z`` (stack: Z, time or an unnamed sequence), ``C`` (channels or RGB
+    samples), ``Y`` and ``X``. The pixel size (``scale``, one value per spatial axis) comes,
+    in this order, from OME ``PhysicalSize*``, ImageJ ``spacing`` + resolution tags, the
+    ``scale`` written by :func:`write_tiff`, or resolution tags in centimeters/millimeters/
+    micrometers (converted to micrometers); otherwise it is 1.0 (unknown). Plain TIFF
+    resolution in inches (usually a meaningless 72 dpi) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import xml.etree.ElementTree as ET
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "napari-unet"
+FORMAT_VERSION = 1
+METADATA_KEY = "napari_unet"
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, unreadable, not a napari-unet safetensors file, or corrupt."""
+
+
+class ImageFileError(ValueError):
+    """An image file is missing, not a readable TIFF, empty, or has unsupported axes."""
+
+
+# --------------------------------------------------------------------------------------
+# atomic writes
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it in place.
+
+    The temporary file is fsynced before ``os.replace``, so ``path`` holds either its previous
+    content or the complete new file, never a partial one. On any error the temporary file
+    is removed and the error propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename durable on POSIX; not possible (nor needed) everywhere.
+    with suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------------------
+# model files
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON serialisable")
+
+
+def save_model(model, path, metadata=None) -> Path:
+    """Save ``model`` (weights + architecture config + ``metadata``) atomically to ``path``.
+
+    ``metadata`` may hold ``class_ids`` (the user's label ids, one per output class; default
+    ``1..n_classes``), ``class_names``, ``normalization`` (default
+    :data:`napari_unet.normalization.DEFAULT_RECIPE`), ``training`` and any other
+    JSON-serialisable entries. Save the trainable model, not its ``inference_copy()``.
+    Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .normalization import DEFAULT_RECIPE
+
+    config = dict(model.config)
+    n_classes = int(config["n_classes"])
+    record = dict(metadata or {})
+    record.setdefault("class_ids", list(range(1, n_classes + 1)))
+    record.setdefault("class_names", [f"class {i}" for i in record["class_ids"]])
+    record.setdefault("normalization", dict(DEFAULT_RECIPE))
+    if len(record["class_ids"]) != n_classes:
+        raise ValueError(f"class_ids {list(record['class_ids'])} must have one id per class ({n_classes})")
+    record.update(
+        format=FORMAT_NAME, format_version=FORMAT_VERSION, napari_unet_version=__version__, config=config
+    )
+    header = {METADATA_KEY: json.dumps(record, default=_json_default)}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+_FOREIGN_SIGNATURES = (
+    (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth file?)"),
+    (b"\x80", "a Python pickle (a PyTorch .pt/.pth file?)"),
+    (b"\x89HDF", "an HDF5 file (a Keras .h5 model?)"),
+)
+
+
+def load_model(path, device="cpu"):
+    """Load a model saved by :func:`save_model`; returns ``(model, metadata)``.
+
+    The model is rebuilt with ``UNet(**metadata["config"])``, its weights are loaded strictly,
+    and it is moved to ``device`` (a name for :func:`napari_unet.devices.resolve_device` or a
+    ``torch.device``) in eval mode. Raises :class:`ModelFileError` for a missing file,
+    a file that is not a napari-unet safetensors file (pickles are never unpickled), a
+    truncated or corrupt file, or weights that do not match the stored architecture.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(f"model path is a folder, not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
+    for signature, kind in _FOREIGN_SIGNATURES:
+        if head.startswith(signature):
+            raise ModelFileError(
+                f"{path} is {kind}, not a napari-unet .safetensors model; refused without loading it "
+                "(pickle-based files can run code when loaded)"
+            )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            if raw is None:
+                raise ModelFileError(f"{path} is a safetensors file without napari-unet metadata (not saved by napari-unet)")
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise ModelFileError(f"{path} is not a valid safetensors model file (corrupt or truncated?): {e}") from None
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
+    record = _parse_record(path, raw)
+    return _build_model(path, record, state, device), record
+
+
+def _parse_record(path: Path, raw: str) -> dict:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path} has corrupt napari-unet metadata: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME or not isinstance(record.get("config"), dict):
+        raise ModelFileError(f"{path} has no valid napari-unet metadata (missing format or config)")
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses model format version {version!r}; this napari-unet reads up to {FORMAT_VERSION} (upgrade napari-unet)"
+        )
+    n_classes = record["config"].get("n_classes")
+    class_ids = record.get("class_ids")
+    if not isinstance(class_ids, list) or len(class_ids) != n_classes or not all(isinstance(i, int) and i > 0 for i in class_ids):
+        raise ModelFileError(f"{path} has invalid class_ids {class_ids!r} for {n_classes} classes")
+    return record
+
+
+def _build_model(path: Path, record: dict, state: dict, device):
+    from .devices import resolve_device
+    from .model import UNet
+
+    try:
+        model = UNet(**record["config"])
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{path} describes an architecture this napari-unet cannot build: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
+        raise ModelFileError(f"{path}: weights do not match the stored architecture ({first_line})") from None
+    return model.to(resolve_device(device)).eval()
+
+
+# --------------------------------------------------------------------------------------
+# TIFF images
+
+_CHANNEL_LETTERS = "CS"
+_IMAGEJ_ORDER = "TZCYXS"
+_UNIT_TO_UM = {2: None, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit -> micrometers per unit (inch ignored)
+
+
+def read_image(path):
+    """Read the first image series of a TIFF file; returns ``(array, info)``.
+
+    ``array`` keeps the file's axis order. ``info`` is a dict with ``axes`` (letters from
+    ``ZCYX``, e.g. ``"YX"``, ``"ZYX"``, ``"YXC"``, ``"ZCYX"``), ``channel_axis`` (index into
+    ``array`` or None), ``scale`` (pixel size per spatial axis, in ``axes`` order without C;
+    1.0 where unknown) and ``unit`` (e.g. ``"um"``, or None). Singleton axes are dropped.
+    Raises :class:`ImageFileError` for a missing, unreadable or non-TIFF file, an empty image,
+    or more than one stack axis (e.g. time and Z).
+    """
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageFileError(f"image not found: {path}")
+    if path.is_dir():
+        raise ImageFileError(f"image path is a folder, not a file: {path}")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ImageFileError(f"{path} contains no image")
+            series = tif.series[0]
+            array = series.asarray()
+            file_axes = series.axes
+            scale, unit = _read_scale(tif, file_axes)
+    except ImageFileError:
+        raise
+    except tifffile.TiffFileError as e:
+        raise ImageFileError(f"{path} is not a readable TIFF file: {e}") from None
+    except OSError as e:
+        raise ImageFileError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # tifffile raises many kinds of errors on corrupt files
+        raise ImageFileError(f"{path} is not a readable TIFF file ({type(e).__name__}: {e})") from None
+    if array.size == 0:
+        raise ImageFileError(f"{path} holds an empty image (shape {array.shape})")
+    keep = [i for i, n in enumerate(array.shape) if n > 1 or file_axes[i] in "YX"]
+    array = array.reshape([array.shape[i] for i in keep])
+    file_axes = "".join(file_axes[i] for i in keep)
+    axes = _canonical_axes(path, file_axes)
+    spatial = [file_axes[i] for i, a in enumerate(axes) if a != "C"]
+    info = {
+        "axes": axes,
+        "channel_axis": axes.index("C") if "C" in axes else None,
+        "scale": tuple(float(scale.get(a, 1.0)) for a in spatial),
+        "unit": unit,
+    }
+    return array, info
+
+
+def _canonical_axes(path: Path, file_axes: str) -> str:
+    if not file_axes.endswith(("YX", "YXS")) or file_axes.count("Y") != 1 or file_axes.count("X") != 1:
+        raise ImageFileError(f"{path}: unsupported axes {file_axes!r} (expected ...YX or ...YXS)")
+    axes = "".join("C" if a in _CHANNEL_LETTERS else a if a in "YX" else "Z" for a in file_axes)
+    if axes.count("C") > 1:
+        raise ImageFileError(f"{path}: more than one channel axis (axes {file_axes!r}) is not supported")
+    if axes.count("Z") > 1:
+        raise ImageFileError(f"{path}: more than one stack axis (axes {file_axes!r}) is not supported; save one stack per file")
+    return axes
+
+
+def _read_scale(tif, file_axes: str) -> tuple[dict, str | None]:
+    """Pixel size per tifffile axis letter, and its unit (see the module docstring)."""
+    if tif.is_ome and tif.ome_metadata:
+        with suppress(ET.ParseError, ValueError):
+            scale, unit = _ome_scale(tif.ome_metadata)
+            if scale:
+                return scale, unit
+    page = tif.pages[0]
+    x_res, y_res = page.resolution if page.resolution else (0, 0)
+    if tif.is_imagej:
+        meta = tif.imagej_metadata or {}
+        scale = {}
+        if x_res and y_res and meta.get("unit"):
+            scale.update(X=1.0 / x_res, Y=1.0 / y_res)
+        if meta.get("spacing"):
+            scale["Z"] = float(meta["spacing"])
+        if scale:
+            return scale, _unit_name(meta.get("unit"))
+    if tif.is_shaped and tif.shaped_metadata:
+        meta = tif.shaped_metadata[0]
+        stored = meta.get("scale")
+        if isinstance(stored, list) and len(stored) == len(meta.get("axes", "")):
+            return {a: float(s) for a, s in zip(meta["axes"], stored) if a not in _CHANNEL_LETTERS}, meta.get("unit")
+    factor = _UNIT_TO_UM.get(int(page.resolutionunit)) if x_res and y_res else None
+    if factor:
+        return {"X": factor / x_res, "Y": factor / y_res}, "um"
+    return {}, None
+
+
+def _unit_name(unit):
+    if unit in ("micron", "microns", "\\u00B5m", "µm", "um"):
+        return "um"
+    return unit or None
+
+
+def _ome_scale(xml: str) -> tuple[dict, str | None]:
+    root = ET.fromstring(xml)
+    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    if pixels is None:
+        return {}, None
+    scale = {a: float(pixels.get(f"PhysicalSize{a}")) for a in "XYZ" if pixels.get(f"PhysicalSize{a}")}
+    return scale, _unit_name(pixels.get("PhysicalSizeXUnit", "µm"))
+
+
+def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="um") -> Path:
+    """Write ``array`` to a TIFF file atomically; returns the path.
+
+    ``axes`` uses the letters ``TZCYX`` (default ``YX``, ``ZYX`` or ``CZYX`` by
+    dimensionality). ``scale`` is the pixel size per non-channel axis, in ``unit``. ImageJ
+    hyperstacks are written when the dtype (uint8, uint16, float32) and axis order allow it
+    (Fiji then sees the axes and pixel size); otherwise a tifffile shaped TIFF that stores
+    axes and scale in its description (read back by :func:`read_image`).
+    """
+    import tifffile
+
+    array = np.asarray(array)
+    axes = axes or {2: "YX", 3: "ZYX", 4: "CZYX"}.get(array.ndim)
+    if axes is None or len(axes) != array.ndim:
+        raise ValueError(f"axes {axes!r} do not match an array of shape {array.shape}")
+    spatial = [a for a in axes if a != "C"]
+    if scale is not None and len(scale) != len(spatial):
+        raise ValueError(f"scale {tuple(scale)} needs one value per spatial axis {''.join(spatial)}")
+    pixel = dict(zip(spatial, scale)) if scale is not None else {}
+    kwargs = {"compression": compression, "photometric": "minisblack"}
+    if pixel.get("X") and pixel.get("Y"):
+        kwargs["resolution"] = (1.0 / pixel["X"], 1.0 / pixel["Y"])
+    imagej_order = [_IMAGEJ_ORDER.index(a) for a in axes if a in _IMAGEJ_ORDER]
+    if (
+        array.dtype in (np.uint8, np.uint16, np.float32)
+        and len(imagej_order) == len(axes)
+        and imagej_order == sorted(imagej_order)
+    ):
+        metadata = {"axes": axes, "unit": unit}
+        if pixel.get("Z"):
+            metadata["spacing"] = float(pixel["Z"])
+        kwargs.update(imagej=True, metadata=metadata)
+    else:
+        metadata = {"axes": axes, "unit": unit}
+        if scale is not None:
+            metadata["scale"] = [float(pixel[a]) if a in pixel else 1.0 for a in axes]
+        kwargs.update(metadata=metadata, resolutionunit=None)
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, **kwargs))
