@@ -57,7 +57,7 @@ from .devices import amp_dtype, default_cpu_threads, resolve_device
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet, center_crop
-from .normalization import normalize, percentile_params
+from .normalization import DEFAULT_RECIPE, normalize_image
 from .sampling import PatchSampler
 
 STOP_REASONS = ("iterations", "time_budget", "plateau", "stopped")
@@ -92,7 +92,8 @@ class TrainingSettings:
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
-    normalization: dict = field(default_factory=lambda: {"low": 1.0, "high": 99.8})
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
+    """Normalization recipe (``normalization.normalize_image``), applied to each whole image."""
     device: str = "auto"
     seed: int | None = 0
     cpu_threads: int | None = None
@@ -244,11 +245,11 @@ class Trainer:
         self.input_shape = self.model.legal_input_shape(self.output_shape)
 
         self._rng = np.random.default_rng(settings.seed)
-        normalized = [self._normalize(img) for img in images]
+        normalized = [normalize_image(img, self.normalization) for img in images]
         targets = [targets_from_labels(lab, self.class_ids) for lab in labels]
-        self._n_images = len(images)
+        self._shapes = [img.shape for img in images]
         self.sampler = PatchSampler(
-            self._split(normalized), self._split(targets), self.input_shape, self._rng,
+            self._split(normalized), self._split(targets), self.input_shape, self.output_shape, self._rng,
             weights=self._split([self._weights(t) for t in targets]) if settings.border_weight else None,
         )
         self.augmenter = Augmenter(
@@ -263,9 +264,6 @@ class Trainer:
         self.iteration = 0
 
     # --- data -------------------------------------------------------------------------------------
-
-    def _normalize(self, image: np.ndarray) -> np.ndarray:
-        return normalize(image, percentile_params(image, **self.normalization))
 
     def _split(self, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
         """Per input image, the list of network-sized pieces: slices of a stack for a 2D net."""
@@ -285,11 +283,11 @@ class Trainer:
 
         Raises ``ValueError`` for a wrong shape, non-integer labels or ids the model does not know.
         """
-        if not 0 <= index < self._n_images:
-            raise IndexError(f"image index {index} out of range (0..{self._n_images - 1})")
+        if not 0 <= index < len(self._shapes):
+            raise IndexError(f"image index {index} out of range (0..{len(self._shapes) - 1})")
         labels = integer_labels(labels)
         target = targets_from_labels(labels, self.class_ids)
-        expected = self.sampler.image_shape(index)
+        expected = self._shapes[index]
         if target.shape != expected:
             raise ValueError(f"labels shape {target.shape} does not match image {index} shape {expected}")
         with self._lock:

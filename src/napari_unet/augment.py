@@ -1,0 +1,91 @@
+"""Data augmentation applied identically to an image tile and its label tiles.
+
+Geometric transforms (flips, 90-degree rotations, elastic deformation) move the image (linear
+interpolation) and the targets/weights (nearest neighbour, so class indices stay class indices) together;
+intensity transforms (scale, shift, gamma) touch the image only. Elastic deformation follows the U-Net
+paper: random displacement vectors on a coarse 3x3 grid (10 px standard deviation), interpolated smoothly
+(cubic spline, ``scipy.ndimage.zoom``) to a dense field. In 3D the deformation and the rotations act in the
+last two (in-plane) axes only, which is safe for anisotropic volumes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+class Augmenter:
+    """Random augmentation of ``(image, target, weight)`` tiles.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    flips, rotations, elastic, intensity : bool
+        Switch each family on or off.
+    elastic_sigma : float
+        Standard deviation (pixels) of the coarse-grid displacements.
+    elastic_grid : int
+        Points per axis of the coarse displacement grid.
+    elastic_probability : float
+        Fraction of tiles that are deformed (the others keep their exact geometry).
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        *,
+        flips: bool = True,
+        rotations: bool = True,
+        elastic: bool = True,
+        intensity: bool = True,
+        elastic_sigma: float = 10.0,
+        elastic_grid: int = 3,
+        elastic_probability: float = 0.5,
+    ):
+        self.rng = rng
+        self.flips, self.rotations, self.elastic, self.intensity = flips, rotations, elastic, intensity
+        self.elastic_sigma = elastic_sigma
+        self.elastic_grid = elastic_grid
+        self.elastic_probability = elastic_probability
+
+    def __call__(self, image: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None):
+        """Return augmented ``(image, target, weight)``; target pixels moved in from outside become -1."""
+        arrays = [image, target] + ([] if weight is None else [weight])
+        if self.flips:
+            for axis in range(image.ndim):
+                if self.rng.random() < 0.5:
+                    arrays = [np.flip(a, axis) for a in arrays]
+        if self.rotations and image.shape[-1] == image.shape[-2]:
+            k = int(self.rng.integers(4))
+            arrays = [np.rot90(a, k, axes=(-2, -1)) for a in arrays]
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        if self.elastic and self.rng.random() < self.elastic_probability:
+            arrays = self._deform(arrays)
+        if self.intensity:
+            arrays[0] = self._intensity(arrays[0])
+        return arrays[0], arrays[1], (arrays[2] if weight is not None else None)
+
+    def _deform(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        shape = arrays[0].shape
+        plane = shape[-2:]
+        coarse = self.rng.normal(0.0, self.elastic_sigma, size=(2, self.elastic_grid, self.elastic_grid))
+        field = [
+            ndimage.zoom(c, [p / self.elastic_grid for p in plane], order=3, mode="nearest", grid_mode=True)
+            for c in coarse
+        ]
+        grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
+        coords = [np.broadcast_to(g, shape) for g in grid[:-2]]
+        coords += [np.broadcast_to(g + f.astype(np.float32), shape) for g, f in zip(grid[-2:], field)]
+        image = ndimage.map_coordinates(arrays[0], coords, order=1, mode="mirror")
+        out = [image.astype(np.float32, copy=False)]
+        out.append(ndimage.map_coordinates(arrays[1], coords, order=0, mode="constant", cval=-1))
+        if len(arrays) > 2:
+            out.append(ndimage.map_coordinates(arrays[2], coords, order=0, mode="nearest"))
+        return out
+
+    def _intensity(self, image: np.ndarray) -> np.ndarray:
+        gamma = float(np.exp(self.rng.uniform(-0.3, 0.3)))
+        scale = float(np.exp(self.rng.uniform(-0.2, 0.2)))
+        shift = float(self.rng.uniform(-0.1, 0.1))
+        image = np.sign(image) * np.abs(image) ** gamma
+        return (image * scale + shift).astype(np.float32, copy=False)
