@@ -1,0 +1,265 @@
+"""The valid-padding U-Net (Ronneberger et al. 2015) for 2D and 3D, and its size arithmetic.
+
+Every 3x3(x3) convolution is unpadded, so each block trims ``convs_per_block`` pixels per side at its
+scale; 2x2(x2) max-pooling halves, 2x2(x2) transposed convolutions double, and each skip connection is
+center-cropped to the decoder's size before concatenation. The network therefore maps an input tile to a
+smaller output tile, and an output pixel only sees real context: this is what makes overlap-tile
+prediction exact (see ``tiling.py``).
+
+Size arithmetic, per spatial axis, for depth ``d`` and ``c`` convolutions per block (c = 2 in the paper):
+a legal input has size ``2**d * (b + 2c) + 2c * (2**d - 1)`` for an integer bottom size ``b``, and then the
+output has size ``2**d * b - 2c * (2**d - 1)``. Depth 4 with two convolutions per block gives
+572 -> 388 (the paper's tile) and a halo of 92 pixels per side.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BLOCKS = {"plain": 2, "residual": 2, "vgg": 3}
+"""Block kinds and the number of 3x3 convolutions each holds."""
+
+
+def _conv(ndim):
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+def _batch_norm(ndim):
+    return nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d
+
+
+def center_crop(x: torch.Tensor, shape) -> torch.Tensor:
+    """Crop the trailing spatial axes of ``x`` (N, C, *spatial) to ``shape``, keeping the center."""
+    slices = [slice(None), slice(None)]
+    for size, want in zip(x.shape[2:], shape):
+        start = (size - want) // 2
+        slices.append(slice(start, start + want))
+    return x[tuple(slices)]
+
+
+class ConvNormAct(nn.Module):
+    """One unpadded convolution, optional batch norm, optional ReLU."""
+
+    def __init__(self, ndim, in_channels, out_channels, kernel_size=3, batch_norm=True, activation=True):
+        super().__init__()
+        self.conv = _conv(ndim)(in_channels, out_channels, kernel_size, padding=0)
+        self.norm = _batch_norm(ndim)(out_channels) if batch_norm else nn.Identity()
+        self.act = nn.ReLU(inplace=True) if activation else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+    def fold_batch_norm(self):
+        """Fold an eval-mode batch norm into the convolution's weights (exact up to float rounding)."""
+        if not isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+            return
+        norm, conv = self.norm, self.conv
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        conv.weight.data = conv.weight.data * scale.reshape(shape)
+        conv.bias.data = (conv.bias.data - norm.running_mean) * scale + norm.bias
+        self.norm = nn.Identity()
+
+
+class Block(nn.Module):
+    """``convs`` unpadded 3x3 convolutions; with ``residual`` a projected, center-cropped shortcut is added."""
+
+    def __init__(self, ndim, in_channels, out_channels, convs=2, batch_norm=True, residual=False):
+        super().__init__()
+        self.layers = nn.Sequential(
+            *[
+                ConvNormAct(
+                    ndim,
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    batch_norm=batch_norm,
+                    activation=not (residual and i == convs - 1),
+                )
+                for i in range(convs)
+            ]
+        )
+        self.shortcut = (
+            ConvNormAct(ndim, in_channels, out_channels, 1, batch_norm, activation=False) if residual else None
+        )
+
+    def forward(self, x):
+        y = self.layers(x)
+        if self.shortcut is None:
+            return y
+        return F.relu(y + center_crop(self.shortcut(x), y.shape[2:]))
+
+
+class UNet(nn.Module):
+    """Valid-padding U-Net, 2D or 3D.
+
+    Parameters
+    ----------
+    in_channels, n_classes : int
+        Input channels and output classes (logits; apply softmax over dim 1 for probabilities).
+    ndim : {2, 3}
+        Spatial dimensions.
+    depth : int
+        Number of 2x2 poolings (4 in the paper).
+    base_filters : int
+        Channels of the first level; doubled at every level.
+    batch_norm : bool
+        Batch norm after every convolution (before the ReLU).
+    dropout : float
+        Dropout probability at the end of the contracting path (as in the paper).
+    block : {"plain", "residual", "vgg"}
+        "plain": two 3x3 convolutions per level (the paper); "residual": the same plus a 1x1 projected
+        shortcut (Res-U-Net); "vgg": three 3x3 convolutions per level.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_classes: int = 2,
+        ndim: int = 2,
+        depth: int = 4,
+        base_filters: int = 64,
+        batch_norm: bool = True,
+        dropout: float = 0.0,
+        block: str = "plain",
+    ):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        if in_channels < 1 or n_classes < 1 or base_filters < 1:
+            raise ValueError("in_channels, n_classes and base_filters must be positive")
+        self.config = dict(
+            in_channels=int(in_channels),
+            n_classes=int(n_classes),
+            ndim=int(ndim),
+            depth=int(depth),
+            base_filters=int(base_filters),
+            batch_norm=bool(batch_norm),
+            dropout=float(dropout),
+            block=block,
+        )
+        self.in_channels, self.n_classes, self.ndim, self.depth = in_channels, n_classes, ndim, depth
+        self.convs_per_block = BLOCKS[block]
+        make_block = dict(convs=self.convs_per_block, batch_norm=batch_norm, residual=block == "residual")
+        widths = [base_filters * 2**level for level in range(depth + 1)]
+
+        self.encoder = nn.ModuleList()
+        channels = in_channels
+        for width in widths[:-1]:
+            self.encoder.append(Block(ndim, channels, width, **make_block))
+            channels = width
+        self.pool = (nn.MaxPool2d if ndim == 2 else nn.MaxPool3d)(2)
+        self.bottleneck = Block(ndim, channels, widths[-1], **make_block)
+        self.dropout = (nn.Dropout2d if ndim == 2 else nn.Dropout3d)(dropout) if dropout > 0 else nn.Identity()
+        transpose = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.upsample.append(transpose(2 * width, width, kernel_size=2, stride=2))
+            self.decoder.append(Block(ndim, 2 * width, width, **make_block))
+        self.head = _conv(ndim)(widths[0], n_classes, kernel_size=1)
+        self._he_init()
+
+    def _he_init(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.dropout(self.bottleneck(x))
+        for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
+            x = up(x)
+            x = block(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
+        return self.head(x)
+
+    # --- size arithmetic -------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> int:
+        """Input stride (2**depth) between tiles that keeps every pooling grid aligned."""
+        return 2**self.depth
+
+    @property
+    def halo(self) -> tuple[int, ...]:
+        """Context lost per side, per spatial axis: ``c * (3 * 2**depth - 2)`` (92 for the paper's net)."""
+        return (self.convs_per_block * (3 * self.grid - 2),) * self.ndim
+
+    def _bottom_min(self) -> int:
+        # Smallest bottom size b >= 1 that gives a positive output size.
+        c2 = 2 * self.convs_per_block
+        return c2 * (self.grid - 1) // self.grid + 1
+
+    def _input_size(self, bottom: int) -> int:
+        c2 = 2 * self.convs_per_block
+        return self.grid * (bottom + c2) + c2 * (self.grid - 1)
+
+    def _output_size(self, bottom: int) -> int:
+        c2 = 2 * self.convs_per_block
+        return self.grid * bottom - c2 * (self.grid - 1)
+
+    def _bottom_of_input(self, size: int) -> float:
+        c2 = 2 * self.convs_per_block
+        return (size - c2 * (self.grid - 1)) / self.grid - c2
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """Output spatial shape for a legal input spatial shape; ``ValueError`` naming the nearest legal sizes."""
+        input_shape = self._spatial(input_shape)
+        out = []
+        for size in input_shape:
+            bottom = self._bottom_of_input(size)
+            if bottom != int(bottom) or bottom < self._bottom_min():
+                lower = max(self._bottom_min(), math.floor(bottom))
+                upper = max(self._bottom_min(), math.ceil(bottom) if bottom != int(bottom) else int(bottom) + 1)
+                nearest = sorted({self._input_size(lower), self._input_size(upper)})
+                raise ValueError(
+                    f"input size {size} is not legal for a depth-{self.depth} valid U-Net with "
+                    f"{self.convs_per_block} convolutions per block; nearest legal sizes: "
+                    f"{' and '.join(map(str, nearest))} (legal sizes are "
+                    f"{self._input_size(self._bottom_min())} + {self.grid}k)"
+                )
+            out.append(self._output_size(int(bottom)))
+        return tuple(out)
+
+    def legal_output_shape(self, min_output_shape) -> tuple[int, ...]:
+        """Smallest legal output shape that is at least ``min_output_shape`` on every axis."""
+        shape = self._spatial(min_output_shape)
+        c2 = 2 * self.convs_per_block
+        bottoms = [max(self._bottom_min(), -(-(s + c2 * (self.grid - 1)) // self.grid)) for s in shape]
+        return tuple(self._output_size(b) for b in bottoms)
+
+    def legal_input_shape(self, min_output_shape) -> tuple[int, ...]:
+        """Smallest legal input shape whose output is at least ``min_output_shape`` on every axis."""
+        out = self.legal_output_shape(min_output_shape)
+        return tuple(o + 2 * h for o, h in zip(out, self.halo))
+
+    def _spatial(self, shape) -> tuple[int, ...]:
+        shape = (shape,) * self.ndim if isinstance(shape, int) else tuple(int(s) for s in shape)
+        if len(shape) != self.ndim:
+            raise ValueError(f"expected {self.ndim} spatial sizes, got {shape}")
+        return shape
+
+    # --- inference -------------------------------------------------------------------------------
+
+    def inference_copy(self) -> "UNet":
+        """An eval-mode copy with batch norm folded into the convolutions (same outputs, fewer passes)."""
+        fused = copy.deepcopy(self).eval()
+        for module in fused.modules():
+            if isinstance(module, ConvNormAct):
+                module.fold_batch_norm()
+        for parameter in fused.parameters():
+            parameter.requires_grad_(False)
+        return fused
