@@ -1,0 +1,67 @@
+"""napari reader for TIFF files (``.tif``, ``.tiff``, ``.ome.tif``), built on :func:`napari_unet.io.read_image`.
+
+What it keeps from the file: the axes (a channel axis becomes one layer per channel, an RGB(A) uint8
+image an RGB layer), and the pixel size as the layer's ``scale`` (with its unit when the file names one).
+
+Labels rule: a file opens as a **Labels** layer when its pixels are integers (or bool) and its file
+name contains ``label``, ``mask``, ``seg``, ``annot`` or ``stroke`` (any case), e.g.
+``cells_labels.tif``, ``nucleus-mask.tiff``, ``img01_strokes.tif``. Everything else opens as an Image.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+LABELS_NAME = re.compile(r"label|mask|seg|annot|stroke", re.IGNORECASE)
+
+
+def napari_get_reader(path):
+    """Return :func:`read_tiff` when ``path`` (or every path of a list) is a TIFF file, else None."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(str(p).lower().endswith(TIFF_SUFFIXES) for p in paths):
+        return None
+    return read_tiff
+
+
+def is_labels_file(path, array: np.ndarray) -> bool:
+    """The labels rule: integer (or bool) pixels and a file name matching ``LABELS_NAME``."""
+    integer = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
+    return integer and LABELS_NAME.search(Path(path).name) is not None
+
+
+def read_tiff(path) -> list[tuple]:
+    """Read one or several TIFF files into napari layer data tuples ``(data, kwargs, layer_type)``."""
+    from .io import read_image
+
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    layers = []
+    for p in paths:
+        array, info = read_image(p)
+        name = _layer_name(p)
+        kwargs = {"name": name, "scale": info["scale"], "metadata": {"axes": info["axes"], "source": str(p)}}
+        if info.get("unit"):
+            kwargs["units"] = info["unit"]
+        channel_axis = info["channel_axis"]
+        if channel_axis is None and is_labels_file(p, array):
+            layers.append((array.astype(np.uint8) if array.dtype == bool else array, kwargs, "labels"))
+            continue
+        if channel_axis is not None:
+            if channel_axis == array.ndim - 1 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:
+                kwargs["rgb"] = True
+            else:
+                kwargs["channel_axis"] = channel_axis
+                kwargs["name"] = [f"{name} [ch{c}]" for c in range(array.shape[channel_axis])]
+        layers.append((array, kwargs, "image"))
+    return layers
+
+
+def _layer_name(path) -> str:
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -1,0 +1,827 @@
+"""The "U-Net" dock widget: paint, Train (with a live preview), Stop, Predict, Segment all.
+
+Threading: only the main thread touches layers and widgets. Training and prediction run on
+``napari.qt.threading`` workers (generators in :mod:`napari_unet._workers`) that get copies of the layer
+data and yield small messages; the handlers here apply them to layers. Strokes painted while training are
+sent to the trainer (a copy of the labels, debounced) with ``Trainer.update_labels``.
+
+Output layers carry ``metadata["napari_unet"] = {"role": ..., "source": <image name>}``; re-running
+replaces the data of those layers only, never of layers the user made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from ._loss_plot import LossPlot
+from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
+
+META_KEY = "napari_unet"
+ROLES = ("probabilities", "segmentation", "uncertainty")
+CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+"""Colours of class ids 1, 2, 3... (cycled), shared by painting layers and segmentations."""
+DEFAULT_CLASS_NAMES = "background, foreground"
+PREVIEW_INTERVAL = 3.0
+"""Seconds between live previews (at least; slow previews space themselves out)."""
+LABELS_DEBOUNCE_MS = 300
+"""Strokes are sent to the trainer this long after the last paint event."""
+
+
+def class_colormap(class_ids):
+    """A ``DirectLabelColormap`` giving class id k the colour ``CLASS_COLOURS[(k - 1) % 8]``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours = {None: "transparent", 0: "transparent"}
+    colours.update({int(k): CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)] for k in class_ids if int(k) > 0})
+    return DirectLabelColormap(color_dict=colours)
+
+
+def parse_class_names(text: str) -> list[str]:
+    """``"background, nuclei"`` -> ``["background", "nuclei"]`` (class ids 1, 2, ...)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def layer_array(layer) -> np.ndarray:
+    """A numpy copy of a layer's data (full resolution level of a multiscale layer)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.array(data, copy=True)
+
+
+def output_role(layer) -> dict | None:
+    """The ``{"role", "source"}`` marker of an output layer made by this widget, or None."""
+    marker = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    return marker if isinstance(marker, dict) and marker.get("role") in ROLES else None
+
+
+class _Relay(QObject):
+    """Carries per-tile progress from a worker thread to the main thread (a queued Qt signal)."""
+
+    tiles = Signal(int, int)
+
+
+class UNetWidget(QWidget):
+    """Dock widget for training a U-Net from painted labels and segmenting images with it."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        from .training import TrainingSettings
+
+        self.viewer = napari_viewer
+        self._defaults = TrainingSettings()
+        self.model = None
+        """The current network (CPU, eval mode) or None."""
+        self.metadata: dict | None = None
+        self._model_origin = ""
+        self._worker = None
+        self._task: str | None = None
+        self._trainer = None
+        self._stop = threading.Event()
+        self._view = ViewRegion()
+        self._train_image = None
+        self._train_labels = None
+        self._labels_dirty = False
+        self._pbar = None
+        self._task_id = None
+        self._predict_sources: dict[str, Image] = {}
+        self._relay = _Relay(self)
+        self._relay.tiles.connect(self._on_tiles)
+        self._labels_timer = QTimer(self)
+        self._labels_timer.setSingleShot(True)
+        self._labels_timer.setInterval(LABELS_DEBOUNCE_MS)
+        self._labels_timer.timeout.connect(self._send_labels)
+        self.last_error: str | None = None
+
+        self._build_ui()
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._on_layer_inserted)
+        layers.events.removed.connect(self._refresh_layer_choices)
+        layers.events.moved.connect(self._refresh_layer_choices)
+        for layer in layers:
+            layer.events.name.connect(self._refresh_layer_choices)
+        self._refresh_layer_choices()
+        self._set_busy(None)
+        self._update_model_label()
+
+    # --- layout -----------------------------------------------------------------------------------
+
+    def _build_ui(self) -> None:
+        d = self._defaults
+        root = QVBoxLayout(self)
+
+        data = QGroupBox("Data")
+        form = QFormLayout(data)
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("Image to train on and to predict (single channel, 2D or 3D)")
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("Painted labels: 0 = unpainted, 1, 2, ... = classes")
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        self.class_names_edit = QLineEdit(DEFAULT_CLASS_NAMES)
+        self.class_names_edit.setToolTip("Class names for label ids 1, 2, ... (comma separated)")
+        form.addRow("Classes", self.class_names_edit)
+        self.new_labels_button = QPushButton("New labels layer")
+        self.new_labels_button.setToolTip("Add an empty labels layer for painting, with the class colours and names")
+        self.new_labels_button.clicked.connect(self.new_labels_layer)
+        form.addRow(self.new_labels_button)
+        root.addWidget(data)
+
+        model = QGroupBox("Model")
+        form = QFormLayout(model)
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        form.addRow(self.model_label)
+        row = QHBoxLayout()
+        self.load_button = QPushButton("Load model...")
+        self.load_button.clicked.connect(self._load_clicked)
+        self.save_button = QPushButton("Save model...")
+        self.save_button.clicked.connect(self._save_clicked)
+        row.addWidget(self.load_button)
+        row.addWidget(self.save_button)
+        form.addRow(row)
+        self.finetune_check = QCheckBox("Train on from the current model (fine-tune)")
+        self.finetune_check.setToolTip("Unchecked: Train starts a new network with the settings below")
+        form.addRow(self.finetune_check)
+        self.time_spin = QSpinBox()
+        self.time_spin.setRange(1, 24 * 3600)
+        self.time_spin.setValue(int(d.time_budget or 60))
+        self.time_spin.setSuffix(" s")
+        self.time_spin.setToolTip("Training time budget; Stop ends earlier and keeps the model")
+        form.addRow("Time budget", self.time_spin)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.setToolTip("auto: CUDA GPU, then Apple MPS, then CPU")
+        form.addRow("Device", self.device_combo)
+        self.preview_check = QCheckBox("Live preview while training")
+        self.preview_check.setChecked(True)
+        form.addRow(self.preview_check)
+        self.uncertainty_check = QCheckBox("Uncertainty layer (where to paint next)")
+        form.addRow(self.uncertainty_check)
+        root.addWidget(model)
+
+        advanced = QCollapsible("Advanced settings")
+        inner = QWidget()
+        form = QFormLayout(inner)
+        self.ndim_combo = QComboBox()
+        self.ndim_combo.addItems(["2D (stacks slice by slice)", "3D"])
+        self.ndim_combo.setCurrentIndex(d.ndim - 2)
+        form.addRow("Network", self.ndim_combo)
+        self.depth_spin = self._spin(1, 6, d.depth, "Poolings; more = more context, larger halo")
+        form.addRow("Depth", self.depth_spin)
+        self.filters_spin = self._spin(2, 256, d.base_filters, "Filters of the first level (doubling per level)")
+        form.addRow("Base filters", self.filters_spin)
+        self.block_combo = QComboBox()
+        self.block_combo.addItems(["plain", "residual", "vgg"])
+        self.block_combo.setCurrentText(d.block)
+        form.addRow("Blocks", self.block_combo)
+        patch = d.patch_size if isinstance(d.patch_size, int) else max(d.patch_size)
+        self.patch_spin = self._spin(8, 1024, patch, "Output tile size per axis used for training patches")
+        form.addRow("Patch size", self.patch_spin)
+        self.batch_spin = self._spin(1, 256, d.batch_size, "Patches per iteration")
+        form.addRow("Batch size", self.batch_spin)
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(5)
+        self.lr_spin.setRange(1e-5, 1.0)
+        self.lr_spin.setSingleStep(1e-4)
+        self.lr_spin.setValue(d.learning_rate)
+        form.addRow("Learning rate", self.lr_spin)
+        self.iterations_spin = self._spin(0, 10_000_000, d.iterations or 0, "0: no limit (time budget only)")
+        form.addRow("Max iterations", self.iterations_spin)
+        self.border_check = QCheckBox("Border weights between touching objects")
+        self.border_check.setChecked(d.border_weight)
+        form.addRow(self.border_check)
+        advanced.addWidget(inner)
+        root.addWidget(advanced)
+        self.advanced = advanced
+
+        buttons = QGridLayout()
+        self.train_button = QPushButton("Train")
+        self.train_button.clicked.connect(self.train)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.clicked.connect(self.stop)
+        self.predict_button = QPushButton("Predict")
+        self.predict_button.setToolTip("Segment the chosen image with the current model")
+        self.predict_button.clicked.connect(self.predict)
+        self.segment_all_button = QPushButton("Segment all")
+        self.segment_all_button.setToolTip("Segment every open image layer that fits the model")
+        self.segment_all_button.clicked.connect(self.segment_all)
+        buttons.addWidget(self.train_button, 0, 0)
+        buttons.addWidget(self.stop_button, 0, 1)
+        buttons.addWidget(self.predict_button, 1, 0)
+        buttons.addWidget(self.segment_all_button, 1, 1)
+        root.addLayout(buttons)
+
+        self.status_label = QLabel("Idle")
+        self.status_label.setWordWrap(True)
+        root.addWidget(self.status_label)
+        self.loss_plot = LossPlot()
+        root.addWidget(self.loss_plot)
+        root.addStretch(1)
+
+    @staticmethod
+    def _spin(low, high, value, tip) -> QSpinBox:
+        spin = QSpinBox()
+        spin.setRange(low, high)
+        spin.setValue(int(value))
+        spin.setToolTip(tip)
+        return spin
+
+    # --- layer pickers ----------------------------------------------------------------------------
+
+    def image_layers(self) -> list[Image]:
+        """Image layers the user can train on or predict (not this widget's outputs)."""
+        return [la for la in self.viewer.layers if isinstance(la, Image) and output_role(la) is None]
+
+    def labels_layers(self) -> list[Labels]:
+        """Labels layers the user painted (not this widget's segmentations)."""
+        return [la for la in self.viewer.layers if isinstance(la, Labels) and output_role(la) is None]
+
+    @property
+    def image_layer(self) -> Image | None:
+        """The chosen image layer."""
+        return self._layer_named(self.image_combo.currentText(), Image)
+
+    @property
+    def labels_layer(self) -> Labels | None:
+        """The chosen labels layer."""
+        return self._layer_named(self.labels_combo.currentText(), Labels)
+
+    def _layer_named(self, name: str, kind):
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        return layer if isinstance(layer, kind) else None
+
+    def _on_layer_inserted(self, event) -> None:
+        event.value.events.name.connect(self._refresh_layer_choices)
+        self._refresh_layer_choices()
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        images = self.image_layers()
+        self._fill(self.image_combo, images, self._preferred_image(images))
+        self._fill_labels()
+
+    def _on_image_changed(self, index=None) -> None:
+        self._fill_labels()
+
+    def _fill_labels(self) -> None:
+        labels = self.labels_layers()
+        image = self.image_layer
+        matching = [la for la in labels if image is not None and la.data.shape == _spatial_shape(image)]
+        self._fill(self.labels_combo, labels, (matching or labels or [None])[0])
+
+    def _preferred_image(self, images):
+        active = self.viewer.layers.selection.active
+        if active in images:
+            return active
+        return images[0] if images else None
+
+    @staticmethod
+    def _fill(combo: QComboBox, layers, preferred) -> None:
+        """Refill ``combo``; keep its current choice when it still exists, else choose ``preferred``."""
+        names = [la.name for la in layers]
+        current = combo.currentText()
+        if [combo.itemText(i) for i in range(combo.count())] == names and current in names:
+            return
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(names)
+        keep = current if current in names else (preferred.name if preferred is not None else "")
+        combo.setCurrentIndex(names.index(keep) if keep in names else -1)
+        combo.blockSignals(False)
+        combo.currentIndexChanged.emit(combo.currentIndex())
+
+    def new_labels_layer(self) -> Labels | None:
+        """Add an empty uint8 labels layer matching the chosen image, with class colours and names."""
+        image = self.image_layer
+        if image is None:
+            show_warning("U-Net: open or choose an image first")
+            return None
+        names = parse_class_names(self.class_names_edit.text()) or parse_class_names(DEFAULT_CLASS_NAMES)
+        ids = list(range(1, len(names) + 1))
+        layer = self.viewer.add_labels(
+            np.zeros(_spatial_shape(image), dtype=np.uint8),
+            name=f"{image.name} strokes",
+            scale=image.scale[-len(_spatial_shape(image)):],
+            translate=image.translate[-len(_spatial_shape(image)):],
+            colormap=class_colormap(ids),
+            features={"index": [0, *ids], "class": ["unpainted", *names]},
+            metadata={"class_names": dict(zip(ids, names))},
+            opacity=0.8,
+        )
+        layer.brush_size = 4
+        layer.selected_label = 1
+        layer.mode = "paint"
+        self.labels_combo.setCurrentText(layer.name)
+        self.viewer.layers.selection.active = layer
+        return layer
+
+    # --- model ------------------------------------------------------------------------------------
+
+    def set_model(self, model, metadata: dict, origin: str) -> None:
+        """Make ``model`` (with its ``metadata``) the current model; later Train calls fine-tune it."""
+        self.model, self.metadata, self._model_origin = model, dict(metadata), origin
+        self.finetune_check.setChecked(True)
+        self._update_model_label()
+
+    def _update_model_label(self) -> None:
+        if self.model is None:
+            self.model_label.setText("No model yet: Train makes one, or load a model file.")
+            self.finetune_check.setChecked(False)
+            self.finetune_check.setEnabled(False)
+            return
+        config = self.model.config
+        names = self.metadata.get("class_names") or []
+        ids = self.metadata.get("class_ids") or []
+        classes = ", ".join(f"{n} ({i})" for n, i in zip(names, ids))
+        self.model_label.setText(
+            f"Model ({self._model_origin}): {config['ndim']}D, depth {config['depth']}, "
+            f"{config['base_filters']} filters, {config['block']} blocks; classes: {classes}"
+        )
+        self.finetune_check.setEnabled(True)
+
+    def load_model(self, path) -> None:
+        """Load a model file (see :func:`napari_unet.io.load_model`); errors become notifications."""
+        from .io import ModelFileError, load_model
+
+        try:
+            model, metadata = load_model(path)
+        except ModelFileError as e:
+            show_error(f"U-Net: {e}")
+            return
+        self.set_model(model, metadata, Path(path).name)
+        show_info(f"U-Net: loaded {path}")
+
+    def save_model(self, path) -> Path | None:
+        """Save the current model and its metadata (atomic write)."""
+        from .io import save_model
+
+        if self.model is None:
+            show_warning("U-Net: there is no model to save yet: Train first")
+            return None
+        try:
+            written = save_model(self.model, path, self.metadata)
+        except OSError as e:
+            show_error(f"U-Net: cannot save the model to {path}: {e}")
+            return None
+        self._model_origin = Path(written).name
+        self._update_model_label()
+        show_info(f"U-Net: model saved to {written}")
+        return Path(written)
+
+    def _load_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load U-Net model", "", "U-Net models (*.safetensors);;All files (*)")
+        if path:
+            self.load_model(path)
+
+    def _save_clicked(self) -> None:
+        if self.model is None:
+            show_warning("U-Net: there is no model to save yet: Train first")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save U-Net model", "unet.safetensors",
+                                              "U-Net models (*.safetensors)")
+        if path:
+            self.save_model(path if path.endswith(".safetensors") else f"{path}.safetensors")
+
+    def training_settings(self):
+        """A ``TrainingSettings`` from the widget's fields (the rest keep their defaults)."""
+        return dataclasses.replace(
+            self._defaults,
+            ndim=2 + self.ndim_combo.currentIndex(),
+            depth=self.depth_spin.value(),
+            base_filters=self.filters_spin.value(),
+            block=self.block_combo.currentText(),
+            patch_size=self.patch_spin.value(),
+            batch_size=self.batch_spin.value(),
+            learning_rate=self.lr_spin.value(),
+            iterations=self.iterations_spin.value() or None,
+            time_budget=float(self.time_spin.value()),
+            border_weight=self.border_check.isChecked(),
+            device=self.device_combo.currentText(),
+        )
+
+    # --- state ------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Whether a training or prediction worker is running."""
+        return self._task is not None
+
+    def _set_busy(self, task: str | None) -> None:
+        self._task = task
+        idle = task is None
+        for button in (self.train_button, self.predict_button, self.segment_all_button,
+                       self.load_button, self.new_labels_button):
+            button.setEnabled(idle)
+        self.stop_button.setEnabled(not idle)
+        self.save_button.setEnabled(idle)
+        if idle:
+            self._worker = None
+            self._trainer = None
+
+    def _start(self, task: str, worker, total: int, description: str) -> None:
+        self._stop.clear()
+        self._set_busy(task)
+        self._worker = worker
+        self._pbar = progress(total=total, desc=description)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._register_task(description)
+        worker.start()
+
+    def _register_task(self, description: str) -> None:
+        """Tell napari a task runs, so closing the window asks first and then stops it (cancel_all)."""
+        register = getattr(self.viewer.window, "_register_task_status", None)
+        if register is None:
+            return
+        from napari.utils.task_status import Status
+
+        self._task_id = register("napari-unet", Status.BUSY, description, cancel_callback=self.shutdown)
+
+    def _end_task(self, ok: bool) -> None:
+        update = getattr(self.viewer.window, "_update_task_status", None)
+        if update is not None and self._task_id is not None:
+            from napari.utils.task_status import Status
+
+            update(self._task_id, Status.COMPLETED if ok else Status.FAILED)
+        self._task_id = None
+
+    def stop(self) -> None:
+        """Stop the running training or prediction; a trained model is kept."""
+        self._stop.set()
+        if self._trainer is not None:
+            self._trainer.request_stop()
+        if self.busy:
+            self.status_label.setText(f"Stopping {self._task}...")
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop any worker and wait for it (used when the widget or the viewer closes)."""
+        worker = self._worker
+        self.stop()
+        if worker is None:
+            return True
+        for signal in (worker.yielded, worker.returned, worker.errored, worker.finished):
+            try:
+                signal.disconnect()
+            except (TypeError, RuntimeError):
+                pass
+        worker.quit()
+        deadline = time.monotonic() + timeout
+        while worker.is_running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._finish_progress()
+        self._end_task(False)
+        self._set_busy(None)
+        return not worker.is_running
+
+    def closeEvent(self, event):  # noqa: N802 (Qt API)
+        self.shutdown()
+        super().closeEvent(event)
+
+    def _on_error(self, exc: Exception) -> None:
+        what = {"train": "training", "predict": "prediction"}.get(self._task, "work")
+        self.last_error = f"U-Net {what} failed: {exc}"
+        show_error(self.last_error)
+        self.status_label.setText(self.last_error)
+
+    def _on_finished(self) -> None:
+        self._disconnect_painting()
+        self._finish_progress()
+        self._end_task(self.last_error is None)
+        self._set_busy(None)
+
+    def _finish_progress(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Start training on the chosen image and labels (button "Train")."""
+        from napari.qt.threading import create_worker
+
+        if self.busy:
+            return
+        image, labels = self.image_layer, self.labels_layer
+        problem = self._training_problem(image, labels)
+        if problem:
+            show_error(f"U-Net: {problem}")
+            return
+        try:
+            settings = self.training_settings()
+        except ValueError as e:
+            show_error(f"U-Net: {e}")
+            return
+        init = (self.model, self.metadata) if self.finetune_check.isChecked() and self.model is not None else None
+        self.last_error = None
+        self._train_image, self._train_labels = image, labels
+        self._labels_dirty = False
+        self._update_view_region(settings.ndim)
+        worker = create_worker(
+            train_steps,
+            layer_array(image),
+            layer_array(labels),
+            settings,
+            init=init,
+            class_names=self._class_names(labels),
+            view=self._view if self.preview_check.isChecked() else None,
+            preview_interval=PREVIEW_INTERVAL,
+            stop=self._stop,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_train_message)
+        worker.returned.connect(self._on_trained)
+        labels.events.paint.connect(self._on_paint)
+        labels.events.data.connect(self._on_paint)
+        self.loss_plot.clear()
+        self.status_label.setText("Preparing training data...")
+        total = int(settings.time_budget) if settings.time_budget else int(settings.iterations)
+        self._start("train", worker, total, f"U-Net training on {image.name}")
+
+    def _training_problem(self, image, labels) -> str | None:
+        if image is None:
+            return "choose an image layer to train on"
+        if labels is None:
+            return "choose a labels layer (or click 'New labels layer' and paint a few strokes)"
+        if image.rgb:
+            return f"'{image.name}' is an RGB image; napari-unet trains on single-channel images"
+        if labels.data.shape != _spatial_shape(image):
+            return (f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
+                    f"{_spatial_shape(image)} differ in shape")
+        return None
+
+    def _class_names(self, labels) -> dict[int, str]:
+        names = labels.metadata.get("class_names") if isinstance(labels.metadata, dict) else None
+        if isinstance(names, dict) and names:
+            return {int(k): str(v) for k, v in names.items()}
+        return dict(enumerate(parse_class_names(self.class_names_edit.text()), start=1))
+
+    def _on_train_message(self, message) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self._trainer = message[1]
+            if self._stop.is_set():
+                self._trainer.request_stop()
+            if self._labels_dirty:
+                self._send_labels()
+        elif kind == "progress":
+            self._on_progress(message[1])
+        elif kind == "preview":
+            self._apply_preview(message[1])
+
+    def _on_progress(self, event) -> None:
+        if event.done:
+            self.status_label.setText(
+                f"Training ended ({event.reason}) after {event.iteration} iterations, "
+                f"{event.elapsed:.1f} s; loss {event.loss:.4f}"
+            )
+            return
+        self.status_label.setText(
+            f"Training: iteration {event.iteration}, loss {event.loss:.4f}, {event.elapsed:.1f} s"
+        )
+        self.loss_plot.add(event.iteration, event.loss)
+        if self._pbar is not None:
+            done = event.elapsed if self.iterations_spin.value() == 0 else event.iteration
+            self._pbar.n = min(int(done), self._pbar.total or int(done))
+            self._pbar.update(0)
+        if self._trainer is not None:
+            self._update_view_region(self._trainer.settings.ndim)
+
+    def _on_trained(self, trainer) -> None:
+        self.set_model(trainer.model, trainer.metadata, "trained here")
+        record = (trainer.metadata.get("training") or {}).get("history", [{}])[-1]
+        if record.get("stop_reason") == "stopped":
+            show_info(f"U-Net: training stopped after {trainer.iteration} iterations; the model is kept")
+
+    def _on_paint(self, event=None) -> None:
+        self._labels_dirty = True
+        self._labels_timer.start()
+
+    def _send_labels(self) -> None:
+        """Send a copy of the painted labels to the running trainer (main thread)."""
+        if self._trainer is None or self._train_labels is None:
+            return
+        self._labels_dirty = False
+        try:
+            self._trainer.update_labels(0, layer_array(self._train_labels))
+        except ValueError as e:
+            show_warning(f"U-Net: new strokes not used: {e}")
+
+    def _disconnect_painting(self) -> None:
+        self._labels_timer.stop()
+        if self._train_labels is not None:
+            for emitter in (self._train_labels.events.paint, self._train_labels.events.data):
+                emitter.disconnect(self._on_paint)
+        self._train_labels = None
+
+    def _update_view_region(self, model_ndim: int) -> None:
+        """Record the part of the training image in view (current slice, visible field) for previews."""
+        layer = self._train_image
+        if layer is None or layer not in self.viewer.layers:
+            return
+        shape = _spatial_shape(layer)
+        point = np.asarray(layer.world_to_data(self.viewer.dims.point))
+        offset = self.viewer.dims.ndim - layer.ndim
+        displayed = [a - offset for a in self.viewer.dims.displayed if a >= offset]
+        corners = np.asarray(layer.corner_pixels)
+        region = []
+        for axis, size in enumerate(shape):
+            centre = int(np.clip(np.round(point[axis]), 0, size - 1))
+            if axis < len(shape) - model_ndim:  # a stack axis a 2D net predicts slice by slice
+                region.append(slice(centre, centre + 1))
+                continue
+            low, high = 0, size
+            if axis in displayed and self.viewer.dims.ndisplay == 2 and corners[1, axis] - corners[0, axis] >= 2:
+                low, high = int(corners[0, axis]), int(corners[1, axis]) + 1
+            elif axis not in displayed:  # the slice axis of a 3D net: a slab around the current slice
+                low, high = max(0, centre - 4), min(size, centre + 4)
+            if high - low > PREVIEW_MAX_SIZE:
+                middle = (low + high) // 2
+                low = max(0, min(middle - PREVIEW_MAX_SIZE // 2, size - PREVIEW_MAX_SIZE))
+                high = low + PREVIEW_MAX_SIZE
+            region.append(slice(low, min(high, size)))
+        self._view.region = tuple(region)
+
+    def _apply_preview(self, result) -> None:
+        source = self._train_image
+        if source is None or source not in self.viewer.layers:
+            return
+        shape = _spatial_shape(source)
+        n_classes = result.probabilities.shape[0]
+        probabilities = self._output_layer(source, "probabilities", (n_classes, *shape), np.float32)
+        segmentation = self._output_layer(source, "segmentation", shape, result.segmentation.dtype,
+                                          class_ids=result.class_ids)
+        probabilities.data[(slice(None), *result.region)] = result.probabilities
+        segmentation.data[result.region] = result.segmentation
+        probabilities.refresh()
+        segmentation.refresh()
+
+    # --- prediction -------------------------------------------------------------------------------
+
+    def predict(self) -> None:
+        """Segment the chosen image (button "Predict")."""
+        image = self.image_layer
+        if image is None:
+            show_error("U-Net: choose an image layer to predict")
+            return
+        self._predict([image])
+
+    def segment_all(self) -> None:
+        """Segment every open image layer that fits the model (button "Segment all")."""
+        if self.model is None:
+            show_error("U-Net: there is no model yet: Train or load one first")
+            return
+        fitting = [la for la in self.image_layers() if self._fit_problem(la) is None]
+        if not fitting:
+            show_error("U-Net: no open image fits the model")
+            return
+        self._predict(fitting)
+
+    def _fit_problem(self, layer) -> str | None:
+        if layer.rgb:
+            return f"'{layer.name}' is RGB; the model takes single-channel images"
+        ndim = len(_spatial_shape(layer))
+        model_ndim = self.model.config["ndim"]
+        allowed = (2, 3) if model_ndim == 2 else (3,)
+        if ndim not in allowed:
+            return f"'{layer.name}' has {ndim} dimensions; a {model_ndim}D model takes {' or '.join(map(str, allowed))}"
+        return None
+
+    def _predict(self, layers) -> None:
+        from napari.qt.threading import create_worker
+
+        if self.busy:
+            return
+        if self.model is None:
+            show_error("U-Net: there is no model yet: Train or load one first")
+            return
+        for layer in layers:
+            problem = self._fit_problem(layer)
+            if problem:
+                show_error(f"U-Net: {problem}")
+                return
+        self.last_error = None
+        self._predict_sources = {layer.name: layer for layer in layers}
+        jobs = [PredictJob(layer.name, layer_array(layer)) for layer in layers]
+        worker = create_worker(
+            predict_steps,
+            self.model,
+            self.metadata,
+            jobs,
+            device=self.device_combo.currentText(),
+            uncertainty=self.uncertainty_check.isChecked(),
+            progress=self._relay.tiles.emit,
+            stop=self._stop,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_predict_message)
+        self.status_label.setText(f"Predicting {len(jobs)} image(s)...")
+        self._start("predict", worker, 0, "U-Net prediction")
+
+    def _on_tiles(self, done: int, total: int) -> None:
+        if self._pbar is not None and self._task == "predict":
+            self._pbar.total = total
+            self._pbar.n = done
+            self._pbar.update(0)
+
+    def _on_predict_message(self, message) -> None:
+        if message[0] == "image":
+            _, index, count, name = message
+            self.status_label.setText(f"Predicting {name} ({index + 1} of {count})...")
+            if self._pbar is not None:
+                self._pbar.set_description(f"U-Net: {name} ({index + 1}/{count})")
+            return
+        result = message[1]
+        source = self._predict_sources.get(result.name)
+        if source is None or source not in self.viewer.layers:
+            return
+        ids = self.metadata.get("class_ids") or list(range(1, result.probabilities.shape[0] + 1))
+        self._output_layer(source, "probabilities", data=result.probabilities)
+        self._output_layer(source, "segmentation", data=result.segmentation, class_ids=ids)
+        if result.uncertainty is not None:
+            self._output_layer(source, "uncertainty", data=result.uncertainty)
+        self.status_label.setText(f"Predicted {result.name}")
+
+    # --- output layers ----------------------------------------------------------------------------
+
+    def find_output(self, source, role: str):
+        """This widget's ``role`` output layer for the image layer ``source``, or None."""
+        for layer in self.viewer.layers:
+            if output_role(layer) == {"role": role, "source": source.name}:
+                return layer
+        return None
+
+    def _output_layer(self, source, role, shape=None, dtype=None, *, data=None, class_ids=None):
+        """Find or make the ``role`` output of ``source``; with ``data`` replace its data.
+
+        Without ``data`` an existing layer of the right shape is kept as it is (previews write regions
+        into it), otherwise it gets zeros of ``shape``/``dtype``. The layer takes the source's scale and
+        translate (with a leading 1/0 for the class axis of the probabilities).
+        """
+        layer = self.find_output(source, role)
+        if data is None:
+            if layer is not None and layer.data.shape == tuple(shape) and layer.data.dtype == dtype:
+                return layer
+            data = np.zeros(shape, dtype=dtype)
+        spatial = len(_spatial_shape(source))
+        lead = data.ndim - spatial
+        scale = (1.0,) * lead + tuple(source.scale[-spatial:])
+        translate = (0.0,) * lead + tuple(source.translate[-spatial:])
+        if layer is not None and layer.ndim == data.ndim:
+            layer.data = data
+            layer.scale, layer.translate = scale, translate
+            if class_ids is not None:
+                layer.colormap = class_colormap(class_ids)
+            return layer
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        kwargs = {
+            "name": f"{source.name} {role}",
+            "scale": scale,
+            "translate": translate,
+            "metadata": {META_KEY: {"role": role, "source": source.name}},
+        }
+        if role == "segmentation":
+            return self.viewer.add_labels(data, colormap=class_colormap(class_ids), opacity=0.5, **kwargs)
+        if role == "uncertainty":
+            return self.viewer.add_image(data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
+                                         blending="additive", **kwargs)
+        layer = self.viewer.add_image(data, colormap="inferno", contrast_limits=(0.0, 1.0),
+                                      blending="additive", opacity=0.7, visible=False, **kwargs)
+        # Show the last class (the foreground of a two-class model) on the class slider.
+        self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, data.shape[0] - 1)
+        return layer
+
+
+def _spatial_shape(layer) -> tuple[int, ...]:
+    """The layer's data shape without the colour axis of an RGB image."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    shape = tuple(data.shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape

@@ -1,0 +1,243 @@
+"""Work the dock widget runs on ``napari.qt.threading`` workers: training with live previews, prediction.
+
+Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of the layer data,
+yield small messages (tuples whose first item names the kind) and the widget applies them to layers on
+the main thread. They yield often so that ``worker.quit()`` and the stop flags take effect promptly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .normalization import normalize_image
+
+PREVIEW_MAX_SIZE = 768
+"""Largest preview region per axis (pixels): zoomed far out, the preview covers the view centre."""
+
+
+@dataclass(frozen=True)
+class PreviewResult:
+    """Probabilities for one region of the training image (``region``: slices into the image)."""
+
+    region: tuple[slice, ...]
+    probabilities: np.ndarray
+    """``(n_classes, *region shape)`` float32."""
+    segmentation: np.ndarray
+    """Argmax as the user's class ids, the region's shape."""
+    class_ids: tuple[int, ...]
+    iteration: int
+
+
+class ViewRegion:
+    """The region of the training image the user looks at, written by the main thread, read by the worker.
+
+    ``region`` is a tuple of slices into the image (one per image axis) or None for "the whole image".
+    Assigning a tuple is atomic, so no lock is needed.
+    """
+
+    def __init__(self, region: tuple[slice, ...] | None = None):
+        self.region = region
+
+
+def release_device_memory(device) -> None:
+    """Return cached GPU memory to the driver after work on ``device`` (no-op on the CPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.empty_cache()
+    elif getattr(device, "type", str(device)) == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+@contextlib.contextmanager
+def gui_friendly_threads():
+    """Run torch on all cores but one (``devices.default_cpu_threads``) so the GUI thread keeps a core."""
+    import torch
+
+    from .devices import default_cpu_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(default_cpu_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def segmentation_from_probabilities(probabilities: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+    """Labels holding the user's class ids: ``class_ids[argmax]`` per pixel (the smallest fitting dtype)."""
+    ids = np.asarray(class_ids)
+    dtype = np.uint8 if ids.max() < 256 else np.uint16 if ids.max() < 65536 else np.uint32
+    return ids.astype(dtype)[np.argmax(probabilities, axis=0)]
+
+
+def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Per-pixel entropy of the class probabilities divided by log(n_classes): 0 = certain, 1 = undecided."""
+    p = np.clip(probabilities, 1e-7, 1.0)
+    entropy = -(p * np.log(p)).sum(axis=0)
+    return (entropy / np.log(probabilities.shape[0])).astype(np.float32)
+
+
+def region_with_context(region: tuple[slice, ...], shape: tuple[int, ...], halo: Sequence[int]):
+    """Grow the last ``len(halo)`` axes of ``region`` by ``halo``, clipped to ``shape``.
+
+    Returns ``(crop, inner)``: the slices to read from the image and, relative to the crop, the slices
+    that give back ``region``. Inside the image the crop carries real context, so predicting the crop
+    and keeping ``inner`` equals predicting the whole image there; at the border ``predict_tiled``
+    mirrors, as it would for the whole image.
+    """
+    lead = len(shape) - len(halo)
+    crop, inner = list(region[:lead]), [slice(None)] * lead
+    for s, size, h in zip(region[lead:], shape[lead:], halo):
+        start, stop, _ = s.indices(size)
+        lo, hi = max(0, start - h), min(size, stop + h)
+        crop.append(slice(lo, hi))
+        inner.append(slice(start - lo, stop - lo))
+    return tuple(crop), tuple(inner)
+
+
+def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, should_stop=None) -> np.ndarray:
+    """Probabilities ``(n_classes, *region shape)`` of ``model`` for ``region`` of a normalized image.
+
+    ``normalized`` is the whole (normalized) image; a 2D model on a 3D stack predicts each slice of the
+    region. Only the region and its context are computed.
+    """
+    from .tiling import predict_tiled
+
+    crop, inner = region_with_context(region, normalized.shape, model.halo)
+    patch = np.ascontiguousarray(normalized[crop])
+    probabilities = predict_tiled(model, patch, should_stop=should_stop)
+    return np.ascontiguousarray(probabilities[(slice(None), *inner)])
+
+
+def train_steps(
+    image: np.ndarray,
+    labels: np.ndarray,
+    settings,
+    *,
+    init=None,
+    class_names: dict[int, str] | None = None,
+    view: ViewRegion | None = None,
+    preview_interval: float = 3.0,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple]:
+    """Train on one image and its painted labels; a generator for a napari worker.
+
+    Yields ``("ready", trainer)`` once the trainer is built (the widget then sends it new strokes with
+    ``trainer.update_labels``), ``("progress", TrainingEvent)`` per iteration and, every
+    ``preview_interval`` seconds at least (longer when previews are slow, so they never take more than
+    about a third of the time), ``("preview", PreviewResult)`` for ``view.region``. Returns the trainer.
+    Setting ``stop`` ends training within one iteration (and interrupts a preview). ``class_names``
+    maps painted ids to names (missing ids are called "class <id>"); a fine-tuned model keeps its own.
+    """
+    from .tiling import PredictionStopped
+    from .training import Trainer, painted_ids
+
+    stop = stop or threading.Event()
+    names = None
+    if init is None:
+        names = [(class_names or {}).get(i, f"class {i}") for i in painted_ids([labels])]
+    trainer = Trainer([image], [labels], settings, init=init, class_names=names)
+    yield ("ready", trainer)
+    if stop.is_set():
+        trainer.request_stop()
+    normalized = None
+    next_preview = time.perf_counter() + min(1.0, preview_interval)
+    for event in trainer.run():
+        yield ("progress", event)
+        if stop.is_set():
+            trainer.request_stop()
+            continue
+        if view is None or event.done or time.perf_counter() < next_preview:
+            continue
+        if normalized is None:
+            normalized = normalize_image(image, trainer.normalization)
+        started = time.perf_counter()
+        region = view.region or tuple(slice(0, n) for n in image.shape)
+        try:
+            probabilities = predict_region(trainer.snapshot(), normalized, region, should_stop=stop.is_set)
+        except PredictionStopped:
+            trainer.request_stop()
+            continue
+        took = time.perf_counter() - started
+        next_preview = time.perf_counter() + max(preview_interval, 2 * took)
+        yield ("preview", _preview(region, probabilities, trainer.class_ids, event.iteration))
+    if view is not None and not stop.is_set() and trainer.iteration > 0:
+        # A last preview from the final weights, so what the user sees matches the trained model.
+        if normalized is None:
+            normalized = normalize_image(image, trainer.normalization)
+        region = view.region or tuple(slice(0, n) for n in image.shape)
+        with gui_friendly_threads():
+            probabilities = predict_region(trainer.model, normalized, region, should_stop=stop.is_set)
+        yield ("preview", _preview(region, probabilities, trainer.class_ids, trainer.iteration))
+    return trainer
+
+
+def _preview(region, probabilities, class_ids, iteration) -> PreviewResult:
+    segmentation = segmentation_from_probabilities(probabilities, class_ids)
+    return PreviewResult(region, probabilities, segmentation, tuple(class_ids), iteration)
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """One image to predict: the source layer's name and a copy of its data."""
+
+    name: str
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What the widget turns into output layers for one source image."""
+
+    name: str
+    probabilities: np.ndarray
+    segmentation: np.ndarray
+    uncertainty: np.ndarray | None
+
+
+def predict_steps(
+    model,
+    metadata: dict,
+    jobs: Sequence[PredictJob],
+    *,
+    device: str = "auto",
+    uncertainty: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple]:
+    """Overlap-tile prediction of several images; a generator for a napari worker.
+
+    Each image is normalized as a whole with the model's recipe, predicted with ``predict_tiled`` and
+    yielded as ``("result", PredictResult)``; ``progress(done, total)`` counts tiles within the current
+    image and ``("image", index, count, name)`` announces each image. ``stop`` raises
+    ``tiling.PredictionStopped`` at the next tile batch. Returns the number of images done.
+    """
+    from .devices import resolve_device
+    from .tiling import predict_tiled
+
+    stop = stop or threading.Event()
+    target = resolve_device(device)
+    class_ids = metadata.get("class_ids") or list(range(1, model.n_classes + 1))
+    try:
+        with gui_friendly_threads():
+            for index, job in enumerate(jobs):
+                yield ("image", index, len(jobs), job.name)
+                normalized = normalize_image(job.image, metadata.get("normalization"))
+                probabilities = predict_tiled(model, normalized, device=target, progress=progress,
+                                              should_stop=stop.is_set)
+                yield ("result", PredictResult(
+                    job.name,
+                    probabilities,
+                    segmentation_from_probabilities(probabilities, class_ids),
+                    normalized_entropy(probabilities) if uncertainty else None,
+                ))
+    finally:
+        release_device_memory(target)
+    return len(jobs)
