@@ -15,8 +15,9 @@ Model files
 TIFF images
     :func:`read_image` reads the first image series with tifffile and describes its axes with
     the letters ``Z`` (stack: Z, time or an unnamed sequence), ``C`` (channels or RGB
-    samples), ``Y`` and ``X``. The pixel size (``scale``, one value per spatial axis) comes,
-    in this order, from OME ``PhysicalSize*``, ImageJ ``spacing`` + resolution tags, the
+    samples), ``Y`` and ``X``; when the file does not name its axes, a trailing axis of at most
+    4 that is smaller than the others is taken as channels-last (``YXC``). The pixel size
+    (``scale``, one value per spatial axis) comes, in this order, from OME ``PhysicalSize*``, ImageJ ``spacing`` + resolution tags, the
     ``scale`` written by :func:`write_tiff`, or resolution tags in centimeters/millimeters/
     micrometers (converted to micrometers); otherwise it is 1.0 (unknown). Plain TIFF
     resolution in inches (usually a meaningless 72 dpi) is ignored.
@@ -105,7 +106,7 @@ def save_model(model, path, metadata=None) -> Path:
     JSON-serialisable entries. Save the trainable model, not its ``inference_copy()``.
     Returns the path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from . import __version__
     from .normalization import DEFAULT_RECIPE
@@ -123,7 +124,8 @@ def save_model(model, path, metadata=None) -> Path:
     )
     header = {METADATA_KEY: json.dumps(record, default=_json_default)}
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    data = save(tensors, metadata=header)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 _FOREIGN_SIGNATURES = (
@@ -255,6 +257,8 @@ def read_image(path):
     keep = [i for i, n in enumerate(array.shape) if n > 1 or file_axes[i] in "YX"]
     array = array.reshape([array.shape[i] for i in keep])
     file_axes = "".join(file_axes[i] for i in keep)
+    if "Q" in file_axes and array.ndim == 3 and array.shape[-1] <= 4 < min(array.shape[:2]):
+        file_axes = "YXS"  # axes unknown: a small trailing axis is channels-last (e.g. RGB as minisblack)
     axes = _canonical_axes(path, file_axes)
     spatial = [file_axes[i] for i, a in enumerate(axes) if a != "C"]
     info = {

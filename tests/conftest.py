@@ -1,0 +1,57 @@
+"""Shared test fixtures: tiny models and hostile files."""
+
+import pickle
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def make_model():
+    """Factory for tiny UNets (depth 2, 4 filters, 3 classes by default) with non-trivial batch norm.
+
+    A few training-mode passes move the batch-norm running statistics away from their
+    defaults, so save/load and batch-norm folding are exercised for real. Returned in eval mode.
+    """
+
+    def make(seed=0, **kwargs):
+        from napari_unet import UNet
+
+        torch.manual_seed(seed)
+        model = UNet(**{"n_classes": 3, "depth": 2, "base_filters": 4, **kwargs})
+        model.train()
+        shape = model.legal_input_shape(4)
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.rand(2, model.in_channels, *shape) * 3 + 1)
+        return model.eval()
+
+    return make
+
+
+class _Payload:
+    """Unpickling this creates ``marker`` (what a malicious model file could do, harmlessly)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def malicious_pickle():
+    """``write(path, marker, torch_zip=False)``: a pickle whose loading would create ``marker``.
+
+    With ``torch_zip`` the pickle is wrapped in a ``torch.save`` zip archive (a ``.pt`` file).
+    """
+
+    def write(path, marker, torch_zip=False):
+        payload = {"state_dict": _Payload(marker)}
+        if torch_zip:
+            torch.save(payload, path)
+        else:
+            path.write_bytes(pickle.dumps(payload))
+        return path
+
+    return write
