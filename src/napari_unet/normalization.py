@@ -109,8 +109,9 @@ def normalize(image, params: dict) -> np.ndarray:
             raise ValueError("per-channel normalization parameters need a channel_axis")
         else:
             lo, scale = lo.reshape(()), scale.reshape(())
-        out = np.subtract(image, lo.astype(np.float32), dtype=np.float32)
-        out *= scale.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite results become 0 below
+            out = np.subtract(image, lo.astype(np.float32), dtype=np.float32)
+            out *= scale.astype(np.float32)
     else:
         raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
     out[~np.isfinite(out)] = 0.0

@@ -1,0 +1,74 @@
+"""Whole-image percentile normalization."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from napari_unet.normalization import DEFAULT_RECIPE, normalize, normalize_image, percentile_params
+
+
+def test_percentiles_map_to_zero_and_one():
+    image = np.arange(10_000, dtype=np.uint16).reshape(100, 100)
+    params = percentile_params(image, low=1, high=99)
+    lo, hi = np.percentile(image, [1, 99])
+    assert params["low_values"] == [pytest.approx(lo)] and params["high_values"] == [pytest.approx(hi)]
+    out = normalize(image, params)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(normalize(np.array([lo, hi]), params), [0, 1], atol=1e-6)
+    # no clipping: values beyond the percentiles go beyond [0, 1]
+    assert out.min() < 0 and out.max() > 1
+
+
+def test_per_channel_on_any_axis():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.random((30, 40)) * 10, rng.random((30, 40)) * 1000 + 500], axis=-1)
+    for axis, data in ((-1, image), (0, np.moveaxis(image, -1, 0))):
+        params = percentile_params(data, channel_axis=axis)
+        assert len(params["low_values"]) == 2
+        out = np.moveaxis(normalize(data, params), axis, 0)
+        for channel in out:
+            assert -0.05 < channel.min() <= 0 and 1 <= channel.max() < 1.05
+    with pytest.raises(ValueError, match="channels"):
+        normalize(image[..., :1].repeat(3, axis=-1), percentile_params(image, channel_axis=-1))
+
+
+def test_nan_and_inf_are_ignored_then_zero():
+    rng = np.random.default_rng(1)
+    clean = rng.random((50, 50)).astype(np.float32)
+    dirty = clean.copy()
+    dirty[0, :5] = [np.nan, np.inf, -np.inf, np.nan, np.inf]
+    reference = percentile_params(clean[np.isfinite(dirty)])
+    params = percentile_params(dirty)
+    assert params["low_values"] == pytest.approx(reference["low_values"])
+    assert params["high_values"] == pytest.approx(reference["high_values"])
+    out = normalize(dirty, params)
+    assert np.isfinite(out).all()
+    assert (out[0, :5] == 0).all()
+    np.testing.assert_allclose(out[1:], normalize(clean, params)[1:])
+
+
+def test_degenerate_images_do_not_warn_or_divide_by_zero():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (normalize_image(np.full((8, 8), 7.0)) == 0).all()
+        assert (normalize_image(np.full((8, 8), np.nan)) == 0).all()
+        assert np.isfinite(normalize_image(np.array([[0, 1e39]]))).all()  # float32 overflow -> 0
+    with pytest.raises(ValueError, match="empty"):
+        percentile_params(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="percentiles"):
+        percentile_params(np.zeros((4, 4)), low=50, high=10)
+    with pytest.raises(ValueError, match="complex"):
+        percentile_params(np.zeros((4, 4), complex))
+
+
+def test_recipe_is_recomputed_per_image_and_input_untouched():
+    image = np.arange(100, dtype=np.float64).reshape(10, 10)
+    copy = image.copy()
+    stored = {**DEFAULT_RECIPE, "low_values": [1e6], "high_values": [2e6]}  # another image's values
+    np.testing.assert_array_equal(normalize_image(image, stored), normalize(image, percentile_params(image)))
+    np.testing.assert_array_equal(image, copy)
+    np.testing.assert_array_equal(normalize_image(image, {"method": "none"}), image.astype(np.float32))
+    np.testing.assert_array_equal(normalize_image(image, None), normalize_image(image, DEFAULT_RECIPE))
+    with pytest.raises(ValueError, match="unknown normalization"):
+        normalize_image(image, {"method": "zscore"})
