@@ -6,7 +6,7 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_model():
     """Factory for tiny UNets (depth 2, 4 filters, 3 classes by default) with non-trivial batch norm.
 
@@ -39,7 +39,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def malicious_pickle():
     """``write(path, marker, torch_zip=False)``: a pickle whose loading would create ``marker``.
 

@@ -1,0 +1,287 @@
+"""The ``napari-unet`` command line.
+
+``napari-unet predict --model MODEL IMAGE [IMAGE ...] --out DIR [--tile Y X | Z Y X]
+[--batch-size N] [--device auto|cpu|cuda|mps]`` segments TIFF images with a saved model.
+
+Subcommands are registered in :data:`COMMANDS` (name -> :class:`Command`); :func:`build_parser`
+builds the argparse parser from it. A command's ``run(args)`` returns the exit code and
+reports user errors by raising :class:`CLIError` (or :class:`~napari_unet.io.ModelFileError`
+/ :class:`~napari_unet.io.ImageFileError`): :func:`main` prints them as one line,
+``napari-unet: error: ...``, and exits with 2; nothing ends in a traceback (set
+``NAPARI_UNET_DEBUG=1`` to see one for unexpected errors, which exit with 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from .io import ImageFileError, ModelFileError
+
+PROG = "napari-unet"
+
+
+class CLIError(Exception):
+    """A user error, reported as one line on stderr with exit code 2."""
+
+
+class Command(NamedTuple):
+    """A subcommand: its one-line help, how it adds its arguments, and what it runs."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class ProgressBar:
+    """A minimal progress bar on stderr, shown only once a run has lasted ``delay`` seconds.
+
+    Call it as ``progress(done, total)`` (the :func:`~napari_unet.tiling.predict_tiled`
+    callback). On a terminal it redraws one line; otherwise it prints a line every
+    ``log_interval`` seconds and at the end.
+    """
+
+    def __init__(self, label: str, unit: str = "tiles", stream=None, delay: float = 1.0, log_interval: float = 10.0):
+        self.label, self.unit, self.delay = label, unit, delay
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.1 if self.tty else log_interval
+        self.start = time.monotonic()
+        self.last = -float("inf")
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        finished = done >= total
+        if not self.shown and (elapsed < self.delay or finished):
+            return
+        if not finished and now - self.last < self.interval:
+            return
+        self.last, self.shown = now, True
+        fraction = done / max(total, 1)
+        bar = "#" * int(24 * fraction)
+        line = f"{self.label} [{bar:<24}] {done}/{total} {self.unit} {elapsed:.0f}s"
+        if not finished and fraction > 0:
+            line += f" (about {elapsed / fraction - elapsed:.0f}s left)"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if finished else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------
+# predict
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="TIFF images: 2D, 3D stacks, with or without channels")
+    parser.add_argument("--model", "-m", required=True, type=Path, help="model file (.safetensors) saved by napari-unet")
+    parser.add_argument("--out", "-o", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
+    parser.add_argument(
+        "--tile",
+        nargs="+",
+        metavar="N",
+        help="output tile size: Y X for a 2D model, Z Y X for a 3D model (default: as large as memory allows)",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="tiles per forward pass (default: from memory)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _split_tile_and_images(tile_tokens, images) -> tuple[tuple[int, ...] | None, list[Path]]:
+    """``--tile`` is greedy: give back trailing non-numbers (image paths) it swallowed."""
+    if tile_tokens is None:
+        return None, list(images)
+    sizes = []
+    for i, token in enumerate(tile_tokens):
+        if not token.lstrip("-").isdigit():
+            images = [*images, *(Path(t) for t in tile_tokens[i:])]
+            break
+        sizes.append(int(token))
+    if len(sizes) not in (2, 3) or min(sizes) < 1:
+        raise CLIError(f"--tile needs 2 (Y X) or 3 (Z Y X) positive sizes, got {' '.join(map(str, sizes)) or 'none'}")
+    return tuple(sizes), list(images)
+
+
+_TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf")
+
+
+def output_stem(path: Path) -> str:
+    """File name without its TIFF suffix (``a.ome.tif`` -> ``a``)."""
+    name = path.name
+    for suffix in _TIFF_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _prepare_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output folder {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".napari-unet-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
+
+
+def model_input(array, info: dict, in_channels: int, path) -> tuple:
+    """Arrange an image from :func:`~napari_unet.io.read_image` for a model.
+
+    Returns ``(array, spatial_axes)``: ``(*spatial)`` for a 1-channel model, ``(C, *spatial)``
+    (channels first) otherwise. Without a channel axis in the file, a multi-channel model takes
+    a leading or trailing axis of size ``in_channels`` as channels. Raises :class:`CLIError`
+    when the image's channels do not match the model's.
+    """
+    import numpy as np
+
+    axes = info["axes"]
+    channel_axis = info["channel_axis"]
+    if channel_axis is None and in_channels > 1 and array.ndim >= 3:
+        if array.shape[-1] == in_channels:
+            channel_axis = array.ndim - 1
+        elif array.shape[0] == in_channels:
+            channel_axis = 0
+        if channel_axis is not None:
+            axes = axes[:channel_axis] + "C" + axes[channel_axis + 1 :]
+    channels = 1 if channel_axis is None else array.shape[channel_axis]
+    if channels != in_channels:
+        raise CLIError(
+            f"{path}: the model expects {in_channels} channel(s), the image has {channels} (axes {info['axes']}, shape {array.shape})"
+        )
+    spatial_axes = axes.replace("C", "")
+    if channel_axis is None:
+        return array, spatial_axes
+    array = np.moveaxis(array, channel_axis, 0)
+    return (array if in_channels > 1 else array[0]), spatial_axes
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    tile, images = _split_tile_and_images(args.tile, args.images)
+    if not images:
+        raise CLIError("predict needs at least one IMAGE")
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise CLIError(f"image not found: {', '.join(missing)}")
+    stems = [output_stem(p) for p in images]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise CLIError(f"several images would write the same outputs: {', '.join(duplicates)}")
+
+    from .devices import resolve_device
+    from .io import load_model, read_image, write_tiff
+    from .normalization import normalize_image
+    from .tiling import predict_tiled
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    model, metadata = load_model(args.model)
+    config = metadata["config"]
+    if tile is not None and len(tile) != config["ndim"]:
+        raise CLIError(f"--tile needs {config['ndim']} sizes for this {config['ndim']}D model, got {len(tile)}")
+    _prepare_output_folder(args.out)
+    class_ids = np.asarray(metadata["class_ids"])
+    class_ids = class_ids.astype(np.min_scalar_type(int(class_ids.max())))
+
+    for path, stem in zip(images, stems):
+        started = time.monotonic()
+        array, info = read_image(path)
+        array, spatial_axes = model_input(array, info, config["in_channels"], path)
+        image = normalize_image(array, metadata.get("normalization"), channel_axis=0 if config["in_channels"] > 1 else None)
+        del array
+        try:
+            probabilities = predict_tiled(
+                model, image, tile_shape=tile, batch_size=args.batch_size, device=device, progress=ProgressBar(path.name)
+            )
+        except ValueError as e:
+            raise CLIError(f"{path}: {e}") from None
+        labels = class_ids[np.argmax(probabilities, axis=0)]
+        outputs = (
+            (args.out / f"{stem}_probabilities.tif", probabilities, "C" + spatial_axes),
+            (args.out / f"{stem}_labels.tif", labels, spatial_axes),
+        )
+        for target, data, axes in outputs:
+            try:
+                if info["unit"]:
+                    write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"])
+                else:
+                    write_tiff(target, data, axes=axes)
+            except OSError as e:
+                raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
+        print(f"{path} -> {outputs[1][0]}, {outputs[0][0]} ({time.monotonic() - started:.1f}s)", flush=True)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "predict": Command(
+        help="segment TIFF images with a saved model",
+        add_arguments=_add_predict_arguments,
+        run=_run_predict,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per entry of :data:`COMMANDS`."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Valid-padding U-Net segmentation: the napari-unet engine without napari."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv=None) -> int:
+    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt files: our one-line error says it
+    try:
+        return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except (CLIError, ModelFileError, ImageFileError) as e:
+        return _fail(str(e), 2)
+    except Exception as e:
+        if os.environ.get("NAPARI_UNET_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(e).__name__}: {e} (set NAPARI_UNET_DEBUG=1 for a traceback)", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
