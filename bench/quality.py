@@ -1,0 +1,173 @@
+"""Training quality from sparse strokes: napari-unet vs an ilastik-style random forest (issue 3).
+
+Simulated strokes (``quality_strokes.py``: radius-1 brush along each class's eroded skeleton, 2 % of each
+class's pixels, fixed seeds) on:
+
+- ISBI 2012 membranes: train on slices 0-4, score slices 20-29 (membrane = foreground);
+- DSB 2018 nuclei: train on the first 10 images in sorted file order, score the last 20 (any nucleus).
+
+napari-unet trains with its default settings and a CPU time budget (300 s by default); the baseline is a
+scikit-learn random forest (100 trees) on ``skimage.feature.multiscale_basic_features`` (intensity, edges,
+texture, sigma 1 to 16) of the same strokes. Both are scored by foreground Dice of the argmax on the held-out
+images (mean over images, and pooled over all pixels). Needs ``/work/shared/data`` (or ``--data``).
+
+    python bench/quality.py [--budget 300] [--sets isbi dsb] [--data DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality_strokes import simulate_strokes  # noqa: E402
+
+DEFAULT_DATA = Path("/work/shared/data")
+PAINTED = {0: 1, 1: 2}  # ground truth background -> painted id 1, foreground -> painted id 2
+
+
+def load_isbi(data: Path):
+    folder = data / "isbi2012_em_membranes"
+    read = lambda kind, i: tifffile.imread(folder / kind / f"{i}.tif")  # noqa: E731
+    train = [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(5)]
+    test = [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(20, 30)]
+    return train, test
+
+
+def load_dsb(data: Path):
+    folder = data / "dsb2018_nuclei_subset"
+    names = sorted(p.name for p in (folder / "images").glob("*.tif"))
+    pairs = [
+        (tifffile.imread(folder / "images" / n), (tifffile.imread(folder / "labels" / n) > 0).astype(np.uint8))
+        for n in names
+    ]
+    return pairs[:10], pairs[-20:]
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground Dice of two boolean masks (1.0 when both are empty)."""
+    total = prediction.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(prediction, truth).sum() / total)
+
+
+def scores(predictions, truths) -> dict:
+    per_image = [dice(p, t) for p, t in zip(predictions, truths)]
+    pooled = dice(np.concatenate([p.ravel() for p in predictions]), np.concatenate([t.ravel() for t in truths]))
+    return {"dice_mean": float(np.mean(per_image)), "dice_pooled": pooled}
+
+
+def random_forest(train_images, strokes, test_images, threads: int) -> dict:
+    from functools import partial
+
+    from skimage.feature import multiscale_basic_features
+    from sklearn.ensemble import RandomForestClassifier
+
+    features = partial(
+        multiscale_basic_features, intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16
+    )
+    start = time.perf_counter()
+    xs, ys = [], []
+    for image, stroke in zip(train_images, strokes):
+        f = features(image.astype(np.float32))
+        xs.append(f[stroke > 0])
+        ys.append(stroke[stroke > 0])
+    forest = RandomForestClassifier(n_estimators=100, n_jobs=threads, random_state=0)
+    forest.fit(np.concatenate(xs), np.concatenate(ys))
+    train_time = time.perf_counter() - start
+    start = time.perf_counter()
+    predictions = []
+    for image in test_images:
+        f = features(image.astype(np.float32))
+        predictions.append(forest.predict(f.reshape(-1, f.shape[-1])).reshape(image.shape) == PAINTED[1])
+    return {"train_s": train_time, "predict_s": time.perf_counter() - start, "predictions": predictions}
+
+
+def napari_unet(train_images, strokes, test_images, budget: float, threads: int, overrides: dict) -> dict:
+    import torch
+
+    from napari_unet.normalization import normalize_image
+    from napari_unet.tiling import predict_tiled
+    from napari_unet.training import train
+
+    start = time.perf_counter()
+    settings = dict(time_budget=budget, device="cpu", cpu_threads=threads, seed=0, **overrides)
+    trainer = train(train_images, strokes, **settings)
+    train_time = time.perf_counter() - start
+    record = trainer.metadata["training"]["history"][-1]
+    torch.set_num_threads(threads)
+    model = trainer.model.inference_copy()
+    foreground = trainer.class_ids.index(PAINTED[1])
+    start = time.perf_counter()
+    predictions = []
+    for image in test_images:
+        probabilities = predict_tiled(model, normalize_image(image, trainer.normalization), device="cpu")
+        predictions.append(probabilities.argmax(0) == foreground)
+    return {
+        "train_s": train_time,
+        "predict_s": time.perf_counter() - start,
+        "predictions": predictions,
+        "iterations": record["iterations"],
+        "data_fraction": record["data_seconds"] / record["seconds"],
+        "settings": record["settings"],
+    }
+
+
+def run(name: str, train_pairs, test_pairs, budget: float, threads: int, overrides: dict, baseline: bool) -> dict:
+    images = [image for image, _ in train_pairs]
+    strokes = [simulate_strokes(gt, PAINTED, seed=index) for index, (_, gt) in enumerate(train_pairs)]
+    test_images = [image for image, _ in test_pairs]
+    truths = [gt.astype(bool) for _, gt in test_pairs]
+    result = {"set": name, "painted_pixels": int(sum((s > 0).sum() for s in strokes))}
+    methods = [("napari_unet", lambda: napari_unet(images, strokes, test_images, budget, threads, overrides))]
+    if baseline:
+        methods.insert(0, ("random_forest", lambda: random_forest(images, strokes, test_images, threads)))
+    for method, fn in methods:
+        out = fn()
+        out.update(scores(out.pop("predictions"), truths))
+        result[method] = out
+        print(name, method, {k: v for k, v in out.items() if k != "settings"}, flush=True)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=300.0, help="napari-unet training seconds")
+    parser.add_argument("--sets", nargs="+", default=["isbi", "dsb"], choices=["isbi", "dsb"])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the random forest")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a TrainingSettings field (repeatable), e.g. --set depth=2",
+    )
+    args = parser.parse_args(argv)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+    loaders = {"isbi": load_isbi, "dsb": load_dsb}
+    results = [
+        run(name, *loaders[name](args.data), args.budget, args.threads, overrides, not args.no_baseline)
+        for name in args.sets
+    ]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"budget_s": args.budget, "threads": args.threads, "overrides": overrides, "results": results}
+    args.json.write_text(json.dumps(summary, indent=1))
+    print("\n| set | method | Dice (mean) | Dice (pooled) | train s | predict s |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for method in ("napari_unet", "random_forest"):
+            if method not in r:
+                continue
+            m = r[method]
+            print(f"| {r['set']} | {method} | {m['dice_mean']:.3f} | {m['dice_pooled']:.3f} "
+                  f"| {m['train_s']:.0f} | {m['predict_s']:.1f} |")
+    print(f"\nresults written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Augmentation moves image and labels together; labels stay class indices."""
+
+import numpy as np
+import pytest
+
+from napari_unet.augment import Augmenter
+
+
+def _pair(shape, seed=0, block=4):
+    rng = np.random.default_rng(seed)
+    target = rng.integers(-1, 3, size=shape).astype(np.int16)
+    target = np.kron(target, np.ones((1,) * (len(shape) - 2) + (block, block), dtype=np.int16))  # blocky regions
+    return target.astype(np.float32), target
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (3, 8, 8)])
+def test_flips_and_rotations_are_identical_for_image_and_labels(shape):
+    image, target = _pair(shape)
+    augment = Augmenter(np.random.default_rng(0), elastic=False, intensity=False)
+    for _ in range(10):
+        out_image, out_target, weight = augment(image, target, target.astype(np.float32))
+        assert np.array_equal(out_image, out_target.astype(np.float32))
+        assert np.array_equal(weight, out_target.astype(np.float32))
+        assert out_image.flags.c_contiguous
+
+
+def test_elastic_deformation_keeps_labels_aligned_and_integer():
+    image, target = _pair((6, 6), seed=1, block=16)
+    augment = Augmenter(np.random.default_rng(0), flips=False, rotations=False, intensity=False,
+                        elastic_probability=1.0)
+    out_image, out_target, _ = augment(image, target)
+    assert out_target.dtype == target.dtype
+    assert set(np.unique(out_target)) <= {-1, 0, 1, 2}
+    assert not np.array_equal(out_target, target)  # it did deform
+    agree = (np.abs(out_image - out_target) < 0.5)[out_target >= 0].mean()
+    assert agree > 0.8  # linear vs nearest interpolation differ only at region edges
+
+
+def test_intensity_changes_image_only():
+    image, target = _pair((8, 8))
+    image = np.abs(image) + 0.5
+    augment = Augmenter(np.random.default_rng(0), flips=False, rotations=False, elastic=False)
+    out_image, out_target, _ = augment(image, target)
+    assert np.array_equal(out_target, target)
+    assert out_image.dtype == np.float32
+    assert not np.allclose(out_image, image)
+    # monotonic: the order of intensities is kept
+    assert np.array_equal(np.argsort(out_image, axis=None, kind="stable"), np.argsort(image, axis=None, kind="stable"))
