@@ -1,0 +1,180 @@
+"""The training engine: learning, stopping, label updates, id mapping, fine-tuning, validation."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet.io import load_model
+from napari_unet.normalization import normalize_image
+from napari_unet.tiling import predict_tiled
+from napari_unet.training import Trainer, TrainingEvent, TrainingSettings, train
+
+TINY = dict(depth=1, base_filters=4, patch_size=16, batch_size=2, time_budget=None, device="cpu", cpu_threads=1)
+
+
+def _halves(shape=(48, 48), seed=0):
+    """An image whose right half is bright, with a few strokes of ids 1 (left) and 3 (right)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 10, shape).astype(np.float32)
+    image[..., shape[-1] // 2:] += 100
+    labels = np.zeros(shape, dtype=np.uint8)
+    h, w = shape[-2:]
+    labels[..., h // 10: h - 8, w // 8: w // 8 + 3] = 1
+    labels[..., h // 6: h - 4, 3 * w // 4: 3 * w // 4 + 3] = 3
+    truth = np.broadcast_to(np.arange(shape[-1]) >= shape[-1] // 2, shape)
+    return image, labels, truth
+
+
+def _settings(**kwargs):
+    return TrainingSettings(**{**TINY, **kwargs})
+
+
+def test_tiny_model_learns_separable_image():
+    image, labels, truth = _halves()
+    trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2))
+    probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization))
+    accuracy = ((probabilities.argmax(0) == 1) == truth).mean()
+    assert accuracy > 0.95
+    assert trainer.metadata["class_ids"] == [1, 3]
+
+
+def test_events_and_budget():
+    image, labels, _ = _halves()
+    events = list(Trainer(image, labels, _settings(iterations=5)).run())
+    assert [e.iteration for e in events] == [1, 2, 3, 4, 5, 5]
+    assert all(isinstance(e, TrainingEvent) and np.isfinite(e.loss) for e in events)
+    assert events[-1].done and events[-1].reason == "iterations"
+    assert events[2].samples_seen == 6 and events[2].elapsed >= events[1].elapsed
+    timed = list(Trainer(image, labels, _settings(time_budget=0.5)).run())
+    assert timed[-1].reason == "time_budget" and timed[-1].elapsed < 5
+
+
+def test_stop_within_one_iteration_keeps_a_usable_model():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=1000))
+    events = trainer.run()
+    first = next(events)
+    threading.Thread(target=trainer.request_stop).start()
+    rest = list(events)
+    assert len(rest) <= 2 and rest[-1].done and rest[-1].reason == "stopped"
+    assert rest[-1].iteration <= first.iteration + 1
+    assert not trainer.model.training
+    assert predict_tiled(trainer.model, np.zeros((20, 20), np.float32)).shape == (2, 20, 20)
+
+
+def test_closing_the_generator_ends_training():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=1000))
+    events = trainer.run()
+    next(events)
+    events.close()
+    assert trainer.iteration == 1
+    assert not trainer.model.training
+    assert trainer.metadata["training"]["history"][-1]["stop_reason"] == "stopped"
+
+
+def test_snapshot_is_an_eval_copy():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=3))
+    events = trainer.run()
+    next(events)
+    snapshot = trainer.snapshot()
+    assert not snapshot.training and snapshot is not trainer.model
+    list(events)
+
+
+def test_update_labels_is_picked_up_without_restart():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=3))
+    events = trainer.run()
+    next(events)
+    more = labels.copy()
+    more[40:46, 30:46] = 3
+    trainer.update_labels(0, more)
+    next(events)
+    assert trainer.sampler.class_counts(2)[1] == (more == 3).sum()
+    with pytest.raises(ValueError, match="does not know"):
+        trainer.update_labels(0, np.where(more == 3, 5, more))
+    with pytest.raises(ValueError, match="shape"):
+        trainer.update_labels(0, more[:10])
+    list(events)
+
+
+def test_non_contiguous_ids_round_trip(tmp_path):
+    image, labels, truth = _halves()
+    trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2), class_names=["bg", "cell"])
+    path = tmp_path / "model.safetensors"
+    trainer.save(path)
+    model, meta = load_model(path)
+    assert meta["class_ids"] == [1, 3] and meta["class_names"] == ["bg", "cell"]
+    probabilities = predict_tiled(model, normalize_image(image, meta["normalization"]))
+    predicted = np.asarray(meta["class_ids"])[probabilities.argmax(0)]
+    assert set(np.unique(predicted)) <= {1, 3}
+    assert ((predicted == 3) == truth).mean() > 0.95
+
+
+def test_fine_tune_from_saved_model(tmp_path):
+    image, labels, _ = _halves()
+    first = train(image, labels, _settings(iterations=3))
+    first.save(tmp_path / "m.safetensors")
+    model, meta = load_model(tmp_path / "m.safetensors")
+    meta["normalization"] = {"method": "percentile", "low": 2.0, "high": 98.0}
+    only_three = np.where(labels == 3, 3, 0).astype(np.uint8)  # a subset of the classes is fine
+    second = train(image, only_three, _settings(iterations=2), init=(model, meta))
+    assert second.normalization == meta["normalization"]
+    assert second.class_ids == [1, 3]
+    assert len(second.metadata["training"]["history"]) == 2
+    assert not torch.equal(second.model.head.weight, model.head.weight)  # trained further, init untouched
+    with pytest.raises(ValueError, match="classes"):
+        Trainer(image, np.where(labels == 1, 2, labels), _settings(iterations=1), init=(model, meta))
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.zeros((48, 48), np.uint8), "nothing is painted"),
+        (np.pad(np.ones((8, 8), np.uint8), 20), "only one class"),
+        (np.zeros((40, 48), np.uint8), "shape"),
+        (np.full((48, 48), 0.5, np.float32), "integer"),
+        (np.full((48, 48), -1, np.int32), "negative"),
+    ],
+)
+def test_invalid_labels_are_clear_errors(labels, message):
+    image, _, _ = _halves()
+    with pytest.raises(ValueError, match=message):
+        Trainer(image, labels, _settings(iterations=1))
+
+
+def test_float_labels_with_whole_numbers_are_accepted():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels.astype(np.float32), _settings(iterations=1))
+    assert trainer.class_ids == [1, 3]
+
+
+def test_seeded_runs_are_reproducible():
+    image, labels, _ = _halves()
+    a = train(image, labels, _settings(iterations=3, seed=7)).model.state_dict()
+    b = train(image, labels, _settings(iterations=3, seed=7)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stack_trained_slice_wise_with_a_2d_net():
+    image, labels, _ = _halves((3, 32, 32))
+    labels[1] = 0  # an unpainted slice weighs nothing
+    trainer = train(image, labels, _settings(iterations=2))
+    assert trainer.model.ndim == 2
+
+
+def test_sparse_slices_of_a_volume_train_a_3d_net():
+    image, labels, _ = _halves((12, 32, 32))
+    labels[[0, 1, 2, 3, 5, 6, 7, 8, 9, 11]] = 0  # only slices 4 and 10 painted
+    trainer = train(image, labels, _settings(iterations=2, ndim=3, patch_size=8, border_weight=True))
+    assert trainer.model.ndim == 3
+    assert trainer.input_shape == tuple(trainer.model.legal_input_shape(8))
+
+
+def test_border_weight_runs_in_2d():
+    image, labels, _ = _halves()
+    assert train(image, labels, _settings(iterations=2, border_weight=True)).iteration == 2
