@@ -12,6 +12,7 @@ replaces the data of those layers only, never of layers the user made.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ._loss_plot import LossPlot
-from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
+from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, labels_dtype, predict_steps, train_steps
 
 META_KEY = "napari_unet"
 ROLES = ("probabilities", "segmentation", "uncertainty")
@@ -49,6 +50,8 @@ CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4
 DEFAULT_CLASS_NAMES = "background, foreground"
 PREVIEW_INTERVAL = 3.0
 """Seconds between live previews (at least; slow previews space themselves out)."""
+STATUS_INTERVAL = 0.2
+"""Seconds between updates of the status text, progress bar and preview region while training."""
 LABELS_DEBOUNCE_MS = 300
 """Strokes are sent to the trainer this long after the last paint event."""
 
@@ -102,6 +105,9 @@ class UNetWidget(QWidget):
         self._task: str | None = None
         self._trainer = None
         self._stop = threading.Event()
+        self._resume = threading.Event()
+        self._last_status = 0.0
+        self._froze_gc = False
         self._view = ViewRegion()
         self._train_image = None
         self._train_labels = None
@@ -116,6 +122,11 @@ class UNetWidget(QWidget):
         self._labels_timer.setInterval(LABELS_DEBOUNCE_MS)
         self._labels_timer.timeout.connect(self._send_labels)
         self.last_error: str | None = None
+        """The message of the last worker error (also shown as a napari notification)."""
+        self.preview_interval = PREVIEW_INTERVAL
+        """Seconds between live previews while training."""
+        self.previews_shown = 0
+        """Live previews pushed to the output layers during the last training."""
 
         self._build_ui()
         layers = self.viewer.layers
@@ -445,6 +456,7 @@ class UNetWidget(QWidget):
 
     def _start(self, task: str, worker, total: int, description: str) -> None:
         self._stop.clear()
+        self._freeze_gc()
         self._set_busy(task)
         self._worker = worker
         self._pbar = progress(total=total, desc=description)
@@ -473,6 +485,7 @@ class UNetWidget(QWidget):
     def stop(self) -> None:
         """Stop the running training or prediction; a trained model is kept."""
         self._stop.set()
+        self._resume.set()
         if self._trainer is not None:
             self._trainer.request_stop()
         if self.busy:
@@ -493,7 +506,9 @@ class UNetWidget(QWidget):
         deadline = time.monotonic() + timeout
         while worker.is_running and time.monotonic() < deadline:
             time.sleep(0.02)
+        self._disconnect_painting()
         self._finish_progress()
+        self._unfreeze_gc()
         self._end_task(False)
         self._set_busy(None)
         return not worker.is_running
@@ -511,8 +526,26 @@ class UNetWidget(QWidget):
     def _on_finished(self) -> None:
         self._disconnect_painting()
         self._finish_progress()
+        self._unfreeze_gc()
         self._end_task(self.last_error is None)
         self._set_busy(None)
+
+    def _freeze_gc(self) -> None:
+        """Move the objects that exist now out of the garbage collector's view while a worker runs.
+
+        A full collection of napari's + torch's ~400k objects takes ~0.4 s holding the GIL; triggered
+        from the worker it froze the GUI for that long. Frozen, a collection scans only new objects.
+        Called again when training is prepared (to include what preparing it imported and built).
+        Skipped when someone else froze already; :meth:`_unfreeze_gc` undoes it when the worker ends.
+        """
+        if self._froze_gc or gc.get_freeze_count() == 0:
+            gc.freeze()
+            self._froze_gc = True
+
+    def _unfreeze_gc(self) -> None:
+        if self._froze_gc:
+            gc.unfreeze()
+            self._froze_gc = False
 
     def _finish_progress(self) -> None:
         if self._pbar is not None:
@@ -541,6 +574,7 @@ class UNetWidget(QWidget):
         self.last_error = None
         self._train_image, self._train_labels = image, labels
         self._labels_dirty = False
+        self.previews_shown = 0
         self._update_view_region(settings.ndim)
         worker = create_worker(
             train_steps,
@@ -550,11 +584,13 @@ class UNetWidget(QWidget):
             init=init,
             class_names=self._class_names(labels),
             view=self._view if self.preview_check.isChecked() else None,
-            preview_interval=PREVIEW_INTERVAL,
+            preview_interval=self.preview_interval,
             stop=self._stop,
+            resume=self._resume,
             _start_thread=False,
             _ignore_errors=True,
         )
+        self._resume.clear()
         worker.yielded.connect(self._on_train_message)
         worker.returned.connect(self._on_trained)
         labels.events.paint.connect(self._on_paint)
@@ -585,11 +621,23 @@ class UNetWidget(QWidget):
     def _on_train_message(self, message) -> None:
         kind = message[0]
         if kind == "ready":
-            self._trainer = message[1]
+            self._trainer = trainer = message[1]
+            self._freeze_gc()
             if self._stop.is_set():
-                self._trainer.request_stop()
+                trainer.request_stop()
             if self._labels_dirty:
                 self._send_labels()
+            try:
+                if self.preview_check.isChecked() and self._train_image in self.viewer.layers:
+                    # Make the preview layers now, while the worker waits, not in the middle of training.
+                    shape = _spatial_shape(self._train_image)
+                    self._output_layer(self._train_image, "probabilities", (len(trainer.class_ids), *shape),
+                                       np.float32)
+                    self._output_layer(self._train_image, "segmentation", shape,
+                                       labels_dtype(trainer.class_ids),
+                                       class_ids=trainer.class_ids)
+            finally:
+                self._resume.set()
         elif kind == "progress":
             self._on_progress(message[1])
         elif kind == "preview":
@@ -602,10 +650,14 @@ class UNetWidget(QWidget):
                 f"{event.elapsed:.1f} s; loss {event.loss:.4f}"
             )
             return
+        self.loss_plot.add(event.iteration, event.loss)
+        now = time.monotonic()
+        if now - self._last_status < STATUS_INTERVAL:
+            return
+        self._last_status = now
         self.status_label.setText(
             f"Training: iteration {event.iteration}, loss {event.loss:.4f}, {event.elapsed:.1f} s"
         )
-        self.loss_plot.add(event.iteration, event.loss)
         if self._pbar is not None:
             done = event.elapsed if self.iterations_spin.value() == 0 else event.iteration
             self._pbar.n = min(int(done), self._pbar.total or int(done))
@@ -681,6 +733,7 @@ class UNetWidget(QWidget):
         segmentation.data[result.region] = result.segmentation
         probabilities.refresh()
         segmentation.refresh()
+        self.previews_shown += 1
 
     # --- prediction -------------------------------------------------------------------------------
 

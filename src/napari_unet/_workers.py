@@ -70,11 +70,15 @@ def gui_friendly_threads():
         torch.set_num_threads(previous)
 
 
+def labels_dtype(class_ids: Sequence[int]) -> np.dtype:
+    """The smallest unsigned dtype holding every class id."""
+    return np.min_scalar_type(max(int(i) for i in class_ids))
+
+
 def segmentation_from_probabilities(probabilities: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
-    """Labels holding the user's class ids: ``class_ids[argmax]`` per pixel (the smallest fitting dtype)."""
-    ids = np.asarray(class_ids)
-    dtype = np.uint8 if ids.max() < 256 else np.uint16 if ids.max() < 65536 else np.uint32
-    return ids.astype(dtype)[np.argmax(probabilities, axis=0)]
+    """Labels holding the user's class ids: ``class_ids[argmax]`` per pixel (dtype :func:`labels_dtype`)."""
+    ids = np.asarray(class_ids).astype(labels_dtype(class_ids))
+    return ids[np.argmax(probabilities, axis=0)]
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
@@ -126,6 +130,7 @@ def train_steps(
     view: ViewRegion | None = None,
     preview_interval: float = 3.0,
     stop: threading.Event | None = None,
+    resume: threading.Event | None = None,
 ) -> Iterator[tuple]:
     """Train on one image and its painted labels; a generator for a napari worker.
 
@@ -135,16 +140,24 @@ def train_steps(
     about a third of the time), ``("preview", PreviewResult)`` for ``view.region``. Returns the trainer.
     Setting ``stop`` ends training within one iteration (and interrupts a preview). ``class_names``
     maps painted ids to names (missing ids are called "class <id>"); a fine-tuned model keeps its own.
+    With ``resume``, training waits after "ready" until it is set (at most 10 s): the GUI then makes
+    its preview layers while the worker leaves the CPU to it.
     """
     from .tiling import PredictionStopped
     from .training import Trainer, painted_ids
 
+    with contextlib.suppress(ImportError):
+        # torch.optim imports torch._dynamo (~800 modules) on first use; do it while preparing, so that
+        # its garbage-collection pauses do not hit the GUI once training runs.
+        import torch._dynamo  # noqa: F401
     stop = stop or threading.Event()
     names = None
     if init is None:
         names = [(class_names or {}).get(i, f"class {i}") for i in painted_ids([labels])]
     trainer = Trainer([image], [labels], settings, init=init, class_names=names)
     yield ("ready", trainer)
+    if resume is not None:
+        resume.wait(timeout=10.0)
     if stop.is_set():
         trainer.request_stop()
     normalized = None

@@ -1,0 +1,210 @@
+"""The U-Net dock widget in a real napari viewer (pytest-qt, run under Xvfb by pytest-xvfb).
+
+Tiny models and short time budgets keep these fast on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+
+from napari_unet._widget import UNetWidget, output_role  # noqa: E402
+
+
+def blobs(seed=0, shape=(96, 96)):
+    """A bright square on noise and strokes: id 1 = background, id 2 = square."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    image[shape[0] // 4: 3 * shape[0] // 4, shape[1] // 4: 3 * shape[1] // 4] += 4.0
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[2:5, 4:-4] = 1
+    labels[shape[0] // 2 - 1: shape[0] // 2 + 2, shape[1] // 3: 2 * shape[1] // 3] = 2
+    return image, labels
+
+
+def tiny(widget: UNetWidget, seconds: int = 3) -> UNetWidget:
+    widget.depth_spin.setValue(1)
+    widget.filters_spin.setValue(4)
+    widget.patch_spin.setValue(24)
+    widget.batch_spin.setValue(2)
+    widget.time_spin.setValue(seconds)
+    widget.device_combo.setCurrentText("cpu")
+    return widget
+
+
+@pytest.fixture
+def setup(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image, labels = blobs()
+    viewer.add_image(image, name="cells", scale=(0.5, 0.25), translate=(3.0, 4.0))
+    viewer.add_labels(labels, name="cells labels", scale=(0.5, 0.25), translate=(3.0, 4.0))
+    widget = tiny(UNetWidget(viewer))
+    viewer.window.add_dock_widget(widget)
+    yield viewer, widget
+    widget.shutdown()
+
+
+def wait_idle(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
+
+
+def test_pickers_follow_layers(setup):
+    viewer, widget = setup
+    assert widget.image_combo.currentText() == "cells"
+    assert widget.labels_combo.currentText() == "cells labels"
+    viewer.add_image(np.zeros((10, 10)), name="other")
+    assert "other" in [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    viewer.layers.remove("cells labels")
+    assert widget.labels_combo.currentText() == ""
+    layer = widget.new_labels_layer()
+    assert widget.labels_combo.currentText() == layer.name
+    assert layer.data.shape == viewer.layers[widget.image_combo.currentText()].data.shape
+    assert layer.metadata["class_names"] == {1: "background", 2: "foreground"}
+    for text in ("Train", "Stop", "Predict", "Segment all"):
+        assert [b for b in (widget.train_button, widget.stop_button, widget.predict_button,
+                            widget.segment_all_button) if b.text() == text]
+
+
+def test_train_previews_predict_and_labels_untouched(setup, qtbot):
+    viewer, widget = setup
+    labels_before = viewer.layers["cells labels"].data.copy()
+    widget.preview_interval = 0.5
+    widget.time_spin.setValue(4)
+    widget.train()
+    assert widget.busy and not widget.train_button.isEnabled() and widget.stop_button.isEnabled()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.train_button.isEnabled() and not widget.stop_button.isEnabled()
+    assert widget.previews_shown >= 2
+    probabilities = viewer.layers["cells probabilities"]
+    segmentation = viewer.layers["cells segmentation"]
+    assert probabilities.data.shape == (2, 96, 96)
+    assert set(np.unique(segmentation.data)) <= {1, 2}
+    assert widget.model is not None and widget.metadata["class_ids"] == [1, 2]
+
+    widget.uncertainty_check.setChecked(True)
+    widget.predict()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    segmentation = viewer.layers["cells segmentation"]
+    assert output_role(segmentation) == {"role": "segmentation", "source": "cells"}
+    np.testing.assert_allclose(segmentation.scale, (0.5, 0.25))
+    np.testing.assert_allclose(segmentation.translate, (3.0, 4.0))
+    np.testing.assert_allclose(viewer.layers["cells probabilities"].scale, (1.0, 0.5, 0.25))
+    assert viewer.layers["cells uncertainty"].data.shape == (96, 96)
+    # The square is learned: the segmentation agrees with it on most pixels.
+    truth = np.ones((96, 96), np.uint8)
+    truth[24:72, 24:72] = 2
+    assert (segmentation.data == truth).mean() > 0.8
+
+    n_layers = len(viewer.layers)
+    widget.predict()  # re-running replaces its own outputs
+    wait_idle(qtbot, widget)
+    assert len(viewer.layers) == n_layers
+    np.testing.assert_array_equal(viewer.layers["cells labels"].data, labels_before)
+    assert viewer.layers["cells labels"].data.dtype == labels_before.dtype
+
+
+def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
+    viewer, widget = setup
+    widget.time_spin.setValue(600)
+    widget.train()
+    qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > 2, timeout=30_000)
+    started = time.monotonic()
+    qtbot.mouseClick(widget.stop_button, __import__("qtpy").QtCore.Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget, timeout=10_000)
+    took = time.monotonic() - started
+    assert took < 2.0, f"Stop took {took:.2f} s"
+    assert widget.model is not None
+    assert widget.train_button.isEnabled()
+
+
+def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+    widget.time_spin.setValue(600)
+    sent = []
+    widget.train()
+    qtbot.waitUntil(lambda: widget._trainer is not None, timeout=30_000)
+    original = widget._trainer.update_labels
+    monkeypatch.setattr(widget._trainer, "update_labels", lambda i, lab: (sent.append(lab), original(i, lab)))
+    layer = viewer.layers["cells labels"]
+    layer.paint((80, 80), 2, refresh=True)
+    qtbot.waitUntil(lambda: bool(sent), timeout=5_000)
+    assert sent[-1][80, 80] == 2
+    assert sent[-1] is not layer.data  # a copy goes to the worker
+    widget.stop()
+    wait_idle(qtbot, widget)
+
+
+def test_segment_all_three_images(setup, qtbot):
+    viewer, widget = setup
+    widget.train()
+    wait_idle(qtbot, widget)
+    viewer.add_image(blobs(1, (64, 80))[0], name="second", scale=(2.0, 2.0))
+    viewer.add_image(np.stack([blobs(2, (50, 60))[0]] * 3), name="stack", scale=(3.0, 1.0, 1.0))
+    before = viewer.layers["cells labels"].data.copy()
+    widget.segment_all()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    for name, shape, scale in (("cells", (96, 96), (0.5, 0.25)), ("second", (64, 80), (2.0, 2.0)),
+                               ("stack", (3, 50, 60), (3.0, 1.0, 1.0))):
+        seg = viewer.layers[f"{name} segmentation"]
+        prob = viewer.layers[f"{name} probabilities"]
+        assert seg.data.shape == shape and prob.data.shape == (2, *shape)
+        np.testing.assert_allclose(seg.scale, scale)
+        np.testing.assert_allclose(prob.scale, (1.0, *scale))
+        np.testing.assert_allclose(prob.data.sum(axis=0), 1.0, atol=1e-4)
+    # Our own outputs are not segmented again, and the user's labels are untouched.
+    assert not any("probabilities probabilities" in layer.name for layer in viewer.layers)
+    np.testing.assert_array_equal(viewer.layers["cells labels"].data, before)
+
+
+def test_worker_error_becomes_notification(setup, qtbot):
+    viewer, widget = setup
+    layer = viewer.layers["cells labels"]
+    layer.data = np.where(layer.data == 2, 0, layer.data).astype(np.uint8)  # one class only
+    count = len(notification_manager.records)
+    widget.train()
+    wait_idle(qtbot, widget)
+    errors = [n for n in notification_manager.records[count:] if n.severity == NotificationSeverity.ERROR]
+    assert errors and "training failed" in errors[-1].message and "one class" in errors[-1].message
+    assert widget.train_button.isEnabled() and not widget.busy
+
+
+def test_event_loop_stays_responsive_while_training(setup, qtbot, record_property):
+    """A 10 ms QTimer heartbeat: the largest gap between beats while training runs on the CPU."""
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = setup
+    widget.depth_spin.setValue(2)
+    widget.filters_spin.setValue(8)
+    widget.patch_spin.setValue(64)
+    widget.time_spin.setValue(8)
+    widget.preview_interval = 1.0
+    beats, training = [], []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: beats.append(time.perf_counter()))
+    timer.start()
+    widget.train()
+    widget._worker.yielded.connect(lambda m: m[0] == "progress" and training.append(time.perf_counter()))
+    wait_idle(qtbot, widget)
+    timer.stop()
+    beats = np.asarray(beats)
+    start, end = training[0], training[-1]
+    during = np.diff(beats[(beats >= start) & (beats <= end)])
+    worst = float(during.max()) * 1000
+    overall = float(np.diff(beats).max()) * 1000
+    record_property("max_gap_ms", worst)
+    print(f"heartbeat while training: {during.size} gaps, max {worst:.1f} ms, 99th percentile "
+          f"{np.percentile(during, 99) * 1000:.1f} ms; including preparation and layer creation: "
+          f"max {overall:.1f} ms; {len(training)} iterations, {widget.previews_shown} previews")
+    assert widget.previews_shown >= 2
+    assert worst < 100, f"the event loop stalled for {worst:.0f} ms while training"
