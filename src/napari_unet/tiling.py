@@ -219,7 +219,9 @@ def predict_tiled(
         batch_size = max(1, default_max_input_voxels(model) // math.prod(plan.input_tile))
     batch_size = max(1, min(int(batch_size), len(plan)))
 
-    net = model.inference_copy().to(device)
+    # Channels-last lets oneDNN/cuDNN pick faster convolution kernels; results are unchanged.
+    memory_format = torch.channels_last if model.ndim == 2 else torch.channels_last_3d
+    net = model.inference_copy().to(device, memory_format=memory_format)
     total, done = len(plan), 0
     tiles = plan.tiles()
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
@@ -229,7 +231,7 @@ def predict_tiled(
                 raise PredictionStopped(f"prediction stopped after {done} of {total} tiles")
             batch = list(itertools.islice(tiles, batch_size))
             inputs = np.stack([read_tile(image, plan, s, o, channel_axis) for s, o in batch])
-            logits = net(torch.from_numpy(inputs).to(device))
+            logits = net(torch.from_numpy(inputs).to(device, memory_format=memory_format))
             probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
             for (stack_index, origin), tile in zip(batch, probabilities):
                 sizes = [min(s, n - o) for s, n, o in zip(plan.stride, plan.shape, origin)]
