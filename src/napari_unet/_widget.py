@@ -65,6 +65,21 @@ def class_colormap(class_ids):
     return DirectLabelColormap(color_dict=colours)
 
 
+def painting_layer_kwargs(class_names) -> dict:
+    """Labels-layer keyword arguments for painting classes 1..K named ``class_names``.
+
+    Class colours, a ``features`` table (napari shows the class name under the cursor) and
+    ``metadata["class_names"]`` (``{id: name}``, which Train uses to name the model's classes).
+    """
+    ids = list(range(1, len(class_names) + 1))
+    return {
+        "colormap": class_colormap(ids),
+        "features": {"index": [0, *ids], "class": ["unpainted", *class_names]},
+        "metadata": {"class_names": dict(zip(ids, class_names))},
+        "opacity": 0.8,
+    }
+
+
 def parse_class_names(text: str) -> list[str]:
     """``"background, nuclei"`` -> ``["background", "nuclei"]`` (class ids 1, 2, ...)."""
     return [name.strip() for name in text.split(",") if name.strip()]
@@ -333,16 +348,13 @@ class UNetWidget(QWidget):
             show_warning("U-Net: open or choose an image first")
             return None
         names = parse_class_names(self.class_names_edit.text()) or parse_class_names(DEFAULT_CLASS_NAMES)
-        ids = list(range(1, len(names) + 1))
+        shape = _spatial_shape(image)
         layer = self.viewer.add_labels(
-            np.zeros(_spatial_shape(image), dtype=np.uint8),
+            np.zeros(shape, dtype=np.uint8),
             name=f"{image.name} strokes",
-            scale=image.scale[-len(_spatial_shape(image)):],
-            translate=image.translate[-len(_spatial_shape(image)):],
-            colormap=class_colormap(ids),
-            features={"index": [0, *ids], "class": ["unpainted", *names]},
-            metadata={"class_names": dict(zip(ids, names))},
-            opacity=0.8,
+            scale=image.scale[-len(shape):],
+            translate=image.translate[-len(shape):],
+            **painting_layer_kwargs(names),
         )
         layer.brush_size = 4
         layer.selected_label = 1
