@@ -34,6 +34,6 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python -m pip install --quiet "torch==2.13.0" -e ".[test]"
+python -m pip install --quiet --root-user-action=ignore "torch==2.13.0" -e ".[test]"
 
 exec python -m pytest "$@"
