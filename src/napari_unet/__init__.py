@@ -20,6 +20,10 @@ _PUBLIC = {
     "load_model": "io",
     "percentile_params": "normalization",
     "normalize": "normalization",
+    "Trainer": "training",
+    "TrainingSettings": "training",
+    "TrainingEvent": "training",
+    "train": "training",
 }
 
 __all__ = ["__version__", *_PUBLIC]

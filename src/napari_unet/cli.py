@@ -1,7 +1,9 @@
 """The ``napari-unet`` command line.
 
 ``napari-unet predict --model MODEL IMAGE [IMAGE ...] --out DIR [--tile Y X | Z Y X]
-[--batch-size N] [--device auto|cpu|cuda|mps]`` segments TIFF images with a saved model.
+[--batch-size N] [--device auto|cpu|cuda|mps]`` segments TIFF images with a saved model;
+``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels;
+``napari-unet demo`` trains and predicts on the bundled sample images.
 
 Subcommands are registered in :data:`COMMANDS` (name -> :class:`Command`); :func:`build_parser`
 builds the argparse parser from it. A command's ``run(args)`` returns the exit code and
@@ -234,11 +236,137 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# train
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", nargs="+", required=True, type=Path, metavar="IMG", help="TIFF images (2D, 3D stacks or volumes)")
+    parser.add_argument(
+        "--labels", nargs="+", required=True, type=Path, metavar="LAB",
+        help="TIFF label images, one per image: 0 = unpainted, ids 1..K = classes (at least two painted)",
+    )
+    parser.add_argument("--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS", help="training time (default 60 s unless --iterations)")
+    parser.add_argument("--iterations", type=_positive_int, metavar="N", help="training iterations")
+    parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="2: 2D net (stacks slice by slice), 3: 3D net")
+    parser.add_argument("--depth", type=_positive_int, help="U-Net depth (poolings; default 3)")
+    parser.add_argument("--filters", type=_positive_int, help="base filters (default 16)")
+    parser.add_argument("--patch-size", type=_positive_int, metavar="N", help="output tile size per axis (default 96)")
+    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="tiles per iteration (default 4)")
+    parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
+    parser.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _read_training_pair(image_path: Path, labels_path: Path) -> tuple:
+    import numpy as np
+
+    from .io import read_image
+    from .training import integer_labels
+
+    image, info = read_image(image_path)
+    image, _ = model_input(image, info, 1, image_path)
+    labels, _ = read_image(labels_path)
+    labels = np.squeeze(labels) if labels.ndim > image.ndim else labels
+    if labels.shape != image.shape:
+        raise CLIError(f"{labels_path}: labels shape {labels.shape} does not match image {image_path} shape {image.shape}")
+    try:
+        return image, integer_labels(labels, str(labels_path))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if len(args.images) != len(args.labels):
+        raise CLIError(f"got {len(args.images)} image(s) but {len(args.labels)} label file(s): give one labels file per image")
+    missing = [str(p) for p in [*args.images, *args.labels] if not p.is_file()]
+    if missing:
+        raise CLIError(f"file not found: {', '.join(missing)}")
+    if args.out.parent and not args.out.parent.is_dir():
+        raise CLIError(f"output folder {args.out.parent} does not exist")
+    from .io import load_model, save_model
+    from .training import Trainer, TrainingSettings
+
+    pairs = [_read_training_pair(i, lab) for i, lab in zip(args.images, args.labels)]
+    architecture = {"depth": args.depth, "base_filters": args.filters, "patch_size": args.patch_size, "batch_size": args.batch_size}
+    init = load_model(args.init) if args.init is not None else None  # its architecture wins over --depth/--filters
+    try:
+        settings = TrainingSettings(
+            ndim=args.ndim,
+            iterations=args.iterations,
+            time_budget=args.time_budget if args.time_budget is not None else (None if args.iterations else 60.0),
+            border_weight=args.border_weight,
+            device=args.device,
+            seed=args.seed,
+            **{k: v for k, v in architecture.items() if v is not None},
+        )
+        trainer = Trainer([p[0] for p in pairs], [p[1] for p in pairs], settings, init=init)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(
+        f"training a {settings.ndim}D U-Net on {len(pairs)} image(s), classes {trainer.class_ids}, "
+        f"tiles {trainer.input_shape} -> {trainer.output_shape}", file=sys.stderr, flush=True,
+    )
+    events, last = trainer.run(), -float("inf")
+    try:
+        for event in events:
+            if event.done or event.elapsed - last >= 5:
+                last = event.elapsed
+                print(f"iteration {event.iteration}  loss {event.loss:.4f}  {event.elapsed:.0f}s", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        events.close()
+        print(f"interrupted at iteration {trainer.iteration}: saving the model trained so far", file=sys.stderr, flush=True)
+    except ValueError as e:  # a device that cannot be used
+        raise CLIError(str(e)) from None
+    try:
+        save_model(trainer.model, args.out, trainer.metadata)
+    except OSError as e:
+        raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
+    print(args.out, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# demo
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--time-budget", type=float, default=60.0, metavar="SECONDS", help="training time (default 60)")
+    parser.add_argument("--out", "-o", type=Path, default=Path("napari-unet-demo"), metavar="DIR", help="output folder (default ./napari-unet-demo)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _prepare_output_folder(args.out)
+    if args.time_budget <= 0:
+        raise CLIError(f"--time-budget must be positive, got {args.time_budget:g}")
+    try:
+        run_demo(args.time_budget, args.out, device=args.device, seed=args.seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "predict": Command(
         help="segment TIFF images with a saved model",
         add_arguments=_add_predict_arguments,
         run=_run_predict,
+    ),
+    "train": Command(
+        help="train a U-Net from sparse painted labels",
+        add_arguments=_add_train_arguments,
+        run=_run_train,
+    ),
+    "demo": Command(
+        help="train on the bundled nuclei strokes, predict the other sample images, print Dice",
+        add_arguments=_add_demo_arguments,
+        run=_run_demo,
     ),
 }
 

@@ -1,0 +1,102 @@
+"""`napari-unet train` and `napari-unet demo` from the command line: round trip and one-line errors."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unet.cli import main
+from napari_unet.io import load_model
+
+TINY = ["--iterations", "3", "--depth", "1", "--filters", "4", "--patch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (48, 48)).astype(np.float32)
+    image[:, 24:] += 100
+    labels = np.zeros((48, 48), np.uint8)
+    labels[5:40, 6:9] = 1
+    labels[8:44, 36:39] = 3
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    return tmp_path, image, labels
+
+
+def test_train_writes_a_model_and_prints_its_path(pair, capsys):
+    folder, image, _ = pair
+    out = folder / "model.safetensors"
+    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(out), *TINY]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "iteration 3" in captured.err and "loss" in captured.err
+    model, meta = load_model(out)
+    assert meta["class_ids"] == [1, 3] and model.config["depth"] == 1
+    # fine-tune from it, then predict with the CLI: labels come back with the painted ids
+    tuned = folder / "tuned.safetensors"
+    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(tuned),
+                 "--init", str(out), *TINY]) == 0
+    assert main(["predict", "--model", str(tuned), str(folder / "img.tif"), "--out", str(folder / "pred")]) == 0
+    assert set(np.unique(tifffile.imread(folder / "pred" / "img_labels.tif"))) <= {1, 3}
+
+
+def _bad_labels(folder, labels, kind):
+    path = folder / f"{kind}.tif"
+    if kind == "shape":
+        tifffile.imwrite(path, labels[:40])
+    elif kind == "nothing":
+        tifffile.imwrite(path, np.zeros_like(labels))
+    elif kind == "one_class":
+        tifffile.imwrite(path, (labels == 1).astype(np.uint8))
+    elif kind == "float":
+        tifffile.imwrite(path, labels.astype(np.float32) + 0.5)
+    elif kind == "unreadable":
+        path.write_text("not a tiff")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("shape", "does not match"),
+        ("nothing", "nothing is painted"),
+        ("one_class", "only one class"),
+        ("float", "integer"),
+        ("unreadable", "not a readable TIFF"),
+        ("missing", "not found"),
+    ],
+)
+def test_train_errors_are_one_line(pair, capsys, kind, message):
+    folder, _, labels = pair
+    bad = _bad_labels(folder, labels, kind)
+    code = main(["train", "--images", str(folder / "img.tif"), "--labels", str(bad), "--out", str(folder / "m.safetensors"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("napari-unet: error:") and message in err and "\n" not in err
+    assert not (folder / "m.safetensors").exists()
+
+
+def test_float_labels_holding_whole_numbers_are_accepted(pair):
+    folder, _, labels = pair
+    tifffile.imwrite(folder / "lab_float.tif", labels.astype(np.float32))
+    out = folder / "m.safetensors"
+    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab_float.tif"), "--out", str(out), *TINY]) == 0
+
+
+def test_train_count_mismatch_and_class_mismatch_with_init(pair, capsys):
+    folder, _, labels = pair
+    args = ["train", "--images", str(folder / "img.tif"), str(folder / "img.tif"), "--labels", str(folder / "lab.tif"),
+            "--out", str(folder / "m.safetensors"), *TINY]
+    assert main(args) == 2
+    assert "one labels file per image" in capsys.readouterr().err
+    out = folder / "m.safetensors"
+    main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(out), *TINY])
+    tifffile.imwrite(folder / "lab3.tif", np.where(labels == 1, 2, labels).astype(np.uint8))
+    code = main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab3.tif"), "--out",
+                 str(folder / "t.safetensors"), "--init", str(out), *TINY])
+    assert code == 2 and "classes" in capsys.readouterr().err
+
+
+def test_demo_cli_rejects_bad_budget(tmp_path, capsys):
+    assert main(["demo", "--time-budget", "0", "--out", str(tmp_path)]) == 2
+    assert "time-budget" in capsys.readouterr().err
