@@ -293,7 +293,7 @@ class Trainer:
         with self._lock:
             self._pending[index] = target
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, {}
         for index, target in pending.items():
@@ -302,6 +302,7 @@ class Trainer:
             self.sampler.set_targets(index, pieces, weights)
         if pending:
             self._class_weights = self._compute_class_weights()
+        return bool(pending)
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -344,89 +345,94 @@ class Trainer:
         previous_threads = torch.get_num_threads()
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
+        state = dict(start=time.perf_counter(), iteration=0, loss=float("nan"), lr=s.learning_rate,
+                     data_time=0.0, reason="stopped")
+        self._record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device)}
+        loop = self._loop(device, state)
+        try:
+            yield from loop
+        except GeneratorExit:
+            state["reason"] = "stopped"
+            raise
+        finally:
+            loop.close()
+            del loop  # frees the optimizer, batches and activations before the cache is emptied
+            self._finish(device, previous_threads, state)
+        yield TrainingEvent(
+            state["iteration"], state["loss"], time.perf_counter() - state["start"],
+            state["iteration"] * s.batch_size, state["lr"], True, state["reason"],
+        )
+
+    def _loop(self, device: torch.device, state: dict) -> Iterator[TrainingEvent]:
+        s = self.settings
         dtype = amp_dtype(device) if s.amp else None
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         model = self.model.to(device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = self._class_weights.to(device)
-        start = time.perf_counter()
-        self._record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device)}
         smoothed, best, since_best = None, math.inf, 0
-        reason, loss_value, iteration, lr = "stopped", float("nan"), 0, s.learning_rate
-        data_time = 0.0
-        try:
-            while True:
-                elapsed = time.perf_counter() - start
-                if self._stop.is_set():
-                    reason = "stopped"
-                    break
-                if s.iterations is not None and iteration >= s.iterations:
-                    reason = "iterations"
-                    break
-                if s.time_budget is not None and elapsed >= s.time_budget:
-                    reason = "time_budget"
-                    break
-                if s.patience is not None and since_best >= s.patience:
-                    reason = "plateau"
-                    break
-                progress = max(
-                    iteration / s.iterations if s.iterations else 0.0,
-                    elapsed / s.time_budget if s.time_budget else 0.0,
-                )
-                lr = self._learning_rate(progress)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                tick = time.perf_counter()
-                self._apply_pending()
-                if self._class_weights.device != device:
-                    weights = self._class_weights.to(device)
-                x, y, w = self._batch(device)
-                data_time += time.perf_counter() - tick
-                with self._lock:
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = model(x)
-                    loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                iteration += 1
-                self.iteration = iteration
-                loss_value = float(loss.detach())
-                smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
-                if smoothed < 0.99 * best:
-                    best, since_best = smoothed, 0
+        while True:
+            elapsed = time.perf_counter() - state["start"]
+            iteration = state["iteration"]
+            if self._stop.is_set():
+                state["reason"] = "stopped"
+            elif s.iterations is not None and iteration >= s.iterations:
+                state["reason"] = "iterations"
+            elif s.time_budget is not None and elapsed >= s.time_budget:
+                state["reason"] = "time_budget"
+            elif s.patience is not None and since_best >= s.patience:
+                state["reason"] = "plateau"
+            else:
+                state["reason"] = None
+            if state["reason"]:
+                return
+            progress = max(
+                iteration / s.iterations if s.iterations else 0.0,
+                elapsed / s.time_budget if s.time_budget else 0.0,
+            )
+            state["lr"] = lr = self._learning_rate(progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tick = time.perf_counter()
+            if self._apply_pending():
+                weights = self._class_weights.to(device)
+            x, y, w = self._batch(device)
+            state["data_time"] += time.perf_counter() - tick
+            with self._lock:
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = model(x)
+                loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 else:
-                    since_best += 1
-                yield TrainingEvent(
-                    iteration, loss_value, time.perf_counter() - start, iteration * s.batch_size, lr
-                )
-        except GeneratorExit:
-            reason = "stopped"
-            self._finish(device, previous_threads, iteration, start, loss_value, reason, data_time)
-            raise
-        self._finish(device, previous_threads, iteration, start, loss_value, reason, data_time)
-        yield TrainingEvent(
-            iteration, loss_value, time.perf_counter() - start, iteration * s.batch_size, lr, True, reason
-        )
+                    loss.backward()
+                    optimizer.step()
+            state["iteration"] = self.iteration = iteration + 1
+            state["loss"] = loss_value = float(loss.detach())
+            smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
+            if smoothed < 0.99 * best:
+                best, since_best = smoothed, 0
+            else:
+                since_best += 1
+            yield TrainingEvent(
+                iteration + 1, loss_value, time.perf_counter() - state["start"], (iteration + 1) * s.batch_size, lr
+            )
 
-    def _finish(self, device, previous_threads, iterations, start, loss, reason, data_time) -> None:
-        elapsed = time.perf_counter() - start
+    def _finish(self, device: torch.device, previous_threads: int, state: dict) -> None:
         with self._lock:
             self.model = self.model.cpu().eval()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
         self._record.update(
-            iterations=iterations,
-            seconds=round(elapsed, 3),
-            data_seconds=round(data_time, 3),
-            final_loss=loss,
-            stop_reason=reason,
+            iterations=state["iteration"],
+            seconds=round(time.perf_counter() - state["start"], 3),
+            data_seconds=round(state["data_time"], 3),
+            final_loss=state["loss"],
+            stop_reason=state["reason"] or "error",
         )
         self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
 
