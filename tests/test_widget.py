@@ -208,3 +208,19 @@ def test_event_loop_stays_responsive_while_training(setup, qtbot, record_propert
           f"max {overall:.1f} ms; {len(training)} iterations, {widget.previews_shown} previews")
     assert widget.previews_shown >= 2
     assert worst < 100, f"the event loop stalled for {worst:.0f} ms while training"
+
+
+def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    image, labels = blobs()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells labels")
+    widget = tiny(UNetWidget(viewer), seconds=600)
+    viewer.window.add_dock_widget(widget)
+    widget.train()
+    qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > 0, timeout=30_000)
+    worker = widget._worker
+    started = time.monotonic()
+    viewer.close()
+    assert not worker.is_running and not widget.busy
+    assert time.monotonic() - started < 5.0

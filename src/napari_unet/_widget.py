@@ -21,7 +21,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -56,13 +56,23 @@ LABELS_DEBOUNCE_MS = 300
 """Strokes are sent to the trainer this long after the last paint event."""
 
 
-def class_colormap(class_ids):
-    """A ``DirectLabelColormap`` giving class id k the colour ``CLASS_COLOURS[(k - 1) % 8]``."""
+def class_colormap(class_ids, transparent=()):
+    """A ``DirectLabelColormap`` giving class id k the colour ``CLASS_COLOURS[(k - 1) % 8]``.
+
+    Ids in ``transparent`` (and 0) are not drawn.
+    """
     from napari.utils.colormaps import DirectLabelColormap
 
     colours = {None: "transparent", 0: "transparent"}
     colours.update({int(k): CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)] for k in class_ids if int(k) > 0})
+    colours.update({int(k): "transparent" for k in transparent})
     return DirectLabelColormap(color_dict=colours)
+
+
+def segmentation_colormap(class_ids, class_names=()):
+    """Class colours for a segmentation, with classes named "background" left transparent."""
+    hidden = [i for i, name in zip(class_ids, class_names) if str(name).strip().lower() == "background"]
+    return class_colormap(class_ids, hidden)
 
 
 def painting_layer_kwargs(class_names) -> dict:
@@ -128,7 +138,7 @@ class UNetWidget(QWidget):
         self._train_labels = None
         self._labels_dirty = False
         self._pbar = None
-        self._task_id = None
+        self._window = None
         self._predict_sources: dict[str, Image] = {}
         self._relay = _Relay(self)
         self._relay.tiles.connect(self._on_tiles)
@@ -166,6 +176,7 @@ class UNetWidget(QWidget):
         self.image_combo.setToolTip("Image to train on and to predict (single channel, 2D or 3D)")
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("Painted labels: 0 = unpainted, 1, 2, ... = classes")
+        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         form.addRow("Image", self.image_combo)
         form.addRow("Labels", self.labels_combo)
@@ -238,6 +249,7 @@ class UNetWidget(QWidget):
         self.lr_spin.setValue(d.learning_rate)
         form.addRow("Learning rate", self.lr_spin)
         self.iterations_spin = self._spin(0, 10_000_000, d.iterations or 0, "0: no limit (time budget only)")
+        self.iterations_spin.setSpecialValueText("no limit")
         form.addRow("Max iterations", self.iterations_spin)
         self.border_check = QCheckBox("Border weights between touching objects")
         self.border_check.setChecked(d.border_weight)
@@ -313,6 +325,13 @@ class UNetWidget(QWidget):
 
     def _on_image_changed(self, index=None) -> None:
         self._fill_labels()
+
+    def _on_labels_changed(self, index=None) -> None:
+        """Show the class names a painting layer carries (``metadata["class_names"]``)."""
+        layer = self.labels_layer
+        names = layer.metadata.get("class_names") if layer is not None else None
+        if isinstance(names, dict) and names:
+            self.class_names_edit.setText(", ".join(str(names[k]) for k in sorted(names)))
 
     def _fill_labels(self) -> None:
         labels = self.labels_layers()
@@ -474,25 +493,7 @@ class UNetWidget(QWidget):
         self._pbar = progress(total=total, desc=description)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
-        self._register_task(description)
         worker.start()
-
-    def _register_task(self, description: str) -> None:
-        """Tell napari a task runs, so closing the window asks first and then stops it (cancel_all)."""
-        register = getattr(self.viewer.window, "_register_task_status", None)
-        if register is None:
-            return
-        from napari.utils.task_status import Status
-
-        self._task_id = register("napari-unet", Status.BUSY, description, cancel_callback=self.shutdown)
-
-    def _end_task(self, ok: bool) -> None:
-        update = getattr(self.viewer.window, "_update_task_status", None)
-        if update is not None and self._task_id is not None:
-            from napari.utils.task_status import Status
-
-            update(self._task_id, Status.COMPLETED if ok else Status.FAILED)
-        self._task_id = None
 
     def stop(self) -> None:
         """Stop the running training or prediction; a trained model is kept."""
@@ -521,13 +522,27 @@ class UNetWidget(QWidget):
         self._disconnect_painting()
         self._finish_progress()
         self._unfreeze_gc()
-        self._end_task(False)
         self._set_busy(None)
         return not worker.is_running
 
     def closeEvent(self, event):  # noqa: N802 (Qt API)
         self.shutdown()
         super().closeEvent(event)
+
+    def showEvent(self, event):  # noqa: N802 (Qt API)
+        # Watch the top-level window (the napari main window once docked): closing it stops our worker.
+        window = self.window()
+        if window is not self and window is not self._window:
+            if self._window is not None:
+                self._window.removeEventFilter(self)
+            window.installEventFilter(self)
+            self._window = window
+        super().showEvent(event)
+
+    def eventFilter(self, watched, event):  # noqa: N802 (Qt API)
+        if watched is self._window and event.type() == QEvent.Type.Close and self.busy:
+            self.shutdown()
+        return super().eventFilter(watched, event)
 
     def _on_error(self, exc: Exception) -> None:
         what = {"train": "training", "predict": "prediction"}.get(self._task, "work")
@@ -539,7 +554,6 @@ class UNetWidget(QWidget):
         self._disconnect_painting()
         self._finish_progress()
         self._unfreeze_gc()
-        self._end_task(self.last_error is None)
         self._set_busy(None)
 
     def _freeze_gc(self) -> None:
@@ -647,7 +661,7 @@ class UNetWidget(QWidget):
                                        np.float32)
                     self._output_layer(self._train_image, "segmentation", shape,
                                        labels_dtype(trainer.class_ids),
-                                       class_ids=trainer.class_ids)
+                                       class_ids=trainer.class_ids, class_names=trainer.class_names)
             finally:
                 self._resume.set()
         elif kind == "progress":
@@ -829,7 +843,8 @@ class UNetWidget(QWidget):
             return
         ids = self.metadata.get("class_ids") or list(range(1, result.probabilities.shape[0] + 1))
         self._output_layer(source, "probabilities", data=result.probabilities)
-        self._output_layer(source, "segmentation", data=result.segmentation, class_ids=ids)
+        self._output_layer(source, "segmentation", data=result.segmentation, class_ids=ids,
+                           class_names=self.metadata.get("class_names") or ())
         if result.uncertainty is not None:
             self._output_layer(source, "uncertainty", data=result.uncertainty)
         self.status_label.setText(f"Predicted {result.name}")
@@ -843,12 +858,13 @@ class UNetWidget(QWidget):
                 return layer
         return None
 
-    def _output_layer(self, source, role, shape=None, dtype=None, *, data=None, class_ids=None):
+    def _output_layer(self, source, role, shape=None, dtype=None, *, data=None, class_ids=None, class_names=()):
         """Find or make the ``role`` output of ``source``; with ``data`` replace its data.
 
         Without ``data`` an existing layer of the right shape is kept as it is (previews write regions
         into it), otherwise it gets zeros of ``shape``/``dtype``. The layer takes the source's scale and
-        translate (with a leading 1/0 for the class axis of the probabilities).
+        translate (with a leading 1/0 for the class axis of the probabilities). ``class_ids`` and
+        ``class_names`` colour a segmentation.
         """
         layer = self.find_output(source, role)
         if data is None:
@@ -863,7 +879,7 @@ class UNetWidget(QWidget):
             layer.data = data
             layer.scale, layer.translate = scale, translate
             if class_ids is not None:
-                layer.colormap = class_colormap(class_ids)
+                layer.colormap = segmentation_colormap(class_ids, class_names)
             return layer
         if layer is not None:
             self.viewer.layers.remove(layer)
@@ -873,15 +889,25 @@ class UNetWidget(QWidget):
             "translate": translate,
             "metadata": {META_KEY: {"role": role, "source": source.name}},
         }
+        active = self.viewer.layers.selection.active
         if role == "segmentation":
-            return self.viewer.add_labels(data, colormap=class_colormap(class_ids), opacity=0.5, **kwargs)
-        if role == "uncertainty":
-            return self.viewer.add_image(data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
-                                         blending="additive", **kwargs)
-        layer = self.viewer.add_image(data, colormap="inferno", contrast_limits=(0.0, 1.0),
-                                      blending="additive", opacity=0.7, visible=False, **kwargs)
-        # Show the last class (the foreground of a two-class model) on the class slider.
-        self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, data.shape[0] - 1)
+            layer = self.viewer.add_labels(data, colormap=segmentation_colormap(class_ids, class_names),
+                                           opacity=0.6, **kwargs)
+        elif role == "uncertainty":
+            layer = self.viewer.add_image(data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
+                                          blending="additive", **kwargs)
+        else:
+            layer = self.viewer.add_image(data, colormap="inferno", contrast_limits=(0.0, 1.0),
+                                          blending="additive", opacity=0.7, visible=False, **kwargs)
+            # Show the last class (the foreground of a two-class model) on the class slider.
+            self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, data.shape[0] - 1)
+        # Keep outputs just above their image (under the user's painting layers) and keep the user's
+        # selection, so painting goes on where it was.
+        layers = self.viewer.layers
+        if source in layers:
+            layers.move(layers.index(layer), layers.index(source) + 1)
+        if active is not None and active in layers:
+            layers.selection.active = active
         return layer
 
 
