@@ -15,7 +15,8 @@ pytest.importorskip("pytestqt")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
-from napari_unet._widget import UNetWidget, output_role  # noqa: E402
+from napari_unet._layers import output_role
+from napari_unet._widget import UNetWidget  # noqa: E402
 
 
 def blobs(seed=0, shape=(96, 96)):

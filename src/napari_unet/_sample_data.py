@@ -24,7 +24,7 @@ def nuclei() -> list[tuple]:
 
 def nuclei_with_strokes() -> list[tuple]:
     """``nuclei1`` and its simulated strokes (Labels: 1 = background, 2 = nucleus), ready to Train."""
-    from ._widget import painting_layer_kwargs
+    from ._layers import painting_layer_kwargs
 
     paths = sample_paths()
     image = _image_layer(paths["images"][0])

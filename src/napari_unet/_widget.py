@@ -40,13 +40,16 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from ._layers import (
+    layer_array,
+    output_layer,
+    output_role,
+    painting_layer_kwargs,
+    spatial_shape,
+)
 from ._loss_plot import LossPlot
 from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, labels_dtype, predict_steps, train_steps
 
-META_KEY = "napari_unet"
-ROLES = ("probabilities", "segmentation", "uncertainty")
-CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
-"""Colours of class ids 1, 2, 3... (cycled), shared by painting layers and segmentations."""
 DEFAULT_CLASS_NAMES = "background, foreground"
 PREVIEW_INTERVAL = 3.0
 """Seconds between live previews (at least; slow previews space themselves out)."""
@@ -56,55 +59,9 @@ LABELS_DEBOUNCE_MS = 300
 """Strokes are sent to the trainer this long after the last paint event."""
 
 
-def class_colormap(class_ids, transparent=()):
-    """A ``DirectLabelColormap`` giving class id k the colour ``CLASS_COLOURS[(k - 1) % 8]``.
-
-    Ids in ``transparent`` (and 0) are not drawn.
-    """
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colours = {None: "transparent", 0: "transparent"}
-    colours.update({int(k): CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)] for k in class_ids if int(k) > 0})
-    colours.update({int(k): "transparent" for k in transparent})
-    return DirectLabelColormap(color_dict=colours)
-
-
-def segmentation_colormap(class_ids, class_names=()):
-    """Class colours for a segmentation, with classes named "background" left transparent."""
-    hidden = [i for i, name in zip(class_ids, class_names) if str(name).strip().lower() == "background"]
-    return class_colormap(class_ids, hidden)
-
-
-def painting_layer_kwargs(class_names) -> dict:
-    """Labels-layer keyword arguments for painting classes 1..K named ``class_names``.
-
-    Class colours, a ``features`` table (napari shows the class name under the cursor) and
-    ``metadata["class_names"]`` (``{id: name}``, which Train uses to name the model's classes).
-    """
-    ids = list(range(1, len(class_names) + 1))
-    return {
-        "colormap": class_colormap(ids),
-        "features": {"index": [0, *ids], "class": ["unpainted", *class_names]},
-        "metadata": {"class_names": dict(zip(ids, class_names))},
-        "opacity": 0.8,
-    }
-
-
 def parse_class_names(text: str) -> list[str]:
     """``"background, nuclei"`` -> ``["background", "nuclei"]`` (class ids 1, 2, ...)."""
     return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def layer_array(layer) -> np.ndarray:
-    """A numpy copy of a layer's data (full resolution level of a multiscale layer)."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.array(data, copy=True)
-
-
-def output_role(layer) -> dict | None:
-    """The ``{"role", "source"}`` marker of an output layer made by this widget, or None."""
-    marker = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
-    return marker if isinstance(marker, dict) and marker.get("role") in ROLES else None
 
 
 class _Relay(QObject):
@@ -336,7 +293,7 @@ class UNetWidget(QWidget):
     def _fill_labels(self) -> None:
         labels = self.labels_layers()
         image = self.image_layer
-        matching = [la for la in labels if image is not None and la.data.shape == _spatial_shape(image)]
+        matching = [la for la in labels if image is not None and la.data.shape == spatial_shape(image)]
         self._fill(self.labels_combo, labels, (matching or labels or [None])[0])
 
     def _preferred_image(self, images):
@@ -367,7 +324,7 @@ class UNetWidget(QWidget):
             show_warning("U-Net: open or choose an image first")
             return None
         names = parse_class_names(self.class_names_edit.text()) or parse_class_names(DEFAULT_CLASS_NAMES)
-        shape = _spatial_shape(image)
+        shape = spatial_shape(image)
         layer = self.viewer.add_labels(
             np.zeros(shape, dtype=np.uint8),
             name=f"{image.name} strokes",
@@ -633,9 +590,9 @@ class UNetWidget(QWidget):
             return "choose a labels layer (or click 'New labels layer' and paint a few strokes)"
         if image.rgb:
             return f"'{image.name}' is an RGB image; napari-unet trains on single-channel images"
-        if labels.data.shape != _spatial_shape(image):
+        if labels.data.shape != spatial_shape(image):
             return (f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
-                    f"{_spatial_shape(image)} differ in shape")
+                    f"{spatial_shape(image)} differ in shape")
         return None
 
     def _class_names(self, labels) -> dict[int, str]:
@@ -656,10 +613,10 @@ class UNetWidget(QWidget):
             try:
                 if self.preview_check.isChecked() and self._train_image in self.viewer.layers:
                     # Make the preview layers now, while the worker waits, not in the middle of training.
-                    shape = _spatial_shape(self._train_image)
-                    self._output_layer(self._train_image, "probabilities", (len(trainer.class_ids), *shape),
+                    shape = spatial_shape(self._train_image)
+                    output_layer(self.viewer, self._train_image, "probabilities", (len(trainer.class_ids), *shape),
                                        np.float32)
-                    self._output_layer(self._train_image, "segmentation", shape,
+                    output_layer(self.viewer, self._train_image, "segmentation", shape,
                                        labels_dtype(trainer.class_ids),
                                        class_ids=trainer.class_ids, class_names=trainer.class_names)
             finally:
@@ -723,7 +680,7 @@ class UNetWidget(QWidget):
         layer = self._train_image
         if layer is None or layer not in self.viewer.layers:
             return
-        shape = _spatial_shape(layer)
+        shape = spatial_shape(layer)
         point = np.asarray(layer.world_to_data(self.viewer.dims.point))
         offset = self.viewer.dims.ndim - layer.ndim
         displayed = [a - offset for a in self.viewer.dims.displayed if a >= offset]
@@ -750,10 +707,10 @@ class UNetWidget(QWidget):
         source = self._train_image
         if source is None or source not in self.viewer.layers:
             return
-        shape = _spatial_shape(source)
+        shape = spatial_shape(source)
         n_classes = result.probabilities.shape[0]
-        probabilities = self._output_layer(source, "probabilities", (n_classes, *shape), np.float32)
-        segmentation = self._output_layer(source, "segmentation", shape, result.segmentation.dtype,
+        probabilities = output_layer(self.viewer, source, "probabilities", (n_classes, *shape), np.float32)
+        segmentation = output_layer(self.viewer, source, "segmentation", shape, result.segmentation.dtype,
                                           class_ids=result.class_ids)
         probabilities.data[(slice(None), *result.region)] = result.probabilities
         segmentation.data[result.region] = result.segmentation
@@ -785,7 +742,7 @@ class UNetWidget(QWidget):
     def _fit_problem(self, layer) -> str | None:
         if layer.rgb:
             return f"'{layer.name}' is RGB; the model takes single-channel images"
-        ndim = len(_spatial_shape(layer))
+        ndim = len(spatial_shape(layer))
         model_ndim = self.model.config["ndim"]
         allowed = (2, 3) if model_ndim == 2 else (3,)
         if ndim not in allowed:
@@ -842,77 +799,10 @@ class UNetWidget(QWidget):
         if source is None or source not in self.viewer.layers:
             return
         ids = self.metadata.get("class_ids") or list(range(1, result.probabilities.shape[0] + 1))
-        self._output_layer(source, "probabilities", data=result.probabilities)
-        self._output_layer(source, "segmentation", data=result.segmentation, class_ids=ids,
+        output_layer(self.viewer, source, "probabilities", data=result.probabilities)
+        output_layer(self.viewer, source, "segmentation", data=result.segmentation, class_ids=ids,
                            class_names=self.metadata.get("class_names") or ())
         if result.uncertainty is not None:
-            self._output_layer(source, "uncertainty", data=result.uncertainty)
+            output_layer(self.viewer, source, "uncertainty", data=result.uncertainty)
         self.status_label.setText(f"Predicted {result.name}")
 
-    # --- output layers ----------------------------------------------------------------------------
-
-    def find_output(self, source, role: str):
-        """This widget's ``role`` output layer for the image layer ``source``, or None."""
-        for layer in self.viewer.layers:
-            if output_role(layer) == {"role": role, "source": source.name}:
-                return layer
-        return None
-
-    def _output_layer(self, source, role, shape=None, dtype=None, *, data=None, class_ids=None, class_names=()):
-        """Find or make the ``role`` output of ``source``; with ``data`` replace its data.
-
-        Without ``data`` an existing layer of the right shape is kept as it is (previews write regions
-        into it), otherwise it gets zeros of ``shape``/``dtype``. The layer takes the source's scale and
-        translate (with a leading 1/0 for the class axis of the probabilities). ``class_ids`` and
-        ``class_names`` colour a segmentation.
-        """
-        layer = self.find_output(source, role)
-        if data is None:
-            if layer is not None and layer.data.shape == tuple(shape) and layer.data.dtype == dtype:
-                return layer
-            data = np.zeros(shape, dtype=dtype)
-        spatial = len(_spatial_shape(source))
-        lead = data.ndim - spatial
-        scale = (1.0,) * lead + tuple(source.scale[-spatial:])
-        translate = (0.0,) * lead + tuple(source.translate[-spatial:])
-        if layer is not None and layer.ndim == data.ndim:
-            layer.data = data
-            layer.scale, layer.translate = scale, translate
-            if class_ids is not None:
-                layer.colormap = segmentation_colormap(class_ids, class_names)
-            return layer
-        if layer is not None:
-            self.viewer.layers.remove(layer)
-        kwargs = {
-            "name": f"{source.name} {role}",
-            "scale": scale,
-            "translate": translate,
-            "metadata": {META_KEY: {"role": role, "source": source.name}},
-        }
-        active = self.viewer.layers.selection.active
-        if role == "segmentation":
-            layer = self.viewer.add_labels(data, colormap=segmentation_colormap(class_ids, class_names),
-                                           opacity=0.6, **kwargs)
-        elif role == "uncertainty":
-            layer = self.viewer.add_image(data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
-                                          blending="additive", **kwargs)
-        else:
-            layer = self.viewer.add_image(data, colormap="inferno", contrast_limits=(0.0, 1.0),
-                                          blending="additive", opacity=0.7, visible=False, **kwargs)
-            # Show the last class (the foreground of a two-class model) on the class slider.
-            self.viewer.dims.set_current_step(self.viewer.dims.ndim - layer.ndim, data.shape[0] - 1)
-        # Keep outputs just above their image (under the user's painting layers) and keep the user's
-        # selection, so painting goes on where it was.
-        layers = self.viewer.layers
-        if source in layers:
-            layers.move(layers.index(layer), layers.index(source) + 1)
-        if active is not None and active in layers:
-            layers.selection.active = active
-        return layer
-
-
-def _spatial_shape(layer) -> tuple[int, ...]:
-    """The layer's data shape without the colour axis of an RGB image."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    shape = tuple(data.shape)
-    return shape[:-1] if getattr(layer, "rgb", False) else shape

@@ -1,0 +1,128 @@
+"""Layer helpers of the napari side: class colours, painting layers, and the widget's output layers.
+
+Output layers carry ``metadata["napari_unet"] = {"role": ..., "source": <image name>}``; they are found by
+that marker (not by name), so re-running replaces their data and never touches layers the user made.
+Main thread only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+META_KEY = "napari_unet"
+ROLES = ("probabilities", "segmentation", "uncertainty")
+CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+"""Colours of class ids 1, 2, 3... (cycled), shared by painting layers and segmentations."""
+
+
+def class_colormap(class_ids, transparent=()):
+    """A ``DirectLabelColormap`` giving class id k the colour ``CLASS_COLOURS[(k - 1) % 8]``.
+
+    Ids in ``transparent`` (and 0) are not drawn.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours = {None: "transparent", 0: "transparent"}
+    colours.update({int(k): CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)] for k in class_ids if int(k) > 0})
+    colours.update({int(k): "transparent" for k in transparent})
+    return DirectLabelColormap(color_dict=colours)
+
+
+def segmentation_colormap(class_ids, class_names=()):
+    """Class colours for a segmentation, with classes named "background" left transparent."""
+    hidden = [i for i, name in zip(class_ids, class_names) if str(name).strip().lower() == "background"]
+    return class_colormap(class_ids, hidden)
+
+
+def painting_layer_kwargs(class_names) -> dict:
+    """Labels-layer keyword arguments for painting classes 1..K named ``class_names``.
+
+    Class colours, a ``features`` table (napari shows the class name under the cursor) and
+    ``metadata["class_names"]`` (``{id: name}``, which Train uses to name the model's classes).
+    """
+    ids = list(range(1, len(class_names) + 1))
+    return {
+        "colormap": class_colormap(ids),
+        "features": {"index": [0, *ids], "class": ["unpainted", *class_names]},
+        "metadata": {"class_names": dict(zip(ids, class_names))},
+        "opacity": 0.8,
+    }
+
+
+def layer_array(layer) -> np.ndarray:
+    """A numpy copy of a layer's data (full resolution level of a multiscale layer)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.array(data, copy=True)
+
+
+def output_role(layer) -> dict | None:
+    """The ``{"role", "source"}`` marker of an output layer made by this widget, or None."""
+    marker = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    return marker if isinstance(marker, dict) and marker.get("role") in ROLES else None
+
+
+def spatial_shape(layer) -> tuple[int, ...]:
+    """The layer's data shape without the colour axis of an RGB image."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    shape = tuple(data.shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def find_output(viewer, source, role: str):
+    """The napari-unet ``role`` output layer for the image layer ``source``, or None."""
+    for layer in viewer.layers:
+        if output_role(layer) == {"role": role, "source": source.name}:
+            return layer
+    return None
+
+def output_layer(viewer, source, role, shape=None, dtype=None, *, data=None, class_ids=None, class_names=()):
+    """Find or make the ``role`` output of ``source``; with ``data`` replace its data.
+
+    Without ``data`` an existing layer of the right shape is kept as it is (previews write regions
+    into it), otherwise it gets zeros of ``shape``/``dtype``. The layer takes the source's scale and
+    translate (with a leading 1/0 for the class axis of the probabilities). ``class_ids`` and
+    ``class_names`` colour a segmentation.
+    """
+    layer = find_output(viewer, source, role)
+    if data is None:
+        if layer is not None and layer.data.shape == tuple(shape) and layer.data.dtype == dtype:
+            return layer
+        data = np.zeros(shape, dtype=dtype)
+    spatial = len(spatial_shape(source))
+    lead = data.ndim - spatial
+    scale = (1.0,) * lead + tuple(source.scale[-spatial:])
+    translate = (0.0,) * lead + tuple(source.translate[-spatial:])
+    if layer is not None and layer.ndim == data.ndim:
+        layer.data = data
+        layer.scale, layer.translate = scale, translate
+        if class_ids is not None:
+            layer.colormap = segmentation_colormap(class_ids, class_names)
+        return layer
+    if layer is not None:
+        viewer.layers.remove(layer)
+    kwargs = {
+        "name": f"{source.name} {role}",
+        "scale": scale,
+        "translate": translate,
+        "metadata": {META_KEY: {"role": role, "source": source.name}},
+    }
+    active = viewer.layers.selection.active
+    if role == "segmentation":
+        layer = viewer.add_labels(data, colormap=segmentation_colormap(class_ids, class_names),
+                                       opacity=0.6, **kwargs)
+    elif role == "uncertainty":
+        layer = viewer.add_image(data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
+                                      blending="additive", **kwargs)
+    else:
+        layer = viewer.add_image(data, colormap="inferno", contrast_limits=(0.0, 1.0),
+                                      blending="additive", opacity=0.7, visible=False, **kwargs)
+        # Show the last class (the foreground of a two-class model) on the class slider.
+        viewer.dims.set_current_step(viewer.dims.ndim - layer.ndim, data.shape[0] - 1)
+    # Keep outputs just above their image (under the user's painting layers) and keep the user's
+    # selection, so painting goes on where it was.
+    layers = viewer.layers
+    if source in layers:
+        layers.move(layers.index(layer), layers.index(source) + 1)
+    if active is not None and active in layers:
+        layers.selection.active = active
+    return layer
