@@ -225,3 +225,40 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot):
     viewer.close()
     assert not worker.is_running and not widget.busy
     assert time.monotonic() - started < 5.0
+
+
+def test_removing_the_dock_widget_stops_training(setup, qtbot):
+    viewer, widget = setup
+    widget.time_spin.setValue(600)
+    widget.train()
+    qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > 0, timeout=30_000)
+    worker = widget._worker
+    viewer.window.remove_dock_widget(widget)
+    assert not worker.is_running and not widget.busy
+
+
+def test_preview_region_equals_whole_image_prediction():
+    """Predicting only a region (with its context) gives exactly the whole-image result there."""
+    import torch
+
+    from napari_unet import UNet, predict_tiled
+    from napari_unet._workers import predict_region
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cases = [(UNet(n_classes=3, depth=2, base_filters=4), (3, 70, 90)),  # a 2D net on a stack
+             (UNet(n_classes=2, depth=3, base_filters=4), (75, 61)),
+             (UNet(n_classes=2, ndim=3, depth=1, base_filters=2), (13, 20, 22))]
+    for model, shape in cases:
+        model.eval()
+        image = rng.random(shape).astype(np.float32)
+        whole = predict_tiled(model, image)
+        lead = len(shape) - model.config["ndim"]
+        for _ in range(4):
+            region = []
+            for axis, size in enumerate(shape):
+                start = int(rng.integers(0, size))
+                stop = start + 1 if axis < lead else int(rng.integers(start + 1, size + 1))
+                region.append(slice(start, stop))
+            part = predict_region(model, image, tuple(region))
+            np.testing.assert_allclose(part, whole[(slice(None), *region)], atol=1e-4, err_msg=str(region))

@@ -496,6 +496,12 @@ class UNetWidget(QWidget):
             self._window = window
         super().showEvent(event)
 
+    def event(self, event):
+        # napari's dock close button takes the widget out of its dock (parent None): stop our worker.
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None and self.busy:
+            self.shutdown()
+        return super().event(event)
+
     def eventFilter(self, watched, event):  # noqa: N802 (Qt API)
         if watched is self._window and event.type() == QEvent.Type.Close and self.busy:
             self.shutdown()

@@ -88,19 +88,22 @@ def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
     return (entropy / np.log(probabilities.shape[0])).astype(np.float32)
 
 
-def region_with_context(region: tuple[slice, ...], shape: tuple[int, ...], halo: Sequence[int]):
+def region_with_context(region: tuple[slice, ...], shape: tuple[int, ...], halo: Sequence[int], grid: int = 1):
     """Grow the last ``len(halo)`` axes of ``region`` by ``halo``, clipped to ``shape``.
 
     Returns ``(crop, inner)``: the slices to read from the image and, relative to the crop, the slices
-    that give back ``region``. Inside the image the crop carries real context, so predicting the crop
-    and keeping ``inner`` equals predicting the whole image there; at the border ``predict_tiled``
-    mirrors, as it would for the whole image.
+    that give back ``region``. Crops start on multiples of ``grid`` (the model's pooling grid), so the
+    network pools the same pixel pairs as in a whole-image pass, and reach ``grid`` further on the high
+    side (a pixel's context there can exceed the halo by less than ``grid``). Inside the image the crop carries real
+    context, so predicting the crop and keeping ``inner`` equals predicting the whole image there; at
+    the border ``predict_tiled`` mirrors, as it does for the whole image.
     """
     lead = len(shape) - len(halo)
     crop, inner = list(region[:lead]), [slice(None)] * lead
     for s, size, h in zip(region[lead:], shape[lead:], halo):
         start, stop, _ = s.indices(size)
-        lo, hi = max(0, start - h), min(size, stop + h)
+        lo, hi = max(0, start - h), min(size, stop + h + grid)
+        lo -= lo % grid
         crop.append(slice(lo, hi))
         inner.append(slice(start - lo, stop - lo))
     return tuple(crop), tuple(inner)
@@ -110,11 +113,12 @@ def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, 
     """Probabilities ``(n_classes, *region shape)`` of ``model`` for ``region`` of a normalized image.
 
     ``normalized`` is the whole (normalized) image; a 2D model on a 3D stack predicts each slice of the
-    region. Only the region and its context are computed.
+    region. Only the region and its context are computed, and the result equals the whole-image
+    prediction there.
     """
     from .tiling import predict_tiled
 
-    crop, inner = region_with_context(region, normalized.shape, model.halo)
+    crop, inner = region_with_context(region, normalized.shape, model.halo, model.grid)
     patch = np.ascontiguousarray(normalized[crop])
     probabilities = predict_tiled(model, patch, should_stop=should_stop)
     return np.ascontiguousarray(probabilities[(slice(None), *inner)])
