@@ -73,7 +73,7 @@ def test_pickers_follow_layers(setup):
                             widget.segment_all_button) if b.text() == text]
 
 
-def test_train_previews_predict_and_labels_untouched(setup, qtbot):
+def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     viewer, widget = setup
     labels_before = viewer.layers["cells labels"].data.copy()
     widget.preview_interval = 0.5
@@ -105,10 +105,17 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot):
     truth[24:72, 24:72] = 2
     assert (segmentation.data == truth).mean() > 0.8
 
+    # Save, load into a fresh widget state, predict again: the same segmentation, replacing our own layers.
+    first = segmentation.data.copy()
+    path = widget.save_model(tmp_path / "model.safetensors")
+    widget.model = widget.metadata = None
+    widget.load_model(path)
+    assert widget.metadata["class_ids"] == [1, 2] and widget.finetune_check.isChecked()
     n_layers = len(viewer.layers)
-    widget.predict()  # re-running replaces its own outputs
+    widget.predict()
     wait_idle(qtbot, widget)
     assert len(viewer.layers) == n_layers
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data, first)
     np.testing.assert_array_equal(viewer.layers["cells labels"].data, labels_before)
     assert viewer.layers["cells labels"].data.dtype == labels_before.dtype
 

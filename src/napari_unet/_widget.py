@@ -352,6 +352,7 @@ class UNetWidget(QWidget):
             self.model_label.setText("No model yet: Train makes one, or load a model file.")
             self.finetune_check.setChecked(False)
             self.finetune_check.setEnabled(False)
+            self.save_button.setEnabled(False)
             return
         config = self.model.config
         names = self.metadata.get("class_names") or []
@@ -362,6 +363,7 @@ class UNetWidget(QWidget):
             f"{config['base_filters']} filters, {config['block']} blocks; classes: {classes}"
         )
         self.finetune_check.setEnabled(True)
+        self.save_button.setEnabled(not self.busy)
 
     def load_model(self, path) -> None:
         """Load a model file (see :func:`napari_unet.io.load_model`); errors become notifications."""
@@ -398,9 +400,6 @@ class UNetWidget(QWidget):
             self.load_model(path)
 
     def _save_clicked(self) -> None:
-        if self.model is None:
-            show_warning("U-Net: there is no model to save yet: Train first")
-            return
         path, _ = QFileDialog.getSaveFileName(self, "Save U-Net model", "unet.safetensors",
                                               "U-Net models (*.safetensors)")
         if path:
@@ -437,7 +436,7 @@ class UNetWidget(QWidget):
                        self.load_button, self.new_labels_button):
             button.setEnabled(idle)
         self.stop_button.setEnabled(not idle)
-        self.save_button.setEnabled(idle)
+        self.save_button.setEnabled(idle and self.model is not None)
         if idle:
             self._worker = None
             self._trainer = None
@@ -586,8 +585,7 @@ class UNetWidget(QWidget):
         labels.events.data.connect(self._on_paint)
         self.loss_plot.clear()
         self.status_label.setText("Preparing training data...")
-        total = int(settings.time_budget) if settings.time_budget else int(settings.iterations)
-        self._start("train", worker, total, f"U-Net training on {image.name}")
+        self._start("train", worker, int(settings.time_budget), f"U-Net training on {image.name} (seconds)")
 
     def _training_problem(self, image, labels) -> str | None:
         if image is None:
@@ -619,12 +617,11 @@ class UNetWidget(QWidget):
             try:
                 if self.preview_check.isChecked() and self._train_image in self.viewer.layers:
                     # Make the preview layers now, while the worker waits, not in the middle of training.
-                    shape = spatial_shape(self._train_image)
-                    output_layer(self.viewer, self._train_image, "probabilities", (len(trainer.class_ids), *shape),
-                                       np.float32)
-                    output_layer(self.viewer, self._train_image, "segmentation", shape,
-                                       labels_dtype(trainer.class_ids),
-                                       class_ids=trainer.class_ids, class_names=trainer.class_names)
+                    source = self._train_image
+                    shape = spatial_shape(source)
+                    output_layer(self.viewer, source, "probabilities", (len(trainer.class_ids), *shape), np.float32)
+                    output_layer(self.viewer, source, "segmentation", shape, labels_dtype(trainer.class_ids),
+                                 class_ids=trainer.class_ids, class_names=trainer.class_names)
             finally:
                 self._resume.set()
         elif kind == "progress":
@@ -648,8 +645,7 @@ class UNetWidget(QWidget):
             f"Training: iteration {event.iteration}, loss {event.loss:.4f}, {event.elapsed:.1f} s"
         )
         if self._pbar is not None:
-            done = event.elapsed if self.iterations_spin.value() == 0 else event.iteration
-            self._pbar.n = min(int(done), self._pbar.total or int(done))
+            self._pbar.n = min(int(event.elapsed), self._pbar.total)
             self._pbar.update(0)
         if self._trainer is not None:
             self._update_view_region(self._trainer.settings.ndim)
