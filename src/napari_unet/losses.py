@@ -13,16 +13,17 @@ from scipy import ndimage
 from torch.nn import functional as F
 
 
-def class_weights(counts) -> np.ndarray:
-    """Weights that balance the painted classes: ``total / (K * count)`` (weight 1 for unpainted classes).
+def class_weights(counts, power: float = 1.0) -> np.ndarray:
+    """Weights that balance the painted classes: ``(total / (K * count)) ** power`` (1 for unpainted classes).
 
-    With them every painted class contributes the same total weight to the cross-entropy.
+    With ``power=1`` every painted class contributes the same total weight to the cross-entropy; smaller
+    powers balance partly (0: no weighting), which keeps the classes' painted proportions as a soft prior.
     """
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     weights = np.ones_like(counts)
     if present.any():
-        weights[present] = counts[present].sum() / (present.sum() * counts[present])
+        weights[present] = (counts[present].sum() / (present.sum() * counts[present])) ** power
     return weights.astype(np.float32)
 
 

@@ -1,8 +1,9 @@
 """Patch sampling from sparse painted labels.
 
-Every patch is placed around a painted pixel: a class is drawn uniformly among the painted classes (so a
-class painted with a few strokes is seen as often as a big one), then a painted pixel of that class, and
-the output tile is laid so that this pixel falls at a random position inside it. A patch therefore always
+Every patch is placed around a painted pixel: a class is drawn with a probability that grows with its
+painted pixel count to the power ``class_power`` (0: all painted classes equally often, so a class painted
+with a few strokes is seen as often as a big one; 1: in proportion to the paint), then a painted pixel of
+that class, and the output tile is laid so that this pixel falls at a random position inside it. A patch therefore always
 holds painted pixels, and unpainted slices of a volume or stack are never sampled for nothing.
 
 Tiles have the network's legal input size. Context outside the image comes from mirror padding (numpy
@@ -34,6 +35,9 @@ class PatchSampler:
     rng : numpy.random.Generator
     weights : list of lists of float32 arrays, optional
         Per-pixel loss weights (border weight map), cropped along with the targets.
+    class_power : float
+        A class is drawn with probability proportional to its painted pixel count to this power:
+        0 draws every painted class equally often, 1 draws every painted pixel equally often.
     """
 
     def __init__(
@@ -44,7 +48,9 @@ class PatchSampler:
         output_shape: Sequence[int],
         rng: np.random.Generator,
         weights: Sequence[Sequence[np.ndarray]] | None = None,
+        class_power: float = 0.0,
     ):
+        self.class_power = class_power
         self.input_shape = tuple(int(s) for s in input_shape)
         self.output_shape = tuple(int(s) for s in output_shape)
         self.halo = tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))
@@ -93,13 +99,14 @@ class PatchSampler:
         return np.pad(totals, (0, n_classes - totals.size))
 
     def _draw_pixel(self) -> tuple[int, int, tuple[int, ...]]:
-        """A painted pixel: class uniform among painted classes, then uniform among that class's pixels."""
+        """A painted pixel: a class (see ``class_power``), then uniform among that class's pixels."""
         keys, table = self._count_table()
         totals = table.sum(axis=0)
         present = np.flatnonzero(totals)
         if present.size == 0:
             raise ValueError("nothing is painted")
-        cls = self.rng.choice(present)
+        odds = totals[present].astype(np.float64) ** self.class_power
+        cls = present[self.rng.choice(present.size, p=odds / odds.sum())]
         row = self.rng.choice(len(keys), p=table[:, cls] / totals[cls])
         i, j = keys[row]
         flat, starts = self._painted[i][j]

@@ -88,6 +88,13 @@ class TrainingSettings:
     rotations: bool = True
     elastic: bool = True
     intensity: bool = True
+    class_balance: float = 0.5
+    """Class weight power (``losses.class_weights``): 1 balances the painted classes fully in the
+    cross-entropy, 0 not at all. Full balancing makes the rarer-painted class grow into the unpainted
+    band around it (over-segmentation from strokes); 0.5 keeps rare classes heard without that bias."""
+    class_sampling: float = 0.5
+    """Patch centres: a class is drawn with probability ~ painted pixels ** class_sampling (0: every
+    painted class equally often, 1: every painted pixel equally often)."""
     border_weight: bool = False
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
@@ -251,6 +258,7 @@ class Trainer:
         self.sampler = PatchSampler(
             self._split(normalized), self._split(targets), self.input_shape, self.output_shape, self._rng,
             weights=self._split([self._weights(t) for t in targets]) if settings.border_weight else None,
+            class_power=settings.class_sampling,
         )
         self.augmenter = Augmenter(
             self._rng, flips=settings.flips, rotations=settings.rotations,
@@ -276,7 +284,7 @@ class Trainer:
 
     def _compute_class_weights(self) -> torch.Tensor:
         counts = self.sampler.class_counts(len(self.class_ids))
-        return torch.as_tensor(class_weights(counts), dtype=torch.float32)
+        return torch.as_tensor(class_weights(counts, self.settings.class_balance), dtype=torch.float32)
 
     def update_labels(self, index: int, labels: np.ndarray) -> None:
         """Replace the labels of image ``index`` (thread-safe); the sampler uses them from the next iteration.
