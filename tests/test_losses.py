@@ -54,6 +54,9 @@ def test_class_weights_balance_painted_classes():
     weights = class_weights([300, 100, 0])
     assert weights[0] * 300 == pytest.approx(weights[1] * 100)
     assert weights[2] == 1.0
+    partial = class_weights([300, 100], power=0.5)
+    assert partial[1] / partial[0] == pytest.approx(3**0.5)
+    assert list(class_weights([300, 100], power=0.0)) == [1.0, 1.0]
 
 
 def test_border_weight_map_weighs_gaps_between_objects():

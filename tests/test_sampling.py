@@ -59,6 +59,16 @@ def test_classes_are_drawn_evenly():
     assert list(sampler.class_counts(2)) == [64 * 64 - 1, 1]
 
 
+def test_class_power_one_draws_in_proportion_to_paint():
+    image = np.zeros((64, 64), dtype=np.float32)
+    target = np.full(image.shape, -1, dtype=np.int16)
+    target[:, :3] = 0  # 192 pixels of class 0
+    target[60, 60:62] = 1  # 2 pixels of class 1
+    sampler = PatchSampler([[image]], [[target]], (20, 20), (8, 8), np.random.default_rng(0), class_power=1.0)
+    hits = sum(int((sampler.sample()[1] == 1).any()) for _ in range(200))
+    assert hits < 15
+
+
 def test_unpainted_slices_are_never_sampled():
     volume = np.random.default_rng(2).random((6, 16, 16)).astype(np.float32)
     slices = [np.full((16, 16), -1, dtype=np.int16) for _ in range(6)]
