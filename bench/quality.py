@@ -9,7 +9,9 @@ class's pixels, fixed seeds) on:
 napari-unet trains with its default settings and a CPU time budget (300 s by default); the baseline is a
 scikit-learn random forest (100 trees) on ``skimage.feature.multiscale_basic_features`` (intensity, edges,
 texture, sigma 1 to 16) of the same strokes. Both are scored by foreground Dice of the argmax on the held-out
-images (mean over images, and pooled over all pixels). Needs ``/work/shared/data`` (or ``--data``).
+images (mean over images, and pooled over all pixels). The ``napari_unet_tta`` row scores the same
+trained network with test-time averaging over the 8 flips/transpositions (done here in the benchmark, not
+by ``predict_tiled``). Needs ``/work/shared/data`` (or ``--data``).
 
     python bench/quality.py [--budget 300] [--sets isbi dsb] [--data DIR] [--json OUT]
 """
@@ -103,19 +105,42 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     torch.set_num_threads(threads)
     model = trainer.model.inference_copy()
     foreground = trainer.class_ids.index(PAINTED[1])
-    start = time.perf_counter()
-    predictions = []
-    for image in test_images:
-        probabilities = predict_tiled(model, normalize_image(image, trainer.normalization), device="cpu")
-        predictions.append(probabilities.argmax(0) == foreground)
-    return {
-        "train_s": train_time,
-        "predict_s": time.perf_counter() - start,
-        "predictions": predictions,
+    result = {
         "iterations": record["iterations"],
         "data_fraction": record["data_seconds"] / record["seconds"],
         "settings": record["settings"],
     }
+    for key, transforms in (("", [(False, False, False)]), ("tta_", DIHEDRAL)):
+        start = time.perf_counter()
+        predictions = []
+        for image in test_images:
+            normalized = normalize_image(image, trainer.normalization)
+            probabilities = sum(
+                _untransform(predict_tiled(model, _transform(normalized, t), device="cpu"), t) for t in transforms
+            )
+            predictions.append(probabilities.argmax(0) == foreground)
+        result[key + "predict_s"] = time.perf_counter() - start
+        result[key + "predictions"] = predictions
+    result["train_s"] = train_time
+    return result
+
+
+DIHEDRAL = [(flip_y, flip_x, swap) for flip_y in (False, True) for flip_x in (False, True) for swap in (False, True)]
+"""The 8 flips/transpositions of a square grid (test-time augmentation, bench only)."""
+
+
+def _transform(image, t):
+    flip_y, flip_x, swap = t
+    image = image[::-1] if flip_y else image
+    image = image[:, ::-1] if flip_x else image
+    return np.ascontiguousarray(image.T if swap else image)
+
+
+def _untransform(probabilities, t):
+    flip_y, flip_x, swap = t
+    p = probabilities.transpose(0, 2, 1) if swap else probabilities
+    p = p[:, :, ::-1] if flip_x else p
+    return p[:, ::-1] if flip_y else p
 
 
 def run(name: str, train_pairs, test_pairs, budget: float, threads: int, overrides: dict, baseline: bool) -> dict:
@@ -129,6 +154,11 @@ def run(name: str, train_pairs, test_pairs, budget: float, threads: int, overrid
         methods.insert(0, ("random_forest", lambda: random_forest(images, strokes, test_images, threads)))
     for method, fn in methods:
         out = fn()
+        if "tta_predictions" in out:
+            tta = {"predict_s": out.pop("tta_predict_s"), "train_s": out["train_s"]}
+            tta.update(scores(out.pop("tta_predictions"), truths))
+            result[method + "_tta"] = tta
+            print(name, method + "_tta", tta, flush=True)
         out.update(scores(out.pop("predictions"), truths))
         result[method] = out
         print(name, method, {k: v for k, v in out.items() if k != "settings"}, flush=True)
@@ -160,7 +190,7 @@ def main(argv=None):
     print("\n| set | method | Dice (mean) | Dice (pooled) | train s | predict s |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for method in ("napari_unet", "random_forest"):
+        for method in ("napari_unet", "napari_unet_tta", "random_forest"):
             if method not in r:
                 continue
             m = r[method]

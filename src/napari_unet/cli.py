@@ -286,6 +286,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CLIError(f"file not found: {', '.join(missing)}")
     if args.out.parent and not args.out.parent.is_dir():
         raise CLIError(f"output folder {args.out.parent} does not exist")
+    from .devices import available_cores
     from .io import load_model, save_model
     from .training import Trainer, TrainingSettings
 
@@ -300,6 +301,7 @@ def _run_train(args: argparse.Namespace) -> int:
             border_weight=args.border_weight,
             device=args.device,
             seed=args.seed,
+            cpu_threads=available_cores(),  # headless: no interface to keep responsive
             **{k: v for k, v in architecture.items() if v is not None},
         )
         trainer = Trainer([p[0] for p in pairs], [p[1] for p in pairs], settings, init=init)

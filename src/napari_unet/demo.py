@@ -51,6 +51,7 @@ def run_demo(
     """
     import tifffile
 
+    from .devices import available_cores
     from .io import write_tiff
     from .normalization import normalize_image
     from .tiling import predict_tiled
@@ -70,6 +71,7 @@ def run_demo(
             last[0] = event.elapsed
             log(f"  iteration {event.iteration:5d}  loss {event.loss:.4f}  {event.elapsed:5.1f} s")
 
+    settings.setdefault("cpu_threads", available_cores())  # headless: no interface to keep responsive
     started = time.perf_counter()
     trainer = train(image, strokes, time_budget=time_budget, device=device, seed=seed,
                     class_names=["background", "nucleus"], callback=report, **settings)
