@@ -46,3 +46,27 @@ def test_intensity_changes_image_only():
     assert not np.allclose(out_image, image)
     # monotonic: the order of intensities is kept
     assert np.array_equal(np.argsort(out_image, axis=None, kind="stable"), np.argsort(image, axis=None, kind="stable"))
+
+
+def test_paste_mix_moves_image_and_labels_together_inside_the_region():
+    from napari_unet.augment import paste_mix
+
+    rng = np.random.default_rng(0)
+    images = np.stack([np.full((20, 20), float(i), np.float32) for i in range(4)])
+    targets = np.stack([np.full((20, 20), -1 if i == 0 else i, np.int16) for i in range(4)])
+    before_images, before_targets = images.copy(), targets.copy()
+    region = (slice(4, 16), slice(4, 16))
+    paste_mix(images, targets, None, rng, 1.0, region)
+    for i in range(4):
+        changed = images[i] != before_images[i]
+        assert changed.any()  # probability 1: every tile got a box
+        assert not changed[:4].any() and not changed[16:].any() and not changed[:, :4].any()
+        source = int(images[i][changed][0])
+        assert source != i and np.all(images[i][changed] == source)
+        # the labels moved with the image: painted where the source was painted, unpainted where it was not
+        assert np.all(targets[i][changed] == before_targets[source][changed])
+        assert np.array_equal(targets[i][~changed], before_targets[i][~changed])
+    paste_mix(images, targets, None, rng, 0.0, region)
+    untouched = images.copy()
+    paste_mix(untouched, targets.copy(), None, rng, 0.0, region)
+    assert np.array_equal(untouched, images)

@@ -89,3 +89,34 @@ class Augmenter:
         shift = float(self.rng.uniform(-0.1, 0.1))
         image = np.sign(image) * np.abs(image) ** gamma
         return (image * scale + shift).astype(np.float32, copy=False)
+
+
+def paste_mix(images, targets, weights, rng: np.random.Generator, probability: float, region) -> None:
+    """CutMix for sparse labels, in place: paste a box from another tile of the batch into some tiles.
+
+    ``images``, ``targets`` (and ``weights`` unless None) are batches ``(B, *tile)``; ``region`` holds the slices
+    of the tile where the loss is computed (the output tile). With ``probability``, a tile receives a box of 1/4
+    to 1/2 of the region's size per axis, placed inside the region, taken from the same place of another (unmixed) tile,
+    image and labels together (unpainted pixels stay unpainted). Stroke labels sit far from class boundaries, so
+    a painted pixel is otherwise never seen next to another class's structures, and the network learns "near an
+    object is the object" (over-segmentation); pasted boxes put painted pixels next to foreign content.
+    """
+    count = len(images)
+    if count < 2 or probability <= 0:
+        return
+    batches = (images, targets) if weights is None else (images, targets, weights)
+    originals = [batch.copy() for batch in batches]
+    for i in range(count):
+        if rng.random() >= probability:
+            continue
+        source = (i + 1 + int(rng.integers(count - 1))) % count
+        box = []
+        for axis in region:
+            size = axis.stop - axis.start
+            extent = int(rng.integers(max(1, size // 4), max(1, size // 2) + 1))
+            start = axis.start + int(rng.integers(0, size - extent + 1))
+            box.append(slice(start, start + extent))
+        box = tuple(box)
+        for batch, original in zip(batches, originals):
+            batch[i][box] = original[source][box]
+

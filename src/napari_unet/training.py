@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .augment import Augmenter
+from .augment import Augmenter, paste_mix
 from .devices import amp_dtype, default_cpu_threads, resolve_device
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
@@ -88,6 +88,9 @@ class TrainingSettings:
     rotations: bool = True
     elastic: bool = True
     intensity: bool = True
+    paste_mix: float = 0.5
+    """Fraction of tiles that get a box pasted from another tile of the batch, labels included
+    (``augment.paste_mix``); it counters the over-segmentation that stroke labels far from boundaries cause."""
     class_balance: float = 0.5
     """Class weight power (``losses.class_weights``): 1 balances the painted classes fully in the
     cross-entropy, 0 not at all. Full balancing makes the rarer-painted class grow into the unpainted
@@ -117,6 +120,8 @@ class TrainingSettings:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget must be positive, got {self.time_budget}")
+        if not 0.0 <= self.paste_mix <= 1.0:
+            raise ValueError(f"paste_mix is a probability, got {self.paste_mix}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
@@ -331,11 +336,17 @@ class Trainer:
             images.append(image)
             targets.append(target)
             weights.append(weight)
-        x = torch.from_numpy(np.stack(images)[:, None]).to(device)
-        y = center_crop(torch.from_numpy(np.stack(targets).astype(np.int64))[:, None], self.output_shape)[:, 0]
+        images, targets = np.stack(images), np.stack(targets)
+        weights = np.stack(weights) if self.settings.border_weight else None
+        region = tuple(
+            slice((i - o) // 2, (i - o) // 2 + o) for i, o in zip(images.shape[-len(self.output_shape):], self.output_shape)
+        )
+        paste_mix(images, targets, weights, self._rng, self.settings.paste_mix, region)
+        x = torch.from_numpy(images[:, None]).to(device)
+        y = center_crop(torch.from_numpy(targets.astype(np.int64))[:, None], self.output_shape)[:, 0]
         w = None
-        if self.settings.border_weight:
-            w = center_crop(torch.from_numpy(np.stack(weights))[:, None], self.output_shape)[:, 0].to(device)
+        if weights is not None:
+            w = center_crop(torch.from_numpy(weights)[:, None], self.output_shape)[:, 0].to(device)
         return x, y.to(device), w
 
     def _learning_rate(self, progress: float) -> float:
