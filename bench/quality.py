@@ -103,7 +103,8 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     train_time = time.perf_counter() - start
     record = trainer.metadata["training"]["history"][-1]
     torch.set_num_threads(threads)
-    model = trainer.model.inference_copy()
+    model = trainer.model  # predict_tiled runs its own batch-norm-folded copy
+    normalized_images = [normalize_image(image, trainer.normalization) for image in test_images]
     foreground = trainer.class_ids.index(PAINTED[1])
     result = {
         "iterations": record["iterations"],
@@ -113,8 +114,7 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     for key, transforms in (("", [(False, False, False)]), ("tta_", DIHEDRAL)):
         start = time.perf_counter()
         predictions = []
-        for image in test_images:
-            normalized = normalize_image(image, trainer.normalization)
+        for normalized in normalized_images:
             probabilities = sum(
                 _untransform(predict_tiled(model, _transform(normalized, t), device="cpu"), t) for t in transforms
             )

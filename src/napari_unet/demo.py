@@ -78,12 +78,11 @@ def run_demo(
     train_seconds = time.perf_counter() - started
     model_path = out / "demo_model.safetensors"
     trainer.save(model_path)
-    model = trainer.model.inference_copy()
     class_ids = np.asarray(trainer.class_ids, dtype=np.uint8)
     scores = {}
     for path, truth_path in zip(paths["images"][1:], paths["truths"][1:]):
         image = tifffile.imread(path)
-        probabilities = predict_tiled(model, normalize_image(image, trainer.normalization), device=device)
+        probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization), device=device)
         labels = class_ids[probabilities.argmax(0)]
         write_tiff(out / f"{path.stem}_probabilities.tif", probabilities, axes="CYX")
         write_tiff(out / f"{path.stem}_labels.tif", labels, axes="YX")
