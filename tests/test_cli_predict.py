@@ -54,6 +54,19 @@ def test_predict_round_trip(tmp_path, model_file, image_file, capsys):
     assert "cells_labels.tif" in capsys.readouterr().out
 
 
+def test_predict_with_test_time_flips(tmp_path, model_file, image_file):
+    model_path, model = model_file
+    image_path, image = image_file
+    args = ["predict", "--model", str(model_path), str(image_path), "--tile", "32", "32"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(args + ["--out", str(tmp_path / "flips"), "--test-time-flips"]) == 0
+    plain, _, _, _ = _outputs(tmp_path / "plain", "cells")
+    flipped, _, _, _ = _outputs(tmp_path / "flips", "cells")
+    expected = predict_tiled(model, normalize_image(image), test_time_flips=True)
+    np.testing.assert_allclose(flipped, expected, atol=1e-5)
+    assert np.abs(flipped - plain).max() > 1e-3
+
+
 def test_stacks_channels_and_nan(tmp_path, make_model):
     rng = np.random.default_rng(2)
     two_d = save_model(make_model(), tmp_path / "gray.safetensors")

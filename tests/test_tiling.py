@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_unet import PredictionStopped, UNet, predict_tiled
-from napari_unet.tiling import mirror_index, plan_tiles
+from napari_unet.tiling import flip_transforms, mirror_index, plan_tiles
 
 
 def _model(ndim=2, depth=2, block="plain", in_channels=1, n_classes=3, seed=0):
@@ -20,15 +20,20 @@ def _model(ndim=2, depth=2, block="plain", in_channels=1, n_classes=3, seed=0):
     return model.eval()
 
 
-def whole_image_probabilities(model, image):
-    """One forward pass over the whole reflect-padded image (the reference)."""
+def whole_image_probabilities(model, image, transform=((), False)):
+    """One forward pass over the whole reflect-padded image (the reference), optionally flipped/transposed."""
     spatial = image.shape[-model.ndim :]
     out = model.legal_output_shape(spatial)
     pad = [(h, h + o - n) for h, o, n in zip(model.halo, out, spatial)]
     channels = image if model.in_channels > 1 else image[None]
     padded = np.pad(channels, [(0, 0), *pad], mode="reflect")
+    dims, transpose = transform
+    padded = torch.from_numpy(padded.astype(np.float32))[None]
+    padded = torch.flip(padded, dims) if dims else padded
     with torch.no_grad():
-        logits = model(torch.from_numpy(padded.astype(np.float32))[None])
+        logits = model(padded.transpose(-1, -2) if transpose else padded)
+    logits = logits.transpose(-1, -2) if transpose else logits
+    logits = torch.flip(logits, dims) if dims else logits
     probabilities = torch.softmax(logits, dim=1)[0].numpy()
     return probabilities[(slice(None), *[slice(0, n) for n in spatial])]
 
@@ -61,6 +66,18 @@ def test_tiled_equals_whole_image_3d(shape, tile):
     image = np.random.default_rng(2).normal(size=shape).astype(np.float32)
     tiled = predict_tiled(model, image, tile_shape=tile, batch_size=2)
     assert np.abs(tiled - whole_image_probabilities(model, image)).max() < 1e-4
+
+
+@pytest.mark.parametrize("ndim, shape, tile", [(2, (37, 50), 8), (3, (9, 13, 11), 4)])
+def test_test_time_flips_average_exact_flipped_passes(ndim, shape, tile):
+    model = _model(ndim=ndim, depth=2)
+    image = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    transforms = flip_transforms(ndim)
+    assert len(set(transforms)) == 8
+    reference = np.mean([whole_image_probabilities(model, image, t) for t in transforms], axis=0)
+    averaged = predict_tiled(model, image, tile_shape=tile, batch_size=3, test_time_flips=True)
+    assert np.abs(averaged - reference).max() < 1e-4
+    assert np.abs(averaged - predict_tiled(model, image, tile_shape=tile)).max() > 1e-3  # flips do change it
 
 
 def test_image_smaller_than_halo():

@@ -177,6 +177,9 @@ class UNetWidget(QWidget):
         form.addRow(self.preview_check)
         self.uncertainty_check = QCheckBox("Uncertainty layer (where to paint next)")
         form.addRow(self.uncertainty_check)
+        self.flips_check = QCheckBox("Test-time flips (8x slower, a little more accurate)")
+        self.flips_check.setToolTip("Predict and Segment all average the 8 flips/transpositions of each image")
+        form.addRow(self.flips_check)
         root.addWidget(model)
 
         advanced = QCollapsible("Advanced settings")
@@ -774,6 +777,7 @@ class UNetWidget(QWidget):
             jobs,
             device=self.device_combo.currentText(),
             uncertainty=self.uncertainty_check.isChecked(),
+            test_time_flips=self.flips_check.isChecked(),
             progress=self._relay.tiles.emit,
             stop=self._stop,
             _start_thread=False,

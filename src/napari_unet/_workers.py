@@ -226,6 +226,7 @@ def predict_steps(
     *,
     device: str = "auto",
     uncertainty: bool = False,
+    test_time_flips: bool = False,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[tuple]:
@@ -248,7 +249,7 @@ def predict_steps(
                 yield ("image", index, len(jobs), job.name)
                 normalized = normalize_image(job.image, metadata.get("normalization"))
                 probabilities = predict_tiled(model, normalized, device=target, progress=progress,
-                                              should_stop=stop.is_set)
+                                              should_stop=stop.is_set, test_time_flips=test_time_flips)
                 yield ("result", PredictResult(
                     job.name,
                     probabilities,

@@ -94,6 +94,10 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="tiles per forward pass (default: from memory)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument(
+        "--test-time-flips", action="store_true",
+        help="average the predictions of the 8 flips/transpositions of each image (8x slower)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -215,7 +219,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         del array
         try:
             probabilities = predict_tiled(
-                model, image, tile_shape=tile, batch_size=args.batch_size, device=device, progress=ProgressBar(path.name)
+                model, image, tile_shape=tile, batch_size=args.batch_size, device=device,
+                progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
             )
         except ValueError as e:
             raise CLIError(f"{path}: {e}") from None
