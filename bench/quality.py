@@ -10,8 +10,8 @@ napari-unet trains with its default settings and a CPU time budget (300 s by def
 scikit-learn random forest (100 trees) on ``skimage.feature.multiscale_basic_features`` (intensity, edges,
 texture, sigma 1 to 16) of the same strokes. Both are scored by foreground Dice of the argmax on the held-out
 images (mean over images, and pooled over all pixels). The ``napari_unet_tta`` row scores the same
-trained network with test-time averaging over the 8 flips/transpositions (done here in the benchmark, not
-by ``predict_tiled``). Needs ``/work/shared/data`` (or ``--data``).
+trained network with test-time averaging over the 8 flips/transpositions
+(``predict_tiled(test_time_flips=True)``, ``napari-unet predict --test-time-flips``). Needs ``/work/shared/data`` (or ``--data``).
 
     python bench/quality.py [--budget 300] [--sets isbi dsb] [--data DIR] [--json OUT]
 """
@@ -111,36 +111,16 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
         "data_fraction": record["data_seconds"] / record["seconds"],
         "settings": record["settings"],
     }
-    for key, transforms in (("", [(False, False, False)]), ("tta_", DIHEDRAL)):
+    for key, flips in (("", False), ("tta_", True)):
         start = time.perf_counter()
-        predictions = []
-        for normalized in normalized_images:
-            probabilities = sum(
-                _untransform(predict_tiled(model, _transform(normalized, t), device="cpu"), t) for t in transforms
-            )
-            predictions.append(probabilities.argmax(0) == foreground)
+        predictions = [
+            predict_tiled(model, normalized, device="cpu", test_time_flips=flips).argmax(0) == foreground
+            for normalized in normalized_images
+        ]
         result[key + "predict_s"] = time.perf_counter() - start
         result[key + "predictions"] = predictions
     result["train_s"] = train_time
     return result
-
-
-DIHEDRAL = [(flip_y, flip_x, swap) for flip_y in (False, True) for flip_x in (False, True) for swap in (False, True)]
-"""The 8 flips/transpositions of a square grid (test-time augmentation, bench only)."""
-
-
-def _transform(image, t):
-    flip_y, flip_x, swap = t
-    image = image[::-1] if flip_y else image
-    image = image[:, ::-1] if flip_x else image
-    return np.ascontiguousarray(image.T if swap else image)
-
-
-def _untransform(probabilities, t):
-    flip_y, flip_x, swap = t
-    p = probabilities.transpose(0, 2, 1) if swap else probabilities
-    p = p[:, :, ::-1] if flip_x else p
-    return p[:, ::-1] if flip_y else p
 
 
 def run(name: str, train_pairs, test_pairs, budget: float, threads: int, overrides: dict, baseline: bool) -> dict:

@@ -48,6 +48,19 @@ def test_intensity_changes_image_only():
     assert np.array_equal(np.argsort(out_image, axis=None, kind="stable"), np.argsort(image, axis=None, kind="stable"))
 
 
+def test_intensity_ranges_bound_the_change():
+    ones = np.ones((4, 4), np.float32)  # gamma leaves 1 unchanged: the output is scale + shift
+    target = np.zeros((4, 4), np.int16)
+    augment = Augmenter(np.random.default_rng(1), flips=False, rotations=False, elastic=False)
+    values = [augment(ones, target)[0][0, 0] for _ in range(300)]
+    low, high = np.exp(-augment.scale_range) - augment.shift_range, np.exp(augment.scale_range) + augment.shift_range
+    assert low <= min(values) and max(values) <= high and max(values) - min(values) > 0.5 * (high - low)
+    still = Augmenter(np.random.default_rng(1), flips=False, rotations=False, elastic=False,
+                      gamma_range=0, scale_range=0, shift_range=0)
+    image = np.random.default_rng(2).random((4, 4)).astype(np.float32)
+    np.testing.assert_allclose(still(image, target)[0], image, rtol=1e-6)
+
+
 def test_paste_mix_moves_image_and_labels_together_inside_the_region():
     from napari_unet.augment import paste_mix
 
