@@ -75,6 +75,38 @@ def test_closing_the_generator_ends_training():
     assert trainer.metadata["training"]["history"][-1]["stop_reason"] == "stopped"
 
 
+def _float_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def test_final_model_is_the_average_over_the_last_part_of_the_budget():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=10, weight_averaging=0.5))
+    window = []
+    for event in trainer.run():
+        if not event.done and event.iteration > 5:
+            window.append(_float_state(trainer.model))
+    assert len(window) == 5
+    final = _float_state(trainer.model)
+    for key, value in final.items():
+        torch.testing.assert_close(value, torch.stack([w[key] for w in window]).mean(0), atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(final[k], window[-1][k]) for k in final)  # not just the last weights
+    assert trainer.metadata["training"]["history"][-1]["averaged_iterations"] == 5
+
+
+def test_stopping_before_the_averaging_window_keeps_the_last_weights():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=100, weight_averaging=0.5))
+    events = trainer.run()
+    next(events)
+    next(events)
+    last = _float_state(trainer.model)
+    events.close()
+    for key, value in _float_state(trainer.model).items():
+        torch.testing.assert_close(value, last[key])
+    assert trainer.metadata["training"]["history"][-1]["averaged_iterations"] == 0
+
+
 def test_snapshot_is_an_eval_copy():
     image, labels, _ = _halves()
     trainer = Trainer(image, labels, _settings(iterations=3))
@@ -82,7 +114,14 @@ def test_snapshot_is_an_eval_copy():
     next(events)
     snapshot = trainer.snapshot()
     assert not snapshot.training and snapshot is not trainer.model
-    list(events)
+    next(events)
+    assert next(events).iteration == 3
+    # In the averaging window (iterations 2 and 3) the preview shows the average: what training leaves now.
+    late = trainer.snapshot()
+    assert not late.training
+    assert list(events)[-1].done
+    image = normalize_image(image, trainer.normalization)
+    np.testing.assert_allclose(predict_tiled(late, image), predict_tiled(trainer.model, image), atol=1e-5)
 
 
 def test_update_labels_is_picked_up_without_restart():
