@@ -130,9 +130,17 @@ def save_model(model, path, metadata=None) -> Path:
 
 _FOREIGN_SIGNATURES = (
     (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth file?)"),
-    (b"\x80", "a Python pickle (a PyTorch .pt/.pth file?)"),
+    *((b"\x80" + bytes([protocol]), "a Python pickle (a PyTorch .pt/.pth file?)") for protocol in range(2, 6)),
     (b"\x89HDF", "an HDF5 file (a Keras .h5 model?)"),
 )
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian) and then ``{``.
+
+    That length can begin with any byte, 0x80 included, so a signature alone does not tell a pickle apart.
+    """
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
 def load_model(path, device="cpu"):
@@ -153,11 +161,12 @@ def load_model(path, device="cpu"):
         raise ModelFileError(f"model path is a folder, not a file: {path}")
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
+        size = path.stat().st_size
     except OSError as e:
         raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
     for signature, kind in _FOREIGN_SIGNATURES:
-        if head.startswith(signature):
+        if head.startswith(signature) and not _looks_like_safetensors(head, size):
             raise ModelFileError(
                 f"{path} is {kind}, not a napari-unet .safetensors model; refused without loading it "
                 "(pickle-based files can run code when loaded)"
