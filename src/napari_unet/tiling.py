@@ -264,12 +264,12 @@ def predict_tiled(
             batch = list(itertools.islice(tiles, batch_size))
             inputs = np.stack([read_tile(image, plan, s, o, channel_axis) for s, o in batch])
             inputs = torch.from_numpy(inputs).to(device, memory_format=memory_format)
-            probabilities = sum(
-                _apply(torch.softmax(net(_apply(inputs, t).contiguous(memory_format=memory_format)).float(), dim=1),
-                       t, inverse=True)
-                for t in transforms
-            )
-            probabilities = (probabilities / len(transforms)).cpu().numpy()
+            total_probabilities = None
+            for transform in transforms:
+                logits = net(_apply(inputs, transform).contiguous(memory_format=memory_format))
+                p = _apply(torch.softmax(logits.float(), dim=1), transform, inverse=True)
+                total_probabilities = p if total_probabilities is None else total_probabilities + p
+            probabilities = (total_probabilities / len(transforms)).cpu().numpy()
             for (stack_index, origin), tile in zip(batch, probabilities):
                 sizes = [min(s, n - o) for s, n, o in zip(plan.stride, plan.shape, origin)]
                 target = tuple(slice(o, o + size) for o, size in zip(origin, sizes))

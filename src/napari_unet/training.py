@@ -468,7 +468,8 @@ class Trainer:
                 else:
                     loss.backward()
                     optimizer.step()
-                if s.weight_averaging and self._progress(iteration + 1, time.perf_counter() - state["start"]) > 1 - s.weight_averaging:
+                spent = self._progress(iteration + 1, time.perf_counter() - state["start"])
+                if s.weight_averaging and spent > 1 - s.weight_averaging:
                     self._average.update(model)
             state["iteration"] = self.iteration = iteration + 1
             state["loss"] = loss_value = float(loss.detach())
