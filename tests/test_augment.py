@@ -79,7 +79,6 @@ def test_paste_mix_moves_image_and_labels_together_inside_the_region():
         # the labels moved with the image: painted where the source was painted, unpainted where it was not
         assert np.all(targets[i][changed] == before_targets[source][changed])
         assert np.array_equal(targets[i][~changed], before_targets[i][~changed])
-    paste_mix(images, targets, None, rng, 0.0, region)
     untouched = images.copy()
     paste_mix(untouched, targets.copy(), None, rng, 0.0, region)
     assert np.array_equal(untouched, images)

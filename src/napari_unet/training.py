@@ -56,7 +56,7 @@ from .augment import Augmenter, paste_mix
 from .devices import amp_dtype, default_cpu_threads, resolve_device
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
-from .model import UNet, center_crop
+from .model import UNet
 from .normalization import DEFAULT_RECIPE, normalize_image
 from .sampling import PatchSampler
 
@@ -89,8 +89,8 @@ class TrainingSettings:
     averaged, iteration by iteration, into the model that training leaves (stochastic weight averaging,
     Izmailov et al. 2018); 0: off. Late in training a network fits the strokes ever more tightly and its
     boundaries drift (ISBI membranes: Dice 0.75 at mid-training, 0.73 at the end); the average keeps the
-    sharpness of the end without that drift and varies less from run to run. Training stopped before the
-    window leaves the last weights."""
+    sharpness of the end without that drift (docs/benchmarks.md). Training stopped before the window leaves
+    the last weights."""
     flips: bool = True
     rotations: bool = True
     elastic: bool = True
@@ -291,6 +291,10 @@ class Trainer:
         self.image_ndim = settings.ndim
         self.output_shape = self.model.legal_output_shape(settings.patch_size)
         self.input_shape = self.model.legal_input_shape(self.output_shape)
+        # Where the output tile (its labels, the loss) lies in an input tile.
+        self._output_region = tuple(
+            slice((i - o) // 2, (i - o) // 2 + o) for i, o in zip(self.input_shape, self.output_shape)
+        )
 
         self._rng = np.random.default_rng(settings.seed)
         normalized = [normalize_image(img, self.normalization) for img in images]
@@ -375,16 +379,12 @@ class Trainer:
             weights.append(weight)
         images, targets = np.stack(images), np.stack(targets)
         weights = np.stack(weights) if self.settings.border_weight else None
-        region = tuple(
-            slice((i - o) // 2, (i - o) // 2 + o) for i, o in zip(images.shape[-len(self.output_shape):], self.output_shape)
-        )
-        paste_mix(images, targets, weights, self._rng, self.settings.paste_mix, region)
+        paste_mix(images, targets, weights, self._rng, self.settings.paste_mix, self._output_region)
+        crop = (slice(None), *self._output_region)
         x = torch.from_numpy(images[:, None]).to(device)
-        y = center_crop(torch.from_numpy(targets.astype(np.int64))[:, None], self.output_shape)[:, 0]
-        w = None
-        if weights is not None:
-            w = center_crop(torch.from_numpy(weights)[:, None], self.output_shape)[:, 0].to(device)
-        return x, y.to(device), w
+        y = torch.from_numpy(targets[crop].astype(np.int64)).to(device)
+        w = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights[crop])).to(device)
+        return x, y, w
 
     def _progress(self, iteration: int, elapsed: float) -> float:
         """How much of the iteration/time budget is spent (the larger of the two fractions)."""
