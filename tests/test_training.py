@@ -124,6 +124,20 @@ def test_snapshot_is_an_eval_copy():
     np.testing.assert_allclose(predict_tiled(late, image), predict_tiled(trainer.model, image), atol=1e-5)
 
 
+def test_saving_during_training_writes_what_training_would_leave(tmp_path):
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=10, weight_averaging=0.5))
+    events = trainer.run()
+    for _ in range(8):  # iterations 6..8 are in the averaging window
+        next(events)
+    trainer.save(tmp_path / "mid.safetensors")
+    saved, _ = load_model(tmp_path / "mid.safetensors")
+    image = normalize_image(image, trainer.normalization)
+    np.testing.assert_allclose(predict_tiled(saved, image), predict_tiled(trainer.snapshot(), image), atol=1e-5)
+    assert not np.allclose(predict_tiled(saved, image), predict_tiled(trainer.model.inference_copy(), image))
+    events.close()
+
+
 def test_update_labels_is_picked_up_without_restart():
     image, labels, _ = _halves()
     trainer = Trainer(image, labels, _settings(iterations=3))

@@ -522,10 +522,11 @@ class Trainer:
         }
 
     def save(self, path) -> None:
-        """Write the model and its metadata with ``io.save_model`` (atomic)."""
+        """Write the model training would leave now (the weight average once its window has begun, as
+        ``snapshot``) and its metadata with ``io.save_model`` (atomic); callable during training."""
         with self._lock:
-            model = copy.deepcopy(self.model).cpu().eval()
-        save_model(model, path, self.metadata)
+            model = self._average.apply_to(copy.deepcopy(self.model))
+        save_model(model.cpu().eval(), path, self.metadata)
 
 
 def train(
