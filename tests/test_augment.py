@@ -36,6 +36,28 @@ def test_elastic_deformation_keeps_labels_aligned_and_integer():
     assert agree > 0.8  # linear vs nearest interpolation differ only at region edges
 
 
+def test_zoom_magnifies_image_and_labels_together():
+    yy, xx = np.mgrid[:64, :64]
+    disk = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 < 12**2).astype(np.int16)
+    augment = Augmenter(np.random.default_rng(0), flips=False, rotations=False, elastic=False, intensity=False,
+                        zoom_range=0.4)
+    areas = []
+    for _ in range(20):
+        out_image, out_target, _ = augment(disk.astype(np.float32), disk)
+        assert set(np.unique(out_target)) <= {-1, 0, 1}  # shrinking moves unpainted (-1) in at the edges
+        assert (out_target[28:36, 28:36] == 1).all() and (out_target == -1).mean() < 0.6
+        known = out_target >= 0
+        assert (np.abs(out_image - out_target) < 0.5)[known].mean() > 0.99
+        areas.append((out_target == 1).sum() / disk.sum())
+    # the area scales with zoom ** 2, zoom in exp(+-0.4)
+    assert np.exp(-0.8) * 0.9 < min(areas) < 0.8 and 1.25 < max(areas) < np.exp(0.8) * 1.1
+    # a volume is zoomed in-plane only: identical slices stay identical
+    stack = np.stack([disk] * 3)
+    out_image, out_target, _ = augment(stack.astype(np.float32), stack)
+    assert not np.array_equal(out_target[0], disk)
+    assert all(np.array_equal(out_target[0], t) and np.array_equal(out_image[0], i) for i, t in zip(out_image, out_target))
+
+
 def test_intensity_changes_image_only():
     image, target = _pair((8, 8))
     image = np.abs(image) + 0.5

@@ -1,6 +1,6 @@
 """Data augmentation applied identically to an image tile and its label tiles.
 
-Geometric transforms (flips, 90-degree rotations, elastic deformation) move the image (linear
+Geometric transforms (flips, 90-degree rotations, random zoom, elastic deformation) move the image (linear
 interpolation) and the targets/weights (nearest neighbour, so class indices stay class indices) together;
 intensity transforms (scale, shift, gamma) touch the image only, and are mild by default: stroke labels
 never reach a class boundary, so the network places boundaries by the intensity profile it has seen, and
@@ -8,8 +8,9 @@ strong gamma/contrast changes teach it that the edge of a nucleus sits at no par
 nuclei benchmark, the ranges exp(+-0.3) / exp(+-0.2) / +-0.1 cost 0.02 Dice through over-segmentation;
 docs/benchmarks.md). Elastic deformation follows the U-Net
 paper: random displacement vectors on a coarse 3x3 grid (10 px standard deviation), interpolated smoothly
-(cubic spline, ``scipy.ndimage.zoom``) to a dense field. In 3D the deformation and the rotations act in the
-last two (in-plane) axes only, which is safe for anisotropic volumes.
+(cubic spline, ``scipy.ndimage.zoom``) to a dense field; the random zoom (magnification about the tile centre)
+shares that resampling. In 3D the deformation, the zoom and the rotations act in the last two (in-plane) axes
+only, which is safe for anisotropic volumes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Augmenter:
         Points per axis of the coarse displacement grid.
     elastic_probability : float
         Fraction of tiles that are deformed (the others keep their exact geometry).
+    zoom_range : float
+        Random magnification ``exp(z)``, ``z`` uniform in ``+-zoom_range``, in the same warp as the elastic
+        deformation (0: off); it shows the network objects at sizes the painted images do not have.
     gamma_range, scale_range, shift_range : float
         Intensity changes of a normalized tile: ``gamma = exp(u)``, ``scale = exp(v)``, ``+ shift`` with
         ``u``, ``v``, ``shift`` uniform in ``+-gamma_range``, ``+-scale_range``, ``+-shift_range``.
@@ -48,6 +52,7 @@ class Augmenter:
         elastic_sigma: float = 10.0,
         elastic_grid: int = 3,
         elastic_probability: float = 0.5,
+        zoom_range: float = 0.0,
         gamma_range: float = 0.1,
         scale_range: float = 0.07,
         shift_range: float = 0.03,
@@ -57,6 +62,7 @@ class Augmenter:
         self.elastic_sigma = elastic_sigma
         self.elastic_grid = elastic_grid
         self.elastic_probability = elastic_probability
+        self.zoom_range = zoom_range
         self.gamma_range, self.scale_range, self.shift_range = gamma_range, scale_range, shift_range
 
     def __call__(self, image: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None):
@@ -70,23 +76,28 @@ class Augmenter:
             k = int(self.rng.integers(4))
             arrays = [np.rot90(a, k, axes=(-2, -1)) for a in arrays]
         arrays = [np.ascontiguousarray(a) for a in arrays]
-        if self.elastic and self.rng.random() < self.elastic_probability:
-            arrays = self._deform(arrays)
+        deform = self.elastic and self.rng.random() < self.elastic_probability
+        zoom = float(np.exp(self.rng.uniform(-self.zoom_range, self.zoom_range))) if self.zoom_range else 1.0
+        if deform or zoom != 1.0:
+            arrays = self._warp(arrays, deform, zoom)
         if self.intensity:
             arrays[0] = self._intensity(arrays[0])
         return arrays[0], arrays[1], (arrays[2] if weight is not None else None)
 
-    def _deform(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def _warp(self, arrays: list[np.ndarray], deform: bool, zoom: float) -> list[np.ndarray]:
+        """Resample in-plane: magnify by ``zoom`` about the tile centre, then add an elastic field if ``deform``."""
         shape = arrays[0].shape
         plane = shape[-2:]
-        coarse = self.rng.normal(0.0, self.elastic_sigma, size=(2, self.elastic_grid, self.elastic_grid))
-        field = [
-            ndimage.zoom(c, [p / self.elastic_grid for p in plane], order=3, mode="nearest", grid_mode=True)
-            for c in coarse
-        ]
         grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
-        coords = [np.broadcast_to(g, shape) for g in grid[:-2]]
-        coords += [np.broadcast_to(g + f.astype(np.float32), shape) for g, f in zip(grid[-2:], field)]
+        in_plane = [(g - (s - 1) / 2) / zoom + (s - 1) / 2 for g, s in zip(grid[-2:], plane)]
+        if deform:
+            coarse = self.rng.normal(0.0, self.elastic_sigma, size=(2, self.elastic_grid, self.elastic_grid))
+            in_plane = [
+                g + ndimage.zoom(c, [p / self.elastic_grid for p in plane], order=3, mode="nearest",
+                                 grid_mode=True).astype(np.float32)
+                for g, c in zip(in_plane, coarse)
+            ]
+        coords = [np.broadcast_to(g, shape) for g in grid[:-2]] + [np.broadcast_to(g, shape) for g in in_plane]
         image = ndimage.map_coordinates(arrays[0], coords, order=1, mode="mirror")
         out = [image.astype(np.float32, copy=False)]
         out.append(ndimage.map_coordinates(arrays[1], coords, order=0, mode="constant", cval=-1))
