@@ -231,3 +231,13 @@ def test_sparse_slices_of_a_volume_train_a_3d_net():
 def test_border_weight_runs_in_2d():
     image, labels, _ = _halves()
     assert train(image, labels, _settings(iterations=2, border_weight=True)).iteration == 2
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("zoom", -0.1, "zoom"), ("paste_mix", 1.5, "paste_mix"), ("weight_averaging", 1.0, "weight_averaging"),
+     ("batch_size", 0, "batch_size"), ("ndim", 4, "ndim")],
+)
+def test_invalid_settings_are_clear_errors(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _settings(iterations=1, **{field: value})

@@ -133,6 +133,8 @@ class TrainingSettings:
             raise ValueError(f"time_budget must be positive, got {self.time_budget}")
         if not 0.0 <= self.weight_averaging < 1.0:
             raise ValueError(f"weight_averaging is a fraction of the budget in [0, 1), got {self.weight_averaging}")
+        if self.zoom < 0:
+            raise ValueError(f"zoom is a log-magnification range, at least 0, got {self.zoom}")
         if not 0.0 <= self.paste_mix <= 1.0:
             raise ValueError(f"paste_mix is a probability, got {self.paste_mix}")
         if self.batch_size < 1:
