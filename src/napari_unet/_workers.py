@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .normalization import normalize_image
+from .class_ids import labels_dtype, segmentation_from_probabilities
 
 PREVIEW_MAX_SIZE = 768
 """Largest preview region per axis (pixels): zoomed far out, the preview covers the view centre."""
@@ -68,17 +69,6 @@ def gui_friendly_threads():
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def labels_dtype(class_ids: Sequence[int]) -> np.dtype:
-    """The smallest unsigned dtype holding every class id."""
-    return np.min_scalar_type(max(int(i) for i in class_ids))
-
-
-def segmentation_from_probabilities(probabilities: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
-    """Labels holding the user's class ids: ``class_ids[argmax]`` per pixel (dtype :func:`labels_dtype`)."""
-    ids = np.asarray(class_ids).astype(labels_dtype(class_ids))
-    return ids[np.argmax(probabilities, axis=0)]
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:

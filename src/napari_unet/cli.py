@@ -181,8 +181,6 @@ def model_input(array, info: dict, in_channels: int, path) -> tuple:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
     tile, images = _split_tile_and_images(args.tile, args.images)
     if not images:
         raise CLIError("predict needs at least one IMAGE")
@@ -194,6 +192,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if duplicates:
         raise CLIError(f"several images would write the same outputs: {', '.join(duplicates)}")
 
+    from .class_ids import segmentation_from_probabilities
     from .devices import resolve_device
     from .io import load_model, read_image, write_tiff
     from .normalization import normalize_image
@@ -208,8 +207,6 @@ def _run_predict(args: argparse.Namespace) -> int:
     if tile is not None and len(tile) != config["ndim"]:
         raise CLIError(f"--tile needs {config['ndim']} sizes for this {config['ndim']}D model, got {len(tile)}")
     _prepare_output_folder(args.out)
-    class_ids = np.asarray(metadata["class_ids"])
-    class_ids = class_ids.astype(np.min_scalar_type(int(class_ids.max())))
 
     for path, stem in zip(images, stems):
         started = time.monotonic()
@@ -224,7 +221,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             raise CLIError(f"{path}: {e}") from None
-        labels = class_ids[np.argmax(probabilities, axis=0)]
+        labels = segmentation_from_probabilities(probabilities, metadata["class_ids"])
         outputs = (
             (args.out / f"{stem}_probabilities.tif", probabilities, "C" + spatial_axes),
             (args.out / f"{stem}_labels.tif", labels, spatial_axes),

@@ -51,6 +51,7 @@ def run_demo(
     """
     import tifffile
 
+    from .class_ids import segmentation_from_probabilities
     from .devices import available_cores
     from .io import write_tiff
     from .normalization import normalize_image
@@ -78,12 +79,11 @@ def run_demo(
     train_seconds = time.perf_counter() - started
     model_path = out / "demo_model.safetensors"
     trainer.save(model_path)
-    class_ids = np.asarray(trainer.class_ids, dtype=np.uint8)
     scores = {}
     for path, truth_path in zip(paths["images"][1:], paths["truths"][1:]):
         image = tifffile.imread(path)
         probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization), device=device)
-        labels = class_ids[probabilities.argmax(0)]
+        labels = segmentation_from_probabilities(probabilities, trainer.class_ids)
         write_tiff(out / f"{path.stem}_probabilities.tif", probabilities, axes="CYX")
         write_tiff(out / f"{path.stem}_labels.tif", labels, axes="YX")
         scores[path.name] = dice(labels == NUCLEUS_ID, tifffile.imread(truth_path) > 0)

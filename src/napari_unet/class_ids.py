@@ -1,0 +1,28 @@
+"""From network class indices back to the ids the user painted (numpy only, no torch).
+
+A model file keeps ``class_ids``: network class ``k`` is painted id ``class_ids[k]`` (ids need not be contiguous).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def labels_dtype(class_ids: Sequence[int]) -> np.dtype:
+    """The smallest unsigned dtype holding every class id."""
+    return np.min_scalar_type(max(int(i) for i in class_ids))
+
+
+def segmentation_from_probabilities(probabilities, class_ids: Sequence[int]) -> np.ndarray:
+    """Labels holding the user's class ids: ``class_ids[argmax]`` per pixel (dtype :func:`labels_dtype`).
+
+    ``probabilities`` is ``(n_classes, *spatial)`` (numpy, memmap, zarr...); it is read one index of the first
+    spatial axis at a time, so no full-size integer index array is ever allocated.
+    """
+    ids = np.asarray(class_ids).astype(labels_dtype(class_ids))
+    segmentation = np.empty(probabilities.shape[1:], dtype=ids.dtype)
+    for index in range(segmentation.shape[0]):
+        segmentation[index] = ids[np.argmax(np.asarray(probabilities[:, index]), axis=0)]
+    return segmentation
