@@ -15,8 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .normalization import normalize_image
 from .class_ids import labels_dtype, segmentation_from_probabilities
+from .normalization import normalize_image
 
 PREVIEW_MAX_SIZE = 768
 """Largest preview region per axis (pixels): zoomed far out, the preview covers the view centre."""
