@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from .class_ids import labels_dtype
 from ._layers import (
     layer_array,
     output_layer,
@@ -48,7 +49,7 @@ from ._layers import (
     spatial_shape,
 )
 from ._loss_plot import LossPlot
-from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, labels_dtype, predict_steps, train_steps
+from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
 
 DEFAULT_CLASS_NAMES = "background, foreground"
 PREVIEW_INTERVAL = 3.0

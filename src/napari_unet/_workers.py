@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .class_ids import labels_dtype, segmentation_from_probabilities
+from .class_ids import segmentation_from_probabilities
 from .normalization import normalize_image
 
 PREVIEW_MAX_SIZE = 768
