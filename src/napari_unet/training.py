@@ -506,14 +506,15 @@ class Trainer:
         )
         self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
 
-    def snapshot(self) -> UNet:
-        """An eval-mode copy (batch norm folded) of the model training would leave now, for previews:
-        the weight average once the averaging window has begun, else the current weights; thread-safe."""
+    def _leaving_model(self) -> UNet:
+        """A copy of the model training would leave now: the weight average once the averaging window has
+        begun, else the current weights; thread-safe."""
         with self._lock:
-            if self._average.state is None:
-                return self.model.inference_copy()
-            model = self._average.apply_to(copy.deepcopy(self.model))
-        return model.inference_copy()
+            return self._average.apply_to(copy.deepcopy(self.model))
+
+    def snapshot(self) -> UNet:
+        """An eval-mode copy (batch norm folded) of the model training would leave now, for previews."""
+        return self._leaving_model().inference_copy()
 
     @property
     def metadata(self) -> dict:
@@ -528,11 +529,9 @@ class Trainer:
         }
 
     def save(self, path) -> None:
-        """Write the model training would leave now (the weight average once its window has begun, as
-        ``snapshot``) and its metadata with ``io.save_model`` (atomic); callable during training."""
-        with self._lock:
-            model = self._average.apply_to(copy.deepcopy(self.model))
-        save_model(model.cpu().eval(), path, self.metadata)
+        """Write the model training would leave now (as ``snapshot``) and its metadata with
+        ``io.save_model`` (atomic); callable during training."""
+        save_model(self._leaving_model().cpu().eval(), path, self.metadata)
 
 
 def train(
