@@ -29,13 +29,14 @@ def test_train_writes_a_model_and_prints_its_path(pair, capsys):
     assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(out), *TINY]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
-    assert "iteration 3" in captured.err and "loss" in captured.err
+    assert "iteration 3" in captured.err and "loss" in captured.err and "on cpu, " in captured.err
     model, meta = load_model(out)
     assert meta["class_ids"] == [1, 3] and model.config["depth"] == 1
     # fine-tune from it, then predict with the CLI: labels come back with the painted ids
     tuned = folder / "tuned.safetensors"
     assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(tuned),
-                 "--init", str(out), *TINY]) == 0
+                 "--init", str(out), "--float32", *TINY]) == 0
+    assert "on cpu, float32" in capsys.readouterr().err
     assert main(["predict", "--model", str(tuned), str(folder / "img.tif"), "--out", str(folder / "pred")]) == 0
     assert set(np.unique(tifffile.imread(folder / "pred" / "img_labels.tif"))) <= {1, 3}
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from napari_unet.devices import amp_dtype, default_cpu_threads, resolve_device
+from napari_unet.devices import amp_dtype, cpu_has_native_bfloat16, default_cpu_threads, resolve_device
 
 
 def test_auto_and_cpu():
@@ -33,6 +33,7 @@ def test_unknown_device():
 
 def test_threads_and_amp():
     assert 1 <= default_cpu_threads()
-    assert amp_dtype("cpu") is None
+    # bfloat16 on a CPU only where oneDNN runs it natively (emulated it is slower than float32)
+    assert amp_dtype("cpu") is (torch.bfloat16 if cpu_has_native_bfloat16() else None)
     assert amp_dtype(torch.device("mps")) is None  # never bfloat16 (or float16) autocast on MPS
     assert amp_dtype("cuda") is torch.float16

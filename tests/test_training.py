@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_unet.devices import cpu_has_native_bfloat16
 from napari_unet.io import load_model
 from napari_unet.normalization import normalize_image
 from napari_unet.tiling import predict_tiled
@@ -31,13 +32,17 @@ def _settings(**kwargs):
     return TrainingSettings(**{**TINY, **kwargs})
 
 
-def test_tiny_model_learns_separable_image():
+@pytest.mark.parametrize("amp", [True, False])
+def test_tiny_model_learns_separable_image(amp):
     image, labels, truth = _halves()
-    trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2))
+    trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2, amp=amp))
     probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization))
     accuracy = ((probabilities.argmax(0) == 1) == truth).mean()
     assert accuracy > 0.95
     assert trainer.metadata["class_ids"] == [1, 3]
+    # mixed precision on a CPU means bfloat16, and only where oneDNN runs it natively
+    expected = "mixed bfloat16" if amp and cpu_has_native_bfloat16() else "float32"
+    assert trainer.metadata["training"]["history"][-1]["precision"] == expected
 
 
 def test_events_and_budget():

@@ -260,6 +260,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--float32", action="store_true",
+        help="no mixed precision (default: float16 on CUDA, bfloat16 on CPUs with native bfloat16)",
+    )
 
 
 def _read_training_pair(image_path: Path, labels_path: Path) -> tuple:
@@ -303,6 +307,7 @@ def _run_train(args: argparse.Namespace) -> int:
             border_weight=args.border_weight,
             device=args.device,
             seed=args.seed,
+            amp=not args.float32,
             cpu_threads=available_cores(),  # headless: no interface to keep responsive
             **{k: v for k, v in architecture.items() if v is not None},
         )
@@ -316,6 +321,9 @@ def _run_train(args: argparse.Namespace) -> int:
     events, last = trainer.run(), -float("inf")
     try:
         for event in events:
+            if event.iteration == 1 and not event.done:
+                record = trainer.run_record
+                print(f"on {record['device']}, {record['precision']}", file=sys.stderr, flush=True)
             if event.done or event.elapsed - last >= 5:
                 last = event.elapsed
                 print(f"iteration {event.iteration}  loss {event.loss:.4f}  {event.elapsed:.0f}s", file=sys.stderr, flush=True)

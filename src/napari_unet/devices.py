@@ -62,11 +62,24 @@ def default_cpu_threads() -> int:
     return max(1, available_cores() - 1)
 
 
-def amp_dtype(device) -> torch.dtype | None:
-    """Autocast dtype for mixed precision on ``device``, or None for full float32.
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively here (AVX512-BF16 or AMX), not by emulation."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
-    float16 on CUDA; None on CPU and on MPS (bfloat16 autocast is unsupported or unreliable
-    on MPS, a frequent crash in other tools, so MPS runs in float32).
+
+def amp_dtype(device) -> torch.dtype | None:
+    """Autocast dtype for mixed-precision training on ``device``, or None for full float32.
+
+    float16 on CUDA; bfloat16 on a CPU with native bfloat16 convolutions (elsewhere emulation makes it
+    slower than float32, so float32); None on MPS (bfloat16 autocast is unsupported or unreliable on
+    MPS, a frequent crash in other tools, so MPS runs in float32).
     """
     device = device if isinstance(device, torch.device) else torch.device(device)
-    return torch.float16 if device.type == "cuda" else None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return None

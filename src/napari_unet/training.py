@@ -120,7 +120,8 @@ class TrainingSettings:
     cpu_threads: int | None = None
     """Torch CPU threads; None: cores - 1 so an interface stays responsive."""
     amp: bool = True
-    """Mixed precision (float16) on CUDA; ignored elsewhere."""
+    """Mixed precision (``devices.amp_dtype``): float16 on CUDA, bfloat16 on a CPU with native bfloat16
+    convolutions (AVX512-BF16/AMX: 1.5x faster steps, the same Dice in docs/benchmarks.md); float32 elsewhere."""
 
     def __post_init__(self):
         if self.ndim not in (2, 3):
@@ -296,6 +297,8 @@ class Trainer:
         self.class_names = list(names)
         self.image_ndim = settings.ndim
         self.output_shape = self.model.legal_output_shape(settings.patch_size)
+        # Channels-last convolutions train ~15 % faster on CPU (oneDNN) and on tensor-core GPUs.
+        self._memory_format = torch.channels_last if settings.ndim == 2 else torch.channels_last_3d
         self.input_shape = self.model.legal_input_shape(self.output_shape)
         # Where the output tile (its labels, the loss) lies in an input tile.
         self._output_region = tuple(
@@ -387,7 +390,7 @@ class Trainer:
         weights = np.stack(weights) if self.settings.border_weight else None
         paste_mix(images, targets, weights, self._rng, self.settings.paste_mix, self._output_region)
         crop = (slice(None), *self._output_region)
-        x = torch.from_numpy(images[:, None]).to(device)
+        x = torch.from_numpy(images[:, None]).to(device).contiguous(memory_format=self._memory_format)
         y = torch.from_numpy(targets[crop].astype(np.int64)).to(device)
         w = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights[crop])).to(device)
         return x, y, w
@@ -414,7 +417,12 @@ class Trainer:
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
         state = dict(start=time.perf_counter(), iteration=0, loss=float("nan"), lr=s.learning_rate,
                      data_time=0.0, reason="stopped")
-        self._record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device)}
+        precision = amp_dtype(device) if s.amp else None
+        self._record = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device": str(device),
+            "precision": f"mixed {str(precision).removeprefix('torch.')}" if precision else "float32",
+        }
         loop = self._loop(device, state)
         try:
             yield from loop
@@ -434,7 +442,7 @@ class Trainer:
         s = self.settings
         dtype = amp_dtype(device) if s.amp else None
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        model = self.model.to(device).train()
+        model = self.model.to(device, memory_format=self._memory_format).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = self._class_weights.to(device)
         smoothed, best, since_best = None, math.inf, 0
@@ -511,6 +519,12 @@ class Trainer:
         begun, else the current weights; thread-safe."""
         with self._lock:
             return self._average.apply_to(copy.deepcopy(self.model))
+
+    @property
+    def run_record(self) -> dict:
+        """What the current (or last) ``run()`` recorded so far: start time, device, precision, and when it
+        has ended iterations, seconds, stop reason (the entry it adds to ``metadata["training"]["history"]``)."""
+        return dict(self._record)
 
     def snapshot(self) -> UNet:
         """An eval-mode copy (batch norm folded) of the model training would leave now, for previews."""
