@@ -250,7 +250,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS", help="training time (default 60 s unless --iterations)")
-    parser.add_argument("--iterations", type=_positive_int, metavar="N", help="training iterations")
+    parser.add_argument(
+        "--iterations", type=_positive_int, metavar="N",
+        help="training iterations (default 2000); training ends at whichever of --iterations/--time-budget comes first",
+    )
     parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="2: 2D net (stacks slice by slice), 3: 3D net")
     parser.add_argument("--depth", type=_positive_int, help="U-Net depth (poolings; default 3)")
     parser.add_argument("--filters", type=_positive_int, help="base filters (default 16)")
@@ -302,7 +305,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         settings = TrainingSettings(
             ndim=args.ndim,
-            iterations=args.iterations,
+            iterations=args.iterations or TrainingSettings.iterations,
             time_budget=args.time_budget if args.time_budget is not None else (None if args.iterations else 60.0),
             border_weight=args.border_weight,
             device=args.device,

@@ -79,9 +79,14 @@ class TrainingSettings:
     batch_size: int = 4
     learning_rate: float = 2e-3
     """Peak Adam learning rate; a short warm-up then cosine decay over the iteration/time budget."""
-    iterations: int | None = None
+    iterations: int | None = 2000
+    """Training ends at whichever of ``iterations``/``time_budget`` comes first (None: no limit of that kind).
+    With sparse strokes longer is not better: past ~2,000 iterations the network fits the strokes ever more
+    tightly and thin structures shrink (ISBI membranes, 2,850 instead of 1,900 iterations: Dice -0.012 to
+    -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (~600 iterations);
+    on a GPU, or with a long budget, this does."""
     time_budget: float | None = 60.0
-    """Seconds. Training ends at whichever of ``iterations``/``time_budget`` comes first."""
+    """Seconds (None: no limit of that kind)."""
     patience: int | None = None
     """Early stop after this many iterations without a 1 % improvement of the smoothed loss (None: off)."""
     weight_averaging: float = 0.5
