@@ -145,13 +145,14 @@ def test_saving_during_training_writes_what_training_would_leave(tmp_path):
 
 def test_update_labels_is_picked_up_without_restart():
     image, labels, _ = _halves()
-    trainer = Trainer(image, labels, _settings(iterations=3))
+    trainer = Trainer(image, labels, _settings(iterations=6))
     events = trainer.run()
     next(events)
     more = labels.copy()
     more[40:46, 30:46] = 3
     trainer.update_labels(0, more)
-    next(events)
+    for _ in range(3):  # batches are prepared a step ahead: three iterations at the latest
+        next(events)
     assert trainer.sampler.class_counts(2)[1] == (more == 3).sum()
     with pytest.raises(ValueError, match="does not know"):
         trainer.update_labels(0, np.where(more == 3, 5, more))

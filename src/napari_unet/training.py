@@ -22,7 +22,8 @@ API
     ``trainer.request_stop()`` from any thread, ends training within one iteration; either way the
     model is left usable in eval mode on the CPU and GPU memory is released.
 ``trainer.update_labels(index, labels)``
-    Thread-safe: new strokes of image ``index`` are picked up by the sampler at the next iteration.
+    Thread-safe: new strokes of image ``index`` are in the batches of the next three iterations at the latest
+    (batches are prepared a step ahead on a thread).
 ``trainer.snapshot()``
     An eval-mode copy (batch norm folded) of the current model, for live previews; safe to call between
     events or from another thread.
@@ -58,6 +59,7 @@ from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
 from .normalization import DEFAULT_RECIPE, normalize_image
+from .prefetch import Prefetcher
 from .sampling import PatchSampler
 
 STOP_REASONS = ("iterations", "time_budget", "plateau", "stopped")
@@ -347,7 +349,7 @@ class Trainer:
         return torch.as_tensor(class_weights(counts, self.settings.class_balance), dtype=torch.float32)
 
     def update_labels(self, index: int, labels: np.ndarray) -> None:
-        """Replace the labels of image ``index`` (thread-safe); the sampler uses them from the next iteration.
+        """Replace the labels of image ``index`` (thread-safe); batches use them within three iterations.
 
         Raises ``ValueError`` for a wrong shape, non-integer labels or ids the model does not know.
         """
@@ -383,7 +385,10 @@ class Trainer:
         """Whether ``request_stop`` was called."""
         return self._stop.is_set()
 
-    def _batch(self, device: torch.device):
+    def _numpy_batch(self) -> tuple:
+        """One training batch as numpy arrays, built on the prefetch thread: label updates waiting from
+        ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
+        changed = self._apply_pending()
         images, targets, weights = [], [], []
         for _ in range(self.settings.batch_size):
             image, target, weight = self.sampler.sample()
@@ -395,9 +400,15 @@ class Trainer:
         weights = np.stack(weights) if self.settings.border_weight else None
         paste_mix(images, targets, weights, self._rng, self.settings.paste_mix, self._output_region)
         crop = (slice(None), *self._output_region)
-        x = torch.from_numpy(images[:, None]).to(device).contiguous(memory_format=self._memory_format)
-        y = torch.from_numpy(targets[crop].astype(np.int64)).to(device)
-        w = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights[crop])).to(device)
+        targets = targets[crop].astype(np.int64)
+        weights = None if weights is None else np.ascontiguousarray(weights[crop])
+        return images[:, None], targets, weights, (self._class_weights if changed else None)
+
+    def _to_device(self, batch: tuple, device: torch.device):
+        images, targets, weights, _ = batch
+        x = torch.from_numpy(images).to(device).contiguous(memory_format=self._memory_format)
+        y = torch.from_numpy(targets).to(device)
+        w = None if weights is None else torch.from_numpy(weights).to(device)
         return x, y, w
 
     def _progress(self, iteration: int, elapsed: float) -> float:
@@ -451,55 +462,58 @@ class Trainer:
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = self._class_weights.to(device)
         smoothed, best, since_best = None, math.inf, 0
-        while True:
-            elapsed = time.perf_counter() - state["start"]
-            iteration = state["iteration"]
-            if self._stop.is_set():
-                state["reason"] = "stopped"
-            elif s.iterations is not None and iteration >= s.iterations:
-                state["reason"] = "iterations"
-            elif s.time_budget is not None and elapsed >= s.time_budget:
-                state["reason"] = "time_budget"
-            elif s.patience is not None and since_best >= s.patience:
-                state["reason"] = "plateau"
-            else:
-                state["reason"] = None
-            if state["reason"]:
-                return
-            progress = self._progress(iteration, elapsed)
-            state["lr"] = lr = self._learning_rate(progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tick = time.perf_counter()
-            if self._apply_pending():
-                weights = self._class_weights.to(device)
-            x, y, w = self._batch(device)
-            state["data_time"] += time.perf_counter() - tick
-            with self._lock:
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = model(x)
-                loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+        # Sampling and augmentation run on a thread, a batch ahead of the step (prefetch.py).
+        with Prefetcher(self._numpy_batch, depth=1, name="napari-unet training batches") as batches:
+            while True:
+                elapsed = time.perf_counter() - state["start"]
+                iteration = state["iteration"]
+                if self._stop.is_set():
+                    state["reason"] = "stopped"
+                elif s.iterations is not None and iteration >= s.iterations:
+                    state["reason"] = "iterations"
+                elif s.time_budget is not None and elapsed >= s.time_budget:
+                    state["reason"] = "time_budget"
+                elif s.patience is not None and since_best >= s.patience:
+                    state["reason"] = "plateau"
                 else:
-                    loss.backward()
-                    optimizer.step()
-                spent = self._progress(iteration + 1, time.perf_counter() - state["start"])
-                if s.weight_averaging and spent > 1 - s.weight_averaging:
-                    self._average.update(model)
-            state["iteration"] = self.iteration = iteration + 1
-            state["loss"] = loss_value = float(loss.detach())
-            smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
-            if smoothed < 0.99 * best:
-                best, since_best = smoothed, 0
-            else:
-                since_best += 1
-            yield TrainingEvent(
-                iteration + 1, loss_value, time.perf_counter() - state["start"], (iteration + 1) * s.batch_size, lr
-            )
+                    state["reason"] = None
+                if state["reason"]:
+                    return
+                progress = self._progress(iteration, elapsed)
+                state["lr"] = lr = self._learning_rate(progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tick = time.perf_counter()
+                batch = batches.get()
+                if batch[3] is not None:
+                    weights = batch[3].to(device)
+                x, y, w = self._to_device(batch, device)
+                state["data_time"] += time.perf_counter() - tick
+                with self._lock:
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        logits = model(x)
+                    loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    spent = self._progress(iteration + 1, time.perf_counter() - state["start"])
+                    if s.weight_averaging and spent > 1 - s.weight_averaging:
+                        self._average.update(model)
+                state["iteration"] = self.iteration = iteration + 1
+                state["loss"] = loss_value = float(loss.detach())
+                smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
+                if smoothed < 0.99 * best:
+                    best, since_best = smoothed, 0
+                else:
+                    since_best += 1
+                yield TrainingEvent(
+                    iteration + 1, loss_value, time.perf_counter() - state["start"], (iteration + 1) * s.batch_size, lr
+                )
 
     def _finish(self, device: torch.device, previous_threads: int, state: dict) -> None:
         averaged = self._average.count
