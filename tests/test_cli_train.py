@@ -5,6 +5,7 @@ import pytest
 import tifffile
 
 from napari_unet.cli import main
+from napari_unet.devices import cpu_has_native_bfloat16
 from napari_unet.io import load_model
 
 TINY = ["--iterations", "3", "--depth", "1", "--filters", "4", "--patch-size", "16", "--device", "cpu"]
@@ -37,6 +38,11 @@ def test_train_writes_a_model_and_prints_its_path(pair, capsys):
     assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(tuned),
                  "--init", str(out), "--float32", *TINY]) == 0
     assert "on cpu, float32" in capsys.readouterr().err
+    bf16 = folder / "bf16.safetensors"
+    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(bf16),
+                 "--cpu-bfloat16", *TINY]) == 0
+    expected = "mixed bfloat16" if cpu_has_native_bfloat16() else "float32"
+    assert load_model(bf16)[1]["training"]["history"][-1]["precision"] == expected
     assert main(["predict", "--model", str(tuned), str(folder / "img.tif"), "--out", str(folder / "pred")]) == 0
     assert set(np.unique(tifffile.imread(folder / "pred" / "img_labels.tif"))) <= {1, 3}
 

@@ -33,7 +33,9 @@ def test_unknown_device():
 
 def test_threads_and_amp():
     assert 1 <= default_cpu_threads()
-    # bfloat16 on a CPU only where oneDNN runs it natively (emulated it is slower than float32)
-    assert amp_dtype("cpu") is (torch.bfloat16 if cpu_has_native_bfloat16() else None)
+    assert amp_dtype("cpu") is None
+    # bfloat16 on a CPU only when asked and where oneDNN runs it natively (emulated it is slower than float32)
+    assert amp_dtype("cpu", cpu_bfloat16=True) is (torch.bfloat16 if cpu_has_native_bfloat16() else None)
+    assert amp_dtype("cuda", cpu_bfloat16=True) is torch.float16
     assert amp_dtype(torch.device("mps")) is None  # never bfloat16 (or float16) autocast on MPS
     assert amp_dtype("cuda") is torch.float16

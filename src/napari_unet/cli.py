@@ -263,9 +263,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--float32", action="store_true", help="no mixed precision (default: float16 on CUDA)")
     parser.add_argument(
-        "--float32", action="store_true",
-        help="no mixed precision (default: float16 on CUDA, bfloat16 on CPUs with native bfloat16)",
+        "--cpu-bfloat16", action="store_true",
+        help="bfloat16 on CPUs that run it natively: 1.5x faster, slightly less accurate on fine structures",
     )
 
 
@@ -311,6 +312,7 @@ def _run_train(args: argparse.Namespace) -> int:
             device=args.device,
             seed=args.seed,
             amp=not args.float32,
+            cpu_bfloat16=args.cpu_bfloat16,
             cpu_threads=available_cores(),  # headless: no interface to keep responsive
             **{k: v for k, v in architecture.items() if v is not None},
         )

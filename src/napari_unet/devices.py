@@ -70,16 +70,16 @@ def cpu_has_native_bfloat16() -> bool:
         return False
 
 
-def amp_dtype(device) -> torch.dtype | None:
+def amp_dtype(device, cpu_bfloat16: bool = False) -> torch.dtype | None:
     """Autocast dtype for mixed-precision training on ``device``, or None for full float32.
 
-    float16 on CUDA; bfloat16 on a CPU with native bfloat16 convolutions (elsewhere emulation makes it
-    slower than float32, so float32); None on MPS (bfloat16 autocast is unsupported or unreliable on
+    float16 on CUDA; on a CPU bfloat16 only when asked (``cpu_bfloat16``) and where oneDNN runs it natively
+    (emulated it is slower than float32); None on MPS (bfloat16 autocast is unsupported or unreliable on
     MPS, a frequent crash in other tools, so MPS runs in float32).
     """
     device = device if isinstance(device, torch.device) else torch.device(device)
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and cpu_has_native_bfloat16():
+    if device.type == "cpu" and cpu_bfloat16 and cpu_has_native_bfloat16():
         return torch.bfloat16
     return None

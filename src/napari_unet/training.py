@@ -127,8 +127,12 @@ class TrainingSettings:
     cpu_threads: int | None = None
     """Torch CPU threads; None: cores - 1 so an interface stays responsive."""
     amp: bool = True
-    """Mixed precision (``devices.amp_dtype``): float16 on CUDA, bfloat16 on a CPU with native bfloat16
-    convolutions (AVX512-BF16/AMX: 1.5x faster steps, the same Dice in docs/benchmarks.md); float32 elsewhere."""
+    """Mixed precision (``devices.amp_dtype``): float16 on CUDA, bfloat16 on a CPU if ``cpu_bfloat16``;
+    False: float32 everywhere."""
+    cpu_bfloat16: bool = False
+    """With ``amp``, bfloat16 autocast on a CPU with native bfloat16 convolutions (AVX512-BF16/AMX):
+    1.5x faster steps, the same Dice on nuclei, but 0.002-0.028 lower on ISBI membranes in our runs
+    (docs/benchmarks.md), so off by default."""
 
     def __post_init__(self):
         if self.ndim not in (2, 3):
@@ -433,7 +437,7 @@ class Trainer:
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
         state = dict(start=time.perf_counter(), iteration=0, loss=float("nan"), lr=s.learning_rate,
                      data_time=0.0, reason="stopped")
-        precision = amp_dtype(device) if s.amp else None
+        precision = amp_dtype(device, s.cpu_bfloat16) if s.amp else None
         self._record = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device": str(device),
@@ -456,7 +460,7 @@ class Trainer:
 
     def _loop(self, device: torch.device, state: dict) -> Iterator[TrainingEvent]:
         s = self.settings
-        dtype = amp_dtype(device) if s.amp else None
+        dtype = amp_dtype(device, s.cpu_bfloat16) if s.amp else None
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         model = self.model.to(device, memory_format=self._memory_format).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
