@@ -1,7 +1,7 @@
 """Build the next training batches on a background thread while the optimizer works on the current one.
 
-Sampling and augmentation are numpy/scipy work that mostly releases the GIL, so a thread overlaps it with the
-network's step. Items are produced in order by one thread, so a seeded run draws the same batches as without
+Sampling and augmentation are numpy/scipy work, much of which releases the GIL, so a thread overlaps it with
+the network's step. Items are produced in order by one thread, so a seeded run draws the same batches as without
 prefetching.
 """
 
