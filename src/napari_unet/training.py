@@ -47,7 +47,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -85,8 +85,8 @@ class TrainingSettings:
     """Training ends at whichever of ``iterations``/``time_budget`` comes first (None: no limit of that kind).
     With sparse strokes longer is not better: past ~2,000 iterations the network fits the strokes ever more
     tightly and thin structures shrink (ISBI membranes, 2,850 instead of 1,900 iterations: Dice -0.012 to
-    -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (~600 iterations);
-    on a GPU, or with a long budget, this does."""
+    -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (365 iterations on
+    2 cores in ``napari-unet demo``); on a GPU, or with a long budget, this does."""
     time_budget: float | None = 60.0
     """Seconds (None: no limit of that kind)."""
     patience: int | None = None
@@ -131,7 +131,7 @@ class TrainingSettings:
     False: float32 everywhere."""
     cpu_bfloat16: bool = False
     """With ``amp``, bfloat16 autocast on a CPU with native bfloat16 convolutions (AVX512-BF16/AMX):
-    1.5x faster steps, the same Dice on nuclei, but 0.002-0.028 lower on ISBI membranes in our runs
+    1.5x faster steps, the same Dice on nuclei, but 0.002-0.018 lower on ISBI membranes in our paired runs
     (docs/benchmarks.md), so off by default."""
 
     def __post_init__(self):
@@ -151,6 +151,16 @@ class TrainingSettings:
             raise ValueError(f"paste_mix is a probability, got {self.paste_mix}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+class _Batch(NamedTuple):
+    """A training batch as the prefetch thread hands it over: input tiles ``(B, 1, *tile)``, targets and
+    optional border weights on the output tiles, and the class weights when label updates changed them."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray | None
+    class_weights: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -389,7 +399,7 @@ class Trainer:
         """Whether ``request_stop`` was called."""
         return self._stop.is_set()
 
-    def _numpy_batch(self) -> tuple:
+    def _numpy_batch(self) -> _Batch:
         """One training batch as numpy arrays, built on the prefetch thread: label updates waiting from
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
         changed = self._apply_pending()
@@ -406,13 +416,12 @@ class Trainer:
         crop = (slice(None), *self._output_region)
         targets = targets[crop].astype(np.int64)
         weights = None if weights is None else np.ascontiguousarray(weights[crop])
-        return images[:, None], targets, weights, (self._class_weights if changed else None)
+        return _Batch(images[:, None], targets, weights, self._class_weights if changed else None)
 
-    def _to_device(self, batch: tuple, device: torch.device):
-        images, targets, weights, _ = batch
-        x = torch.from_numpy(images).to(device).contiguous(memory_format=self._memory_format)
-        y = torch.from_numpy(targets).to(device)
-        w = None if weights is None else torch.from_numpy(weights).to(device)
+    def _to_device(self, batch: _Batch, device: torch.device):
+        x = torch.from_numpy(batch.images).to(device).contiguous(memory_format=self._memory_format)
+        y = torch.from_numpy(batch.targets).to(device)
+        w = None if batch.weights is None else torch.from_numpy(batch.weights).to(device)
         return x, y, w
 
     def _progress(self, iteration: int, elapsed: float) -> float:
@@ -488,8 +497,8 @@ class Trainer:
                     group["lr"] = lr
                 tick = time.perf_counter()
                 batch = batches.get()
-                if batch[3] is not None:
-                    weights = batch[3].to(device)
+                if batch.class_weights is not None:
+                    weights = batch.class_weights.to(device)
                 x, y, w = self._to_device(batch, device)
                 state["data_time"] += time.perf_counter() - tick
                 with self._lock:
