@@ -3,6 +3,7 @@
 import io as stdio
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,36 @@ def test_predict_round_trip(tmp_path, model_file, image_file, capsys):
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(probabilities, axis=0)])
     assert "cells_labels.tif" in capsys.readouterr().out
+
+
+def test_predict_streams_probabilities_through_a_scratch_file(tmp_path, model_file, image_file, monkeypatch):
+    """The class probabilities are predicted into a memory-mapped file in the output folder, not RAM,
+    and that file is gone afterwards, also when prediction fails."""
+    import napari_unet.tiling as tiling
+
+    model_path, _ = model_file
+    image_path, _ = image_file
+    out = tmp_path / "o"
+    targets, real = [], tiling.predict_tiled
+
+    def recording(model, image, *, out=None, **kwargs):
+        targets.append(out)
+        return real(model, image, out=out, **kwargs)
+
+    monkeypatch.setattr(tiling, "predict_tiled", recording)
+    assert main(["predict", "-m", str(model_path), str(image_path), "-o", str(out)]) == 0
+    assert isinstance(targets[0], np.memmap) and targets[0].shape == (3, 70, 90)
+    assert Path(targets[0].filename).parent == out
+    assert sorted(p.name for p in out.iterdir()) == ["cells_labels.tif", "cells_probabilities.tif"]
+
+    def failing(model, image, *, out=None, **kwargs):
+        out[:] = 0.5
+        raise ValueError("tile does not fit")
+
+    monkeypatch.setattr(tiling, "predict_tiled", failing)
+    failed = tmp_path / "failed"
+    assert main(["predict", "-m", str(model_path), str(image_path), "-o", str(failed)]) == 2
+    assert list(failed.iterdir()) == []
 
 
 def test_predict_with_test_time_flips(tmp_path, model_file, image_file):

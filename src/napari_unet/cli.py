@@ -192,11 +192,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     if duplicates:
         raise CLIError(f"several images would write the same outputs: {', '.join(duplicates)}")
 
-    from .class_ids import segmentation_from_probabilities
     from .devices import resolve_device
-    from .io import load_model, read_image, write_tiff
+    from .io import load_model, read_image
     from .normalization import normalize_image
-    from .tiling import predict_tiled
 
     try:
         device = resolve_device(args.device)
@@ -214,28 +212,54 @@ def _run_predict(args: argparse.Namespace) -> int:
         array, spatial_axes = model_input(array, info, config["in_channels"], path)
         image = normalize_image(array, metadata.get("normalization"), channel_axis=0 if config["in_channels"] > 1 else None)
         del array
+        scratch = args.out / f".{stem}_probabilities.{os.getpid()}.npy"
         try:
-            probabilities = predict_tiled(
-                model, image, tile_shape=tile, batch_size=args.batch_size, device=device,
+            outputs = _predict_to_files(
+                model, image, metadata["class_ids"], scratch, args.out / stem, spatial_axes, info,
+                tile_shape=tile, batch_size=args.batch_size, device=device,
                 progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
             )
         except ValueError as e:
             raise CLIError(f"{path}: {e}") from None
-        labels = segmentation_from_probabilities(probabilities, metadata["class_ids"])
-        outputs = (
-            (args.out / f"{stem}_probabilities.tif", probabilities, "C" + spatial_axes),
-            (args.out / f"{stem}_labels.tif", labels, spatial_axes),
-        )
-        for target, data, axes in outputs:
+        finally:
             try:
-                if info["unit"]:
-                    write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"])
-                else:
-                    write_tiff(target, data, axes=axes)
-            except OSError as e:
-                raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
-        print(f"{path} -> {outputs[1][0]}, {outputs[0][0]} ({time.monotonic() - started:.1f}s)", flush=True)
+                scratch.unlink(missing_ok=True)
+            except OSError:  # still mapped after an error (Windows): a hidden file stays behind
+                pass
+        print(f"{path} -> {outputs[1]}, {outputs[0]} ({time.monotonic() - started:.1f}s)", flush=True)
     return 0
+
+
+def _predict_to_files(model, image, class_ids, scratch: Path, prefix: Path, spatial_axes: str, info: dict, **predict):
+    """Predict ``image`` into a disk-backed array, write ``<prefix>_probabilities.tif`` and ``_labels.tif``.
+
+    The class probabilities (4 bytes per class and pixel, the largest array of a prediction) go to the
+    ``.npy`` memory map ``scratch`` as the tiles are predicted, instead of RAM; the labels are computed
+    from it one plane at a time. The caller deletes ``scratch``. Returns the two TIFF paths.
+    """
+    import numpy as np
+
+    from .class_ids import segmentation_from_probabilities
+    from .io import write_tiff
+    from .tiling import predict_tiled
+
+    spatial = image.shape[-len(spatial_axes):]
+    probabilities = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(len(class_ids), *spatial))
+    predict_tiled(model, image, out=probabilities, **predict)
+    labels = segmentation_from_probabilities(probabilities, class_ids)
+    outputs = (
+        (Path(f"{prefix}_probabilities.tif"), probabilities, "C" + spatial_axes),
+        (Path(f"{prefix}_labels.tif"), labels, spatial_axes),
+    )
+    for target, data, axes in outputs:
+        try:
+            if info["unit"]:
+                write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"])
+            else:
+                write_tiff(target, data, axes=axes)
+        except OSError as e:
+            raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
+    return outputs[0][0], outputs[1][0]
 
 
 # --------------------------------------------------------------------------------------
