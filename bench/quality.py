@@ -98,7 +98,7 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     from napari_unet.training import train
 
     start = time.perf_counter()
-    settings = dict(time_budget=budget, device="cpu", cpu_threads=threads, seed=0, **overrides)
+    settings = {"time_budget": budget, "device": "cpu", "cpu_threads": threads, "seed": 0, **overrides}
     trainer = train(train_images, strokes, **settings)
     train_time = time.perf_counter() - start
     record = trainer.metadata["training"]["history"][-1]
