@@ -118,9 +118,8 @@ class TrainingSettings:
     painted class equally often, 1: every painted pixel equally often)."""
     border_weight: bool = False
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
-    dice_weight: float = 2.0
-    """Weight of the soft Dice term added to the cross-entropy. 2 rather than 1: +0.003 DSB Dice for both seeds
-    tried at 1,900 iterations (nuclei less over-segmented), ISBI unchanged (docs/benchmarks.md, fifth session)."""
+    dice_weight: float = 1.0
+    """Weight of the soft Dice term added to the cross-entropy."""
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
     """Normalization recipe (``normalization.normalize_image``), applied to each whole image."""
     device: str = "auto"
