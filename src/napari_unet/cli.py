@@ -212,54 +212,58 @@ def _run_predict(args: argparse.Namespace) -> int:
         array, spatial_axes = model_input(array, info, config["in_channels"], path)
         image = normalize_image(array, metadata.get("normalization"), channel_axis=0 if config["in_channels"] > 1 else None)
         del array
-        scratch = args.out / f".{stem}_probabilities.{os.getpid()}.npy"
         try:
-            outputs = _predict_to_files(
-                model, image, metadata["class_ids"], scratch, args.out / stem, spatial_axes, info,
+            probabilities_path, labels_path = _predict_to_files(
+                model, image, metadata["class_ids"], args.out / stem, spatial_axes, info,
                 tile_shape=tile, batch_size=args.batch_size, device=device,
                 progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
             )
         except ValueError as e:
             raise CLIError(f"{path}: {e}") from None
-        finally:
-            try:
-                scratch.unlink(missing_ok=True)
-            except OSError:  # still mapped after an error (Windows): a hidden file stays behind
-                pass
-        print(f"{path} -> {outputs[1]}, {outputs[0]} ({time.monotonic() - started:.1f}s)", flush=True)
+        print(f"{path} -> {labels_path}, {probabilities_path} ({time.monotonic() - started:.1f}s)", flush=True)
     return 0
 
 
-def _predict_to_files(model, image, class_ids, scratch: Path, prefix: Path, spatial_axes: str, info: dict, **predict):
-    """Predict ``image`` into a disk-backed array, write ``<prefix>_probabilities.tif`` and ``_labels.tif``.
+def _predict_to_files(model, image, class_ids, prefix: Path, spatial_axes: str, info: dict, **predict):
+    """Predict ``image``, write ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``; returns both paths.
 
-    The class probabilities (4 bytes per class and pixel, the largest array of a prediction) go to the
-    ``.npy`` memory map ``scratch`` as the tiles are predicted, instead of RAM; the labels are computed
-    from it one plane at a time. The caller deletes ``scratch``. Returns the two TIFF paths.
+    The class probabilities (4 bytes per class and pixel, the largest array of a prediction) are predicted into
+    a hidden ``.npy`` memory map next to the outputs instead of RAM, the labels are computed from it one plane
+    at a time, and the scratch file is deleted afterwards, also when prediction fails.
     """
+    import contextlib
+
     import numpy as np
 
     from .class_ids import segmentation_from_probabilities
-    from .io import write_tiff
     from .tiling import predict_tiled
 
+    scratch = prefix.parent / f".{prefix.name}_probabilities.{os.getpid()}.npy"
     spatial = image.shape[-len(spatial_axes):]
     probabilities = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(len(class_ids), *spatial))
-    predict_tiled(model, image, out=probabilities, **predict)
-    labels = segmentation_from_probabilities(probabilities, class_ids)
-    outputs = (
-        (Path(f"{prefix}_probabilities.tif"), probabilities, "C" + spatial_axes),
-        (Path(f"{prefix}_labels.tif"), labels, spatial_axes),
-    )
-    for target, data, axes in outputs:
-        try:
-            if info["unit"]:
-                write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"])
-            else:
-                write_tiff(target, data, axes=axes)
-        except OSError as e:
-            raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
-    return outputs[0][0], outputs[1][0]
+    try:
+        predict_tiled(model, image, out=probabilities, **predict)
+        labels = segmentation_from_probabilities(probabilities, class_ids)
+        return (
+            _write_output(Path(f"{prefix}_probabilities.tif"), probabilities, "C" + spatial_axes, info),
+            _write_output(Path(f"{prefix}_labels.tif"), labels, spatial_axes, info),
+        )
+    finally:
+        del probabilities  # unmapped before the file is deleted (Windows refuses to delete a mapped file)
+        with contextlib.suppress(OSError):  # still mapped through an error's traceback (Windows): it stays
+            scratch.unlink(missing_ok=True)
+
+
+def _write_output(target: Path, data, axes: str, info: dict) -> Path:
+    """Write one prediction output with the input's pixel size (when it has a unit); CLIError if impossible."""
+    from .io import write_tiff
+
+    try:
+        if info["unit"]:
+            return write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"])
+        return write_tiff(target, data, axes=axes)
+    except OSError as e:
+        raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------------------
