@@ -9,9 +9,10 @@ class's pixels, fixed seeds) on:
 napari-unet trains with its default settings and a CPU time budget (300 s by default); the baseline is a
 scikit-learn random forest (100 trees) on ``skimage.feature.multiscale_basic_features`` (intensity, edges,
 texture, sigma 1 to 16) of the same strokes. Both are scored by foreground Dice of the argmax on the held-out
-images (mean over images, and pooled over all pixels). The ``napari_unet_tta`` row scores the same
-trained network with test-time averaging over the 8 flips/transpositions
-(``predict_tiled(test_time_flips=True)``, ``napari-unet predict --test-time-flips``). Needs ``/work/shared/data`` (or ``--data``).
+images (mean over images, and pooled over all pixels). The ``napari_unet`` row predicts as ``napari-unet predict``
+and the widget do by default, averaging the 8 flips/transpositions (``predict_tiled(test_time_flips=True)``); the
+``napari_unet_one_pass`` row scores the same trained network with a single pass (``--no-test-time-flips``).
+Needs ``/work/shared/data`` (or ``--data``).
 
     python bench/quality.py [--budget 300] [--sets isbi dsb] [--data DIR] [--json OUT]
 """
@@ -111,7 +112,7 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
         "data_fraction": record["data_seconds"] / record["seconds"],
         "settings": record["settings"],
     }
-    for key, flips in (("", False), ("tta_", True)):
+    for key, flips in (("", True), ("one_pass_", False)):
         start = time.perf_counter()
         predictions = [
             predict_tiled(model, normalized, device="cpu", test_time_flips=flips).argmax(0) == foreground
@@ -134,11 +135,11 @@ def run(name: str, train_pairs, test_pairs, budget: float, threads: int, overrid
         methods.insert(0, ("random_forest", lambda: random_forest(images, strokes, test_images, threads)))
     for method, fn in methods:
         out = fn()
-        if "tta_predictions" in out:
-            tta = {"predict_s": out.pop("tta_predict_s"), "train_s": out["train_s"]}
-            tta.update(scores(out.pop("tta_predictions"), truths))
-            result[method + "_tta"] = tta
-            print(name, method + "_tta", tta, flush=True)
+        if "one_pass_predictions" in out:
+            one_pass = {"predict_s": out.pop("one_pass_predict_s"), "train_s": out["train_s"]}
+            one_pass.update(scores(out.pop("one_pass_predictions"), truths))
+            result[method + "_one_pass"] = one_pass
+            print(name, method + "_one_pass", one_pass, flush=True)
         out.update(scores(out.pop("predictions"), truths))
         result[method] = out
         print(name, method, {k: v for k, v in out.items() if k != "settings"}, flush=True)
@@ -170,7 +171,7 @@ def main(argv=None):
     print("\n| set | method | Dice (mean) | Dice (pooled) | train s | predict s |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for method in ("napari_unet", "napari_unet_tta", "random_forest"):
+        for method in ("napari_unet", "napari_unet_one_pass", "random_forest"):
             if method not in r:
                 continue
             m = r[method]

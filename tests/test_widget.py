@@ -119,15 +119,18 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     np.testing.assert_array_equal(viewer.layers["cells labels"].data, labels_before)
     assert viewer.layers["cells labels"].data.dtype == labels_before.dtype
 
-    # Test-time flips: the probabilities layer holds the flip-averaged prediction.
+    # Test-time flips (on by default): the probabilities layer holds the flip-averaged prediction; unticked, one pass.
     from napari_unet import normalize_image, predict_tiled
 
-    widget.flips_check.setChecked(True)
+    normalized = normalize_image(viewer.layers["cells"].data, widget.metadata["normalization"])
+    assert widget.flips_check.isChecked()
+    np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
+                               predict_tiled(widget.model, normalized, test_time_flips=True), atol=1e-5)
+    widget.flips_check.setChecked(False)
     widget.predict()
     wait_idle(qtbot, widget)
-    expected = predict_tiled(widget.model, normalize_image(viewer.layers["cells"].data, widget.metadata["normalization"]),
-                             test_time_flips=True)
-    np.testing.assert_allclose(viewer.layers["cells probabilities"].data, expected, atol=1e-5)
+    np.testing.assert_allclose(viewer.layers["cells probabilities"].data, predict_tiled(widget.model, normalized),
+                               atol=1e-5)
 
 
 def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):

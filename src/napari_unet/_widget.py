@@ -180,6 +180,7 @@ class UNetWidget(QWidget):
         form.addRow(self.uncertainty_check)
         self.flips_check = QCheckBox("Test-time flips (8x slower, a little more accurate)")
         self.flips_check.setToolTip("Predict and Segment all average the 8 flips/transpositions of each image")
+        self.flips_check.setChecked(True)
         form.addRow(self.flips_check)
         root.addWidget(model)
 

@@ -95,8 +95,9 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="tiles per forward pass (default: from memory)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument(
-        "--test-time-flips", action="store_true",
-        help="average the predictions of the 8 flips/transpositions of each image (8x slower)",
+        "--test-time-flips", action=argparse.BooleanOptionalAction, default=True,
+        help="average the predictions of the 8 flips/transpositions of each image: a little more accurate, "
+        "8x the prediction time (default: on; --no-test-time-flips for one pass)",
     )
 
 
