@@ -97,3 +97,47 @@ def test_predict_one_pass_on_request(tmp_path, model_file, image_file):
     np.testing.assert_allclose(one_pass, predict_tiled(model, normalize_image(image)), atol=1e-5)
     np.testing.assert_allclose(flipped, predict_tiled(model, normalize_image(image), test_time_flips=True), atol=1e-5)
     assert np.abs(flipped - one_pass).max() > 1e-3
+
+
+def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch):
+    """Neither the image nor any whole-size result is held in memory: peak traced memory stays below half
+    the size of the stack itself (the image read whole and its float32 normalized copy took 3x the stack),
+    and the outputs are the in-memory prediction's."""
+    import tracemalloc
+
+    import napari_unet.normalization as normalization
+
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 1 << 15)  # a constant (8 MiB by default): small here
+    model_path, model = model_file
+    stack = (np.random.default_rng(1).random((96, 256, 256)) * 60000).astype(np.uint16)
+    path = write_tiff(tmp_path / "stack.tif", stack, axes="ZYX")
+    small = write_tiff(tmp_path / "small.tif", stack[:2, :64, :64], axes="ZYX")
+    options = ["--tile", "256", "256", "--batch-size", "2", "--no-test-time-flips"]
+    assert main(["predict", "-m", str(model_path), str(small), "-o", str(tmp_path / "warm-up"), *options]) == 0
+    tracemalloc.start()  # after the warm-up: the imports are not what is measured
+    try:
+        code = main(["predict", "-m", str(model_path), str(path), "-o", str(tmp_path / "o"), *options])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 0
+    assert peak < stack.nbytes / 2, f"peak {peak / 2**20:.1f} MiB for a {stack.nbytes / 2**20:.1f} MiB stack"
+    probabilities, labels, _, _ = _outputs(tmp_path / "o", "stack")
+    planes = [0, 50, 95]  # normalized with the whole stack's percentiles, predicted in memory
+    expected = predict_tiled(model, normalize_image(stack)[planes])
+    np.testing.assert_allclose(probabilities[:, planes], expected, atol=1e-5)
+    np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[probabilities.argmax(0)])
+
+
+def test_predict_refuses_a_corrupt_image_in_one_line(tmp_path, model_file, capsys):
+    model_path, _ = model_file
+    image = (np.random.default_rng(2).random((64, 256, 256)) * 4000).astype(np.uint16)
+    path = write_tiff(tmp_path / "broken.tif", image, axes="ZYX")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[40].dataoffsets[0], tif.pages[40].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(count)  # zeroes for one compressed strip of plane 40
+    path.write_bytes(bytes(data))
+    assert main(["predict", "-m", str(model_path), str(path), "-o", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "not a readable TIFF" in error[0]

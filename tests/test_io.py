@@ -10,7 +10,16 @@ import tifffile
 import torch
 
 from napari_unet import io
-from napari_unet.io import ImageFileError, ModelFileError, load_model, read_image, save_model, write_tiff
+from napari_unet.io import (
+    ImageFileError,
+    ModelFileError,
+    load_model,
+    open_image,
+    read_image,
+    read_pixels,
+    save_model,
+    write_tiff,
+)
 from napari_unet.tiling import predict_tiled
 
 # ---------------------------------------------------------------------------------------
@@ -227,6 +236,19 @@ def test_tiff_round_trip(tmp_path, shape, dtype, axes, scale):
     expected = scale if scale is not None else (1.0,) * len(axes.replace("C", ""))
     np.testing.assert_allclose(info["scale"], expected, rtol=1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["a.tif"]
+    with open_image(path) as (lazy, lazy_info):  # the same image and description, read on demand
+        assert lazy_info == info and lazy.shape == array.shape
+        np.testing.assert_array_equal(read_pixels(lazy, path), array)
+
+
+def test_open_image_drops_singleton_axes_and_reads_only_what_is_sliced(tmp_path):
+    array = (np.random.default_rng(0).random((1, 6, 2, 40, 30)) * 1000).astype(np.uint16)
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, array, imagej=True, metadata={"axes": "TZCYX"})
+    with open_image(path) as (lazy, info):
+        assert info["axes"] == "ZCYX" and lazy.shape == (6, 2, 40, 30)
+        np.testing.assert_array_equal(read_pixels(lazy, path, (4, 1, slice(5, 9))), array[0, 4, 1, 5:9])
+        assert not isinstance(lazy, np.ndarray)  # nothing read until sliced
 
 
 def test_read_rgb_ome_imagej_and_unnamed_axes(tmp_path):

@@ -5,7 +5,13 @@ import warnings
 import numpy as np
 import pytest
 
-from napari_unet.normalization import DEFAULT_RECIPE, normalize, normalize_image, percentile_params
+from napari_unet.normalization import (
+    DEFAULT_RECIPE,
+    normalize,
+    normalize_image,
+    normalized_view,
+    percentile_params,
+)
 
 
 def test_percentiles_map_to_zero_and_one():
@@ -72,3 +78,38 @@ def test_recipe_is_recomputed_per_image_and_input_untouched():
     np.testing.assert_array_equal(normalize_image(image, None), normalize_image(image, DEFAULT_RECIPE))
     with pytest.raises(ValueError, match="unknown normalization"):
         normalize_image(image, {"method": "zscore"})
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int8])
+def test_streamed_percentiles_of_a_lazy_image_equal_numpys(dtype, monkeypatch):
+    """Lazy 8/16-bit images: exact percentiles from a histogram built slab by slab (small slabs here)."""
+    import dask.array as da
+
+    import napari_unet.normalization as normalization
+
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 5000)
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(0)
+    image = rng.integers(info.min, info.max, size=(7, 61, 53), endpoint=True).astype(dtype)
+    image[2, :10] = rng.integers(0, 5, size=(10, 53))  # ties and a lumpy histogram
+    lazy = da.from_array(image, chunks=(2, 30, 30))
+    for low, high in [(1.0, 99.8), (0.0, 100.0), (37.3, 62.1)]:
+        streamed = percentile_params(lazy, low, high)
+        expected = np.percentile(image, [low, high])
+        assert streamed["low_values"] == [expected[0]] and streamed["high_values"] == [expected[1]]
+
+
+def test_normalized_view_reads_what_normalize_image_computes():
+    import dask.array as da
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((5, 40, 30)) * 3000).astype(np.uint16)
+    view = normalized_view(da.from_array(image, chunks=(1, 20, 30)))
+    assert view.shape == image.shape and view.dtype == np.float32
+    np.testing.assert_array_equal(view[2, 5:17, ::3], normalize_image(image)[2, 5:17, ::3])
+
+    channels = rng.random((2, 40, 30)).astype(np.float32) * [[[1.0]], [[50.0]]]
+    view = normalized_view(da.from_array(channels), channel_axis=0)
+    np.testing.assert_array_equal(view[:, 3:9], normalize_image(channels, channel_axis=0)[:, 3:9])
+    with pytest.raises(IndexError, match="all channels"):
+        view[0]

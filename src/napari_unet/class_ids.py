@@ -15,14 +15,15 @@ def labels_dtype(class_ids: Sequence[int]) -> np.dtype:
     return np.min_scalar_type(max(int(i) for i in class_ids))
 
 
-def segmentation_from_probabilities(probabilities, class_ids: Sequence[int]) -> np.ndarray:
+def segmentation_from_probabilities(probabilities, class_ids: Sequence[int], out=None) -> np.ndarray:
     """Labels holding the user's class ids: ``class_ids[argmax]`` per pixel (dtype :func:`labels_dtype`).
 
     ``probabilities`` is ``(n_classes, *spatial)`` (numpy, memmap, zarr...); it is read one index of the first
-    spatial axis at a time, so no full-size integer index array is ever allocated.
+    spatial axis at a time, so no full-size integer index array is ever allocated. ``out``: an array of shape
+    ``spatial`` to write into (e.g. a memmap); default a new one.
     """
     ids = np.asarray(class_ids).astype(labels_dtype(class_ids))
-    segmentation = np.empty(probabilities.shape[1:], dtype=ids.dtype)
+    segmentation = np.empty(probabilities.shape[1:], dtype=ids.dtype) if out is None else out
     for index in range(segmentation.shape[0]):
         segmentation[index] = ids[np.argmax(np.asarray(probabilities[:, index]), axis=0)]
     return segmentation

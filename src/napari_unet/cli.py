@@ -16,6 +16,7 @@ reports user errors by raising :class:`CLIError` (or :class:`~napari_unet.io.Mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -151,7 +152,7 @@ def _prepare_output_folder(out: Path) -> None:
 
 
 def model_input(array, info: dict, in_channels: int, path) -> tuple:
-    """Arrange an image from :func:`~napari_unet.io.read_image` for a model.
+    """Arrange an image from :func:`~napari_unet.io.read_image` or :func:`~napari_unet.io.open_image` for a model.
 
     Returns ``(array, spatial_axes)``: ``(*spatial)`` for a 1-channel model, ``(C, *spatial)``
     (channels first) otherwise. Without a channel axis in the file, a multi-channel model takes
@@ -194,8 +195,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"several images would write the same outputs: {', '.join(duplicates)}")
 
     from .devices import resolve_device
-    from .io import load_model, read_image
-    from .normalization import normalize_image
+    from .io import decode_or_raise, load_model, open_image
+    from .normalization import normalized_view
 
     try:
         device = resolve_device(args.device)
@@ -209,18 +210,18 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     for path, stem in zip(images, stems):
         started = time.monotonic()
-        array, info = read_image(path)
-        array, spatial_axes = model_input(array, info, config["in_channels"], path)
-        image = normalize_image(array, metadata.get("normalization"), channel_axis=0 if config["in_channels"] > 1 else None)
-        del array
-        try:
-            probabilities_path, labels_path = _predict_to_files(
-                model, image, metadata["class_ids"], args.out / stem, spatial_axes, info,
-                tile_shape=tile, batch_size=args.batch_size, device=device,
-                progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
-            )
-        except ValueError as e:
-            raise CLIError(f"{path}: {e}") from None
+        with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
+            lazy, spatial_axes = model_input(lazy, info, config["in_channels"], path)
+            channel_axis = 0 if config["in_channels"] > 1 else None
+            image = decode_or_raise(path, lambda: normalized_view(lazy, metadata.get("normalization"), channel_axis))
+            try:
+                probabilities_path, labels_path = _predict_to_files(
+                    model, image, metadata["class_ids"], args.out / stem, spatial_axes, info,
+                    tile_shape=tile, batch_size=args.batch_size, device=device,
+                    progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
+                )
+            except ValueError as e:
+                raise CLIError(f"{path}: {e}") from None
         print(f"{path} -> {labels_path}, {probabilities_path} ({time.monotonic() - started:.1f}s)", flush=True)
     return 0
 
@@ -230,29 +231,30 @@ def _predict_to_files(model, image, class_ids, prefix: Path, spatial_axes: str, 
 
     The class probabilities (4 bytes per class and pixel, the largest array of a prediction) are predicted into
     a hidden ``.npy`` memory map next to the outputs instead of RAM, the labels are computed from it one plane
-    at a time, and the scratch file is deleted afterwards, also when prediction fails.
+    at a time into another, and both scratch files are deleted afterwards, also when prediction fails.
     """
-    import contextlib
-
     import numpy as np
 
-    from .class_ids import segmentation_from_probabilities
+    from .class_ids import labels_dtype, segmentation_from_probabilities
     from .tiling import predict_tiled
 
-    scratch = prefix.parent / f".{prefix.name}_probabilities.{os.getpid()}.npy"
-    spatial = image.shape[-len(spatial_axes):]
-    probabilities = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(len(class_ids), *spatial))
+    spatial = tuple(image.shape[-len(spatial_axes):])
+    scratch = [prefix.parent / f".{prefix.name}_{kind}.{os.getpid()}.npy" for kind in ("probabilities", "labels")]
     try:
+        probabilities = np.lib.format.open_memmap(scratch[0], mode="w+", dtype=np.float32,
+                                                  shape=(len(class_ids), *spatial))
+        labels = np.lib.format.open_memmap(scratch[1], mode="w+", dtype=labels_dtype(class_ids), shape=spatial)
         predict_tiled(model, image, out=probabilities, **predict)
-        labels = segmentation_from_probabilities(probabilities, class_ids)
+        segmentation_from_probabilities(probabilities, class_ids, out=labels)
         return (
             _write_output(Path(f"{prefix}_probabilities.tif"), probabilities, "C" + spatial_axes, info),
             _write_output(Path(f"{prefix}_labels.tif"), labels, spatial_axes, info),
         )
     finally:
-        del probabilities  # unmapped before the file is deleted (Windows refuses to delete a mapped file)
-        with contextlib.suppress(OSError):  # still mapped through an error's traceback (Windows): it stays
-            scratch.unlink(missing_ok=True)
+        probabilities = labels = None  # unmapped before the files are deleted (Windows refuses to delete a mapped file)
+        for path in scratch:
+            with contextlib.suppress(OSError):  # still mapped through an error's traceback (Windows): it stays
+                path.unlink(missing_ok=True)
 
 
 def _write_output(target: Path, data, axes: str, info: dict) -> Path:

@@ -26,10 +26,11 @@ TIFF images
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 import xml.etree.ElementTree as ET
-from contextlib import suppress
+from contextlib import ExitStack, closing, contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,36 @@ def read_image(path):
     Raises :class:`ImageFileError` for a missing, unreadable or non-TIFF file, an empty image,
     or more than one stack axis (e.g. time and Z).
     """
+    with _open_series(path) as (tif, series):
+        array = decode_or_raise(path, series.asarray)
+        squeeze, info = _describe(path, tif, series)
+    return array[squeeze], info
+
+
+@contextmanager
+def open_image(path):
+    """:func:`read_image` without reading the pixels: yields ``(array, info)``, where ``array`` is a lazy
+    read-only view of the file (a dask array over tifffile's zarr store: slicing it and converting the slice
+    with ``np.asarray`` reads and decodes only the strips/tiles it covers; :func:`read_pixels` does that with
+    this module's errors). The file stays open inside the ``with`` block. Same ``info`` and errors as
+    :func:`read_image`.
+    """
+    import dask.array as da
+    import zarr
+
+    with _open_series(path) as (tif, series), closing(decode_or_raise(path, series.aszarr)) as store:
+        squeeze, info = _describe(path, tif, series)
+        yield da.from_zarr(zarr.open(store, mode="r"))[squeeze], info
+
+
+def read_pixels(lazy, path, key=...) -> np.ndarray:
+    """``np.asarray(lazy[key])`` for an :func:`open_image` array; decoding errors become :class:`ImageFileError`."""
+    return decode_or_raise(path, lambda: np.asarray(lazy[key]))
+
+
+@contextmanager
+def _open_series(path):
+    """Yield ``(TiffFile, its first series)``; ImageFileError for a missing, non-TIFF or empty file."""
     import tifffile
 
     path = Path(path)
@@ -245,28 +276,45 @@ def read_image(path):
         raise ImageFileError(f"image not found: {path}")
     if path.is_dir():
         raise ImageFileError(f"image path is a folder, not a file: {path}")
+    tif = decode_or_raise(path, lambda: tifffile.TiffFile(path))
+    with tif:
+        all_series = decode_or_raise(path, lambda: tif.series)
+        if not all_series:
+            raise ImageFileError(f"{path} contains no image")
+        series = all_series[0]
+        if math.prod(series.shape) == 0:
+            raise ImageFileError(f"{path} holds an empty image (shape {series.shape})")
+        yield tif, series
+
+
+def decode_or_raise(path, read):
+    """``read()``, with the many kinds of errors tifffile/zarr raise on a corrupt ``path`` as :class:`ImageFileError`."""
+    import tifffile
+
     try:
-        with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise ImageFileError(f"{path} contains no image")
-            series = tif.series[0]
-            array = series.asarray()
-            file_axes = series.axes
-            scale, unit = _read_scale(tif, file_axes)
+        return read()
     except ImageFileError:
         raise
     except tifffile.TiffFileError as e:
         raise ImageFileError(f"{path} is not a readable TIFF file: {e}") from None
     except OSError as e:
         raise ImageFileError(f"cannot read {path}: {e.strerror or e}") from None
-    except Exception as e:  # tifffile raises many kinds of errors on corrupt files
+    except MemoryError:
+        raise
+    except Exception as e:
         raise ImageFileError(f"{path} is not a readable TIFF file ({type(e).__name__}: {e})") from None
-    if array.size == 0:
-        raise ImageFileError(f"{path} holds an empty image (shape {array.shape})")
-    keep = [i for i, n in enumerate(array.shape) if n > 1 or file_axes[i] in "YX"]
-    array = array.reshape([array.shape[i] for i in keep])
+
+
+def _describe(path: Path, tif, series) -> tuple[tuple, dict]:
+    """The index that drops the series' singleton axes, and the ``info`` dict of :func:`read_image`."""
+    file_axes = series.axes
+    scale, unit = decode_or_raise(path, lambda: _read_scale(tif, file_axes))
+    shape = series.shape
+    keep = [i for i, n in enumerate(shape) if n > 1 or file_axes[i] in "YX"]
+    squeeze = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
+    shape = [shape[i] for i in keep]
     file_axes = "".join(file_axes[i] for i in keep)
-    if "Q" in file_axes and array.ndim == 3 and array.shape[-1] <= 4 < min(array.shape[:2]):
+    if "Q" in file_axes and len(shape) == 3 and shape[-1] <= 4 < min(shape[:2]):
         file_axes = "YXS"  # axes unknown: a small trailing axis is channels-last (e.g. RGB as minisblack)
     axes = _canonical_axes(path, file_axes)
     spatial = [file_axes[i] for i, a in enumerate(axes) if a != "C"]
@@ -276,7 +324,7 @@ def read_image(path):
         "scale": tuple(float(scale.get(a, 1.0)) for a in spatial),
         "unit": unit,
     }
-    return array, info
+    return squeeze, info
 
 
 def _canonical_axes(path: Path, file_axes: str) -> str:

@@ -11,9 +11,17 @@ recipe's parameters on a new image and applies them.
 Non-finite pixels: NaN and +/-Inf are ignored when the percentiles are computed, and every
 pixel that is not finite after normalization (NaN/Inf input, or float32 overflow) is set to 0,
 so a few bad pixels neither shift the intensity scale nor poison the prediction.
+
+Images larger than memory: :func:`normalized_view` takes a lazy array (anything sliceable with a
+``shape`` and ``dtype``, e.g. :func:`napari_unet.io.open_image`'s) and returns a
+:class:`NormalizedView` that normalizes what is read from it. The percentiles of 8- and 16-bit
+integer images are computed exactly from a histogram accumulated slab by slab (the same values as
+``np.percentile`` on the whole image); other types are read whole once for them.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -43,14 +51,16 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
     """
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
-    image = np.asarray(image)
-    if image.size == 0:
+    if not _is_lazy(image):
+        image = np.asarray(image)
+    if math.prod(image.shape) == 0:
         raise ValueError("cannot compute normalization parameters of an empty image")
     if channel_axis is None:
         channels = [image]
     else:
-        channel_axis = channel_axis % image.ndim
-        channels = [np.take(image, c, axis=channel_axis) for c in range(image.shape[channel_axis])]
+        channel_axis = channel_axis % len(image.shape)
+        before = (slice(None),) * channel_axis
+        channels = [image[before + (c,)] for c in range(image.shape[channel_axis])]
     low_values, high_values = [], []
     for channel in channels:
         lo, hi = _finite_percentiles(channel, low, high)
@@ -66,8 +76,45 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
     }
 
 
-def _finite_percentiles(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    values = values.ravel()
+def _is_lazy(image) -> bool:
+    return not isinstance(image, np.ndarray) and hasattr(image, "shape") and hasattr(image, "dtype")
+
+
+_SLAB_PIXELS = 1 << 20  # 8 MiB of histogram indices per slab
+
+
+def _histogram_percentiles(values, low: float, high: float) -> tuple[float, float]:
+    """Exact linear-interpolation percentiles (``np.percentile``'s) of an 8/16-bit integer lazy array,
+    from a histogram accumulated over slabs of the first axis."""
+    dtype = np.dtype(values.dtype)
+    offset = int(np.iinfo(dtype).min)
+    counts = np.zeros(1 << (8 * dtype.itemsize), np.int64)
+    shape = tuple(values.shape)
+    step = max(1, _SLAB_PIXELS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        indices = np.asarray(values[start:start + step]).astype(np.int64).ravel()
+        indices -= offset
+        counts += np.bincount(indices, minlength=counts.size)
+    cumulative = np.cumsum(counts)
+    last = int(cumulative[-1]) - 1
+
+    def order_statistic(k: int) -> float:
+        return float(np.searchsorted(cumulative, k, side="right") + offset)
+
+    result = []
+    for q in (low, high):
+        position = q / 100.0 * last
+        below = math.floor(position)
+        a, b = order_statistic(below), order_statistic(min(below + 1, last))
+        result.append(float(np.percentile([a, b], 100.0 * (position - below))))  # numpy's own interpolation
+    return result[0], result[1]
+
+
+def _finite_percentiles(values, low: float, high: float) -> tuple[float, float]:
+    dtype = np.dtype(values.dtype)
+    if _is_lazy(values) and np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2:
+        return _histogram_percentiles(values, low, high)
+    values = np.asarray(values).ravel()
     if np.issubdtype(values.dtype, np.complexfloating):
         raise ValueError("complex images are not supported")
     if np.issubdtype(values.dtype, np.floating):
@@ -118,6 +165,22 @@ def normalize(image, params: dict) -> np.ndarray:
     return out
 
 
+def image_params(image, recipe: dict | None = None, channel_axis=None) -> dict:
+    """The normalization parameters of ``image`` under a model's recipe (see :func:`normalize_image`)."""
+    recipe = DEFAULT_RECIPE if recipe is None else recipe
+    method = recipe.get("method", "percentile")
+    if method == "none":
+        return {"method": "none"}
+    if method != "percentile":
+        raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
+    return percentile_params(
+        image,
+        low=recipe.get("low", DEFAULT_RECIPE["low"]),
+        high=recipe.get("high", DEFAULT_RECIPE["high"]),
+        channel_axis=channel_axis,
+    )
+
+
 def normalize_image(image, recipe: dict | None = None, channel_axis=None) -> np.ndarray:
     """Normalize a whole image with a model's normalization recipe (float32 result).
 
@@ -126,16 +189,34 @@ def normalize_image(image, recipe: dict | None = None, channel_axis=None) -> np.
     image (any stored ``low_values``/``high_values`` are ignored), ``{"method": "none"}``
     only converts to float32. Non-finite pixels become 0.
     """
-    recipe = DEFAULT_RECIPE if recipe is None else recipe
-    method = recipe.get("method", "percentile")
-    if method == "none":
-        return normalize(image, recipe)
-    if method != "percentile":
-        raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
-    params = percentile_params(
-        image,
-        low=recipe.get("low", DEFAULT_RECIPE["low"]),
-        high=recipe.get("high", DEFAULT_RECIPE["high"]),
-        channel_axis=channel_axis,
-    )
-    return normalize(image, params)
+    return normalize(image, image_params(image, recipe, channel_axis))
+
+
+class NormalizedView:
+    """Read-only lazy normalized image: ``view[key]`` is ``normalize(source[key], params)`` (float32).
+
+    With per-channel ``params`` the channels must be the first axis and every key must keep all of them
+    (start with ``slice(None)``), as :func:`napari_unet.tiling.predict_tiled` reads multi-channel tiles.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, source, params: dict):
+        if params.get("channel_axis") not in (None, 0):
+            raise ValueError("a NormalizedView needs the channels first (channel_axis 0)")
+        self.source, self.params = source, params
+        self.shape = tuple(source.shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self.params.get("channel_axis") == 0:
+            first = key[0] if isinstance(key, tuple) and key else key
+            if first != slice(None):
+                raise IndexError("a per-channel NormalizedView is read with all channels (key starting with ':')")
+        return normalize(np.asarray(self.source[key]), self.params)
+
+
+def normalized_view(image, recipe: dict | None = None, channel_axis=None) -> NormalizedView:
+    """:func:`normalize_image` for images larger than memory: the parameters are computed now (streaming
+    for 8/16-bit integers), the normalization when a part of the returned view is read."""
+    return NormalizedView(image, image_params(image, recipe, channel_axis))
