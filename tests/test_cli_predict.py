@@ -141,3 +141,161 @@ def test_predict_refuses_a_corrupt_image_in_one_line(tmp_path, model_file, capsy
     assert main(["predict", "-m", str(model_path), str(path), "-o", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "not a readable TIFF" in error[0]
+
+
+def test_stacks_channels_and_nan(tmp_path, make_model):
+    rng = np.random.default_rng(2)
+    two_d = save_model(make_model(), tmp_path / "gray.safetensors")
+    stack = rng.random((3, 40, 50)).astype(np.float32)
+    stack[1, 5:9, 5:9] = np.nan
+    stack[2, 0, 0] = np.inf
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+
+    rgb_model = save_model(make_model(in_channels=3, n_classes=2), tmp_path / "rgb.safetensors")
+    rgb = (rng.random((40, 50, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "photo.tif", rgb, photometric="rgb")
+    write_tiff(tmp_path / "planes.tif", np.moveaxis(rgb, -1, 0), axes="CYX")
+
+    out = tmp_path / "out"
+    assert main(["predict", "-m", str(two_d), str(tmp_path / "stack.tif"), "-o", str(out), "--batch-size", "2"]) == 0
+    probabilities, labels, _, l_info = _outputs(out, "stack")
+    assert probabilities.shape == (3, 3, 40, 50) and labels.shape == (3, 40, 50) and l_info["axes"] == "ZYX"
+    assert np.isfinite(probabilities).all()
+
+    args = ["predict", "-m", str(rgb_model), str(tmp_path / "photo.tif"), str(tmp_path / "planes.tif"), "-o", str(out)]
+    assert main(args) == 0
+    photo, photo_labels, _, _ = _outputs(out, "photo")
+    planes, _, _, _ = _outputs(out, "planes")
+    assert photo.shape == (2, 40, 50) and photo_labels.max() <= 2
+    np.testing.assert_allclose(photo, planes, atol=1e-6)
+
+
+def test_3d_model_on_a_volume(tmp_path, make_model):
+    model = save_model(make_model(ndim=3, depth=1, base_filters=2, n_classes=2), tmp_path / "m3.safetensors")
+    volume = np.random.default_rng(3).random((9, 20, 24)).astype(np.float32)
+    write_tiff(tmp_path / "vol.tif", volume, axes="ZYX")
+    out = tmp_path / "out"
+    assert main(["predict", "-m", str(model), str(tmp_path / "vol.tif"), "-o", str(out), "--tile", "8", "8", "8"]) == 0
+    probabilities, labels, _, _ = _outputs(out, "vol")
+    assert probabilities.shape == (2, 9, 20, 24) and labels.shape == (9, 20, 24)
+
+
+def test_tile_option_before_images_and_output_stems(tmp_path, model_file, image_file):
+    model_path, _ = model_file
+    image_path, _ = image_file
+    ome = image_path.with_name("copy.ome.tif")
+    shutil.copy(image_path, ome)
+    out = tmp_path / "o"
+    assert main(["predict", "-m", str(model_path), "-o", str(out), "--tile", "48", "48", str(image_path), str(ome)]) == 0
+    assert (out / "cells_labels.tif").exists() and (out / "copy_labels.tif").exists()
+    assert output_stem(image_path) == "cells" and output_stem(ome) == "copy"
+
+
+def test_console_script(tmp_path, model_file, image_file):
+    script = shutil.which("napari-unet")
+    assert script, "the napari-unet console script is not installed (pip install -e .)"
+    model_path, _ = model_file
+    image_path, _ = image_file
+    out = tmp_path / "script_out"
+    done = subprocess.run(
+        [script, "predict", "--model", str(model_path), str(image_path), "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "cells_probabilities.tif").exists() and (out / "cells_labels.tif").exists()
+
+    bad = subprocess.run([script, "predict", "--model", str(image_path), str(image_path), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    _assert_one_line_error(bad.stderr, "not a valid safetensors")
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, make_model, malicious_pickle):
+    """Files for the bad-input cases, made once: (folder, model path, good image path)."""
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    model_path = save_model(make_model(), folder / "model.safetensors")
+    image_path = write_tiff(folder / "cells.tif", np.zeros((40, 40), np.uint16))
+    (folder / "notes.txt").write_text("hello")
+    with pytest.warns(UserWarning):
+        tifffile.imwrite(folder / "empty.tif", np.zeros((0, 4), np.uint8))
+    good = model_path.read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    malicious_pickle(folder / "evil.safetensors", folder / "pwned")
+    torch.save(make_model().state_dict(), folder / "weights.pt")
+    save_model(make_model(in_channels=3), folder / "rgb.safetensors")
+    write_tiff(folder / "two_channels.tif", np.zeros((2, 30, 30), np.float32), axes="CYX")
+    return folder, model_path, image_path
+
+
+BAD_CASES = {  # name -> (argv after 'predict', with {d} the bad_inputs folder; expected message fragment)
+    "missing image": ("-m {d}/model.safetensors {d}/nope.tif", "image not found"),
+    "non-TIFF image": ("-m {d}/model.safetensors {d}/notes.txt", "not a readable TIFF"),
+    "empty image": ("-m {d}/model.safetensors {d}/empty.tif", "empty image"),
+    "no image": ("-m {d}/model.safetensors", "at least one IMAGE"),
+    "missing model": ("-m {d}/none.safetensors {d}/cells.tif", "model file not found"),
+    "corrupt model": ("-m {d}/truncated.safetensors {d}/cells.tif", "corrupt or truncated"),
+    "malicious model": ("-m {d}/evil.safetensors {d}/cells.tif", "refused"),
+    "torch pickle model": ("-m {d}/weights.pt {d}/cells.tif", "PyTorch"),
+    "image as model": ("-m {d}/cells.tif {d}/cells.tif", "not a valid safetensors"),
+    "too few channels": ("-m {d}/rgb.safetensors {d}/cells.tif", "expects 3 channel(s), the image has 1"),
+    "too many channels": ("-m {d}/model.safetensors {d}/two_channels.tif", "expects 1 channel(s), the image has 2"),
+    "bad tile": ("-m {d}/model.safetensors {d}/cells.tif --tile 32", "--tile needs 2"),
+    "3D tile for 2D model": ("-m {d}/model.safetensors {d}/cells.tif --tile 8 32 32", "needs 2 sizes"),
+    "duplicate stems": ("-m {d}/model.safetensors {d}/cells.tif {d}/cells.tif", "same outputs"),
+    "unknown device": ("-m {d}/model.safetensors {d}/cells.tif --device tpu", "unknown device"),
+}
+
+
+def _assert_one_line_error(err, fragment):
+    assert err.startswith("napari-unet: error: ") and err.count("\n") == 1, err
+    assert fragment in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_one_line_error(tmp_path, bad_inputs, capsys, case):
+    folder = bad_inputs[0]
+    args, fragment = BAD_CASES[case]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["predict", *args.format(d=folder).split(), "-o", str(out)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, fragment)
+    assert not (folder / "pwned").exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(("out", "fragment"), [("notes.txt", "not a folder"), ("notes.txt/sub", "not writable")])
+def test_unwritable_output_folder(bad_inputs, capsys, out, fragment):
+    folder, model_path, image_path = bad_inputs
+    assert main(["predict", "-m", str(model_path), str(image_path), "-o", str(folder / out)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_device_is_one_line_error(tmp_path, bad_inputs, capsys):
+    _, model_path, image_path = bad_inputs
+    argv = ["predict", "-m", str(model_path), str(image_path), "-o", str(tmp_path / "o"), "--device", "cuda"]
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, "'cuda' is not available")
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--out", "x", "image.tif"])  # --model is required
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_progress_bar_shows_only_on_long_runs():
+    stream = stdio.StringIO()
+    quick = ProgressBar("a.tif", stream=stream, delay=60)
+    quick(1, 2)
+    quick(2, 2)
+    assert stream.getvalue() == ""
+    slow = ProgressBar("b.tif", stream=stream, delay=0, log_interval=0)
+    slow(1, 4)
+    slow(4, 4)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "1/4 tiles" in lines[0] and "left" in lines[0] and "4/4 tiles" in lines[1]
