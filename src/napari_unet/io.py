@@ -13,7 +13,8 @@ Model files
     mid-save leaves the previous file intact.
 
 TIFF images
-    :func:`read_image` reads the first image series with tifffile and describes its axes with
+    :func:`read_image` reads the first image series with tifffile (:func:`open_image`: the same
+    image as a lazy array that reads only what is sliced) and describes its axes with
     the letters ``Z`` (stack: Z, time or an unnamed sequence), ``C`` (channels or RGB
     samples), ``Y`` and ``X``; when the file does not name its axes, a trailing axis of at most
     4 that is smaller than the others is taken as channels-last (``YXC``). The pixel size

@@ -211,7 +211,7 @@ class NormalizedView:
     def __getitem__(self, key) -> np.ndarray:
         if self.params.get("channel_axis") == 0:
             first = key[0] if isinstance(key, tuple) and key else key
-            if first != slice(None):
+            if not (isinstance(first, slice) and first == slice(None)):
                 raise IndexError("a per-channel NormalizedView is read with all channels (key starting with ':')")
         return normalize(np.asarray(self.source[key]), self.params)
 
