@@ -195,7 +195,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"several images would write the same outputs: {', '.join(duplicates)}")
 
     from .devices import resolve_device
-    from .io import decode_or_raise, load_model, open_image
+    from .io import load_model, open_image
     from .normalization import normalized_view
 
     try:
@@ -213,13 +213,15 @@ def _run_predict(args: argparse.Namespace) -> int:
         with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
             lazy, spatial_axes = model_input(lazy, info, config["in_channels"], path)
             channel_axis = 0 if config["in_channels"] > 1 else None
-            image = decode_or_raise(path, lambda: normalized_view(lazy, metadata.get("normalization"), channel_axis))
+            image = normalized_view(lazy, metadata.get("normalization"), channel_axis)  # one streaming read
             try:
                 probabilities_path, labels_path = _predict_to_files(
                     model, image, metadata["class_ids"], args.out / stem, spatial_axes, info,
                     tile_shape=tile, batch_size=args.batch_size, device=device,
                     progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
                 )
+            except ImageFileError:
+                raise  # names the file already
             except ValueError as e:
                 raise CLIError(f"{path}: {e}") from None
         print(f"{path} -> {labels_path}, {probabilities_path} ({time.monotonic() - started:.1f}s)", flush=True)

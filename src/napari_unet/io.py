@@ -241,7 +241,7 @@ def read_image(path):
     or more than one stack axis (e.g. time and Z).
     """
     with _open_series(path) as (tif, series):
-        array = decode_or_raise(path, series.asarray)
+        array = _decode(path, series.asarray)
         squeeze, info = _describe(path, tif, series)
     return array[squeeze], info
 
@@ -250,21 +250,28 @@ def read_image(path):
 def open_image(path):
     """:func:`read_image` without reading the pixels: yields ``(array, info)``, where ``array`` is a lazy
     read-only view of the file (a dask array over tifffile's zarr store: slicing it and converting the slice
-    with ``np.asarray`` reads and decodes only the strips/tiles it covers; :func:`read_pixels` does that with
-    this module's errors). The file stays open inside the ``with`` block. Same ``info`` and errors as
-    :func:`read_image`.
+    with ``np.asarray`` reads and decodes only the strips/tiles it covers, and a strip that cannot be decoded
+    raises :class:`ImageFileError`). The file stays open inside the ``with`` block. Same ``info`` and errors
+    as :func:`read_image`.
     """
     import dask.array as da
     import zarr
 
-    with _open_series(path) as (tif, series), closing(decode_or_raise(path, series.aszarr)) as store:
+    with _open_series(path) as (tif, series), closing(_decode(path, series.aszarr)) as store:
         squeeze, info = _describe(path, tif, series)
-        yield da.from_zarr(zarr.open(store, mode="r"))[squeeze], info
+        pixels = zarr.open(store, mode="r")
+        yield da.from_array(_CheckedReader(pixels, path), chunks=pixels.chunks, lock=False)[squeeze], info
 
 
-def read_pixels(lazy, path, key=...) -> np.ndarray:
-    """``np.asarray(lazy[key])`` for an :func:`open_image` array; decoding errors become :class:`ImageFileError`."""
-    return decode_or_raise(path, lambda: np.asarray(lazy[key]))
+class _CheckedReader:
+    """``source[key]`` with decoding errors as :class:`ImageFileError` (what dask reads an open image through)."""
+
+    def __init__(self, source, path):
+        self.source, self.path = source, path
+        self.shape, self.dtype, self.ndim = source.shape, source.dtype, source.ndim
+
+    def __getitem__(self, key):
+        return _decode(self.path, lambda: self.source[key])
 
 
 @contextmanager
@@ -277,9 +284,9 @@ def _open_series(path):
         raise ImageFileError(f"image not found: {path}")
     if path.is_dir():
         raise ImageFileError(f"image path is a folder, not a file: {path}")
-    tif = decode_or_raise(path, lambda: tifffile.TiffFile(path))
+    tif = _decode(path, lambda: tifffile.TiffFile(path))
     with tif:
-        all_series = decode_or_raise(path, lambda: tif.series)
+        all_series = _decode(path, lambda: tif.series)
         if not all_series:
             raise ImageFileError(f"{path} contains no image")
         series = all_series[0]
@@ -288,7 +295,7 @@ def _open_series(path):
         yield tif, series
 
 
-def decode_or_raise(path, read):
+def _decode(path, read):
     """``read()``, with the many kinds of errors tifffile/zarr raise on a corrupt ``path`` as :class:`ImageFileError`."""
     import tifffile
 
@@ -309,7 +316,7 @@ def decode_or_raise(path, read):
 def _describe(path: Path, tif, series) -> tuple[tuple, dict]:
     """The index that drops the series' singleton axes, and the ``info`` dict of :func:`read_image`."""
     file_axes = series.axes
-    scale, unit = decode_or_raise(path, lambda: _read_scale(tif, file_axes))
+    scale, unit = _decode(path, lambda: _read_scale(tif, file_axes))
     shape = series.shape
     keep = [i for i, n in enumerate(shape) if n > 1 or file_axes[i] in "YX"]
     squeeze = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
