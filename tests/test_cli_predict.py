@@ -48,7 +48,7 @@ def test_predict_round_trip(tmp_path, model_file, image_file, capsys):
     assert p_info["axes"] == "CYX" and l_info["axes"] == "YX"
     assert p_info["scale"] == (0.5, 0.5) and l_info["scale"] == (0.5, 0.5)
     np.testing.assert_allclose(probabilities.sum(axis=0), 1, atol=1e-5)
-    expected = predict_tiled(model, normalize_image(image), test_time_flips=True)  # the default
+    expected = predict_tiled(model, normalize_image(image), test_time_flips=True, refine_radius=1)  # the default
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(probabilities, axis=0)])
@@ -85,18 +85,38 @@ def test_predict_streams_probabilities_through_a_scratch_file(tmp_path, model_fi
     assert list(failed.iterdir()) == []
 
 
-def test_predict_one_pass_on_request(tmp_path, model_file, image_file):
-    """``--no-test-time-flips`` predicts one pass; the default averages the 8 flips/transpositions."""
+def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_file):
+    """The default averages the 8 flips/transpositions and snaps to edges (radius 1); ``--no-test-time-flips``
+    and ``--refine-radius 0`` turn each off, ``--refine-radius``/``--refine-eps`` set the guided filter."""
     model_path, model = model_file
     image_path, image = image_file
+    normalized = normalize_image(image)
     args = ["predict", "--model", str(model_path), str(image_path), "--tile", "32", "32"]
-    assert main(args + ["--out", str(tmp_path / "default")]) == 0
-    assert main(args + ["--out", str(tmp_path / "one"), "--no-test-time-flips"]) == 0
-    flipped, _, _, _ = _outputs(tmp_path / "default", "cells")
-    one_pass, _, _, _ = _outputs(tmp_path / "one", "cells")
-    np.testing.assert_allclose(one_pass, predict_tiled(model, normalize_image(image)), atol=1e-5)
-    np.testing.assert_allclose(flipped, predict_tiled(model, normalize_image(image), test_time_flips=True), atol=1e-5)
-    assert np.abs(flipped - one_pass).max() > 1e-3
+    runs = {
+        "default": ([], dict(test_time_flips=True, refine_radius=1)),
+        "raw": (["--no-test-time-flips", "--refine-radius", "0"], {}),
+        "flips": (["--refine-radius", "0"], dict(test_time_flips=True)),
+        "wide": (["--refine-radius", "3", "--refine-eps", "0.05"],
+                 dict(test_time_flips=True, refine_radius=3, refine_eps=0.05)),
+    }
+    results = {}
+    for name, (extra, expected) in runs.items():
+        assert main(args + extra + ["--out", str(tmp_path / name)]) == 0
+        results[name], labels, _, _ = _outputs(tmp_path / name, "cells")
+        np.testing.assert_allclose(results[name], predict_tiled(model, normalized, **expected), atol=1e-5)
+        np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(results[name], axis=0)])
+    for a, b in (("raw", "flips"), ("flips", "default"), ("default", "wide")):
+        assert np.abs(results[a] - results[b]).max() > 1e-3, (a, b)
+
+
+@pytest.mark.parametrize("bad", [["--refine-radius", "-1"], ["--refine-radius", "1.5"], ["--refine-eps", "0"],
+                                 ["--refine-eps", "nan"], ["--refine-eps", "inf"], ["--refine-eps", "x"]])
+def test_bad_refinement_options_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", "m.safetensors", "--out", "x", "image.tif", *bad])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert bad[0] in err and "Traceback" not in err
 
 
 def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch):
@@ -106,8 +126,10 @@ def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch):
     import tracemalloc
 
     import napari_unet.normalization as normalization
+    import napari_unet.refine as refine
 
     monkeypatch.setattr(normalization, "_SLAB_PIXELS", 1 << 15)  # a constant (8 MiB by default): small here
+    monkeypatch.setattr(refine, "_BAND_PIXELS", 1 << 14)  # the same for the edge refinement's bands
     model_path, model = model_file
     stack = (np.random.default_rng(1).random((96, 256, 256)) * 60000).astype(np.uint16)
     path = write_tiff(tmp_path / "stack.tif", stack, axes="ZYX")
@@ -124,7 +146,7 @@ def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch):
     assert peak < stack.nbytes / 2, f"peak {peak / 2**20:.1f} MiB for a {stack.nbytes / 2**20:.1f} MiB stack"
     probabilities, labels, _, _ = _outputs(tmp_path / "o", "stack")
     planes = [0, 50, 95]  # normalized with the whole stack's percentiles, predicted in memory
-    expected = predict_tiled(model, normalize_image(stack)[planes])
+    expected = predict_tiled(model, normalize_image(stack)[planes], refine_radius=1)  # refined slice by slice
     np.testing.assert_allclose(probabilities[:, planes], expected, atol=1e-5)
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[probabilities.argmax(0)])
 

@@ -119,18 +119,22 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     np.testing.assert_array_equal(viewer.layers["cells labels"].data, labels_before)
     assert viewer.layers["cells labels"].data.dtype == labels_before.dtype
 
-    # Test-time flips (on by default): the probabilities layer holds the flip-averaged prediction; unticked, one pass.
+    # Test-time flips and edge refinement (radius 1) are on by default: the probabilities layer holds their
+    # prediction; with "Snap to edges" off the flips alone, unticked flips one pass.
     from napari_unet import normalize_image, predict_tiled
 
     normalized = normalize_image(viewer.layers["cells"].data, widget.metadata["normalization"])
-    assert widget.flips_check.isChecked()
+    assert widget.flips_check.isChecked() and widget.refine_spin.value() == 1
     np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
-                               predict_tiled(widget.model, normalized, test_time_flips=True), atol=1e-5)
-    widget.flips_check.setChecked(False)
-    widget.predict()
-    wait_idle(qtbot, widget)
-    np.testing.assert_allclose(viewer.layers["cells probabilities"].data, predict_tiled(widget.model, normalized),
+                               predict_tiled(widget.model, normalized, test_time_flips=True, refine_radius=1),
                                atol=1e-5)
+    for flips, radius in ((True, 0), (False, 0)):
+        widget.flips_check.setChecked(flips)
+        widget.refine_spin.setValue(radius)
+        widget.predict()
+        wait_idle(qtbot, widget)
+        np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
+                                   predict_tiled(widget.model, normalized, test_time_flips=flips), atol=1e-5)
 
 
 def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):

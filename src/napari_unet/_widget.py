@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from .class_ids import labels_dtype
+from .refine import DEFAULT_RADIUS
 from ._layers import (
     layer_array,
     output_layer,
@@ -182,6 +183,15 @@ class UNetWidget(QWidget):
         self.flips_check.setToolTip("Predict and Segment all average the 8 flips/transpositions of each image")
         self.flips_check.setChecked(True)
         form.addRow(self.flips_check)
+        self.refine_spin = self._spin(
+            0, 16, DEFAULT_RADIUS,
+            "Predict and Segment all snap the probabilities to the image's edges with a guided filter of this "
+            "window half-width (pixels); 0 keeps the network's probabilities as they are. Larger windows can "
+            "thin structures narrower than the window.",
+        )
+        self.refine_spin.setSuffix(" px")
+        self.refine_spin.setSpecialValueText("off")
+        form.addRow("Snap to edges", self.refine_spin)
         root.addWidget(model)
 
         advanced = QCollapsible("Advanced settings")
@@ -791,6 +801,7 @@ class UNetWidget(QWidget):
             device=self.device_combo.currentText(),
             uncertainty=self.uncertainty_check.isChecked(),
             test_time_flips=self.flips_check.isChecked(),
+            refine_radius=self.refine_spin.value(),
             progress=self._relay.tiles.emit,
             stop=self._stop,
             _start_thread=False,

@@ -217,14 +217,16 @@ def predict_steps(
     device: str = "auto",
     uncertainty: bool = False,
     test_time_flips: bool = False,
+    refine_radius: int = 0,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[tuple]:
     """Overlap-tile prediction of several images; a generator for a napari worker.
 
-    Each image is normalized as a whole with the model's recipe, predicted with ``predict_tiled`` and
-    yielded as ``("result", PredictResult)``; ``progress(done, total)`` counts tiles within the current
-    image and ``("image", index, count, name)`` announces each image. ``stop`` raises
+    Each image is normalized as a whole with the model's recipe, predicted with ``predict_tiled``
+    (``test_time_flips`` and ``refine_radius`` as there) and yielded as ``("result", PredictResult)``;
+    ``progress(done, total)`` counts tiles within the current image and ``("image", index, count, name)``
+    announces each image. ``stop`` raises
     ``tiling.PredictionStopped`` at the next tile batch. Returns the number of images done.
     """
     from .devices import resolve_device
@@ -239,7 +241,8 @@ def predict_steps(
                 yield ("image", index, len(jobs), job.name)
                 normalized = normalize_image(job.image, metadata.get("normalization"))
                 probabilities = predict_tiled(model, normalized, device=target, progress=progress,
-                                              should_stop=stop.is_set, test_time_flips=test_time_flips)
+                                              should_stop=stop.is_set, test_time_flips=test_time_flips,
+                                              refine_radius=refine_radius)
                 yield ("result", PredictResult(
                     job.name,
                     probabilities,

@@ -1,7 +1,8 @@
 """The ``napari-unet`` command line.
 
 ``napari-unet predict --model MODEL IMAGE [IMAGE ...] --out DIR [--tile Y X | Z Y X]
-[--batch-size N] [--device auto|cpu|cuda|mps]`` segments TIFF images with a saved model;
+[--batch-size N] [--device auto|cpu|cuda|mps] [--no-test-time-flips] [--refine-radius PX]`` segments TIFF
+images with a saved model;
 ``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels;
 ``napari-unet demo`` trains and predicts on the bundled sample images.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .io import ImageFileError, ModelFileError
+from .refine import DEFAULT_EPS, DEFAULT_RADIUS
 
 PROG = "napari-unet"
 
@@ -100,15 +102,40 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="average the predictions of the 8 flips/transpositions of each image: a little more accurate, "
         "8x the prediction time (default: on; --no-test-time-flips for one pass)",
     )
+    parser.add_argument(
+        "--refine-radius", type=_non_negative_int, default=DEFAULT_RADIUS, metavar="PX",
+        help="snap the probabilities to the image's edges with a guided filter of this window half-width "
+        f"(default {DEFAULT_RADIUS}; 0: the network's probabilities as they are)",
+    )
+    parser.add_argument(
+        "--refine-eps", type=_positive_float, default=DEFAULT_EPS, metavar="EPS",
+        help="edges whose local intensity variance (normalized image) is well below EPS are smoothed over "
+        f"(default {DEFAULT_EPS})",
+    )
 
 
 def _positive_int(text: str) -> int:
+    return _bounded_number(text, int, "an integer", 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _bounded_number(text, int, "an integer", 0)
+
+
+def _positive_float(text: str) -> float:
+    value = _bounded_number(text, float, "a number", 0.0)
+    if value == 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {value}")
+    return value
+
+
+def _bounded_number(text: str, kind, what: str, minimum):
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not value >= minimum:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
 
 
@@ -219,6 +246,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                     model, image, metadata["class_ids"], args.out / stem, spatial_axes, info,
                     tile_shape=tile, batch_size=args.batch_size, device=device,
                     progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
+                    refine_radius=args.refine_radius, refine_eps=args.refine_eps,
                 )
             except ImageFileError:
                 raise  # names the file already

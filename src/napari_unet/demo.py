@@ -1,8 +1,8 @@
 """Headless demo on the bundled CC0 DSB 2018 nuclei images (``napari-unet demo``).
 
 Trains a U-Net on the simulated strokes of ``nuclei1.tif`` (1 = background, 2 = nucleus), predicts the other
-bundled images (averaging the 8 flips/transpositions, as ``napari-unet predict`` does by default), writes the
-model, probabilities and labels, and reports the foreground Dice of each prediction against its ground truth.
+bundled images (averaging the 8 flips/transpositions and snapping to edges, as ``napari-unet predict`` does by
+default), writes the model, probabilities and labels, and reports the foreground Dice of each prediction against its ground truth.
 :func:`sample_paths` gives the bundled files (napari sample data reuses them).
 """
 
@@ -55,6 +55,7 @@ def run_demo(
     from .devices import available_cores
     from .io import write_tiff
     from .normalization import normalize_image
+    from .refine import DEFAULT_RADIUS
     from .tiling import predict_tiled
     from .training import train
 
@@ -83,7 +84,7 @@ def run_demo(
     for path, truth_path in zip(paths["images"][1:], paths["truths"][1:]):
         image = tifffile.imread(path)
         probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization), device=device,
-                                      test_time_flips=True)
+                                      test_time_flips=True, refine_radius=DEFAULT_RADIUS)
         labels = segmentation_from_probabilities(probabilities, trainer.class_ids)
         write_tiff(out / f"{path.stem}_probabilities.tif", probabilities, axes="CYX")
         write_tiff(out / f"{path.stem}_labels.tif", labels, axes="YX")

@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .refine import DEFAULT_EPS, refine_probabilities
+
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 """Activation memory a tile batch may use by default (it sets the default tile and batch size)."""
 
@@ -187,6 +189,8 @@ def predict_tiled(
     should_stop: Callable[[], bool] | None = None,
     amp: bool = False,
     test_time_flips: bool = False,
+    refine_radius: int = 0,
+    refine_eps: float = DEFAULT_EPS,
 ) -> np.ndarray:
     """Softmax probabilities of ``model`` over ``image`` by exact overlap-tile prediction.
 
@@ -218,6 +222,11 @@ def predict_tiled(
         exact: the result equals the average of whole-image passes over the flipped reflect-padded image,
         because a legal input tile has an even length at every pooling level and so pools the same pixel
         pairs whichever end it is read from.
+    refine_radius, refine_eps : int, float
+        When ``refine_radius > 0``, the assembled probabilities are snapped to the image's edges by
+        :func:`napari_unet.refine.refine_probabilities` (a guided filter with ``image`` as the guide, read
+        band by band; exact, so tiled and whole-image results still agree). 0 (the default) leaves the
+        network's probabilities as they are.
 
     Returns
     -------
@@ -278,4 +287,8 @@ def predict_tiled(
             done += len(batch)
             if progress is not None:
                 progress(done, total)
+    if refine_radius:
+        if should_stop is not None and should_stop():
+            raise PredictionStopped(f"prediction stopped after {done} of {total} tiles, before refinement")
+        refine_probabilities(out, image, spatial_ndim=model.ndim, radius=refine_radius, eps=refine_eps, out=out)
     return out
