@@ -3,9 +3,10 @@
 Writes a random uint8 ``SIZE x SIZE`` TIFF and a tiny 3-class model (depth 2, 4 filters: the network is not what is
 measured) to a temporary folder, runs the CLI once on a small image (so imports are not counted), then runs it on
 the large image twice: under ``tracemalloc`` (peak traced memory: numpy buffers and Python objects; torch's own
-allocator and memory maps are not traced) and without it (wall time). One pass (``--no-test-time-flips``).
+allocator and memory maps are not traced) and without it (wall time). One pass (``--no-test-time-flips``), with the
+CLI's default edge refinement unless ``--refine-radius`` says otherwise (0: off).
 
-    python bench/predict_memory.py [--size 8000] [--threads 2]
+    python bench/predict_memory.py [--size 8000] [--threads 2] [--refine-radius PX]
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 from napari_unet.cli import main as cli
 from napari_unet.io import save_model, write_tiff
 from napari_unet.model import UNet
+from napari_unet.refine import DEFAULT_RADIUS
 
 
-def run(size: int, threads: int) -> dict:
+def run(size: int, threads: int, refine_radius: int = DEFAULT_RADIUS) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -34,7 +36,8 @@ def run(size: int, threads: int) -> dict:
         small = write_tiff(folder / "small.tif", np.zeros((64, 64), np.uint8))
 
         def predict(path, out):
-            assert cli(["predict", "-m", str(model), str(path), "-o", str(folder / out), "--no-test-time-flips"]) == 0
+            assert cli(["predict", "-m", str(model), str(path), "-o", str(folder / out), "--no-test-time-flips",
+                        "--refine-radius", str(refine_radius)]) == 0
 
         predict(small, "warm-up")
         tracemalloc.start()
@@ -44,17 +47,19 @@ def run(size: int, threads: int) -> dict:
         start = time.perf_counter()
         predict(image, "timed")
         seconds = time.perf_counter() - start
-    return {"size": size, "peak_traced_mib": peak / 2**20, "seconds": seconds, "image_mib": size * size / 2**20}
+    return {"size": size, "refine_radius": refine_radius, "peak_traced_mib": peak / 2**20, "seconds": seconds,
+            "image_mib": size * size / 2**20}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refine-radius", type=int, default=DEFAULT_RADIUS)
     args = parser.parse_args(argv)
-    result = run(args.size, args.threads)
-    print(f"{result['size']}x{result['size']} uint8 ({result['image_mib']:.0f} MiB): peak traced "
-          f"{result['peak_traced_mib']:.0f} MiB, {result['seconds']:.1f} s")
+    result = run(args.size, args.threads, args.refine_radius)
+    print(f"{result['size']}x{result['size']} uint8 ({result['image_mib']:.0f} MiB), refine radius "
+          f"{result['refine_radius']}: peak traced {result['peak_traced_mib']:.0f} MiB, {result['seconds']:.1f} s")
 
 
 if __name__ == "__main__":
