@@ -226,8 +226,8 @@ def predict_steps(
     Each image is normalized as a whole with the model's recipe, predicted with ``predict_tiled``
     (``test_time_flips`` and ``refine_radius`` as there) and yielded as ``("result", PredictResult)``;
     ``progress(done, total)`` counts tiles within the current image and ``("image", index, count, name)``
-    announces each image. ``stop`` raises
-    ``tiling.PredictionStopped`` at the next tile batch. Returns the number of images done.
+    announces each image. ``stop`` raises ``tiling.PredictionStopped`` at the next tile batch. Returns the
+    number of images done.
     """
     from .devices import resolve_device
     from .tiling import predict_tiled

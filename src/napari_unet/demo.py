@@ -2,7 +2,8 @@
 
 Trains a U-Net on the simulated strokes of ``nuclei1.tif`` (1 = background, 2 = nucleus), predicts the other
 bundled images (averaging the 8 flips/transpositions and snapping to edges, as ``napari-unet predict`` does by
-default), writes the model, probabilities and labels, and reports the foreground Dice of each prediction against its ground truth.
+default), writes the model, probabilities and labels, and reports the foreground Dice of each prediction against
+its ground truth.
 :func:`sample_paths` gives the bundled files (napari sample data reuses them).
 """
 
