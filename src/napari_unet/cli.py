@@ -124,7 +124,7 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = _bounded_number(text, float, "a number", 0.0)
-    if value == 0.0 or value == float("inf"):
+    if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {value}")
     return value
 
