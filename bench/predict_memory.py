@@ -1,12 +1,13 @@
 """Peak memory and time of ``napari-unet predict`` on a large 2D image.
 
-Writes a random uint8 ``SIZE x SIZE`` TIFF and a tiny 3-class model (depth 2, 4 filters: the network is not what is
+Writes a random ``SIZE x SIZE`` TIFF (uint8, or ``--dtype float32``: its percentiles are then selected in
+streaming passes instead of counted in a histogram) and a tiny 3-class model (depth 2, 4 filters: the network is not what is
 measured) to a temporary folder, runs the CLI once on a small image (so imports are not counted), then runs it on
 the large image twice: under ``tracemalloc`` (peak traced memory: numpy buffers and Python objects; torch's own
 allocator and memory maps are not traced) and without it (wall time). One pass (``--no-test-time-flips``), with the
 CLI's default edge refinement unless ``--refine-radius`` says otherwise (0: off).
 
-    python bench/predict_memory.py [--size 8000] [--threads 2] [--refine-radius PX]
+    python bench/predict_memory.py [--size 8000] [--threads 2] [--refine-radius PX] [--dtype uint8|float32]
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from napari_unet.model import UNet
 from napari_unet.refine import DEFAULT_RADIUS
 
 
-def run(size: int, threads: int, refine_radius: int = DEFAULT_RADIUS) -> dict:
+def run(size: int, threads: int, refine_radius: int = DEFAULT_RADIUS, dtype: str = "uint8") -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         torch.manual_seed(0)
         model = save_model(UNet(n_classes=3, depth=2, base_filters=4), folder / "m.safetensors", {"class_ids": [1, 2, 3]})
-        image = write_tiff(folder / "big.tif", (np.random.default_rng(0).random((size, size)) * 255).astype(np.uint8))
+        pixels = (np.random.default_rng(0).random((size, size)) * 255).astype(dtype)
+        image = write_tiff(folder / "big.tif", pixels)
+        del pixels
         small = write_tiff(folder / "small.tif", np.zeros((64, 64), np.uint8))
 
         def predict(path, out):
@@ -47,8 +50,8 @@ def run(size: int, threads: int, refine_radius: int = DEFAULT_RADIUS) -> dict:
         start = time.perf_counter()
         predict(image, "timed")
         seconds = time.perf_counter() - start
-    return {"size": size, "refine_radius": refine_radius, "peak_traced_mib": peak / 2**20, "seconds": seconds,
-            "image_mib": size * size / 2**20}
+    return {"size": size, "dtype": dtype, "refine_radius": refine_radius, "peak_traced_mib": peak / 2**20,
+            "seconds": seconds, "image_mib": size * size * np.dtype(dtype).itemsize / 2**20}
 
 
 def main(argv=None):
@@ -56,9 +59,10 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--refine-radius", type=int, default=DEFAULT_RADIUS)
+    parser.add_argument("--dtype", choices=["uint8", "float32"], default="uint8")
     args = parser.parse_args(argv)
-    result = run(args.size, args.threads, args.refine_radius)
-    print(f"{result['size']}x{result['size']} uint8 ({result['image_mib']:.0f} MiB), refine radius "
+    result = run(args.size, args.threads, args.refine_radius, args.dtype)
+    print(f"{result['size']}x{result['size']} {result['dtype']} ({result['image_mib']:.0f} MiB), refine radius "
           f"{result['refine_radius']}: peak traced {result['peak_traced_mib']:.0f} MiB, {result['seconds']:.1f} s")
 
 

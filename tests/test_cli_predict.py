@@ -119,19 +119,22 @@ def test_bad_refinement_options_are_usage_errors(bad, capsys):
     assert bad[0] in err and "Traceback" not in err
 
 
-def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch, dtype):
     """Neither the image nor any whole-size result is held in memory: peak traced memory stays below half
     the size of the stack itself (the image read whole and its float32 normalized copy took 3x the stack),
-    and the outputs are the in-memory prediction's."""
+    and the outputs are the in-memory prediction's. Float images too: their percentiles are selected in
+    streaming passes (they were read whole for them)."""
     import tracemalloc
 
     import napari_unet.normalization as normalization
     import napari_unet.refine as refine
 
     monkeypatch.setattr(normalization, "_SLAB_PIXELS", 1 << 15)  # a constant (8 MiB by default): small here
+    monkeypatch.setattr(normalization, "_SELECTION_KEEP", 1 << 14)  # values held by the float percentile search
     monkeypatch.setattr(refine, "_BAND_PIXELS", 1 << 14)  # the same for the edge refinement's bands
     model_path, model = model_file
-    stack = (np.random.default_rng(1).random((96, 256, 256)) * 60000).astype(np.uint16)
+    stack = (np.random.default_rng(1).random((96, 256, 256)) * 60000).astype(dtype)
     path = write_tiff(tmp_path / "stack.tif", stack, axes="ZYX")
     small = write_tiff(tmp_path / "small.tif", stack[:2, :64, :64], axes="ZYX")
     options = ["--tile", "256", "256", "--batch-size", "2", "--no-test-time-flips"]

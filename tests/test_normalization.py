@@ -99,6 +99,64 @@ def test_streamed_percentiles_of_a_lazy_image_equal_numpys(dtype, monkeypatch):
         assert streamed["low_values"] == [expected[0]] and streamed["high_values"] == [expected[1]]
 
 
+def _other_type_images():
+    rng = np.random.default_rng(3)
+    shape = (9, 70, 50)
+    with_bad = rng.normal(size=shape).astype(np.float32)
+    with_bad[0, :3], with_bad[4, 5], with_bad[5, 6] = np.nan, np.inf, -np.inf
+    one_ulp = np.finfo(np.float32).eps * rng.integers(0, 3, size=shape)  # values one float32 step apart
+    return {
+        "float32": rng.normal(size=shape).astype(np.float32),
+        "float32 with NaN and Inf": with_bad,
+        "float32 ties": np.round(rng.normal(size=shape), 1).astype(np.float32),
+        "float32 one ulp apart": (1 + one_ulp).astype(np.float32),
+        "float64 over 30 decades": np.exp(rng.normal(size=shape) * 8),
+        "float16": rng.normal(size=shape).astype(np.float16),
+        "int32": rng.integers(-(2**31), 2**31 - 1, size=shape).astype(np.int32),
+        "uint32 constant": np.full(shape, 7, np.uint32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_other_type_images()))
+def test_selected_percentiles_of_a_lazy_image_equal_numpys(name, monkeypatch):
+    """Lazy float and 32/64-bit images: exact percentiles by streaming selection, with slabs and the number of
+    values held at once far smaller than the image here, so several narrowing passes run."""
+    import dask.array as da
+
+    import napari_unet.normalization as normalization
+
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 5000)
+    monkeypatch.setattr(normalization, "_SELECTION_KEEP", 3000)
+    image = _other_type_images()[name]
+    lazy = da.from_array(image, chunks=(2, 30, 30))
+    for low, high in [(1.0, 99.8), (0.0, 100.0), (37.3, 62.1), (50.0, 50.0001)]:
+        assert percentile_params(lazy, low, high) == percentile_params(image, low, high), (low, high)
+
+
+def test_selected_percentiles_hold_a_bounded_part_of_the_image(monkeypatch):
+    """Peak traced memory of the percentiles of a lazy float32 image is a small part of the image: it is never
+    read whole (it was before: the whole image and its float64 copy)."""
+    import tracemalloc
+
+    import dask.array as da
+
+    import napari_unet.normalization as normalization
+
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 1 << 15)
+    monkeypatch.setattr(normalization, "_SELECTION_KEEP", 1 << 14)
+    image = np.random.default_rng(4).gamma(2.0, 300.0, size=(64, 256, 256)).astype(np.float32)
+    lazy = da.from_array(image, chunks=(1, 256, 256))
+    percentile_params(lazy[:1, :8])  # warm-up: imports and caches are not what is measured
+    tracemalloc.start()
+    try:
+        params = percentile_params(lazy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < image.nbytes / 4, f"peak {peak / 2**20:.1f} MiB for a {image.nbytes / 2**20:.1f} MiB image"
+    assert params == percentile_params(image)
+
+
 def test_normalized_view_reads_what_normalize_image_computes():
     import dask.array as da
 

@@ -16,7 +16,8 @@ Images larger than memory: :func:`normalized_view` takes a lazy array (anything 
 ``shape`` and ``dtype``, e.g. :func:`napari_unet.io.open_image`'s) and returns a
 :class:`NormalizedView` that normalizes what is read from it. The percentiles of 8- and 16-bit
 integer images are computed exactly from a histogram accumulated slab by slab (the same values as
-``np.percentile`` on the whole image); other types are read whole once for them.
+``np.percentile`` on the whole image); those of other types (float, 32/64-bit integers) by exact selection
+in a few streaming passes (:func:`_selected_percentiles`), so no image is ever read whole.
 """
 
 from __future__ import annotations
@@ -83,16 +84,22 @@ def _is_lazy(image) -> bool:
 _SLAB_PIXELS = 1 << 20  # 8 MiB of histogram indices per slab
 
 
+def _slabs(values):
+    """A lazy array read as numpy arrays, a slab of the first axis (about ``_SLAB_PIXELS`` pixels) at a time."""
+    shape = tuple(values.shape)
+    step = max(1, _SLAB_PIXELS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        yield np.asarray(values[start:start + step])
+
+
 def _histogram_percentiles(values, low: float, high: float) -> tuple[float, float]:
     """Exact linear-interpolation percentiles (``np.percentile``'s) of an 8/16-bit integer lazy array,
     from a histogram accumulated over slabs of the first axis."""
     dtype = np.dtype(values.dtype)
     offset = int(np.iinfo(dtype).min)
     counts = np.zeros(1 << (8 * dtype.itemsize), np.int64)
-    shape = tuple(values.shape)
-    step = max(1, _SLAB_PIXELS // max(1, math.prod(shape[1:])))
-    for start in range(0, shape[0], step):
-        indices = np.asarray(values[start:start + step]).astype(np.int64).ravel()
+    for slab in _slabs(values):
+        indices = slab.astype(np.int64).ravel()
         indices -= offset
         counts += np.bincount(indices, minlength=counts.size)
     cumulative = np.cumsum(counts)
@@ -110,13 +117,112 @@ def _histogram_percentiles(values, low: float, high: float) -> tuple[float, floa
     return result[0], result[1]
 
 
+_SELECTION_BINS = 1 << 12  # bins of each narrowing pass of _selected_percentiles
+_SELECTION_KEEP = 1 << 20  # values _selected_percentiles may hold at once (8 MiB of float64)
+
+
+def _finite_slabs(values):
+    """The finite values of a lazy array as float64 vectors, one slab at a time."""
+    for slab in _slabs(values):
+        slab = slab.astype(np.float64).ravel()
+        yield slab[np.isfinite(slab)]
+
+
+class _RankSearch:
+    """Finds order statistics (0-based ranks) of the finite values of a lazy array by histogram narrowing:
+    each pass splits the values still in play into ``_SELECTION_BINS`` ordered bins of equal width and keeps the
+    bin holding the ranks, until the values left fit in memory (then they are sorted) or are all equal. Ranks
+    that fall in different bins continue as separate searches. A value's bin at every level is recomputed from
+    the same arithmetic, so which values are in play never depends on rounded bin edges."""
+
+    def __init__(self, ranks: list[int], origin: float, per_unit: float, below: int = 0, chain: tuple = ()):
+        self.ranks, self.below = ranks, below  # below: how many values rank before those in play
+        self.origin, self.per_unit = origin, per_unit  # bin = floor((value - origin) * per_unit)
+        self.chain = chain  # (origin, per_unit, bin kept) of the earlier passes
+
+    @staticmethod
+    def _bins(values: np.ndarray, origin: float, per_unit: float) -> np.ndarray:
+        # Monotone in the value (a subtraction, a positive scale, a floor), so the bins are ordered.
+        return np.clip(np.floor((values - origin) * per_unit), 0, _SELECTION_BINS - 1).astype(np.intp)
+
+    def start_pass(self) -> None:
+        self.counts = np.zeros(_SELECTION_BINS, np.int64)
+        self.kept: list[np.ndarray] | None = []
+        self.held, self.smallest, self.largest = 0, math.inf, -math.inf
+
+    def add(self, finite: np.ndarray) -> None:
+        for origin, per_unit, kept_bin in self.chain:
+            finite = finite[self._bins(finite, origin, per_unit) == kept_bin]
+        if finite.size == 0:
+            return
+        self.counts += np.bincount(self._bins(finite, self.origin, self.per_unit), minlength=_SELECTION_BINS)
+        self.smallest, self.largest = min(self.smallest, finite.min()), max(self.largest, finite.max())
+        self.held += finite.size
+        if self.kept is not None:
+            self.kept = self.kept + [finite] if self.held <= _SELECTION_KEEP else None
+
+    def end_pass(self, found: dict[int, float]) -> list[_RankSearch]:
+        """Record the ranks this pass resolved in ``found``; return the searches that go on."""
+        within = [rank - self.below for rank in self.ranks]
+        if self.kept is not None:
+            ordered = np.partition(np.concatenate(self.kept), within)
+            found.update({rank: float(ordered[w]) for rank, w in zip(self.ranks, within)})
+            return []
+        if self.smallest == self.largest:
+            found.update(dict.fromkeys(self.ranks, float(self.smallest)))
+            return []
+        cumulative = np.cumsum(self.counts)
+        by_bin: dict[int, list[int]] = {}
+        for rank, w in zip(self.ranks, within):
+            by_bin.setdefault(int(np.searchsorted(cumulative, w, side="right")), []).append(rank)
+        return [
+            _RankSearch(ranks, self.origin + kept_bin / self.per_unit, self.per_unit * _SELECTION_BINS,
+                        self.below + (int(cumulative[kept_bin - 1]) if kept_bin else 0),
+                        self.chain + ((self.origin, self.per_unit, kept_bin),))
+            for kept_bin, ranks in by_bin.items()
+        ]
+
+
+def _selected_percentiles(values, low: float, high: float) -> tuple[float, float]:
+    """Exact ``np.percentile`` (linear interpolation, NaN/Inf ignored) of a lazy array of any real type, with
+    bounded memory: one pass counts the finite values and finds their range, then the needed order statistics
+    are selected by histogram narrowing (:class:`_RankSearch`; two more passes for most images)."""
+    count, smallest, largest = 0, math.inf, -math.inf
+    for finite in _finite_slabs(values):
+        if finite.size:
+            count += finite.size
+            smallest, largest = min(smallest, finite.min()), max(largest, finite.max())
+    if count == 0:
+        return 0.0, 1.0
+    last = count - 1
+    positions = [q / 100.0 * last for q in (low, high)]
+    ranks = sorted({r for p in positions for r in (math.floor(p), min(math.floor(p) + 1, last))})
+    per_unit = _SELECTION_BINS / (largest - smallest) if largest > smallest else 0.0
+    searches, found = [_RankSearch(ranks, float(smallest), per_unit)], {}
+    while searches:
+        for search in searches:
+            search.start_pass()
+        for finite in _finite_slabs(values):
+            for search in searches:
+                search.add(finite)
+        searches = [after for search in searches for after in search.end_pass(found)]
+    result = []
+    for position in positions:
+        below = math.floor(position)
+        a, b = found[below], found[min(below + 1, last)]
+        result.append(float(np.percentile([a, b], 100.0 * (position - below))))  # numpy's own interpolation
+    return result[0], result[1]
+
+
 def _finite_percentiles(values, low: float, high: float) -> tuple[float, float]:
     dtype = np.dtype(values.dtype)
-    if _is_lazy(values) and np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2:
-        return _histogram_percentiles(values, low, high)
-    values = np.asarray(values).ravel()
-    if np.issubdtype(values.dtype, np.complexfloating):
+    if np.issubdtype(dtype, np.complexfloating):
         raise ValueError("complex images are not supported")
+    if _is_lazy(values):
+        if np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2:
+            return _histogram_percentiles(values, low, high)
+        return _selected_percentiles(values, low, high)
+    values = np.asarray(values).ravel()
     if np.issubdtype(values.dtype, np.floating):
         finite = np.isfinite(values)
         if not finite.all():
