@@ -104,3 +104,37 @@ def test_paste_mix_moves_image_and_labels_together_inside_the_region():
     untouched = images.copy()
     paste_mix(untouched, targets.copy(), None, rng, 0.0, region)
     assert np.array_equal(untouched, images)
+
+
+def test_channels_move_alike_and_get_their_own_intensity_change():
+    """A (C, *tile) image: every channel gets the geometric transform of the labels; intensity changes are
+    drawn per channel."""
+    _, target = _pair((6, 6), seed=3, block=16)
+    base = target.astype(np.float32)
+    image = np.stack([base, -2 * base, base + 5])
+    geometric = Augmenter(np.random.default_rng(0), intensity=False, elastic_probability=1.0, zoom_range=0.3)
+    for _ in range(5):
+        out_image, out_target, _ = geometric(image, target)
+        assert out_image.shape == (3, *out_target.shape) and out_image.dtype == np.float32
+        np.testing.assert_allclose(out_image[1], -2 * out_image[0], atol=1e-5)
+        np.testing.assert_allclose(out_image[2], out_image[0] + 5, atol=1e-4)
+        agree = (np.abs(out_image[0] - out_target) < 0.5)[out_target >= 0].mean()
+        assert agree > 0.8
+    flips_only = Augmenter(np.random.default_rng(1), elastic=False, intensity=False)
+    for _ in range(5):
+        out_image, out_target, _ = flips_only(image, target)
+        assert np.array_equal(out_image[0], out_target.astype(np.float32))
+    ones = np.ones((3, 4, 4), np.float32)
+    changed = Augmenter(np.random.default_rng(2), flips=False, rotations=False, elastic=False)(
+        ones, np.zeros((4, 4), np.int16))[0]
+    assert len({float(c[0, 0]) for c in changed}) == 3  # gamma leaves 1 alone: three scale/shift draws
+
+
+def test_paste_mix_pastes_every_channel():
+    from napari_unet.augment import paste_mix
+
+    images = np.stack([np.stack([np.full((20, 20), float(i)), np.full((20, 20), -float(i))]) for i in range(3)])
+    targets = np.stack([np.full((20, 20), i, np.int16) for i in range(3)])
+    paste_mix(images, targets, None, np.random.default_rng(0), 1.0, (slice(4, 16), slice(4, 16)))
+    assert np.array_equal(images[:, 1], -images[:, 0])
+    assert np.array_equal(images[:, 0], targets.astype(float))

@@ -102,3 +102,19 @@ def test_weights_travel_with_targets():
     tile, tile_target, tile_weight = _sampler(image, target, (12, 12), (4, 4), weights=weights).sample()
     assert tile_weight.shape == (12, 12)
     assert tile_weight[tile_target == 0].item() == weights[10, 10]
+
+
+def test_multi_channel_tiles_keep_channels_first_and_read_the_same_place():
+    rng = np.random.default_rng(5)
+    plane = rng.random((30, 40)).astype(np.float32)
+    image = np.stack([plane, plane * 10])
+    target = np.full(plane.shape, -1, dtype=np.int16)
+    target[2, 3], target[25, 35] = 0, 1
+    sampler = _sampler(image, target)
+    for _ in range(20):
+        tile, tile_target, _ = sampler.sample()
+        assert tile.shape == (2, 20, 20) and tile_target.shape == (20, 20)
+        np.testing.assert_allclose(tile[1], tile[0] * 10, rtol=1e-6)
+        assert (tile_target[6:14, 6:14] >= 0).any()
+    with pytest.raises(ValueError, match="shapes"):
+        sampler.set_targets(0, [np.zeros((30, 41), np.int16)])

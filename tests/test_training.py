@@ -247,3 +247,52 @@ def test_border_weight_runs_in_2d():
 def test_invalid_settings_are_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         _settings(iterations=1, **{field: value})
+
+
+def _colours(shape=(48, 48), seed=0):
+    """An RGB image (channels last) whose classes differ only in hue: the left half red, the right half green,
+    with the same brightness (a single-channel mean of the channels cannot tell them apart)."""
+    image, labels, truth = _halves(shape, seed)
+    rng = np.random.default_rng(seed + 1)
+    rgb = rng.normal(100, 10, (*shape, 3)).astype(np.float32)
+    rgb[..., 0] += np.where(truth, 0, 100)
+    rgb[..., 1] += np.where(truth, 100, 0)
+    return rgb, labels, truth
+
+
+def test_multi_channel_images_train_a_model_that_sees_every_channel(tmp_path):
+    rgb, labels, truth = _colours()
+    trainer = train(rgb, labels, _settings(iterations=60, learning_rate=1e-2), channel_axis=-1)
+    assert trainer.model.in_channels == 3 and trainer.model.config["in_channels"] == 3
+    trainer.save(tmp_path / "rgb.safetensors")
+    model, meta = load_model(tmp_path / "rgb.safetensors")
+    channels_first = np.moveaxis(rgb, -1, 0)
+    probabilities = predict_tiled(model, normalize_image(channels_first, meta["normalization"], channel_axis=0))
+    assert ((probabilities.argmax(0) == 1) == truth).mean() > 0.95
+    # fine-tuning keeps the channels; an image with other channels is a clear error
+    assert train(rgb, labels, _settings(iterations=1), init=(model, meta), channel_axis=-1).model.in_channels == 3
+    with pytest.raises(ValueError, match="3 channel"):
+        Trainer(rgb[..., :2], labels, _settings(iterations=1), init=(model, meta), channel_axis=-1)
+
+
+def test_multi_channel_stacks_and_volumes_keep_channels_first():
+    rgb, labels, _ = _colours((4, 32, 32))  # a stack (Z, Y, X, C)
+    labels[1] = 0
+    stack = train(rgb, labels, _settings(iterations=2, border_weight=True), channel_axis=3)
+    assert stack.model.ndim == 2 and stack.model.in_channels == 3
+    volume = np.moveaxis(_colours((12, 32, 32))[0], -1, 0)  # (C, Z, Y, X)
+    trainer = train(volume, _colours((12, 32, 32))[1], _settings(iterations=2, ndim=3, patch_size=8), channel_axis=0)
+    assert trainer.model.ndim == 3 and trainer.model.in_channels == 3
+
+
+@pytest.mark.parametrize(
+    "images, labels, channel_axis, message",
+    [
+        ([np.zeros((32, 32, 3)), np.zeros((32, 32, 2))], 2 * [np.pad(np.ones((2, 4), np.uint8), 14)], -1, "numbers of channels"),
+        ([np.zeros((32, 32, 3))], [np.zeros((32, 32, 3), np.uint8)], -1, "without channels"),
+        ([np.zeros((32, 32))], [np.zeros((32, 32), np.uint8)], 2, "no channel axis"),
+    ],
+)
+def test_multi_channel_mistakes_are_clear_errors(images, labels, channel_axis, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(images, labels, _settings(iterations=1), channel_axis=channel_axis)

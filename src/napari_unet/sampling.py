@@ -27,9 +27,10 @@ class PatchSampler:
     Parameters
     ----------
     images : list of lists of float32 arrays
-        For each input image, its pieces (one array, or the slices of a stack trained with a 2D net).
+        For each input image, its pieces (one array, or the slices of a stack trained with a 2D net); a
+        multi-channel piece has its channels first, ``(C, *spatial)``.
     targets : list of lists of int16 arrays
-        Class indices 0..K-1, -1 where unpainted; same layout and shapes as ``images``.
+        Class indices 0..K-1, -1 where unpainted; same layout and (spatial) shapes as ``images``.
     input_shape, output_shape : tuple of int
         Network input tile and output tile (centred in the input).
     rng : numpy.random.Generator
@@ -66,7 +67,7 @@ class PatchSampler:
     def set_targets(self, index: int, targets: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None):
         """Replace the targets (and weights) of image ``index``; painted pixels are re-indexed."""
         targets = list(targets)
-        if [t.shape for t in targets] != [im.shape for im in self._images[index]]:
+        if [t.shape for t in targets] != [im.shape[im.ndim - t.ndim:] for t, im in zip(targets, self._images[index])]:
             raise ValueError("targets must have the same pieces and shapes as the image")
         self._targets[index] = targets
         self._weights[index] = None if weights is None else list(weights)
@@ -114,23 +115,25 @@ class PatchSampler:
         return i, j, np.unravel_index(pixel, self._targets[i][j].shape)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """One tile: image (float32), target (int16, -1 unpainted/outside) and weights (or None)."""
+        """One tile: image (float32, channels first if it has them), target (int16, -1 unpainted/outside) and
+        weights (or None)."""
         i, j, pixel = self._draw_pixel()
-        image = self._images[i][j]
+        image, spatial = self._images[i][j], self._targets[i][j].shape
+        channels = (slice(None),) * (image.ndim - len(spatial))
         starts = [
             int(p) - int(self.rng.integers(o)) - h
             for p, o, h in zip(pixel, self.output_shape, self.halo)
         ]
         ranges = [np.arange(s, s + n) for s, n in zip(starts, self.input_shape)]
-        mirrored = np.ix_(*[mirror_index(r, size) for r, size in zip(ranges, image.shape)])
-        inside = [(r >= 0) & (r < size) for r, size in zip(ranges, image.shape)]
-        clipped = np.ix_(*[np.clip(r, 0, size - 1) for r, size in zip(ranges, image.shape)])
+        mirrored = np.ix_(*[mirror_index(r, size) for r, size in zip(ranges, spatial)])
+        inside = [(r >= 0) & (r < size) for r, size in zip(ranges, spatial)]
+        clipped = np.ix_(*[np.clip(r, 0, size - 1) for r, size in zip(ranges, spatial)])
         mask = np.ones(self.input_shape, dtype=bool)
         for axis, ok in enumerate(inside):
             shape = [1] * len(inside)
             shape[axis] = -1
             mask &= ok.reshape(shape)
-        tile = np.ascontiguousarray(image[mirrored], dtype=np.float32)
+        tile = np.ascontiguousarray(image[channels + mirrored], dtype=np.float32)
         target = np.where(mask, self._targets[i][j][clipped], -1).astype(np.int16)
         weights = self._weights[i]
         weight = None if weights is None else np.ascontiguousarray(weights[j][clipped], dtype=np.float32)

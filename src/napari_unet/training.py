@@ -9,10 +9,12 @@ API
 ---
 ``TrainingSettings``
     A dataclass with every knob and good defaults (see its fields).
-``Trainer(images, labels, settings=None, *, init=None, class_names=None)``
+``Trainer(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None)``
     ``images``/``labels``: lists of numpy arrays (or one array each) of equal shapes. With ``ndim=2`` a
     3D array is a stack trained slice by slice with a 2D net; with ``ndim=3`` it is a volume for a 3D
-    net. Construction validates the data (clear ``ValueError`` messages), normalizes each whole image
+    net. Multi-channel images (RGB, several stains) name the axis of their channels with ``channel_axis``
+    (the same for every image, e.g. -1 for ``(Y, X, 3)``); their labels have the image's shape without it,
+    every image has the same number of channels, and each channel is normalized on its own. Construction validates the data (clear ``ValueError`` messages), normalizes each whole image
     with percentiles (``normalization.py``) and builds the model, or takes it from ``init`` (a
     ``(model, metadata)`` pair as returned by ``io.load_model``) to fine-tune it: its normalization and
     class mapping are kept, and painting a class the model does not know is a ``ValueError``.
@@ -30,13 +32,13 @@ API
 ``trainer.model``, ``trainer.metadata``, ``trainer.save(path)``
     The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``) and
     saving both with ``io.save_model``.
-``train(images, labels, settings=None, *, init=None, class_names=None, callback=None, **overrides)``
+``train(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None, callback=None, **overrides)``
     Runs a ``Trainer`` to completion and returns it.
 
 Normalization
 -------------
-Percentiles over each whole image, never per patch. The metadata stores the recipe (``low``/``high``
-percentiles), and prediction recomputes the percentiles over each image it is applied to.
+Percentiles over each whole image (each channel), never per patch. The metadata stores the recipe
+(``low``/``high`` percentiles), and prediction recomputes the percentiles over each image it is applied to.
 """
 
 from __future__ import annotations
@@ -182,6 +184,22 @@ def _as_list(arrays) -> list[np.ndarray]:
     return [np.asarray(a) for a in arrays]
 
 
+def _channels_first(images: list[np.ndarray], channel_axis: int | None) -> list[np.ndarray]:
+    """The images with their channels moved to the front (unchanged without ``channel_axis``); every image
+    must have the same number of channels."""
+    if channel_axis is None:
+        return images
+    moved = []
+    for i, img in enumerate(images):
+        if not -img.ndim <= channel_axis < img.ndim:
+            raise ValueError(f"image {i} has {img.ndim} dimensions: it has no channel axis {channel_axis}")
+        moved.append(np.moveaxis(img, channel_axis, 0))
+    counts = sorted({img.shape[0] for img in moved})
+    if len(counts) > 1:
+        raise ValueError(f"the images have different numbers of channels ({counts}): train on images alike")
+    return moved
+
+
 def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     """Return ``labels`` as a non-negative integer array; float arrays holding whole numbers are accepted."""
     labels = np.asarray(labels)
@@ -258,6 +276,7 @@ class Trainer:
         *,
         init: tuple[torch.nn.Module, dict] | None = None,
         class_names: Sequence[str] | None = None,
+        channel_axis: int | None = None,
     ):
         self.settings = settings = settings or TrainingSettings()
         images, labels = _as_list(images), _as_list(labels)
@@ -265,12 +284,16 @@ class Trainer:
             raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
         if not images:
             raise ValueError("no images given")
+        images = _channels_first(images, channel_axis)
+        self.in_channels = 1 if channel_axis is None else images[0].shape[0]
         labels = [integer_labels(lab, f"labels {i}") for i, lab in enumerate(labels)]
         for i, (img, lab) in enumerate(zip(images, labels)):
-            if img.shape != lab.shape:
-                raise ValueError(f"image {i} has shape {img.shape} but its labels have shape {lab.shape}")
-            if img.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and img.ndim != 3):
-                raise ValueError(f"image {i} has {img.ndim} dimensions; a {settings.ndim}D net needs "
+            spatial = img.shape if channel_axis is None else img.shape[1:]
+            if spatial != lab.shape:
+                raise ValueError(f"image {i} has shape {spatial}{' (without channels)' if channel_axis is not None else ''} "
+                                 f"but its labels have shape {lab.shape}")
+            if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
+                raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
                                  + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
         found = painted_ids(labels)
         if not found:
@@ -288,6 +311,9 @@ class Trainer:
                 )
             if model.config["ndim"] != settings.ndim:
                 raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
+            if model.config["in_channels"] != self.in_channels:
+                raise ValueError(f"the initial model takes {model.config['in_channels']} channel(s) but the images "
+                                 f"have {self.in_channels}")
             self.normalization = dict(meta.get("normalization") or settings.normalization)
             names = meta.get("class_names") or [f"class {c}" for c in self.class_ids]
             self._history = list((meta.get("training") or {}).get("history", []))
@@ -306,7 +332,7 @@ class Trainer:
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             self.model = UNet(
-                in_channels=1,
+                in_channels=self.in_channels,
                 n_classes=len(found),
                 ndim=settings.ndim,
                 depth=settings.depth,
@@ -327,11 +353,13 @@ class Trainer:
         )
 
         self._rng = np.random.default_rng(settings.seed)
-        normalized = [normalize_image(img, self.normalization) for img in images]
+        channels = None if channel_axis is None else 0
+        normalized = [normalize_image(img, self.normalization, channels) for img in images]
         targets = [targets_from_labels(lab, self.class_ids) for lab in labels]
-        self._shapes = [img.shape for img in images]
+        self._shapes = [lab.shape for lab in labels]
         self.sampler = PatchSampler(
-            self._split(normalized), self._split(targets), self.input_shape, self.output_shape, self._rng,
+            self._split(normalized, channels is not None), self._split(targets), self.input_shape, self.output_shape,
+            self._rng,
             weights=self._split([self._weights(t) for t in targets]) if settings.border_weight else None,
             class_power=settings.class_sampling,
         )
@@ -349,9 +377,12 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------------
 
-    def _split(self, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
-        """Per input image, the list of network-sized pieces: slices of a stack for a 2D net."""
-        return [list(a) if a.ndim == self.image_ndim + 1 else [a] for a in arrays]
+    def _split(self, arrays: list[np.ndarray], channels: bool = False) -> list[list[np.ndarray]]:
+        """Per input image, the list of network-sized pieces: slices of a stack for a 2D net (with ``channels``,
+        the arrays and their pieces keep their channels first)."""
+        if not channels:
+            return [list(a) if a.ndim == self.image_ndim + 1 else [a] for a in arrays]
+        return [[a[:, z] for z in range(a.shape[1])] if a.ndim == self.image_ndim + 2 else [a] for a in arrays]
 
     def _weights(self, target: np.ndarray) -> np.ndarray:
         if target.ndim == self.image_ndim + 1:
@@ -416,7 +447,8 @@ class Trainer:
         crop = (slice(None), *self._output_region)
         targets = targets[crop].astype(np.int64)
         weights = None if weights is None else np.ascontiguousarray(weights[crop])
-        return _Batch(images[:, None], targets, weights, self._class_weights if changed else None)
+        images = images if self.in_channels > 1 else images[:, None]  # (batch, channels, *tile)
+        return _Batch(images, targets, weights, self._class_weights if changed else None)
 
     def _to_device(self, batch: _Batch, device: torch.device):
         x = torch.from_numpy(batch.images).to(device).contiguous(memory_format=self._memory_format)
@@ -586,6 +618,7 @@ def train(
     *,
     init: tuple[torch.nn.Module, dict] | None = None,
     class_names: Sequence[str] | None = None,
+    channel_axis: int | None = None,
     callback: Callable[[TrainingEvent], None] | None = None,
     **overrides,
 ) -> Trainer:
@@ -595,7 +628,7 @@ def train(
     ``callback`` is called with every ``TrainingEvent``.
     """
     settings = dataclasses.replace(settings or TrainingSettings(), **overrides)
-    trainer = Trainer(images, labels, settings, init=init, class_names=class_names)
+    trainer = Trainer(images, labels, settings, init=init, class_names=class_names, channel_axis=channel_axis)
     for event in trainer.run():
         if callback is not None:
             callback(event)
