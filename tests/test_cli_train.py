@@ -107,3 +107,34 @@ def test_train_count_mismatch_and_class_mismatch_with_init(pair, capsys):
 def test_demo_cli_rejects_bad_budget(tmp_path, capsys):
     assert main(["demo", "--time-budget", "0", "--out", str(tmp_path)]) == 2
     assert "time-budget" in capsys.readouterr().err
+
+
+def test_train_and_predict_rgb_images(tmp_path, capsys):
+    """An RGB TIFF trains a 3-channel model whose classes differ only in hue; predict reads RGB alike; an
+    image with another channel count is a one-line error."""
+    rng = np.random.default_rng(0)
+    rgb = rng.normal(100, 10, (48, 48, 3)).astype(np.float32)
+    rgb[:, :24, 0] += 100  # red left, green right: the same brightness
+    rgb[:, 24:, 1] += 100
+    labels = np.zeros((48, 48), np.uint8)
+    labels[5:40, 6:9], labels[8:44, 36:39] = 1, 3
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb.astype(np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    out = tmp_path / "rgb.safetensors"
+    args = ["train", "--images", str(tmp_path / "rgb.tif"), "--labels", str(tmp_path / "lab.tif"), "--out", str(out)]
+    assert main([*args, "--iterations", "60", *TINY[2:]]) == 0
+    assert "with 3 channel(s)" in capsys.readouterr().err
+    assert load_model(out)[0].config["in_channels"] == 3
+    assert main(["predict", "--model", str(out), str(tmp_path / "rgb.tif"), "--out", str(tmp_path / "pred"), "--no-test-time-flips"]) == 0
+    predicted = tifffile.imread(tmp_path / "pred" / "rgb_labels.tif")
+    assert predicted.shape == (48, 48) and ((predicted == 3) == (np.arange(48) >= 24)[None]).mean() > 0.95
+    tifffile.imwrite(tmp_path / "gray.tif", rgb[..., 0].astype(np.uint8))
+    capsys.readouterr()
+    code = main(["train", "--images", str(tmp_path / "rgb.tif"), str(tmp_path / "gray.tif"), "--labels",
+                 str(tmp_path / "lab.tif"), str(tmp_path / "lab.tif"), "--out", str(tmp_path / "m.safetensors"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "images alike" in err and "\n" not in err
+    code = main(["train", "--images", str(tmp_path / "gray.tif"), "--labels", str(tmp_path / "lab.tif"),
+                 "--out", str(tmp_path / "m.safetensors"), "--init", str(out), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "3 channel(s)" in err and "\n" not in err

@@ -304,7 +304,7 @@ def _write_output(target: Path, data, axes: str, info: dict) -> Path:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", nargs="+", required=True, type=Path, metavar="IMG", help="TIFF images (2D, 3D stacks or volumes)")
+    parser.add_argument("--images", nargs="+", required=True, type=Path, metavar="IMG", help="TIFF images (2D, 3D stacks or volumes; with channels, e.g. RGB, all alike)")
     parser.add_argument(
         "--labels", nargs="+", required=True, type=Path, metavar="LAB",
         help="TIFF label images, one per image: 0 = unpainted, ids 1..K = classes (at least two painted)",
@@ -331,18 +331,24 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_training_pair(image_path: Path, labels_path: Path) -> tuple:
+def _read_training_pair(image_path: Path, labels_path: Path, in_channels: int | None = None) -> tuple:
+    """``(image, labels)`` for training: the image channels first when it has several (as many as the file's
+    channel axis holds, or ``in_channels`` when fine-tuning a model), the labels its spatial shape."""
     import numpy as np
 
     from .io import read_image
     from .training import integer_labels
 
     image, info = read_image(image_path)
-    image, _ = model_input(image, info, 1, image_path)
+    if in_channels is None:
+        in_channels = 1 if info["channel_axis"] is None else image.shape[info["channel_axis"]]
+    image, _ = model_input(image, info, in_channels, image_path)
+    spatial = image.shape[1:] if in_channels > 1 else image.shape
     labels, _ = read_image(labels_path)
-    labels = np.squeeze(labels) if labels.ndim > image.ndim else labels
-    if labels.shape != image.shape:
-        raise CLIError(f"{labels_path}: labels shape {labels.shape} does not match image {image_path} shape {image.shape}")
+    labels = np.squeeze(labels) if labels.ndim > len(spatial) else labels
+    if labels.shape != spatial:
+        raise CLIError(f"{labels_path}: labels shape {labels.shape} does not match image {image_path} "
+                       f"{'spatial ' if in_channels > 1 else ''}shape {spatial}")
     try:
         return image, integer_labels(labels, str(labels_path))
     except ValueError as e:
@@ -361,9 +367,13 @@ def _run_train(args: argparse.Namespace) -> int:
     from .io import load_model, save_model
     from .training import Trainer, TrainingSettings
 
-    pairs = [_read_training_pair(i, lab) for i, lab in zip(args.images, args.labels)]
     architecture = {"depth": args.depth, "base_filters": args.filters, "patch_size": args.patch_size, "batch_size": args.batch_size}
     init = load_model(args.init) if args.init is not None else None  # its architecture wins over --depth/--filters
+    in_channels = None if init is None else init[0].config["in_channels"]
+    pairs = [_read_training_pair(i, lab, in_channels) for i, lab in zip(args.images, args.labels)]
+    channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
+    if len(channels) > 1:
+        raise CLIError("some images have several channels and some one: train on images alike")
     try:
         settings = TrainingSettings(
             ndim=args.ndim,
@@ -377,11 +387,13 @@ def _run_train(args: argparse.Namespace) -> int:
             cpu_threads=available_cores(),  # headless: no interface to keep responsive
             **{k: v for k, v in architecture.items() if v is not None},
         )
-        trainer = Trainer([p[0] for p in pairs], [p[1] for p in pairs], settings, init=init)
+        trainer = Trainer([p[0] for p in pairs], [p[1] for p in pairs], settings, init=init,
+                          channel_axis=0 if channels == {1} else None)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(
-        f"training a {settings.ndim}D U-Net on {len(pairs)} image(s), classes {trainer.class_ids}, "
+        f"training a {settings.ndim}D U-Net on {len(pairs)} image(s) with {trainer.in_channels} channel(s), "
+        f"classes {trainer.class_ids}, "
         f"tiles {trainer.input_shape} -> {trainer.output_shape}", file=sys.stderr, flush=True,
     )
     events, last = trainer.run(), -float("inf")
