@@ -272,10 +272,12 @@ def test_preview_region_equals_whole_image_prediction():
     rng = np.random.default_rng(0)
     cases = [(UNet(n_classes=3, depth=2, base_filters=4), (3, 70, 90)),  # a 2D net on a stack
              (UNet(n_classes=2, depth=3, base_filters=4), (75, 61)),
-             (UNet(n_classes=2, ndim=3, depth=1, base_filters=2), (13, 20, 22))]
+             (UNet(n_classes=2, ndim=3, depth=1, base_filters=2), (13, 20, 22)),
+             (UNet(n_classes=2, in_channels=3, depth=2, base_filters=4), (4, 70, 90))]  # RGB stack, channels first
     for model, shape in cases:
         model.eval()
-        image = rng.random(shape).astype(np.float32)
+        channels = (3,) if model.in_channels == 3 else ()
+        image = rng.random(channels + shape).astype(np.float32)
         whole = predict_tiled(model, image)
         lead = len(shape) - model.config["ndim"]
         for _ in range(4):
@@ -286,3 +288,36 @@ def test_preview_region_equals_whole_image_prediction():
                 region.append(slice(start, stop))
             part = predict_region(model, image, tuple(region))
             np.testing.assert_allclose(part, whole[(slice(None), *region)], atol=1e-4, err_msg=str(region))
+
+
+def test_rgb_image_trains_predicts_and_segment_all_skips_other_channel_counts(make_napari_viewer, qtbot):
+    """An RGB layer whose square differs from the background only in hue: training sees the three colour
+    channels and learns it; Segment all then leaves a grey image (one channel) alone."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    rgb = rng.normal(100, 10, (96, 96, 3))
+    square = np.zeros((96, 96), bool)
+    square[24:72, 24:72] = True
+    rgb[..., 0] += np.where(square, 0, 100)
+    rgb[..., 1] += np.where(square, 100, 0)
+    viewer.add_image(np.clip(rgb, 0, 255).astype(np.uint8), name="colour", rgb=True)
+    viewer.add_labels(blobs()[1], name="colour labels")
+    viewer.add_image(rgb.mean(-1), name="grey")
+    widget = tiny(UNetWidget(viewer), seconds=5)
+    viewer.window.add_dock_widget(widget)
+    try:
+        widget.image_combo.setCurrentText("colour")
+        widget.labels_combo.setCurrentText("colour labels")
+        widget.train()
+        wait_idle(qtbot, widget)
+        assert widget.last_error is None and widget.model.in_channels == 3
+        widget.segment_all()
+        wait_idle(qtbot, widget)
+        assert widget.last_error is None
+        segmentation = viewer.layers["colour segmentation"].data
+        assert segmentation.shape == (96, 96) and viewer.layers["colour probabilities"].data.shape == (2, 96, 96)
+        assert (segmentation == np.where(square, 2, 1)).mean() > 0.8
+        assert "grey segmentation" not in viewer.layers
+        assert "1 channel" in widget._fit_problem(viewer.layers["grey"])
+    finally:
+        widget.shutdown()

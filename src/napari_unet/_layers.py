@@ -55,6 +55,20 @@ def layer_array(layer) -> np.ndarray:
     return np.array(data, copy=True)
 
 
+def image_array(layer) -> np.ndarray:
+    """A copy of an image layer's data as the engine takes it: an RGB(A) layer's colours become three channels
+    first, ``(3, *spatial)`` (alpha dropped); any other layer as :func:`layer_array`."""
+    if not getattr(layer, "rgb", False):
+        return layer_array(layer)
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.moveaxis(np.asarray(data)[..., :3], -1, 0).copy()
+
+
+def image_channels(layer) -> int:
+    """How many channels :func:`image_array` gives for ``layer`` (3 for RGB(A), else 1)."""
+    return 3 if getattr(layer, "rgb", False) else 1
+
+
 def output_role(layer) -> dict | None:
     """The ``{"role", "source"}`` marker of an output layer made by this widget, or None."""
     marker = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None

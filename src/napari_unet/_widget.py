@@ -43,6 +43,8 @@ from superqt import QCollapsible
 from .class_ids import labels_dtype
 from .refine import DEFAULT_RADIUS
 from ._layers import (
+    image_array,
+    image_channels,
     layer_array,
     output_layer,
     output_role,
@@ -132,7 +134,7 @@ class UNetWidget(QWidget):
         data = QGroupBox("Data")
         form = QFormLayout(data)
         self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Image to train on and to predict (single channel, 2D or 3D)")
+        self.image_combo.setToolTip("Image to train on and to predict (2D or 3D; one channel or RGB)")
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("Painted labels: 0 = unpainted, 1, 2, ... = classes")
         self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
@@ -592,7 +594,7 @@ class UNetWidget(QWidget):
         self._update_view_region(settings.ndim)
         worker = create_worker(
             train_steps,
-            layer_array(image),
+            image_array(image),
             layer_array(labels),
             settings,
             init=init,
@@ -618,11 +620,14 @@ class UNetWidget(QWidget):
             return "choose an image layer to train on"
         if labels is None:
             return "choose a labels layer (or click 'New labels layer' and paint a few strokes)"
-        if image.rgb:
-            return f"'{image.name}' is an RGB image; napari-unet trains on single-channel images"
         if labels.data.shape != spatial_shape(image):
             return (f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
                     f"{spatial_shape(image)} differ in shape")
+        if self.finetune_check.isChecked() and self.model is not None:
+            channels, model_channels = image_channels(image), self.model.config["in_channels"]
+            if channels != model_channels:
+                return (f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
+                        "untick \"Train on from the current model\" to train a new one")
         return None
 
     def _class_names(self, labels) -> dict[int, str]:
@@ -768,8 +773,10 @@ class UNetWidget(QWidget):
         self._predict(fitting)
 
     def _fit_problem(self, layer) -> str | None:
-        if layer.rgb:
-            return f"'{layer.name}' is RGB; the model takes single-channel images"
+        channels, model_channels = image_channels(layer), self.model.config["in_channels"]
+        if channels != model_channels:
+            return (f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
+                    f"the model takes {model_channels}")
         ndim = len(spatial_shape(layer))
         model_ndim = self.model.config["ndim"]
         allowed = (2, 3) if model_ndim == 2 else (3,)
@@ -792,7 +799,7 @@ class UNetWidget(QWidget):
                 return
         self.last_error = None
         self._predict_sources = {layer.name: layer for layer in layers}
-        jobs = [PredictJob(layer.name, layer_array(layer)) for layer in layers]
+        jobs = [PredictJob(layer.name, image_array(layer)) for layer in layers]
         worker = create_worker(
             predict_steps,
             self.model,

@@ -102,14 +102,15 @@ def region_with_context(region: tuple[slice, ...], shape: tuple[int, ...], halo:
 def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, should_stop=None) -> np.ndarray:
     """Probabilities ``(n_classes, *region shape)`` of ``model`` for ``region`` of a normalized image.
 
-    ``normalized`` is the whole (normalized) image; a 2D model on a 3D stack predicts each slice of the
-    region. Only the region and its context are computed, and the result equals the whole-image
-    prediction there.
+    ``normalized`` is the whole (normalized) image, channels first for a multi-channel model; ``region``
+    holds slices of its spatial axes. A 2D model on a 3D stack predicts each slice of the region. Only the
+    region and its context are computed, and the result equals the whole-image prediction there.
     """
     from .tiling import predict_tiled
 
-    crop, inner = region_with_context(region, normalized.shape, model.halo, model.grid)
-    patch = np.ascontiguousarray(normalized[crop])
+    channels = (slice(None),) if model.in_channels > 1 else ()
+    crop, inner = region_with_context(region, normalized.shape[len(channels):], model.halo, model.grid)
+    patch = np.ascontiguousarray(normalized[channels + crop])
     probabilities = predict_tiled(model, patch, should_stop=should_stop)
     return np.ascontiguousarray(probabilities[(slice(None), *inner)])
 
@@ -126,7 +127,8 @@ def train_steps(
     stop: threading.Event | None = None,
     resume: threading.Event | None = None,
 ) -> Iterator[tuple]:
-    """Train on one image and its painted labels; a generator for a napari worker.
+    """Train on one image (channels first when it has several) and its painted labels; a generator for a
+    napari worker.
 
     Yields ``("ready", trainer)`` once the trainer is built (the widget then sends it new strokes with
     ``trainer.update_labels``), ``("progress", TrainingEvent)`` per iteration and, every
@@ -148,7 +150,8 @@ def train_steps(
     names = None
     if init is None:
         names = [(class_names or {}).get(i, f"class {i}") for i in painted_ids([labels])]
-    trainer = Trainer([image], [labels], settings, init=init, class_names=names)
+    channel_axis = 0 if image.ndim > labels.ndim else None
+    trainer = Trainer([image], [labels], settings, init=init, class_names=names, channel_axis=channel_axis)
     yield ("ready", trainer)
     if resume is not None:
         resume.wait(timeout=10.0)
@@ -164,9 +167,9 @@ def train_steps(
         if view is None or event.done or time.perf_counter() < next_preview:
             continue
         if normalized is None:
-            normalized = normalize_image(image, trainer.normalization)
+            normalized = normalize_image(image, trainer.normalization, channel_axis)
         started = time.perf_counter()
-        region = view.region or tuple(slice(0, n) for n in image.shape)
+        region = view.region or tuple(slice(0, n) for n in labels.shape)
         try:
             probabilities = predict_region(trainer.snapshot(), normalized, region, should_stop=stop.is_set)
         except PredictionStopped:
@@ -178,8 +181,8 @@ def train_steps(
     if view is not None and not stop.is_set() and trainer.iteration > 0:
         # A last preview from the final weights, so what the user sees matches the trained model.
         if normalized is None:
-            normalized = normalize_image(image, trainer.normalization)
-        region = view.region or tuple(slice(0, n) for n in image.shape)
+            normalized = normalize_image(image, trainer.normalization, channel_axis)
+        region = view.region or tuple(slice(0, n) for n in labels.shape)
         with gui_friendly_threads():
             probabilities = predict_region(trainer.model, normalized, region, should_stop=stop.is_set)
         yield ("preview", _preview(region, probabilities, trainer.class_ids, trainer.iteration))
@@ -193,7 +196,7 @@ def _preview(region, probabilities, class_ids, iteration) -> PreviewResult:
 
 @dataclass(frozen=True)
 class PredictJob:
-    """One image to predict: the source layer's name and a copy of its data."""
+    """One image to predict: the source layer's name and a copy of its data (channels first if several)."""
 
     name: str
     image: np.ndarray
@@ -239,7 +242,8 @@ def predict_steps(
         with gui_friendly_threads():
             for index, job in enumerate(jobs):
                 yield ("image", index, len(jobs), job.name)
-                normalized = normalize_image(job.image, metadata.get("normalization"))
+                normalized = normalize_image(job.image, metadata.get("normalization"),
+                                             channel_axis=0 if model.in_channels > 1 else None)
                 probabilities = predict_tiled(model, normalized, device=target, progress=progress,
                                               should_stop=stop.is_set, test_time_flips=test_time_flips,
                                               refine_radius=refine_radius)
