@@ -4,7 +4,8 @@
 [--batch-size N] [--device auto|cpu|cuda|mps] [--no-test-time-flips] [--refine-radius PX]`` segments TIFF
 images with a saved model;
 ``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels;
-``napari-unet demo`` trains and predicts on the bundled sample images.
+``napari-unet demo`` trains and predicts on the bundled sample images;
+``napari-unet export-bioimageio --model MODEL --image IMG --out PACKAGE.zip`` writes a BioImage.IO model package.
 
 Subcommands are registered in :data:`COMMANDS` (name -> :class:`Command`); :func:`build_parser`
 builds the argparse parser from it. A command's ``run(args)`` returns the exit code and
@@ -442,6 +443,44 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# export
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", required=True, type=Path, metavar="MODEL", help="saved model (.safetensors)")
+    parser.add_argument("--image", required=True, type=Path, metavar="IMG",
+                        help="an image like those the model is for: a crop of it becomes the package's test input")
+    parser.add_argument("--out", "-o", required=True, type=Path, metavar="ZIP", help="package to write (.zip)")
+    parser.add_argument("--name", default="napari-unet model", help="model name (default: napari-unet model)")
+    parser.add_argument("--description", help="one-line description (default: network, classes)")
+    parser.add_argument("--author", action="append", metavar="NAME", help="author name (repeat for several)")
+    parser.add_argument("--license", default="CC-BY-4.0", help="SPDX license id of the weights (default CC-BY-4.0)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .io import load_model, read_image
+
+    if args.out.suffix.lower() != ".zip":
+        raise CLIError(f"--out must name a .zip file, got {args.out}")
+    if not args.image.is_file():
+        raise CLIError(f"file not found: {args.image}")
+    try:
+        from .bioimageio_export import export_bioimageio
+    except ImportError:
+        raise CLIError('exporting needs bioimageio.spec: pip install "napari-unet[bioimageio]"') from None
+    model, metadata = load_model(args.model)
+    image, info = read_image(args.image)
+    image, _ = model_input(image, info, model.config["in_channels"], args.image)
+    try:
+        export_bioimageio(model, metadata, image, args.out, name=args.name, description=args.description,
+                          authors=args.author or ["napari-unet user"], license=args.license)
+    except ValueError as e:
+        raise CLIError(str(e).splitlines()[0]) from None
+    print(args.out, flush=True)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "predict": Command(
         help="segment TIFF images with a saved model",
@@ -457,6 +496,11 @@ COMMANDS: dict[str, Command] = {
         help="train on the bundled nuclei strokes, predict the other sample images, print Dice",
         add_arguments=_add_demo_arguments,
         run=_run_demo,
+    ),
+    "export-bioimageio": Command(
+        help="write a saved model as a BioImage.IO model package (zip) for other tools",
+        add_arguments=_add_export_arguments,
+        run=_run_export,
     ),
 }
 

@@ -1,0 +1,103 @@
+"""BioImage.IO export: a package bioimageio.spec validates, whose weights reproduce napari-unet's predictions."""
+
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+pytest.importorskip("bioimageio.spec")
+
+from bioimageio.spec import load_description  # noqa: E402
+from bioimageio.spec.model.v0_5 import ModelDescr  # noqa: E402
+
+from napari_unet import UNet, normalize_image, predict_tiled  # noqa: E402
+from napari_unet.bioimageio_export import _scale_range, export_bioimageio, grid_shift  # noqa: E402
+from napari_unet.cli import main  # noqa: E402
+from napari_unet.io import save_model  # noqa: E402
+
+METADATA = {"class_ids": [1, 3], "class_names": ["background", "cell nucleus"],
+            "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
+
+
+def _package_arrays(path):
+    with zipfile.ZipFile(path) as package, package.open("test_input.npy") as a, package.open("test_output.npy") as b:
+        test_input, test_output = np.load(a), np.load(b)
+        with package.open("weights_torchscript.pt") as weights:
+            scripted = torch.jit.load(weights)
+    return test_input, test_output, scripted
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("ndim, channels, depth, shape",
+                         [(2, 1, 2, (150, 170)), (2, 3, 2, (3, 60, 70)), (3, 1, 1, (30, 40, 36)), (2, 1, 3, (230, 250))])
+def test_export_is_valid_and_reproduces_napari_unet(tmp_path, ndim, channels, depth, shape):
+    """Depth 3 is the case where the package's inputs are shifted off the legal sizes (grid_shift 4)."""
+    torch.manual_seed(0)
+    model = UNet(n_classes=2, in_channels=channels, ndim=ndim, depth=depth, base_filters=4).eval()
+    image = (np.random.default_rng(0).random(shape) * 4000).astype(np.uint16)
+    path = export_bioimageio(model, METADATA, image, tmp_path / "model.zip", authors=["A. Tester"])
+
+    description = load_description(path)
+    assert isinstance(description, ModelDescr), description.validation_summary.format()
+    assert description.validation_summary.status in ("valid-format", "passed")
+    # The border padding napari-unet's tiles use (reflect) survives the round trip through rdf.yaml (an unset
+    # mode is written as "pad: {}", which reads back as zero padding).
+    assert description.inputs[0].pad.mode == "reflect"
+    output = description.outputs[0]
+    assert [str(a.id) for a in output.axes] == ["batch", "channel", *"zyx"[-ndim:]]
+    assert [str(n) for n in output.axes[1].channel_names] == ["background", "cell_nucleus"]
+    assert all(a.halo == model.halo[0] + grid_shift(model) and a.size.offset == 0 for a in output.axes[2:])
+    assert description.config.napari_unet["class_ids"] == [1, 3]
+
+    # The packaged weights give the packaged test output (what a consumer checks), and a consumer's blocks (reflect
+    # padding, stepped by input - 2 * halo) give napari-unet's own whole-image prediction.
+    test_input, test_output, scripted = _package_arrays(path)
+    assert test_input.shape[:2] == (1, channels) and test_output.shape == (1, 2, *test_input.shape[2:])
+    with torch.no_grad():
+        again = scripted(torch.from_numpy(_scale_range(test_input, METADATA["normalization"]))).numpy()
+    np.testing.assert_allclose(again, test_output, atol=1e-5)
+    normalized = normalize_image(image, METADATA["normalization"], channel_axis=0 if channels > 1 else None)
+    normalized = normalized.reshape(channels, *shape[-ndim:])
+    ours = predict_tiled(model, normalized if channels > 1 else normalized[0])
+    halo = output.axes[2].halo
+    block = test_input.shape[2]
+    step = block - 2 * halo
+    padded = np.pad(normalized, [(0, 0)] + [(halo, block)] * ndim, mode="reflect")
+    for corner in [(0,) * ndim, (step,) * ndim, (0,) + (step,) * (ndim - 1)]:
+        window = padded[(slice(None), *[slice(c, c + block) for c in corner])]
+        with torch.no_grad():
+            predicted = scripted(torch.from_numpy(np.ascontiguousarray(window[None]))).numpy()[0]
+        inner = predicted[(slice(None), *[slice(halo, block - halo)] * ndim)]
+        image_part = tuple(slice(c, min(c + step, n)) for c, n in zip(corner, shape[-ndim:]))
+        expected = ours[(slice(None), *image_part)]
+        np.testing.assert_allclose(inner[(slice(None), *[slice(0, e) for e in expected.shape[1:]])], expected,
+                                   atol=1e-4, err_msg=str(corner))
+
+
+def test_export_refuses_an_image_that_does_not_fit(tmp_path):
+    model = UNet(n_classes=2, in_channels=3, depth=1, base_filters=2)
+    with pytest.raises(ValueError, match="channels"):
+        export_bioimageio(model, METADATA, np.zeros((2, 40, 40)), tmp_path / "m.zip")
+    with pytest.raises(ValueError, match="shape"):
+        export_bioimageio(model, METADATA, np.zeros((40, 40)), tmp_path / "m.zip")
+
+
+def test_export_command_writes_a_package_and_errors_in_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    model_path = save_model(UNet(n_classes=2, depth=1, base_filters=2), tmp_path / "m.safetensors", METADATA)
+    tifffile.imwrite(tmp_path / "img.tif", np.random.default_rng(1).random((50, 60)).astype(np.float32))
+    out = tmp_path / "pkg" / "model.zip"
+    assert main(["export-bioimageio", "-m", str(model_path), "--image", str(tmp_path / "img.tif"), "-o", str(out),
+                 "--name", "Nuclei", "--author", "A. Tester"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    description = load_description(out)
+    assert isinstance(description, ModelDescr) and description.name == "Nuclei"
+    assert [a.name for a in description.authors] == ["A. Tester"]
+    for bad, message in ((["-o", str(tmp_path / "m.txt")], ".zip"), (["--image", str(tmp_path / "no.tif")], "not found")):
+        args = {"-o": str(out), "--image": str(tmp_path / "img.tif")}
+        args[bad[0]] = bad[1]
+        code = main(["export-bioimageio", "-m", str(model_path), *[x for kv in args.items() for x in kv]])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and "\n" not in err
