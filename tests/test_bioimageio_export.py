@@ -76,12 +76,18 @@ def test_export_is_valid_and_reproduces_napari_unet(tmp_path, ndim, channels, de
                                    atol=1e-4, err_msg=str(corner))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_export_refuses_an_image_that_does_not_fit(tmp_path):
     model = UNet(n_classes=2, in_channels=3, depth=1, base_filters=2)
     with pytest.raises(ValueError, match="channels"):
         export_bioimageio(model, METADATA, np.zeros((2, 40, 40)), tmp_path / "m.zip")
     with pytest.raises(ValueError, match="shape"):
         export_bioimageio(model, METADATA, np.zeros((40, 40)), tmp_path / "m.zip")
+    grey = UNet(n_classes=2, depth=1, base_filters=2)
+    stack = np.random.default_rng(2).random((5, 40, 40)).astype(np.float32)  # a stack: its middle slice
+    path = export_bioimageio(grey, METADATA, stack, tmp_path / "stack.zip")
+    test_input = _package_arrays(path)[0]
+    assert test_input.shape[:2] == (1, 1) and test_input.ndim == 4
 
 
 def test_export_command_writes_a_package_and_errors_in_one_line(tmp_path, capsys):

@@ -321,3 +321,22 @@ def test_rgb_image_trains_predicts_and_segment_all_skips_other_channel_counts(ma
         assert "1 channel" in widget._fit_problem(viewer.layers["grey"])
     finally:
         widget.shutdown()
+
+
+def test_export_for_bioimageio_runs_on_a_worker(setup, qtbot, tmp_path):
+    pytest.importorskip("bioimageio.spec")
+    from bioimageio.spec import load_description
+    from bioimageio.spec.model.v0_5 import ModelDescr
+
+    viewer, widget = setup
+    assert not widget.export_button.isEnabled()  # no model yet
+    widget.train()
+    wait_idle(qtbot, widget)
+    assert widget.export_button.isEnabled()
+    widget.export_bioimageio(tmp_path / "cells.zip")
+    assert widget.busy and not widget.export_button.isEnabled()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    description = load_description(tmp_path / "cells.zip")
+    assert isinstance(description, ModelDescr) and description.name == "cells"
+    assert description.config.napari_unet["class_ids"] == widget.metadata["class_ids"]

@@ -163,6 +163,11 @@ class UNetWidget(QWidget):
         row.addWidget(self.load_button)
         row.addWidget(self.save_button)
         form.addRow(row)
+        self.export_button = QPushButton("Export for BioImage.IO...")
+        self.export_button.setToolTip("Write the model as a BioImage.IO package (zip) for ilastik, deepImageJ, "
+                                      "QuPath...; the chosen image provides its test input")
+        self.export_button.clicked.connect(self._export_clicked)
+        form.addRow(self.export_button)
         self.finetune_check = QCheckBox("Train on from the current model (fine-tune)")
         self.finetune_check.setToolTip("Unchecked: Train starts a new network with the settings below")
         form.addRow(self.finetune_check)
@@ -380,6 +385,7 @@ class UNetWidget(QWidget):
             self.finetune_check.setChecked(False)
             self.finetune_check.setEnabled(False)
             self.save_button.setEnabled(False)
+            self.export_button.setEnabled(False)
             return
         config = self.model.config
         names = self.metadata.get("class_names") or []
@@ -391,6 +397,7 @@ class UNetWidget(QWidget):
         )
         self.finetune_check.setEnabled(True)
         self.save_button.setEnabled(not self.busy)
+        self.export_button.setEnabled(not self.busy)
 
     def load_model(self, path) -> None:
         """Load a model file (see :func:`napari_unet.io.load_model`); errors become notifications."""
@@ -420,6 +427,38 @@ class UNetWidget(QWidget):
         self._update_model_label()
         show_info(f"U-Net: model saved to {written}")
         return Path(written)
+
+    def export_bioimageio(self, path) -> None:
+        """Write the current model as a BioImage.IO package at ``path`` (a zip) on a worker, with the chosen image
+        as its test input (button "Export for BioImage.IO...")."""
+        from napari.qt.threading import create_worker
+
+        if self.busy:
+            return
+        image = self.image_layer
+        problem = ("there is no model to export yet: Train first" if self.model is None
+                   else "choose an image layer: a crop of it becomes the package's test input" if image is None
+                   else self._fit_problem(image))
+        if problem:
+            show_error(f"U-Net: {problem}")
+            return
+        self.last_error = None
+        name = Path(path).stem
+        worker = create_worker(_export_package, self.model, dict(self.metadata), image_array(image), Path(path),
+                               name, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._on_exported)
+        self.status_label.setText(f"Exporting {name} for BioImage.IO...")
+        self._start("export", worker, 1, "U-Net BioImage.IO export")
+
+    def _on_exported(self, path) -> None:
+        self.status_label.setText(f"Exported to {path}")
+        show_info(f"U-Net: BioImage.IO package written to {path}")
+
+    def _export_clicked(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export U-Net model for BioImage.IO", "unet.zip",
+                                              "BioImage.IO packages (*.zip)")
+        if path:
+            self.export_bioimageio(path if path.endswith(".zip") else f"{path}.zip")
 
     def _load_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load U-Net model", "", "U-Net models (*.safetensors);;All files (*)")
@@ -465,6 +504,7 @@ class UNetWidget(QWidget):
             button.setEnabled(idle)
         self.stop_button.setEnabled(not idle)
         self.save_button.setEnabled(idle and self.model is not None)
+        self.export_button.setEnabled(idle and self.model is not None)
         if idle:
             self._worker = None
             self._trainer = None
@@ -535,7 +575,7 @@ class UNetWidget(QWidget):
         return super().eventFilter(watched, event)
 
     def _on_error(self, exc: Exception) -> None:
-        what = {"train": "training", "predict": "prediction"}.get(self._task, "work")
+        what = {"train": "training", "predict": "prediction", "export": "export"}.get(self._task, "work")
         self.last_error = f"U-Net {what} failed: {exc}"
         show_error(self.last_error)
         self.status_label.setText(self.last_error)
@@ -843,3 +883,11 @@ class UNetWidget(QWidget):
             output_layer(self.viewer, source, "uncertainty", data=result.uncertainty)
         self.status_label.setText(f"Predicted {result.name}")
 
+
+def _export_package(model, metadata: dict, image, path: Path, name: str) -> Path:
+    """The export, run on a worker thread (``bioimageio_export`` imports bioimageio.spec, an optional extra)."""
+    try:
+        from .bioimageio_export import export_bioimageio
+    except ImportError:
+        raise RuntimeError('exporting needs bioimageio.spec: pip install "napari-unet[bioimageio]"') from None
+    return export_bioimageio(model, metadata, image, path, name=name)
