@@ -11,7 +11,7 @@ What the package holds:
 - **output** ``probabilities``: ``(batch, channel, [z,] y, x)`` of the input's size, with a ``halo`` per side to
   crop; a consumer that tiles with it gets napari-unet's own overlap-tile probabilities (see
   :class:`_Probabilities`);
-- a test input (a legal-size crop of the given sample image) with the output the exported network gives for it,
+- a test input (a crop of the given sample image, of a size the package takes) with the output its weights give,
   a cover image, a README with the classes, the normalization and the training record, and ``config.napari_unet``
   with the metadata of the model file.
 
@@ -84,9 +84,9 @@ def export_bioimageio(
     """Write ``model`` (with its model-file ``metadata``) as a BioImage.IO package ``out`` (a ``.zip``).
 
     ``sample_image`` is an image like those the model is for, channels first when the model has several
-    (``(C, *spatial)``; a stack for a 2D model gives its middle slice); a crop of its centre (mirrored where it is too small) becomes the package's
-    test input. The description is validated by ``bioimageio.spec`` before the package is written; returns
-    ``out``. Raises ``ValueError`` for an image that does not fit the model and ``ImportError`` without
+    (``(C, *spatial)``; a stack for a 2D model gives its middle slice); a crop of its centre (mirrored where it
+    is too small) becomes the package's test input. The description is validated by ``bioimageio.spec`` before
+    the package is written; returns ``out``. Raises ``ValueError`` for an image that does not fit the model and ``ImportError`` without
     ``bioimageio.spec``.
     """
     from bioimageio.spec import save_bioimageio_package
@@ -169,7 +169,8 @@ def export_bioimageio(
                 sample_tensor=spec.FileDescr(source=folder / "sample_output.tif"),
                 description="class probabilities (softmax); the class ids are in config.napari_unet")],
             weights=spec.WeightsDescr(torchscript=spec.TorchscriptWeightsDescr(
-                source=folder / "weights_torchscript.pt", pytorch_version=spec.Version(torch.__version__.split("+")[0]))),
+                source=folder / "weights_torchscript.pt",
+                pytorch_version=spec.Version(torch.__version__.split("+")[0]))),
             config={"napari_unet": {"class_ids": class_ids, "class_names": class_names, "normalization": recipe,
                                     "network": dict(model.config)}},
         )

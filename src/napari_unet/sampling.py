@@ -67,7 +67,8 @@ class PatchSampler:
     def set_targets(self, index: int, targets: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None):
         """Replace the targets (and weights) of image ``index``; painted pixels are re-indexed."""
         targets = list(targets)
-        if [t.shape for t in targets] != [im.shape[im.ndim - t.ndim:] for t, im in zip(targets, self._images[index])]:
+        spatial = [im.shape[im.ndim - t.ndim:] for t, im in zip(targets, self._images[index])]  # after channels
+        if [t.shape for t in targets] != spatial:
             raise ValueError("targets must have the same pieces and shapes as the image")
         self._targets[index] = targets
         self._weights[index] = None if weights is None else list(weights)
