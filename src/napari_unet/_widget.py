@@ -156,18 +156,19 @@ class UNetWidget(QWidget):
         self.model_label.setWordWrap(True)
         form.addRow(self.model_label)
         row = QHBoxLayout()
-        self.load_button = QPushButton("Load model...")
+        self.load_button = QPushButton("Load...")
+        self.load_button.setToolTip("Load a model file (.safetensors)")
         self.load_button.clicked.connect(self._load_clicked)
-        self.save_button = QPushButton("Save model...")
+        self.save_button = QPushButton("Save...")
+        self.save_button.setToolTip("Save the model to a file (.safetensors)")
         self.save_button.clicked.connect(self._save_clicked)
-        row.addWidget(self.load_button)
-        row.addWidget(self.save_button)
-        form.addRow(row)
-        self.export_button = QPushButton("Export for BioImage.IO...")
-        self.export_button.setToolTip("Write the model as a BioImage.IO package (zip) for ilastik, deepImageJ, "
+        self.export_button = QPushButton("Export...")
+        self.export_button.setToolTip("Export the model as a BioImage.IO package (zip) for ilastik, deepImageJ, "
                                       "QuPath...; the chosen image provides its test input")
         self.export_button.clicked.connect(self._export_clicked)
-        form.addRow(self.export_button)
+        for button in (self.load_button, self.save_button, self.export_button):
+            row.addWidget(button)
+        form.addRow(row)
         self.finetune_check = QCheckBox("Train on from the current model (fine-tune)")
         self.finetune_check.setToolTip("Unchecked: Train starts a new network with the settings below")
         form.addRow(self.finetune_check)
@@ -430,7 +431,7 @@ class UNetWidget(QWidget):
 
     def export_bioimageio(self, path) -> None:
         """Write the current model as a BioImage.IO package at ``path`` (a zip) on a worker, with the chosen image
-        as its test input (button "Export for BioImage.IO...")."""
+        as its test input (button "Export...")."""
         from napari.qt.threading import create_worker
 
         if self.busy:
