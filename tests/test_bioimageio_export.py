@@ -101,7 +101,9 @@ def test_export_command_writes_a_package_and_errors_in_one_line(tmp_path, capsys
     description = load_description(out)
     assert isinstance(description, ModelDescr) and description.name == "Nuclei"
     assert [a.name for a in description.authors] == ["A. Tester"]
-    for bad, message in ((["-o", str(tmp_path / "m.txt")], ".zip"), (["--image", str(tmp_path / "no.tif")], "not found")):
+    (tmp_path / "blocked").write_text("a file where the package's folder would be")
+    for bad, message in ((["-o", str(tmp_path / "m.txt")], ".zip"), (["--image", str(tmp_path / "no.tif")], "not found"),
+                         (["-o", str(tmp_path / "blocked" / "m.zip")], "cannot write")):
         args = {"-o": str(out), "--image": str(tmp_path / "img.tif")}
         args[bad[0]] = bad[1]
         code = main(["export-bioimageio", "-m", str(model_path), *[x for kv in args.items() for x in kv]])

@@ -477,6 +477,8 @@ def _run_export(args: argparse.Namespace) -> int:
                           authors=args.author or ["napari-unet user"], license=args.license)
     except ValueError as e:
         raise CLIError(str(e).splitlines()[0]) from None
+    except OSError as e:
+        raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
     print(args.out, flush=True)
     return 0
 
