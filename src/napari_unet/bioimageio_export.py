@@ -86,8 +86,8 @@ def export_bioimageio(
     ``sample_image`` is an image like those the model is for, channels first when the model has several
     (``(C, *spatial)``; a stack for a 2D model gives its middle slice); a crop of its centre (mirrored where it
     is too small) becomes the package's test input. The description is validated by ``bioimageio.spec`` before
-    the package is written; returns ``out``. Raises ``ValueError`` for an image that does not fit the model and ``ImportError`` without
-    ``bioimageio.spec``.
+    the package is written; returns ``out``. Raises ``ValueError`` for an image that does not fit the model and
+    ``ImportError`` without ``bioimageio.spec``.
     """
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5 as spec

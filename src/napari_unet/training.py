@@ -14,10 +14,11 @@ API
     3D array is a stack trained slice by slice with a 2D net; with ``ndim=3`` it is a volume for a 3D
     net. Multi-channel images (RGB, several stains) name the axis of their channels with ``channel_axis``
     (the same for every image, e.g. -1 for ``(Y, X, 3)``); their labels have the image's shape without it,
-    every image has the same number of channels, and each channel is normalized on its own. Construction validates the data (clear ``ValueError`` messages), normalizes each whole image
-    with percentiles (``normalization.py``) and builds the model, or takes it from ``init`` (a
-    ``(model, metadata)`` pair as returned by ``io.load_model``) to fine-tune it: its normalization and
-    class mapping are kept, and painting a class the model does not know is a ``ValueError``.
+    every image has the same number of channels, and each channel is normalized on its own. Construction
+    validates the data (clear ``ValueError`` messages), normalizes each whole image with percentiles
+    (``normalization.py``) and builds the model, or takes it from ``init`` (a ``(model, metadata)`` pair as
+    returned by ``io.load_model``) to fine-tune it: its normalization, class mapping and channel count are
+    kept, and painting a class the model does not know is a ``ValueError``.
 ``trainer.run()``
     A generator of ``TrainingEvent`` (one per iteration, then a last one with ``done=True`` and a
     ``reason``: "iterations", "time_budget", "plateau" or "stopped"). Closing the generator, or
@@ -32,7 +33,8 @@ API
 ``trainer.model``, ``trainer.metadata``, ``trainer.save(path)``
     The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``) and
     saving both with ``io.save_model``.
-``train(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None, callback=None, **overrides)``
+``train(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None, callback=None,
+**overrides)``
     Runs a ``Trainer`` to completion and returns it.
 
 Normalization
@@ -290,8 +292,8 @@ class Trainer:
         for i, (img, lab) in enumerate(zip(images, labels)):
             spatial = img.shape if channel_axis is None else img.shape[1:]
             if spatial != lab.shape:
-                raise ValueError(f"image {i} has shape {spatial}{' (without channels)' if channel_axis is not None else ''} "
-                                 f"but its labels have shape {lab.shape}")
+                without = " (without channels)" if channel_axis is not None else ""
+                raise ValueError(f"image {i} has shape {spatial}{without} but its labels have shape {lab.shape}")
             if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
                 raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
                                  + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
