@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .class_ids import segmentation_from_probabilities
-from .normalization import normalize_image
+from .normalization import normalize_image, normalized_view
 
 PREVIEW_MAX_SIZE = 768
 """Largest preview region per axis (pixels): zoomed far out, the preview covers the view centre."""
@@ -242,7 +242,8 @@ def predict_steps(
         with gui_friendly_threads():
             for index, job in enumerate(jobs):
                 yield ("image", index, len(jobs), job.name)
-                normalized = normalize_image(job.image, metadata.get("normalization"),
+                # Normalized tile by tile as read (no float32 copy of the whole image next to the outputs).
+                normalized = normalized_view(job.image, metadata.get("normalization"),
                                              channel_axis=0 if model.in_channels > 1 else None)
                 probabilities = predict_tiled(model, normalized, device=target, progress=progress,
                                               should_stop=stop.is_set, test_time_flips=test_time_flips,
