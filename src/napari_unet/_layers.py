@@ -55,13 +55,14 @@ def layer_array(layer) -> np.ndarray:
     return np.array(data, copy=True)
 
 
-def image_array(layer) -> np.ndarray:
-    """A copy of an image layer's data as the engine takes it: an RGB(A) layer's colours become three channels
-    first, ``(3, *spatial)`` (alpha dropped); any other layer as :func:`layer_array`."""
-    if not getattr(layer, "rgb", False):
-        return layer_array(layer)
+def image_array(layer, copy: bool = True):
+    """An image layer's data as the engine takes it: an RGB(A) layer's colours become three channels first,
+    ``(3, *spatial)`` (alpha dropped). A numpy copy (the full resolution level of a multiscale layer), or with
+    ``copy=False`` a view of the layer's own array (numpy or lazy), for readers that take only a part of it."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.moveaxis(np.asarray(data)[..., :3], -1, 0).copy()
+    if getattr(layer, "rgb", False):
+        data = np.moveaxis(data[..., :3], -1, 0)
+    return np.array(data, copy=True) if copy else data
 
 
 def image_channels(layer) -> int:

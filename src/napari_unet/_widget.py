@@ -445,8 +445,9 @@ class UNetWidget(QWidget):
             return
         self.last_error = None
         name = Path(path).stem
-        worker = create_worker(_export_package, self.model, dict(self.metadata), image_array(image), Path(path),
-                               name, _start_thread=False, _ignore_errors=True)
+        # No copy of the layer on the GUI thread: the export reads one slice of it (a crop) on the worker.
+        worker = create_worker(_export_package, self.model, dict(self.metadata), image_array(image, copy=False),
+                               Path(path), name, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_exported)
         self.status_label.setText(f"Exporting {name} for BioImage.IO...")
         self._start("export", worker, 1, "U-Net BioImage.IO export")

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .class_ids import segmentation_from_probabilities
-from .normalization import normalize_image, normalized_view
+from .normalization import normalized_view
 
 PREVIEW_MAX_SIZE = 768
 """Largest preview region per axis (pixels): zoomed far out, the preview covers the view centre."""
@@ -166,8 +166,8 @@ def train_steps(
             continue
         if view is None or event.done or time.perf_counter() < next_preview:
             continue
-        if normalized is None:
-            normalized = normalize_image(image, trainer.normalization, channel_axis)
+        if normalized is None:  # previews normalize only the region they read (the trainer holds its own copy)
+            normalized = normalized_view(image, trainer.normalization, channel_axis)
         started = time.perf_counter()
         region = view.region or tuple(slice(0, n) for n in labels.shape)
         try:
@@ -180,8 +180,8 @@ def train_steps(
         yield ("preview", _preview(region, probabilities, trainer.class_ids, event.iteration))
     if view is not None and not stop.is_set() and trainer.iteration > 0:
         # A last preview from the final weights, so what the user sees matches the trained model.
-        if normalized is None:
-            normalized = normalize_image(image, trainer.normalization, channel_axis)
+        if normalized is None:  # previews normalize only the region they read (the trainer holds its own copy)
+            normalized = normalized_view(image, trainer.normalization, channel_axis)
         region = view.region or tuple(slice(0, n) for n in labels.shape)
         with gui_friendly_threads():
             probabilities = predict_region(trainer.model, normalized, region, should_stop=stop.is_set)

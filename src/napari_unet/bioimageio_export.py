@@ -83,9 +83,9 @@ def export_bioimageio(
 ) -> Path:
     """Write ``model`` (with its model-file ``metadata``) as a BioImage.IO package ``out`` (a ``.zip``).
 
-    ``sample_image`` is an image like those the model is for, channels first when the model has several
-    (``(C, *spatial)``; a stack for a 2D model gives its middle slice); a crop of its centre (mirrored where it
-    is too small) becomes the package's test input. The description is validated by ``bioimageio.spec`` before
+    ``sample_image`` is an image like those the model is for (numpy or lazy, e.g. dask: only the part used is
+    read), channels first when the model has several (``(C, *spatial)``; a stack for a 2D model gives its middle
+    slice); a crop of its centre (mirrored where it is too small) becomes the package's test input. The description is validated by ``bioimageio.spec`` before
     the package is written; returns ``out``. Raises ``ValueError`` for an image that does not fit the model and
     ``ImportError`` without ``bioimageio.spec``.
     """
@@ -94,10 +94,11 @@ def export_bioimageio(
 
     out = Path(out)
     ndim, channels = model.config["ndim"], model.config["in_channels"]
-    image = np.asarray(sample_image, dtype=np.float32)
+    image = sample_image if hasattr(sample_image, "shape") else np.asarray(sample_image)
     lead = int(channels > 1)
-    if ndim == 2 and image.ndim == 3 + lead:  # a stack for a 2D model: its middle slice
+    if ndim == 2 and len(image.shape) == 3 + lead:  # a stack for a 2D model: its middle slice
         image = image[(slice(None),) * lead + (image.shape[lead] // 2,)]
+    image = np.asarray(image, dtype=np.float32)  # read here: the one slice (or volume) the crop comes from
     if image.ndim != ndim + lead:
         raise ValueError(f"the sample image has shape {image.shape}; the model takes "
                          f"{'(C, ' if channels > 1 else '('}{', '.join('ZYX'[-ndim:])}) with C = {channels}")

@@ -459,7 +459,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .io import load_model, read_image
+    from .io import load_model, open_image
 
     if args.out.suffix.lower() != ".zip":
         raise CLIError(f"--out must name a .zip file, got {args.out}")
@@ -470,15 +470,15 @@ def _run_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise CLIError('exporting needs bioimageio.spec: pip install "napari-unet[bioimageio]"') from None
     model, metadata = load_model(args.model)
-    image, info = read_image(args.image)
-    image, _ = model_input(image, info, model.config["in_channels"], args.image)
-    try:
-        export_bioimageio(model, metadata, image, args.out, name=args.name, description=args.description,
-                          authors=args.author or ["napari-unet user"], license=args.license)
-    except ValueError as e:
-        raise CLIError(str(e).splitlines()[0]) from None
-    except OSError as e:
-        raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
+    with open_image(args.image) as (lazy, info):  # the export reads only the slice its test crop comes from
+        image, _ = model_input(lazy, info, model.config["in_channels"], args.image)
+        try:
+            export_bioimageio(model, metadata, image, args.out, name=args.name, description=args.description,
+                              authors=args.author or ["napari-unet user"], license=args.license)
+        except ValueError as e:
+            raise CLIError(str(e).splitlines()[0]) from None
+        except OSError as e:
+            raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
     print(args.out, flush=True)
     return 0
 
