@@ -250,6 +250,25 @@ def test_open_image_drops_singleton_axes_and_reads_only_what_is_sliced(tmp_path)
         assert not isinstance(lazy, np.ndarray)  # nothing read until sliced
 
 
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_lazy_image_reads_regions_of_single_strip_and_compressed_files(tmp_path, monkeypatch, compression):
+    """An uncompressed file is memory-mapped: a region of a page stored as one strip is read without the rest
+    (dask chunks of bands of rows); a compressed one goes through the zarr store. No ``with`` block needed."""
+    monkeypatch.setattr(io, "_LAZY_CHUNK_BYTES", 2 * 30 * 500)  # bands of 30 rows of a 2-byte, 500-wide plane
+    array = (np.random.default_rng(0).random((3, 100, 500)) * 60000).astype(np.uint16)
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, array, compression=compression, byteorder=">", photometric="minisblack")
+    lazy, info = io.lazy_image(path)
+    assert not isinstance(lazy, np.ndarray) and info == read_image(path)[1]
+    if compression is None:
+        with tifffile.TiffFile(path) as tif:
+            assert tif.pages[0].rowsperstrip == 100 and tif.byteorder == ">"  # one strip per page, big-endian
+        assert lazy.chunks == ((1, 1, 1), (30, 30, 30, 10), (500,))
+    np.testing.assert_array_equal(np.asarray(lazy[1, 40:70, 100:130]), array[1, 40:70, 100:130])
+    np.testing.assert_array_equal(np.asarray(lazy), array)
+    assert io.lazy_image(path)[0].name == lazy.name  # named from the file, not by hashing its pixels
+
+
 def test_read_rgb_ome_imagej_and_unnamed_axes(tmp_path):
     rgb = np.zeros((20, 30, 3), np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")

@@ -58,6 +58,22 @@ def test_channels_become_layers_with_spatial_scale(tmp_path):
     np.testing.assert_allclose(kwargs["scale"], (0.4, 0.4))
 
 
+def test_large_images_open_lazily_labels_in_memory(tmp_path, monkeypatch):
+    from napari_unet import _reader
+
+    image = np.random.default_rng(3).integers(0, 4000, (4, 20, 30)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", image, imagej=True)
+    tifffile.imwrite(tmp_path / "stack_labels.tif", image)
+    [(small, _, _)] = read_tiff(str(tmp_path / "stack.tif"))
+    assert isinstance(small, np.ndarray)
+    monkeypatch.setattr(_reader, "LAZY_READ_BYTES", image.nbytes - 1)
+    [(lazy, kwargs, kind)] = read_tiff(str(tmp_path / "stack.tif"))
+    assert kind == "image" and not isinstance(lazy, np.ndarray) and kwargs["name"] == "stack"
+    np.testing.assert_array_equal(np.asarray(lazy), image)
+    [(labels, _, kind)] = read_tiff(str(tmp_path / "stack_labels.tif"))
+    assert kind == "labels" and isinstance(labels, np.ndarray)  # painted into: always in memory
+
+
 def test_rgb_round_trip(tmp_path):
     rgb = np.random.default_rng(2).integers(0, 255, (12, 14, 3)).astype(np.uint8)
     [path] = write_image(str(tmp_path / "photo.tif"), rgb, {"scale": (1.5, 1.5), "rgb": True})

@@ -137,6 +137,38 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
                                    predict_tiled(widget.model, normalized, test_time_flips=flips), atol=1e-5)
 
 
+def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_path, monkeypatch):
+    """A large image as the reader opens it (a dask view of its file) is predicted without a copy, and
+    outputs above the memory limit are memory maps; both give what the in-memory layer gives."""
+    import tifffile
+
+    from napari_unet import _layers, _reader
+
+    viewer, widget = setup
+    widget.train()
+    wait_idle(qtbot, widget)
+    widget.uncertainty_check.setChecked(True)
+    widget.predict()
+    wait_idle(qtbot, widget)
+    expected = {role: np.array(viewer.layers[f"cells {role}"].data)
+                for role in ("probabilities", "segmentation", "uncertainty")}
+
+    tifffile.imwrite(tmp_path / "big.tif", viewer.layers["cells"].data)
+    monkeypatch.setattr(_reader, "LAZY_READ_BYTES", 0)
+    monkeypatch.setattr(_layers, "IN_MEMORY_OUTPUT_BYTES", 0)
+    [(data, kwargs, _)] = _reader.read_tiff(str(tmp_path / "big.tif"))
+    lazy = viewer.add_image(data, **kwargs)
+    assert not isinstance(lazy.data, np.ndarray) and _layers.prediction_image(lazy) is lazy.data
+    widget.image_combo.setCurrentText("big")
+    widget.predict()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    for role, values in expected.items():
+        output = viewer.layers[f"big {role}"].data
+        assert isinstance(output, np.memmap), role
+        np.testing.assert_allclose(output, values, atol=1e-5, err_msg=role)
+
+
 def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
     viewer, widget = setup
     widget.time_spin.setValue(600)

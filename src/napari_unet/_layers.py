@@ -65,6 +65,31 @@ def image_array(layer, copy: bool = True):
     return np.array(data, copy=True) if copy else data
 
 
+def prediction_image(layer):
+    """The image a prediction worker reads from ``layer``: a copy of in-memory data (the layer may change while
+    the worker runs), the layer's own lazy array (a read-only view of a file, as the reader opens large
+    images) as it is, so that only the tiles being predicted are read."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return image_array(layer, copy=isinstance(data, np.ndarray))
+
+
+IN_MEMORY_OUTPUT_BYTES = 1 << 30
+"""Output arrays larger than this (in bytes) are memory maps of temporary files instead of memory."""
+
+
+def output_array(shape, dtype) -> np.ndarray:
+    """Zeros for an output layer: in memory up to ``IN_MEMORY_OUTPUT_BYTES``, beyond that a memory map of an
+    anonymous temporary file in the temporary folder (``TMPDIR``), which the operating system deletes when
+    the last view of it goes, so the outputs of an image larger than memory live on disk."""
+    import tempfile
+
+    dtype = np.dtype(dtype)
+    if int(np.prod(shape)) * dtype.itemsize <= IN_MEMORY_OUTPUT_BYTES:
+        return np.zeros(shape, dtype)
+    with tempfile.TemporaryFile(prefix="napari-unet-") as file:  # the map keeps its own handle
+        return np.memmap(file, dtype=dtype, mode="w+", shape=tuple(shape))
+
+
 def image_channels(layer) -> int:
     """How many channels :func:`image_array` gives for ``layer`` (3 for RGB(A), else 1)."""
     return 3 if getattr(layer, "rgb", False) else 1
@@ -102,7 +127,7 @@ def output_layer(viewer, source, role, shape=None, dtype=None, *, data=None, cla
     if data is None:
         if layer is not None and layer.data.shape == tuple(shape) and layer.data.dtype == dtype:
             return layer
-        data = np.zeros(shape, dtype=dtype)
+        data = output_array(shape, dtype)
     spatial = len(spatial_shape(source))
     lead = data.ndim - spatial
     scale = (1.0,) * lead + tuple(source.scale[-spatial:])

@@ -3,6 +3,11 @@
 What it keeps from the file: the axes (a channel axis becomes one layer per channel, an RGB(A) uint8
 image an RGB layer), and the pixel size as the layer's ``scale`` (with its unit when the file names one).
 
+Large images open lazily: an image whose pixels take more than ``LAZY_READ_BYTES`` becomes a dask array over
+the file (:func:`napari_unet.io.lazy_image`: memory-mapped when uncompressed), so napari reads only the planes it
+shows and the widget's Predict / Segment all read tiles as they need them. Labels files are always read into
+memory (painting writes into them).
+
 Labels rule: a file opens as a **Labels** layer when its pixels are integers (or bool) and its file
 name contains ``label``, ``mask``, ``seg``, ``annot`` or ``stroke`` (any case), e.g.
 ``cells_labels.tif``, ``nucleus-mask.tiff``, ``img01_strokes.tif``. Everything else opens as an Image.
@@ -16,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+LAZY_READ_BYTES = 1 << 30
+"""Images larger than this (decoded, in bytes) open as lazy views of their file instead of being read."""
 LABELS_NAME = re.compile(r"label|mask|seg|annot|stroke", re.IGNORECASE)
 
 
@@ -35,12 +42,14 @@ def is_labels_file(path, array: np.ndarray) -> bool:
 
 def read_tiff(path) -> list[tuple]:
     """Read one or several TIFF files into napari layer data tuples ``(data, kwargs, layer_type)``."""
-    from .io import read_image
+    from .io import lazy_image, read_image
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
     for p in paths:
-        array, info = read_image(p)
+        array, info = lazy_image(p)
+        if array.nbytes <= LAZY_READ_BYTES or is_labels_file(p, array):
+            array, info = read_image(p)
         name = _layer_name(p)
         kwargs = {"name": name, "scale": info["scale"], "metadata": {"axes": info["axes"], "source": str(p)}}
         if info.get("unit"):

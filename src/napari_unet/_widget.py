@@ -49,6 +49,7 @@ from ._layers import (
     output_layer,
     output_role,
     painting_layer_kwargs,
+    prediction_image,
     spatial_shape,
 )
 from ._loss_plot import LossPlot
@@ -841,7 +842,7 @@ class UNetWidget(QWidget):
                 return
         self.last_error = None
         self._predict_sources = {layer.name: layer for layer in layers}
-        jobs = [PredictJob(layer.name, image_array(layer)) for layer in layers]
+        jobs = [PredictJob(layer.name, prediction_image(layer)) for layer in layers]
         worker = create_worker(
             predict_steps,
             self.model,

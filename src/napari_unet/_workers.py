@@ -1,7 +1,7 @@
 """Work the dock widget runs on ``napari.qt.threading`` workers: training with live previews, prediction.
 
-Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of the layer data,
-yield small messages (tuples whose first item names the kind) and the widget applies them to layers on
+Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of the layer data (or a
+lazy layer's read-only view of its file), yield small messages (tuples whose first item names the kind) and the widget applies them to layers on
 the main thread. They yield often so that ``worker.quit()`` and the stop flags take effect promptly.
 """
 
@@ -15,7 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .class_ids import segmentation_from_probabilities
+from ._layers import output_array
+from .class_ids import labels_dtype, segmentation_from_probabilities
 from .normalization import normalized_view
 
 PREVIEW_MAX_SIZE = 768
@@ -71,11 +72,18 @@ def gui_friendly_threads():
         torch.set_num_threads(previous)
 
 
-def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Per-pixel entropy of the class probabilities divided by log(n_classes): 0 = certain, 1 = undecided."""
-    p = np.clip(probabilities, 1e-7, 1.0)
-    entropy = -(p * np.log(p)).sum(axis=0)
-    return (entropy / np.log(probabilities.shape[0])).astype(np.float32)
+def normalized_entropy(probabilities, out=None) -> np.ndarray:
+    """Per-pixel entropy of the class probabilities divided by log(n_classes): 0 = certain, 1 = undecided.
+
+    Computed one index of the first spatial axis at a time (memory maps in and out stay bounded); ``out``:
+    a float32 array of the spatial shape to write into, default a new one.
+    """
+    out = np.empty(probabilities.shape[1:], np.float32) if out is None else out
+    scale = 1.0 / np.log(probabilities.shape[0])
+    for index in range(out.shape[0]):
+        p = np.clip(np.asarray(probabilities[:, index], dtype=np.float32), 1e-7, 1.0)
+        out[index] = -(p * np.log(p)).sum(axis=0) * scale
+    return out
 
 
 def region_with_context(region: tuple[slice, ...], shape: tuple[int, ...], halo: Sequence[int], grid: int = 1):
@@ -196,7 +204,8 @@ def _preview(region, probabilities, class_ids, iteration) -> PreviewResult:
 
 @dataclass(frozen=True)
 class PredictJob:
-    """One image to predict: the source layer's name and a copy of its data (channels first if several)."""
+    """One image to predict: the source layer's name and its data (``_layers.prediction_image``: a copy, or a
+    lazy read-only view of a file), channels first if several."""
 
     name: str
     image: np.ndarray
@@ -245,14 +254,17 @@ def predict_steps(
                 # Normalized tile by tile as read (no float32 copy of the whole image next to the outputs).
                 normalized = normalized_view(job.image, metadata.get("normalization"),
                                              channel_axis=0 if model.in_channels > 1 else None)
+                spatial = tuple(job.image.shape[1:] if model.in_channels > 1 else job.image.shape)
                 probabilities = predict_tiled(model, normalized, device=target, progress=progress,
                                               should_stop=stop.is_set, test_time_flips=test_time_flips,
-                                              refine_radius=refine_radius)
+                                              refine_radius=refine_radius,
+                                              out=output_array((model.n_classes, *spatial), np.float32))
                 yield ("result", PredictResult(
                     job.name,
                     probabilities,
-                    segmentation_from_probabilities(probabilities, class_ids),
-                    normalized_entropy(probabilities) if uncertainty else None,
+                    segmentation_from_probabilities(probabilities, class_ids,
+                                                    out=output_array(spatial, labels_dtype(class_ids))),
+                    normalized_entropy(probabilities, out=output_array(spatial, np.float32)) if uncertainty else None,
                 ))
     finally:
         release_device_memory(target)

@@ -31,7 +31,7 @@ import math
 import os
 import uuid
 import xml.etree.ElementTree as ET
-from contextlib import ExitStack, closing, contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -249,18 +249,62 @@ def read_image(path):
 @contextmanager
 def open_image(path):
     """:func:`read_image` without reading the pixels: yields ``(array, info)``, where ``array`` is a lazy
-    read-only view of the file (a dask array over tifffile's zarr store: slicing it and converting the slice
-    with ``np.asarray`` reads and decodes only the strips/tiles it covers, and a strip that cannot be decoded
-    raises :class:`ImageFileError`). The file stays open inside the ``with`` block. Same ``info`` and errors
-    as :func:`read_image`.
+    read-only view of the file (a dask array): slicing it and converting the slice with ``np.asarray`` reads
+    only what the slice covers. An uncompressed contiguous image is memory-mapped (any region is read
+    directly, however the file is laid out in strips); otherwise the view goes through tifffile's zarr store
+    (the strips/tiles the slice covers are decoded; one that cannot be decoded raises :class:`ImageFileError`).
+    The file stays open inside the ``with`` block. Same ``info`` and errors as :func:`read_image`.
     """
-    import dask.array as da
-    import zarr
+    array, info, close = _open_lazily(path)
+    try:
+        yield array, info
+    finally:
+        close()
 
-    with _open_series(path) as (tif, series), closing(_decode(path, series.aszarr)) as store:
+
+def lazy_image(path):
+    """:func:`open_image` for a napari layer: ``(array, info)`` with no ``with`` block. The lazy array stays
+    readable for as long as it is referenced (tifffile reopens the file for a read after its handle closed)."""
+    array, info, _ = _open_lazily(path)
+    return array, info
+
+
+_LAZY_CHUNK_BYTES = 64 << 20
+
+
+def _open_lazily(path) -> tuple:
+    """``(lazy array, info, close)`` for :func:`open_image` and :func:`lazy_image`."""
+    import dask.array as da
+
+    with _open_series(path) as (tif, series):
         squeeze, info = _describe(path, tif, series)
-        pixels = zarr.open(store, mode="r")
-        yield da.from_array(_CheckedReader(pixels, path), chunks=pixels.chunks, lock=False)[squeeze], info
+        if series.dataoffset is not None and series.keyframe.is_memmappable:
+            dtype = series.dtype.newbyteorder(tif.byteorder)
+            pixels = _decode(path, lambda: np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset,
+                                                     shape=series.shape))
+            chunks, close = _memmap_chunks(series.shape, dtype.itemsize), lambda: None
+        else:
+            import zarr
+
+            store = _decode(path, series.aszarr)
+            pixels = zarr.open(store, mode="r")
+            chunks, close = pixels.chunks, store.close
+    # Through a reader object: dask would copy a numpy array (a memory map too) into its graph.
+    return da.from_array(_CheckedReader(pixels, path), chunks=chunks, lock=False)[squeeze], info, close
+
+
+def _memmap_chunks(shape, itemsize: int) -> tuple[int, ...]:
+    """Dask chunks of about ``_LAZY_CHUNK_BYTES`` or less over a memory map: whole trailing axes, split
+    along the first axis that does not fit (planes of a stack, bands of rows of a large plane)."""
+    chunks = list(shape)
+    for axis in range(len(shape)):
+        rest = math.prod(shape[axis + 1:]) * itemsize
+        if shape[axis] * rest <= _LAZY_CHUNK_BYTES:
+            break
+        chunks[axis] = max(1, _LAZY_CHUNK_BYTES // rest)
+        if rest <= _LAZY_CHUNK_BYTES:
+            break
+    return tuple(chunks)
 
 
 class _CheckedReader:
@@ -272,6 +316,11 @@ class _CheckedReader:
 
     def __getitem__(self, key):
         return _decode(self.path, lambda: self.source[key])
+
+    def __dask_tokenize__(self):
+        """The file and its version, so dask names the array without hashing (or pickling) its pixels."""
+        stat = os.stat(self.path)
+        return (str(Path(self.path).resolve()), stat.st_size, stat.st_mtime_ns, self.shape, str(self.dtype))
 
 
 @contextmanager
