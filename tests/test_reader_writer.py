@@ -62,7 +62,7 @@ def test_large_images_open_lazily_labels_in_memory(tmp_path, monkeypatch):
     from napari_unet import _reader
 
     image = np.random.default_rng(3).integers(0, 4000, (4, 20, 30)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "stack.tif", image, imagej=True)
+    tifffile.imwrite(tmp_path / "stack.tif", image, imagej=True, metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "stack_labels.tif", image)
     [(small, _, _)] = read_tiff(str(tmp_path / "stack.tif"))
     assert isinstance(small, np.ndarray)
