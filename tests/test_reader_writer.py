@@ -63,7 +63,7 @@ def test_large_images_open_lazily_labels_in_memory(tmp_path, monkeypatch):
 
     image = np.random.default_rng(3).integers(0, 4000, (4, 20, 30)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "stack.tif", image, imagej=True, metadata={"axes": "ZYX"})
-    tifffile.imwrite(tmp_path / "stack_labels.tif", image)
+    tifffile.imwrite(tmp_path / "stack_labels.tif", image, imagej=True, metadata={"axes": "ZYX"})
     [(small, _, _)] = read_tiff(str(tmp_path / "stack.tif"))
     assert isinstance(small, np.ndarray)
     monkeypatch.setattr(_reader, "LAZY_READ_BYTES", image.nbytes - 1)
