@@ -3,21 +3,32 @@
 A random ``Z x SIZE x SIZE`` uint8 stack and a tiny 2-class network (depth 2, 4 filters: the network is not what is
 measured), one pass with the default edge refinement, after a warm-up on a small image; peak memory traced by
 ``tracemalloc`` (numpy buffers and Python objects; torch's allocator is not traced) and the wall time of that run.
-The worker's outputs (probabilities, segmentation) stay in memory: the widget turns them into layers.
+The worker's outputs (probabilities, segmentation) become the widget's layers: in memory up to
+``_layers.IN_MEMORY_OUTPUT_BYTES`` (1 GiB), memory-mapped temporary files beyond (not traced: they live on disk).
 
-    python bench/widget_predict_memory.py [--z 32] [--size 1024]
+``--source memory`` (default): the image is a layer's in-memory data, which the widget copies for the worker.
+``--source file``: the stack is written to an uncompressed TIFF and opened as the napari reader opens a large
+image (lazily, a dask view of a memory map; the reader's 1 GiB threshold is lowered to 0 so that a small stack
+takes that path), and the worker reads it tile by tile without a copy. ``--outputs-in-memory``: keep outputs of
+any size in memory (what the widget did before memory-mapped outputs).
+
+    python bench/widget_predict_memory.py [--z 32] [--size 1024] [--source memory|file] [--outputs-in-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_unet import UNet
+import tifffile
+
+from napari_unet import UNet, _layers, _reader
 from napari_unet._workers import PredictJob, predict_steps
 from napari_unet.refine import DEFAULT_RADIUS
 
@@ -26,7 +37,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--z", type=int, default=32)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--source", choices=("memory", "file"), default="memory")
+    parser.add_argument("--outputs-in-memory", action="store_true")
     args = parser.parse_args(argv)
+    if args.outputs_in_memory:
+        _layers.IN_MEMORY_OUTPUT_BYTES = float("inf")
     torch.manual_seed(0)
     model = UNet(n_classes=2, depth=2, base_filters=4).eval()
     metadata = {"class_ids": [1, 2], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
@@ -38,15 +53,29 @@ def main(argv=None):
         return [m[1] for m in messages if m[0] == "result"][0]
 
     run(stack[:1, :64, :64].copy())
-    tracemalloc.start()
-    start = time.perf_counter()
-    result = run(stack)
-    seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    print(f"{args.z}x{args.size}x{args.size} uint8 ({stack.nbytes / 2**20:.0f} MiB): peak traced {peak / 2**20:.0f} MiB "
-          f"(probabilities {result.probabilities.nbytes / 2**20:.0f} MiB, segmentation "
-          f"{result.segmentation.nbytes / 2**20:.0f} MiB), {seconds:.1f} s")
+    with tempfile.TemporaryDirectory() as folder:
+        if args.source == "file":
+            path = Path(folder) / "stack.tif"
+            tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "ZYX"})
+            del stack
+            _reader.LAZY_READ_BYTES = 0
+        tracemalloc.start()
+        start = time.perf_counter()
+        if args.source == "file":
+            [(image, _, _)] = _reader.read_tiff(str(path))  # what napari's layer holds
+        else:
+            image = stack.copy()  # the copy the widget hands the worker
+        result = run(image)
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        kinds = {name: "memory map" if isinstance(array, np.memmap) else "in memory"
+                 for name, array in (("probabilities", result.probabilities), ("segmentation", result.segmentation))}
+        print(f"{args.z}x{args.size}x{args.size} uint8 ({image.nbytes / 2**20:.0f} MiB) from {args.source} "
+              f"({type(image).__module__.split('.')[0]}): peak traced {peak / 2**20:.0f} MiB (probabilities "
+              f"{result.probabilities.nbytes / 2**20:.0f} MiB {kinds['probabilities']}, segmentation "
+              f"{result.segmentation.nbytes / 2**20:.0f} MiB {kinds['segmentation']}), {seconds:.1f} s")
+        del result
 
 
 if __name__ == "__main__":
