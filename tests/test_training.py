@@ -226,6 +226,31 @@ def test_stack_trained_slice_wise_with_a_2d_net():
     assert trainer.model.ndim == 2
 
 
+def test_a_stack_is_read_and_normalized_only_where_painted():
+    """Under a 2D net the slices of a stack are normalized (with the whole stack's percentiles) when first
+    sampled, so only painted slices are ever held as float32; a slice painted during training is read then. A
+    lazy stack (dask, as the reader opens large files) trains exactly like the same stack in memory."""
+    dask_array = pytest.importorskip("dask.array")
+    image, labels, _ = _halves((8, 32, 32))
+    labels[[0, 1, 2, 4, 5, 6, 7]] = 0  # only slice 3 painted
+    models = []
+    for source in (image, dask_array.from_array(image, chunks=(1, 32, 32))):
+        trainer = Trainer(source, labels, _settings(iterations=4, seed=1))
+        events = trainer.run()
+        for _ in range(2):
+            next(events)
+        assert [piece.array is not None for piece in trainer.sampler._images[0]] == [z == 3 for z in range(8)]
+        more = labels.copy()
+        more[6, 4:28, 4:7] = 1
+        trainer.update_labels(0, more)
+        list(events)
+        assert [piece.array is not None for piece in trainer.sampler._images[0]] == [z in (3, 6) for z in range(8)]
+        np.testing.assert_array_equal(trainer.sampler._images[0][6][...], normalize_image(image)[6])
+        models.append(trainer.model.state_dict())
+    for name, value in models[0].items():
+        torch.testing.assert_close(models[1][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_sparse_slices_of_a_volume_train_a_3d_net():
     image, labels, _ = _halves((12, 32, 32))
     labels[[0, 1, 2, 3, 5, 6, 7, 8, 9, 11]] = 0  # only slices 4 and 10 painted

@@ -65,10 +65,11 @@ def image_array(layer, copy: bool = True):
     return np.array(data, copy=True) if copy else data
 
 
-def prediction_image(layer):
-    """The image a prediction worker reads from ``layer``: a copy of in-memory data (the layer may change while
-    the worker runs), the layer's own lazy array (a read-only view of a file, as the reader opens large
-    images) as it is, so that only the tiles being predicted are read."""
+def worker_image(layer):
+    """The image a training or prediction worker reads from ``layer``: a copy of in-memory data (the layer may
+    change while the worker runs), the layer's own lazy array (a read-only view of a file, as the reader opens
+    large images) as it is, so that only what the worker needs is read (the tiles it predicts; the slices of a
+    stack with strokes when a 2D network trains)."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return image_array(layer, copy=isinstance(data, np.ndarray))
 

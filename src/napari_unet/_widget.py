@@ -49,7 +49,7 @@ from ._layers import (
     output_layer,
     output_role,
     painting_layer_kwargs,
-    prediction_image,
+    worker_image,
     spatial_shape,
 )
 from ._loss_plot import LossPlot
@@ -637,7 +637,7 @@ class UNetWidget(QWidget):
         self._update_view_region(settings.ndim)
         worker = create_worker(
             train_steps,
-            image_array(image),
+            worker_image(image),
             layer_array(labels),
             settings,
             init=init,
@@ -842,7 +842,7 @@ class UNetWidget(QWidget):
                 return
         self.last_error = None
         self._predict_sources = {layer.name: layer for layer in layers}
-        jobs = [PredictJob(layer.name, prediction_image(layer)) for layer in layers]
+        jobs = [PredictJob(layer.name, worker_image(layer)) for layer in layers]
         worker = create_worker(
             predict_steps,
             self.model,

@@ -204,7 +204,7 @@ def _preview(region, probabilities, class_ids, iteration) -> PreviewResult:
 
 @dataclass(frozen=True)
 class PredictJob:
-    """One image to predict: the source layer's name and its data (``_layers.prediction_image``: a copy, or a
+    """One image to predict: the source layer's name and its data (``_layers.worker_image``: a copy, or a
     lazy read-only view of a file), channels first if several."""
 
     name: str

@@ -52,7 +52,7 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
     """
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
-    if not _is_lazy(image):
+    if not is_lazy(image):
         image = np.asarray(image)
     if math.prod(image.shape) == 0:
         raise ValueError("cannot compute normalization parameters of an empty image")
@@ -77,7 +77,8 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
     }
 
 
-def _is_lazy(image) -> bool:
+def is_lazy(image) -> bool:
+    """Whether ``image`` is an array-like other than numpy (dask, zarr, a ``NormalizedView``...), read in parts."""
     return not isinstance(image, np.ndarray) and hasattr(image, "shape") and hasattr(image, "dtype")
 
 
@@ -218,7 +219,7 @@ def _finite_percentiles(values, low: float, high: float) -> tuple[float, float]:
     dtype = np.dtype(values.dtype)
     if np.issubdtype(dtype, np.complexfloating):
         raise ValueError("complex images are not supported")
-    if _is_lazy(values):
+    if is_lazy(values):
         if np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2:
             return _histogram_percentiles(values, low, high)
         return _selected_percentiles(values, low, high)

@@ -74,6 +74,9 @@ class PatchSampler:
         self._weights[index] = None if weights is None else list(weights)
         painted = []
         for target in targets:
+            if target.size and not any(target.strides) and target.flat[0] < 0:  # a constant view: unpainted
+                painted.append((np.empty(0, np.intp), np.zeros(2, np.int64)))
+                continue
             flat = np.flatnonzero(target.ravel() >= 0)
             classes = target.ravel()[flat]
             order = np.argsort(classes, kind="stable")

@@ -62,7 +62,7 @@ from .devices import amp_dtype, default_cpu_threads, resolve_device
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
-from .normalization import DEFAULT_RECIPE, normalize_image
+from .normalization import DEFAULT_RECIPE, image_params, is_lazy, normalize, normalize_image
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 
@@ -180,10 +180,11 @@ class TrainingEvent:
     reason: str | None = None
 
 
-def _as_list(arrays) -> list[np.ndarray]:
+def _as_list(arrays, lazy: bool = False) -> list[np.ndarray]:
+    """One array or a sequence of them as a list of numpy arrays (with ``lazy``, lazy arrays stay lazy)."""
     if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
         arrays = [arrays]
-    return [np.asarray(a) for a in arrays]
+    return [a if lazy and is_lazy(a) else np.asarray(a) for a in arrays]
 
 
 def _channels_first(images: list[np.ndarray], channel_axis: int | None) -> list[np.ndarray]:
@@ -240,6 +241,23 @@ def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndar
     return np.where(known, index, -1).astype(np.int16)
 
 
+class _NormalizedSlice:
+    """Slice ``z`` of a stack (channels first with ``channels``), normalized with ``params`` the first time it
+    is indexed and kept from then on; ``shape`` and ``ndim`` are known without reading it."""
+
+    def __init__(self, stack, z: int, params: dict, channels: bool):
+        self._stack, self._z, self._params, self._channels = stack, z, params, channels
+        self.shape = (stack.shape[0], *stack.shape[2:]) if channels else tuple(stack.shape[1:])
+        self.ndim = len(self.shape)
+        self.array: np.ndarray | None = None
+
+    def __getitem__(self, key):
+        if self.array is None:
+            plane = self._stack[:, self._z] if self._channels else self._stack[self._z]
+            self.array = normalize(np.asarray(plane), self._params)
+        return self.array[key]
+
+
 class WeightAverage:
     """Running mean of a model's floating-point state: weights and batch-norm statistics."""
 
@@ -281,7 +299,7 @@ class Trainer:
         channel_axis: int | None = None,
     ):
         self.settings = settings = settings or TrainingSettings()
-        images, labels = _as_list(images), _as_list(labels)
+        images, labels = _as_list(images, lazy=True), _as_list(labels)
         if len(images) != len(labels):
             raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
         if not images:
@@ -356,14 +374,11 @@ class Trainer:
 
         self._rng = np.random.default_rng(settings.seed)
         channels = None if channel_axis is None else 0
-        normalized = [normalize_image(img, self.normalization, channels) for img in images]
-        targets = [targets_from_labels(lab, self.class_ids) for lab in labels]
         self._shapes = [lab.shape for lab in labels]
+        targets, weights = zip(*[self._target_pieces(lab) for lab in labels])
         self.sampler = PatchSampler(
-            self._split(normalized, channels is not None), self._split(targets), self.input_shape, self.output_shape,
-            self._rng,
-            weights=self._split([self._weights(t) for t in targets]) if settings.border_weight else None,
-            class_power=settings.class_sampling,
+            [self._image_pieces(img, channels) for img in images], targets, self.input_shape, self.output_shape,
+            self._rng, weights=weights if settings.border_weight else None, class_power=settings.class_sampling,
         )
         self.augmenter = Augmenter(
             self._rng, flips=settings.flips, rotations=settings.rotations,
@@ -379,17 +394,29 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------------
 
-    def _split(self, arrays: list[np.ndarray], channels: bool = False) -> list[list[np.ndarray]]:
-        """Per input image, the list of network-sized pieces: slices of a stack for a 2D net (with ``channels``,
-        the arrays and their pieces keep their channels first)."""
-        if not channels:
-            return [list(a) if a.ndim == self.image_ndim + 1 else [a] for a in arrays]
-        return [[a[:, z] for z in range(a.shape[1])] if a.ndim == self.image_ndim + 2 else [a] for a in arrays]
+    def _image_pieces(self, image, channels: int | None) -> list:
+        """The network-sized pieces of one image (channels first with ``channels``), normalized with the
+        percentiles of the whole image: the image itself, or the slices of a stack under a 2D net, each
+        normalized when first read (a slice without strokes never is, and a lazy stack is read only there)."""
+        if image.ndim - (channels is not None) != self.image_ndim + 1:
+            return [normalize_image(image, self.normalization, channels)]
+        params = image_params(image, self.normalization, channels)
+        return [_NormalizedSlice(image, z, params, channels is not None) for z in range(image.shape[-3])]
 
-    def _weights(self, target: np.ndarray) -> np.ndarray:
-        if target.ndim == self.image_ndim + 1:
-            return np.stack([border_weight_map(t) for t in target])
-        return border_weight_map(target)
+    def _target_pieces(self, labels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Class-index targets (and border weights when on) per piece of one labels array; the slices of a stack
+        without strokes share one constant view (nothing to sample there, nothing held)."""
+        border, stack = self.settings.border_weight, labels.ndim == self.image_ndim + 1
+        targets, weights = [], []
+        for plane in labels if stack else [labels]:
+            if stack and not plane.any():
+                targets.append(np.broadcast_to(np.int16(-1), plane.shape))
+                weights.append(np.broadcast_to(np.float32(1.0), plane.shape) if border else None)
+                continue
+            target = targets_from_labels(plane, self.class_ids)
+            targets.append(target)
+            weights.append(border_weight_map(target) if border else None)
+        return targets, (weights if border else None)
 
     def _compute_class_weights(self) -> torch.Tensor:
         counts = self.sampler.class_counts(len(self.class_ids))
@@ -403,20 +430,18 @@ class Trainer:
         if not 0 <= index < len(self._shapes):
             raise IndexError(f"image index {index} out of range (0..{len(self._shapes) - 1})")
         labels = integer_labels(labels)
-        target = targets_from_labels(labels, self.class_ids)
         expected = self._shapes[index]
-        if target.shape != expected:
-            raise ValueError(f"labels shape {target.shape} does not match image {index} shape {expected}")
+        if labels.shape != expected:
+            raise ValueError(f"labels shape {labels.shape} does not match image {index} shape {expected}")
+        pieces = self._target_pieces(labels)
         with self._lock:
-            self._pending[index] = target
+            self._pending[index] = pieces
 
     def _apply_pending(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, {}
-        for index, target in pending.items():
-            pieces = self._split([target])[0]
-            weights = self._split([self._weights(target)])[0] if self.settings.border_weight else None
-            self.sampler.set_targets(index, pieces, weights)
+        for index, (targets, weights) in pending.items():
+            self.sampler.set_targets(index, targets, weights)
         if pending:
             self._class_weights = self._compute_class_weights()
         return bool(pending)
