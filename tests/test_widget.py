@@ -355,6 +355,52 @@ def test_rgb_image_trains_predicts_and_segment_all_skips_other_channel_counts(ma
         widget.shutdown()
 
 
+def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_viewer, qtbot, tmp_path):
+    """A two-channel TIFF opens as 'name [ch0]' / 'name [ch1]'; with 'Combine channel layers' they train as one
+    two-channel image (the square shows only in channel 1), Predict puts results on the [ch0] layer, and Segment
+    all segments each channel group once and leaves single-channel images alone."""
+    import tifffile
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    square = np.zeros((96, 96), bool)
+    square[24:72, 24:72] = True
+    for name in ("a", "b"):
+        channels = np.stack([rng.normal(100, 10, (96, 96)), rng.normal(100, 10, (96, 96)) + 80 * square])
+        tifffile.imwrite(tmp_path / f"{name}.tif", channels.astype(np.float32), imagej=True,
+                         metadata={"axes": "CYX"})
+        viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari-unet")
+    assert [la.name for la in viewer.layers] == ["a [ch0]", "a [ch1]", "b [ch0]", "b [ch1]"]
+    viewer.add_image(rng.normal(100, 10, (96, 96)), name="grey")
+    viewer.add_labels(blobs()[1], name="a labels")
+    widget = tiny(UNetWidget(viewer), seconds=5)
+    viewer.window.add_dock_widget(widget)
+    try:
+        widget.image_combo.setCurrentText("a [ch1]")
+        widget.labels_combo.setCurrentText("a labels")
+        assert widget.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch1]"]]  # not ticked
+        widget.channels_check.setChecked(True)
+        assert widget.channels_check.text() == "Combine channel layers (2 channels)"
+        assert widget.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch0]"], viewer.layers["a [ch1]"]]
+        widget.train()
+        wait_idle(qtbot, widget)
+        assert widget.last_error is None and widget.model.in_channels == 2
+        widget.predict()
+        wait_idle(qtbot, widget)
+        assert (viewer.layers["a [ch0] segmentation"].data == np.where(square, 2, 1)).mean() > 0.8
+        widget.segment_all()
+        wait_idle(qtbot, widget)
+        assert widget.last_error is None
+        outputs = sorted(la.name for la in viewer.layers if output_role(la) and output_role(la)["role"] == "segmentation")
+        assert outputs == ["a [ch0] segmentation", "b [ch0] segmentation"]
+        assert (viewer.layers["b [ch0] segmentation"].data == np.where(square, 2, 1)).mean() > 0.8
+        widget.channels_check.setChecked(False)
+        assert "tick 'Combine channel layers'" in widget._fit_problem(viewer.layers["b [ch1]"])
+        assert "1 channel" in widget._fit_problem(viewer.layers["grey"])
+    finally:
+        widget.shutdown()
+
+
 def test_export_for_bioimageio_runs_on_a_worker(setup, qtbot, tmp_path):
     pytest.importorskip("bioimageio.spec")
     from bioimageio.spec import load_description

@@ -7,6 +7,8 @@ Main thread only.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 META_KEY = "napari_unet"
@@ -89,6 +91,28 @@ def output_array(shape, dtype) -> np.ndarray:
         return np.zeros(shape, dtype)
     with tempfile.TemporaryFile(prefix="napari-unet-") as file:  # the map keeps its own handle
         return np.memmap(file, dtype=dtype, mode="w+", shape=tuple(shape))
+
+
+CHANNEL_LAYER_NAME = re.compile(r"^(?P<stem>.*) \[ch(?P<index>\d+)\]$")
+"""How napari-unet's reader names the layers of a multi-channel file: ``stem [ch0]``, ``stem [ch1]``..."""
+
+
+def channel_group(layer, layers) -> list | None:
+    """The layers holding the channels of ``layer``'s file, in channel order: the non-RGB image layers among
+    ``layers`` named ``<stem> [ch<k>]`` like ``layer``, with its spatial shape, when all of channels 0..n-1
+    (n >= 2) are there; else None."""
+    match = CHANNEL_LAYER_NAME.match(layer.name)
+    if match is None or getattr(layer, "rgb", False):
+        return None
+    members = {}
+    for other in layers:
+        found = CHANNEL_LAYER_NAME.match(other.name)
+        if (found and found["stem"] == match["stem"] and not getattr(other, "rgb", False)
+                and spatial_shape(other) == spatial_shape(layer)):
+            members[int(found["index"])] = other
+    if len(members) < 2 or sorted(members) != list(range(len(members))):
+        return None
+    return [members[i] for i in range(len(members))]
 
 
 def image_channels(layer) -> int:

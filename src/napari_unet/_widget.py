@@ -43,6 +43,7 @@ from superqt import QCollapsible
 from .class_ids import labels_dtype
 from .refine import DEFAULT_RADIUS
 from ._layers import (
+    channel_group,
     image_array,
     image_channels,
     layer_array,
@@ -135,12 +136,21 @@ class UNetWidget(QWidget):
         data = QGroupBox("Data")
         form = QFormLayout(data)
         self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Image to train on and to predict (2D or 3D; one channel or RGB)")
+        self.image_combo.setToolTip("Image to train on and to predict (2D or 3D; one channel, RGB, or with "
+                                    "'Combine channel layers' the channels of a file)")
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("Painted labels: 0 = unpainted, 1, 2, ... = classes")
         self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         form.addRow("Image", self.image_combo)
+        self.channels_check = QCheckBox("Combine channel layers")
+        self.channels_check.setToolTip(
+            "Treat the layers of a multi-channel file (named 'name [ch0]', 'name [ch1]'... as napari-unet's reader "
+            "opens them) as one image with all its channels: Train, Predict and Segment all then use every "
+            "channel (results go with the [ch0] layer)")
+        self.channels_check.toggled.connect(self._update_channels_label)
+        self.image_combo.currentIndexChanged.connect(self._update_channels_label)
+        form.addRow(self.channels_check)
         form.addRow("Labels", self.labels_combo)
         self.class_names_edit = QLineEdit(DEFAULT_CLASS_NAMES)
         self.class_names_edit.setToolTip("Class names for label ids 1, 2, ... (comma separated)")
@@ -305,6 +315,28 @@ class UNetWidget(QWidget):
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
         return layer if isinstance(layer, kind) else None
 
+    def input_layers(self, layer) -> list[Image]:
+        """The layers ``layer``'s image is made of: its channel group (``_layers.channel_group``) when *Combine
+        channel layers* is ticked and it has one, else ``[layer]``. The first is where results go."""
+        group = channel_group(layer, self.image_layers()) if self.channels_check.isChecked() else None
+        return group or [layer]
+
+    def _input_channels(self, layer) -> int:
+        return sum(image_channels(la) for la in self.input_layers(layer))
+
+    def _input_image(self, layer, copy: bool = True):
+        """The image a worker reads for ``layer`` (``_layers.worker_image``), its channels stacked first when it is
+        a channel group; with ``copy=False`` views only (for a reader that takes a part)."""
+        read = worker_image if copy else (lambda la: image_array(la, copy=False))
+        layers = self.input_layers(layer)
+        return read(layers[0]) if len(layers) == 1 else np.stack([read(la) for la in layers])
+
+    def _update_channels_label(self, *args) -> None:
+        layer = self.image_layer
+        group = channel_group(layer, self.image_layers()) if layer is not None else None
+        self.channels_check.setText(f"Combine channel layers ({len(group)} channels)" if group
+                                    else "Combine channel layers")
+
     def _on_layer_inserted(self, event) -> None:
         event.value.events.name.connect(self._refresh_layer_choices)
         self._refresh_layer_choices()
@@ -313,6 +345,7 @@ class UNetWidget(QWidget):
         images = self.image_layers()
         self._fill(self.image_combo, images, self._preferred_image(images))
         self._fill_labels()
+        self._update_channels_label()
 
     def _on_image_changed(self, index=None) -> None:
         self._fill_labels()
@@ -447,7 +480,7 @@ class UNetWidget(QWidget):
         self.last_error = None
         name = Path(path).stem
         # No copy of the layer on the GUI thread: the export reads one slice of it (a crop) on the worker.
-        worker = create_worker(_export_package, self.model, dict(self.metadata), image_array(image, copy=False),
+        worker = create_worker(_export_package, self.model, dict(self.metadata), self._input_image(image, copy=False),
                                Path(path), name, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_exported)
         self.status_label.setText(f"Exporting {name} for BioImage.IO...")
@@ -624,6 +657,7 @@ class UNetWidget(QWidget):
         if problem:
             show_error(f"U-Net: {problem}")
             return
+        image = self.input_layers(image)[0]  # a channel group's previews and results go with its first layer
         try:
             settings = self.training_settings()
         except ValueError as e:
@@ -637,7 +671,7 @@ class UNetWidget(QWidget):
         self._update_view_region(settings.ndim)
         worker = create_worker(
             train_steps,
-            worker_image(image),
+            self._input_image(image),
             layer_array(labels),
             settings,
             init=init,
@@ -667,7 +701,7 @@ class UNetWidget(QWidget):
             return (f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
                     f"{spatial_shape(image)} differ in shape")
         if self.finetune_check.isChecked() and self.model is not None:
-            channels, model_channels = image_channels(image), self.model.config["in_channels"]
+            channels, model_channels = self._input_channels(image), self.model.config["in_channels"]
             if channels != model_channels:
                 return (f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
                         "untick \"Train on from the current model\" to train a new one")
@@ -809,17 +843,21 @@ class UNetWidget(QWidget):
         if self.model is None:
             show_error("U-Net: there is no model yet: Train or load one first")
             return
-        fitting = [la for la in self.image_layers() if self._fit_problem(la) is None]
+        fitting = [la for la in self.image_layers()
+                   if self.input_layers(la)[0] is la and self._fit_problem(la) is None]
         if not fitting:
             show_error("U-Net: no open image fits the model")
             return
         self._predict(fitting)
 
     def _fit_problem(self, layer) -> str | None:
-        channels, model_channels = image_channels(layer), self.model.config["in_channels"]
+        channels, model_channels = self._input_channels(layer), self.model.config["in_channels"]
         if channels != model_channels:
+            group = channel_group(layer, self.image_layers())
+            hint = (f": tick 'Combine channel layers' to use its file's {len(group)} channels"
+                    if group and len(group) == model_channels and not self.channels_check.isChecked() else "")
             return (f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
-                    f"the model takes {model_channels}")
+                    f"the model takes {model_channels}{hint}")
         ndim = len(spatial_shape(layer))
         model_ndim = self.model.config["ndim"]
         allowed = (2, 3) if model_ndim == 2 else (3,)
@@ -841,8 +879,9 @@ class UNetWidget(QWidget):
                 show_error(f"U-Net: {problem}")
                 return
         self.last_error = None
-        self._predict_sources = {layer.name: layer for layer in layers}
-        jobs = [PredictJob(layer.name, worker_image(layer)) for layer in layers]
+        sources = list({id(la): la for la in (self.input_layers(layer)[0] for layer in layers)}.values())
+        self._predict_sources = {layer.name: layer for layer in sources}
+        jobs = [PredictJob(layer.name, self._input_image(layer)) for layer in sources]
         worker = create_worker(
             predict_steps,
             self.model,
