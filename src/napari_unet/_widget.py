@@ -325,11 +325,12 @@ class UNetWidget(QWidget):
         return sum(image_channels(la) for la in self.input_layers(layer))
 
     def _input_image(self, layer, copy: bool = True):
-        """The image a worker reads for ``layer`` (``_layers.worker_image``), its channels stacked first when it is
-        a channel group; with ``copy=False`` views only (for a reader that takes a part)."""
-        read = worker_image if copy else (lambda la: image_array(la, copy=False))
+        """The image a worker reads for ``layer`` (``_layers.worker_image``; with ``copy=False`` a view of the layer's
+        data, for a reader that takes only a part), or a channel group's layers stacked channels first."""
         layers = self.input_layers(layer)
-        return read(layers[0]) if len(layers) == 1 else np.stack([read(la) for la in layers])
+        if len(layers) == 1:
+            return worker_image(layers[0]) if copy else image_array(layers[0], copy=False)
+        return np.stack([image_array(la, copy=False) for la in layers])  # a new array, or a lazy stack of lazy layers
 
     def _update_channels_label(self, *args) -> None:
         layer = self.image_layer
