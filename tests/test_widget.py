@@ -391,7 +391,7 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
         widget.segment_all()
         wait_idle(qtbot, widget)
         assert widget.last_error is None
-        outputs = sorted(la.name for la in viewer.layers if output_role(la) and output_role(la)["role"] == "segmentation")
+        outputs = sorted(la.name for la in viewer.layers if (output_role(la) or {}).get("role") == "segmentation")
         assert outputs == ["a [ch0] segmentation", "b [ch0] segmentation"]
         assert (viewer.layers["b [ch0] segmentation"].data == np.where(square, 2, 1)).mean() > 0.8
         widget.channels_check.setChecked(False)

@@ -50,8 +50,8 @@ from ._layers import (
     output_layer,
     output_role,
     painting_layer_kwargs,
-    worker_image,
     spatial_shape,
+    worker_image,
 )
 from ._loss_plot import LossPlot
 from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
@@ -330,7 +330,7 @@ class UNetWidget(QWidget):
         layers = self.input_layers(layer)
         if len(layers) == 1:
             return worker_image(layers[0]) if copy else image_array(layers[0], copy=False)
-        return np.stack([image_array(la, copy=False) for la in layers])  # a new array, or a lazy stack of lazy layers
+        return np.stack([image_array(la, copy=False) for la in layers])  # a new array, or a lazy stack
 
     def _update_channels_label(self, *args) -> None:
         layer = self.image_layer
@@ -480,9 +480,10 @@ class UNetWidget(QWidget):
             return
         self.last_error = None
         name = Path(path).stem
-        # No copy of the layer on the GUI thread: the export reads one slice of it (a crop) on the worker.
-        worker = create_worker(_export_package, self.model, dict(self.metadata), self._input_image(image, copy=False),
-                               Path(path), name, _start_thread=False, _ignore_errors=True)
+        # No copy of the layer on the GUI thread (a channel group is stacked): the export reads a crop on the worker.
+        worker = create_worker(_export_package, self.model, dict(self.metadata),
+                               self._input_image(image, copy=False), Path(path), name,
+                               _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_exported)
         self.status_label.setText(f"Exporting {name} for BioImage.IO...")
         self._start("export", worker, 1, "U-Net BioImage.IO export")

@@ -1,8 +1,9 @@
 """Work the dock widget runs on ``napari.qt.threading`` workers: training with live previews, prediction.
 
 Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of the layer data (or a
-lazy layer's read-only view of its file), yield small messages (tuples whose first item names the kind) and the widget applies them to layers on
-the main thread. They yield often so that ``worker.quit()`` and the stop flags take effect promptly.
+lazy layer's read-only view of its file), yield small messages (tuples whose first item names the kind) and
+the widget applies them to layers on the main thread. They yield often so that ``worker.quit()`` and the stop
+flags take effect promptly.
 """
 
 from __future__ import annotations

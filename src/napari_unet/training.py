@@ -15,10 +15,12 @@ API
     net. Multi-channel images (RGB, several stains) name the axis of their channels with ``channel_axis``
     (the same for every image, e.g. -1 for ``(Y, X, 3)``); their labels have the image's shape without it,
     every image has the same number of channels, and each channel is normalized on its own. Construction
-    validates the data (clear ``ValueError`` messages), normalizes each whole image with percentiles
-    (``normalization.py``) and builds the model, or takes it from ``init`` (a ``(model, metadata)`` pair as
-    returned by ``io.load_model``) to fine-tune it: its normalization, class mapping and channel count are
-    kept, and painting a class the model does not know is a ``ValueError``.
+    validates the data (clear ``ValueError`` messages), normalizes each image with the percentiles of the
+    whole image (``normalization.py``; the slices of a stack under a 2D net when first sampled, so slices
+    without strokes are never held, and images may be lazy arrays) and builds the model, or takes it from
+    ``init`` (a ``(model, metadata)`` pair as returned by ``io.load_model``) to fine-tune it: its
+    normalization, class mapping and channel count are kept, and painting a class the model does not know
+    is a ``ValueError``.
 ``trainer.run()``
     A generator of ``TrainingEvent`` (one per iteration, then a last one with ``done=True`` and a
     ``reason``: "iterations", "time_budget", "plateau" or "stopped"). Closing the generator, or
