@@ -47,6 +47,32 @@ def test_train_writes_a_model_and_prints_its_path(pair, capsys):
     assert set(np.unique(tifffile.imread(folder / "pred" / "img_labels.tif"))) <= {1, 3}
 
 
+def test_train_on_a_stack_reads_it_lazily_and_learns_its_painted_slices(tmp_path, monkeypatch, capsys):
+    """The image of `napari-unet train` is a lazy view of its file (never read whole): a stack with strokes on
+    two of its slices trains a 2D model that segments the other slices."""
+    from napari_unet import io
+
+    rng = np.random.default_rng(1)
+    stack = rng.normal(100, 10, (6, 48, 48)).astype(np.float32)
+    stack[:, :, 24:] += 100
+    labels = np.zeros(stack.shape, np.uint8)
+    labels[[1, 4], 5:40, 6:9] = 1
+    labels[[1, 4], 8:44, 36:39] = 2
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "stack_labels.tif", labels, imagej=True, metadata={"axes": "ZYX"})
+    read = io.read_image
+    monkeypatch.setattr(io, "read_image", lambda path: read(path) if "labels" in str(path) else pytest.fail(path))
+    out = tmp_path / "model.safetensors"
+    args = ["train", "--images", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "stack_labels.tif"),
+            "--out", str(out), *TINY, "--iterations", "250", "--seed", "0"]
+    assert main(args) == 0, capsys.readouterr().err
+    monkeypatch.setattr(io, "read_image", read)
+    assert main(["predict", "--model", str(out), str(tmp_path / "stack.tif"), "--out", str(tmp_path / "pred")]) == 0
+    predicted = tifffile.imread(tmp_path / "pred" / "stack_labels.tif")
+    truth = np.broadcast_to(np.where(np.arange(48) >= 24, 2, 1), stack.shape)
+    assert (predicted == truth).mean() > 0.9
+
+
 def _bad_labels(folder, labels, kind):
     path = folder / f"{kind}.tif"
     if kind == "shape":

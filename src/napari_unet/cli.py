@@ -332,15 +332,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_training_pair(image_path: Path, labels_path: Path, in_channels: int | None = None) -> tuple:
+def _read_training_pair(files: contextlib.ExitStack, image_path: Path, labels_path: Path,
+                        in_channels: int | None = None) -> tuple:
     """``(image, labels)`` for training: the image channels first when it has several (as many as the file's
-    channel axis holds, or ``in_channels`` when fine-tuning a model), the labels its spatial shape."""
+    channel axis holds, or ``in_channels`` when fine-tuning a model), the labels its spatial shape. The image
+    is a lazy view of its file, open until ``files`` closes (the trainer reads of a stack only the slices with
+    strokes, after a streaming pass for its percentiles); the labels are read."""
     import numpy as np
 
-    from .io import read_image
+    from .io import open_image, read_image
     from .training import integer_labels
 
-    image, info = read_image(image_path)
+    image, info = files.enter_context(open_image(image_path))
     if in_channels is None:
         in_channels = 1 if info["channel_axis"] is None else image.shape[info["channel_axis"]]
     image, _ = model_input(image, info, in_channels, image_path)
@@ -364,14 +367,21 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CLIError(f"file not found: {', '.join(missing)}")
     if args.out.parent and not args.out.parent.is_dir():
         raise CLIError(f"output folder {args.out.parent} does not exist")
+    from .io import load_model
+
+    init = load_model(args.init) if args.init is not None else None  # its architecture wins over --depth/--filters
+    in_channels = None if init is None else init[0].config["in_channels"]
+    with contextlib.ExitStack() as files:
+        return _train_and_save(args, [_read_training_pair(files, i, lab, in_channels)
+                                      for i, lab in zip(args.images, args.labels)], init)
+
+
+def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
     from .devices import available_cores
-    from .io import load_model, save_model
+    from .io import save_model
     from .training import Trainer, TrainingSettings
 
     architecture = {"depth": args.depth, "base_filters": args.filters, "patch_size": args.patch_size, "batch_size": args.batch_size}
-    init = load_model(args.init) if args.init is not None else None  # its architecture wins over --depth/--filters
-    in_channels = None if init is None else init[0].config["in_channels"]
-    pairs = [_read_training_pair(i, lab, in_channels) for i, lab in zip(args.images, args.labels)]
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
         raise CLIError("some images have several channels and some one: train on images alike")
