@@ -401,6 +401,40 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
         widget.shutdown()
 
 
+def test_train_on_every_painted_image_pairs_labels_by_name_and_takes_new_strokes(setup, qtbot):
+    """With 'Train on every painted image', the chosen pair comes first and each other painted labels layer trains
+    with the image its name starts with; strokes painted in any of them during training reach the trainer."""
+    from napari_unet._layers import painted_pairs
+
+    viewer, widget = setup
+    image2, labels2 = blobs(seed=1)
+    viewer.add_image(image2, name="cells2")
+    viewer.add_labels(labels2, name="cells2 strokes")
+    viewer.add_labels(np.zeros_like(labels2), name="cells2 empty")  # nothing painted: left out
+    viewer.add_image(np.zeros((50, 50)), name="other")
+    viewer.add_labels(labels2[:50, :50], name="other labels")  # pairs with "other"
+    pairs = painted_pairs(widget.image_layers(), widget.labels_layers())
+    assert [(im.name, lab.name) for im, lab in pairs] == [
+        ("cells", "cells labels"), ("cells2", "cells2 strokes"), ("other", "other labels")]
+    widget.image_combo.setCurrentText("cells")
+    widget.labels_combo.setCurrentText("cells labels")
+    widget.all_images_check.setChecked(True)
+    widget.time_spin.setValue(6)
+    widget.train()
+    qtbot.waitUntil(lambda: widget._trainer is not None, timeout=30_000)
+    trainer = widget._trainer
+    assert trainer._shapes == [(96, 96), (96, 96), (50, 50)]
+    more = viewer.layers["cells2 strokes"].data.copy()
+    more[80:90, 10:60] = 1
+    viewer.layers["cells2 strokes"].data = more
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    painted = sum(np.bincount(viewer.layers[name].data.ravel(), minlength=3)[1:3]
+                  for name in ("cells labels", "cells2 strokes", "other labels"))
+    np.testing.assert_array_equal(trainer.sampler.class_counts(2), painted)
+    assert "cells probabilities" in viewer.layers and "cells2 probabilities" not in viewer.layers  # previews
+
+
 def test_export_for_bioimageio_runs_on_a_worker(setup, qtbot, tmp_path):
     pytest.importorskip("bioimageio.spec")
     from bioimageio.spec import load_description

@@ -115,6 +115,19 @@ def channel_group(layer, layers) -> list | None:
     return [members[i] for i in range(len(members))]
 
 
+def painted_pairs(images, labels_layers) -> list[tuple]:
+    """``(image, labels)`` layer pairs to train on: every labels layer with strokes, with the image layer whose
+    name is the longest prefix of its name (``nuclei1`` for ``nuclei1 strokes`` or ``nuclei1_labels``) among
+    ``images`` of its spatial shape. Labels layers without strokes or without such an image are left out."""
+    pairs = []
+    for labels in labels_layers:
+        candidates = [im for im in images if labels.name.startswith(im.name)
+                      and spatial_shape(im) == tuple(labels.data.shape)]
+        if candidates and np.any(labels.data):
+            pairs.append((max(candidates, key=lambda im: len(im.name)), labels))
+    return pairs
+
+
 def image_channels(layer) -> int:
     """How many channels :func:`image_array` gives for ``layer`` (3 for RGB(A), else 1)."""
     return 3 if getattr(layer, "rgb", False) else 1

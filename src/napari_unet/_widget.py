@@ -49,6 +49,7 @@ from ._layers import (
     layer_array,
     output_layer,
     output_role,
+    painted_pairs,
     painting_layer_kwargs,
     spatial_shape,
     worker_image,
@@ -98,8 +99,8 @@ class UNetWidget(QWidget):
         self._froze_gc = False
         self._view = ViewRegion()
         self._train_image = None
-        self._train_labels = None
-        self._labels_dirty = False
+        self._train_labels: list[Labels] = []
+        self._dirty_labels: set[int] = set()
         self._pbar = None
         self._window = None
         self._predict_sources: dict[str, Image] = {}
@@ -159,6 +160,12 @@ class UNetWidget(QWidget):
         self.new_labels_button.setToolTip("Add an empty labels layer for painting, with the class colours and names")
         self.new_labels_button.clicked.connect(self.new_labels_layer)
         form.addRow(self.new_labels_button)
+        self.all_images_check = QCheckBox("Train on every painted image")
+        self.all_images_check.setToolTip(
+            "Train one model on the chosen image and every other image with a painted labels layer (a labels layer "
+            "pairs with the image whose name starts its name, e.g. 'cells2 strokes' with 'cells2'); "
+            "previews follow the chosen image, and strokes painted in any of them during training are used")
+        form.addRow(self.all_images_check)
         root.addWidget(data)
 
         model = QGroupBox("Model")
@@ -666,15 +673,16 @@ class UNetWidget(QWidget):
             show_error(f"U-Net: {e}")
             return
         init = (self.model, self.metadata) if self.finetune_check.isChecked() and self.model is not None else None
+        pairs = self._training_pairs(image, labels)
         self.last_error = None
-        self._train_image, self._train_labels = image, labels
-        self._labels_dirty = False
+        self._train_image, self._train_labels = image, [lab for _, lab in pairs]
+        self._dirty_labels = set()
         self.previews_shown = 0
         self._update_view_region(settings.ndim)
         worker = create_worker(
             train_steps,
-            self._input_image(image),
-            layer_array(labels),
+            [self._input_image(im) for im, _ in pairs],
+            [layer_array(lab) for _, lab in pairs],
             settings,
             init=init,
             class_names=self._class_names(labels),
@@ -688,11 +696,29 @@ class UNetWidget(QWidget):
         self._resume.clear()
         worker.yielded.connect(self._on_train_message)
         worker.returned.connect(self._on_trained)
-        labels.events.paint.connect(self._on_paint)
-        labels.events.data.connect(self._on_paint)
+        for layer in self._train_labels:
+            layer.events.paint.connect(self._on_paint)
+            layer.events.data.connect(self._on_paint)
         self.loss_plot.clear()
-        self.status_label.setText("Preparing training data...")
-        self._start("train", worker, int(settings.time_budget), f"U-Net training on {image.name} (seconds)")
+        others = f" and {len(pairs) - 1} more image(s)" if len(pairs) > 1 else ""
+        self.status_label.setText(f"Preparing training data ({image.name}{others})...")
+        self._start("train", worker, int(settings.time_budget), f"U-Net training on {image.name}{others} (seconds)")
+
+    def _training_pairs(self, image, labels) -> list[tuple]:
+        """The chosen (image, labels) pair first, then with *Train on every painted image* the other painted pairs
+        (``_layers.painted_pairs``; a channel group once, by its first layer) that fit the first one."""
+        pairs = [(image, labels)]
+        if self.all_images_check.isChecked():
+            for other, other_labels in painted_pairs(self.image_layers(), self.labels_layers()):
+                other = self.input_layers(other)[0]
+                if other_labels is labels or any(other is im for im, _ in pairs):
+                    continue
+                if self._input_channels(other) != self._input_channels(image):
+                    show_warning(f"U-Net: '{other_labels.name}' left out: '{other.name}' has other channels than "
+                                 f"'{image.name}'")
+                    continue
+                pairs.append((other, other_labels))
+        return pairs
 
     def _training_problem(self, image, labels) -> str | None:
         if image is None:
@@ -722,7 +748,7 @@ class UNetWidget(QWidget):
             self._freeze_gc()
             if self._stop.is_set():
                 trainer.request_stop()
-            if self._labels_dirty:
+            if self._dirty_labels:
                 self._send_labels()
             try:
                 if self.preview_check.isChecked() and self._train_image in self.viewer.layers:
@@ -767,25 +793,28 @@ class UNetWidget(QWidget):
             show_info(f"U-Net: training stopped after {trainer.iteration} iterations; the model is kept")
 
     def _on_paint(self, event=None) -> None:
-        self._labels_dirty = True
+        source = getattr(event, "source", None)
+        indices = [i for i, layer in enumerate(self._train_labels) if layer is source]
+        self._dirty_labels.update(indices or range(len(self._train_labels)))
         self._labels_timer.start()
 
     def _send_labels(self) -> None:
-        """Send a copy of the painted labels to the running trainer (main thread)."""
-        if self._trainer is None or self._train_labels is None:
+        """Send copies of the labels painted since the last call to the running trainer (main thread)."""
+        if self._trainer is None:
             return
-        self._labels_dirty = False
-        try:
-            self._trainer.update_labels(0, layer_array(self._train_labels))
-        except ValueError as e:
-            show_warning(f"U-Net: new strokes not used: {e}")
+        dirty, self._dirty_labels = self._dirty_labels, set()
+        for index in sorted(dirty):
+            try:
+                self._trainer.update_labels(index, layer_array(self._train_labels[index]))
+            except ValueError as e:
+                show_warning(f"U-Net: new strokes in '{self._train_labels[index].name}' not used: {e}")
 
     def _disconnect_painting(self) -> None:
         self._labels_timer.stop()
-        if self._train_labels is not None:
-            for emitter in (self._train_labels.events.paint, self._train_labels.events.data):
+        for layer in self._train_labels:
+            for emitter in (layer.events.paint, layer.events.data):
                 emitter.disconnect(self._on_paint)
-        self._train_labels = None
+        self._train_labels = []
 
     def _update_view_region(self, model_ndim: int) -> None:
         """Record the part of the training image in view (current slice, visible field) for previews."""

@@ -125,8 +125,8 @@ def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, 
 
 
 def train_steps(
-    image: np.ndarray,
-    labels: np.ndarray,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
     settings,
     *,
     init=None,
@@ -136,11 +136,11 @@ def train_steps(
     stop: threading.Event | None = None,
     resume: threading.Event | None = None,
 ) -> Iterator[tuple]:
-    """Train on one image (channels first when it has several) and its painted labels; a generator for a
-    napari worker.
+    """Train on images (channels first when they have several) and their painted labels; a generator for a
+    napari worker. Previews show the first image.
 
     Yields ``("ready", trainer)`` once the trainer is built (the widget then sends it new strokes with
-    ``trainer.update_labels``), ``("progress", TrainingEvent)`` per iteration and, every
+    ``trainer.update_labels(index, ...)``), ``("progress", TrainingEvent)`` per iteration and, every
     ``preview_interval`` seconds at least (longer when previews are slow, so they never take more than
     about a third of the time), ``("preview", PreviewResult)`` for ``view.region``. Returns the trainer.
     Setting ``stop`` ends training within one iteration (and interrupts a preview). ``class_names``
@@ -158,9 +158,10 @@ def train_steps(
     stop = stop or threading.Event()
     names = None
     if init is None:
-        names = [(class_names or {}).get(i, f"class {i}") for i in painted_ids([labels])]
-    channel_axis = 0 if image.ndim > labels.ndim else None
-    trainer = Trainer([image], [labels], settings, init=init, class_names=names, channel_axis=channel_axis)
+        names = [(class_names or {}).get(i, f"class {i}") for i in painted_ids(labels)]
+    image, shape = images[0], labels[0].shape  # what previews show
+    channel_axis = 0 if image.ndim > len(shape) else None
+    trainer = Trainer(list(images), list(labels), settings, init=init, class_names=names, channel_axis=channel_axis)
     yield ("ready", trainer)
     if resume is not None:
         resume.wait(timeout=10.0)
@@ -178,7 +179,7 @@ def train_steps(
         if normalized is None:  # previews normalize only the region they read (the trainer holds its own copy)
             normalized = normalized_view(image, trainer.normalization, channel_axis)
         started = time.perf_counter()
-        region = view.region or tuple(slice(0, n) for n in labels.shape)
+        region = view.region or tuple(slice(0, n) for n in shape)
         try:
             probabilities = predict_region(trainer.snapshot(), normalized, region, should_stop=stop.is_set)
         except PredictionStopped:
@@ -191,7 +192,7 @@ def train_steps(
         # A last preview from the final weights, so what the user sees matches the trained model.
         if normalized is None:  # previews normalize only the region they read (the trainer holds its own copy)
             normalized = normalized_view(image, trainer.normalization, channel_axis)
-        region = view.region or tuple(slice(0, n) for n in labels.shape)
+        region = view.region or tuple(slice(0, n) for n in shape)
         with gui_friendly_threads():
             probabilities = predict_region(trainer.model, normalized, region, should_stop=stop.is_set)
         yield ("preview", _preview(region, probabilities, trainer.class_ids, trainer.iteration))
