@@ -269,6 +269,16 @@ def test_lazy_image_reads_regions_of_single_strip_and_compressed_files(tmp_path,
     assert io.lazy_image(path)[0].name == lazy.name  # named from the file, not by hashing its pixels
 
 
+def test_open_image_of_a_pyramid_reads_its_full_resolution(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "pyramid.ome.tif", ome=True) as tif:
+        tif.write(array, subifds=1, tile=(64, 64), compression="zlib", metadata={"axes": "YX"})
+        tif.write(array[::2, ::2], subfiletype=1, tile=(64, 64), compression="zlib")
+    with open_image(tmp_path / "pyramid.ome.tif") as (lazy, info):
+        assert info["axes"] == "YX"
+        np.testing.assert_array_equal(np.asarray(lazy), array)
+
+
 def test_read_rgb_ome_imagej_and_unnamed_axes(tmp_path):
     rgb = np.zeros((20, 30, 3), np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")

@@ -286,7 +286,7 @@ def _open_lazily(path) -> tuple:
         else:
             import zarr
 
-            store = _decode(path, series.aszarr)
+            store = _decode(path, lambda: series.aszarr(level=0))  # full resolution of a pyramid
             pixels = zarr.open(store, mode="r")
             chunks, close = pixels.chunks, store.close
     # Through a reader object: dask would copy a numpy array (a memory map too) into its graph.
