@@ -154,6 +154,41 @@ def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch, d
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[probabilities.argmax(0)])
 
 
+def test_folders_shards_skip_existing_and_keep_going(tmp_path, model_file, capsys):
+    """A folder stands for its TIFFs (sorted); --shard I/N predicts every N-th of them from I (cluster arrays);
+    --skip-existing leaves images whose outputs exist; --keep-going predicts the rest when one fails."""
+    model_path, _ = model_file
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_tiff(folder / f"{name}.tif", (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    run = ["predict", "-m", str(model_path), str(folder), "-o", str(out), "--no-test-time-flips"]
+    assert main([*run, "--shard", "1/2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["b_labels.tif", "b_probabilities.tif"]
+    assert main([*run, "--shard", "0/2"]) == 0
+    assert sorted(p.name for p in out.iterdir())[::2] == ["a_labels.tif", "b_labels.tif", "c_labels.tif"]
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*run, "--skip-existing"]) == 0
+    assert "skipping 3 image(s)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+    (folder / "b.tif").write_bytes(b"II*\x00 broken")
+    (out / "a_labels.tif").unlink()
+    assert main([*run, "--keep-going"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "b.tif" in err[0] and err[-1].endswith(f"1 of 3 image(s) failed: {folder / 'b.tif'}")
+    assert (out / "a_labels.tif").is_file()  # predicted again after the failure of b
+    with pytest.raises(SystemExit) as exit_info:  # I must be below N: a usage error
+        main([*run, "--shard", "2/2"])
+    assert exit_info.value.code == 2 and "--shard" in capsys.readouterr().err
+    assert main(["predict", "-m", str(model_path), str(tmp_path / "empty"), "-o", str(out)]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "-m", str(model_path), str(tmp_path / "empty"), "-o", str(out)]) == 2
+    assert "no TIFF images in folder" in capsys.readouterr().err
+
+
 def test_predict_refuses_a_corrupt_image_in_one_line(tmp_path, model_file, capsys):
     model_path, _ = model_file
     image = (np.random.default_rng(2).random((64, 256, 256)) * 4000).astype(np.uint16)

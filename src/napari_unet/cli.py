@@ -87,7 +87,8 @@ class ProgressBar:
 
 
 def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="TIFF images: 2D, 3D stacks, with or without channels")
+    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE",
+                        help="TIFF images (2D, 3D stacks, with or without channels) or folders of them")
     parser.add_argument("--model", "-m", required=True, type=Path, help="model file (.safetensors) saved by napari-unet")
     parser.add_argument("--out", "-o", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument(
@@ -108,6 +109,15 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="snap the probabilities to the image's edges with a guided filter of this window half-width "
         f"(default {DEFAULT_RADIUS}; 0: the network's probabilities as they are)",
     )
+    parser.add_argument(
+        "--shard", type=_shard, metavar="I/N",
+        help="predict only images I, I+N, I+2N... of the sorted list (I from 0 to N-1): one share of a batch per "
+        "job of a cluster array, e.g. --shard $SLURM_ARRAY_TASK_ID/10 with --array=0-9",
+    )
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip images whose two outputs are already in the output folder (resume a batch)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="go on with the next image when one fails; list the failures at the end (exit 2)")
     parser.add_argument(
         "--refine-eps", type=_positive_float, default=DEFAULT_EPS, metavar="EPS",
         help="edges whose local intensity variance (normalized image) is well below EPS are smoothed over "
@@ -138,6 +148,27 @@ def _bounded_number(text: str, kind, what: str, minimum):
     if not value >= minimum:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
+def _expand_folders(paths: list[Path]) -> list[Path]:
+    """Image paths, with each folder replaced by the TIFF files in it (sorted; not recursive)."""
+    expanded = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_TIFF_SUFFIXES))
+            if not found:
+                raise CLIError(f"no TIFF images in folder {path}")
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded
 
 
 def _split_tile_and_images(tile_tokens, images) -> tuple[tuple[int, ...] | None, list[Path]]:
@@ -214,17 +245,26 @@ def _run_predict(args: argparse.Namespace) -> int:
     tile, images = _split_tile_and_images(args.tile, args.images)
     if not images:
         raise CLIError("predict needs at least one IMAGE")
-    missing = [str(p) for p in images if not p.is_file()]
+    missing = [str(p) for p in images if not p.exists()]
     if missing:
         raise CLIError(f"image not found: {', '.join(missing)}")
+    images = _expand_folders(images)
     stems = [output_stem(p) for p in images]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise CLIError(f"several images would write the same outputs: {', '.join(duplicates)}")
+    jobs = list(zip(images, stems))
+    if args.shard is not None:
+        index, count = args.shard
+        jobs = jobs[index::count]
+    if args.skip_existing:
+        done = [(p, s) for p, s in jobs if all((args.out / f"{s}_{k}.tif").is_file() for k in ("labels", "probabilities"))]
+        jobs = [job for job in jobs if job not in done]
+        if done:
+            print(f"skipping {len(done)} image(s) with outputs in {args.out}", file=sys.stderr, flush=True)
 
     from .devices import resolve_device
-    from .io import load_model, open_image
-    from .normalization import normalized_view
+    from .io import load_model
 
     try:
         device = resolve_device(args.device)
@@ -236,25 +276,44 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--tile needs {config['ndim']} sizes for this {config['ndim']}D model, got {len(tile)}")
     _prepare_output_folder(args.out)
 
-    for path, stem in zip(images, stems):
+    failed = []
+    for path, stem in jobs:
         started = time.monotonic()
-        with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
-            lazy, spatial_axes = model_input(lazy, info, config["in_channels"], path)
-            channel_axis = 0 if config["in_channels"] > 1 else None
-            image = normalized_view(lazy, metadata.get("normalization"), channel_axis)  # one streaming read
-            try:
-                probabilities_path, labels_path = _predict_to_files(
-                    model, image, metadata["class_ids"], args.out / stem, spatial_axes, info,
-                    tile_shape=tile, batch_size=args.batch_size, device=device,
-                    progress=ProgressBar(path.name), test_time_flips=args.test_time_flips,
-                    refine_radius=args.refine_radius, refine_eps=args.refine_eps,
-                )
-            except ImageFileError:
-                raise  # names the file already
-            except ValueError as e:
-                raise CLIError(f"{path}: {e}") from None
+        try:
+            probabilities_path, labels_path = _predict_file(model, metadata, path, args.out / stem, tile=tile,
+                                                            batch_size=args.batch_size, device=device,
+                                                            test_time_flips=args.test_time_flips,
+                                                            refine_radius=args.refine_radius,
+                                                            refine_eps=args.refine_eps)
+        except (CLIError, ImageFileError) as e:
+            if not args.keep_going:
+                raise
+            _fail(str(e), 2)
+            failed.append(str(path))
+            continue
         print(f"{path} -> {labels_path}, {probabilities_path} ({time.monotonic() - started:.1f}s)", flush=True)
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(jobs)} image(s) failed: {', '.join(failed)}")
     return 0
+
+
+def _predict_file(model, metadata: dict, path: Path, prefix: Path, *, tile, **predict) -> tuple[Path, Path]:
+    """Predict one image file into ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``."""
+    from .io import open_image
+    from .normalization import normalized_view
+
+    config = metadata["config"]
+    with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
+        lazy, spatial_axes = model_input(lazy, info, config["in_channels"], path)
+        channel_axis = 0 if config["in_channels"] > 1 else None
+        image = normalized_view(lazy, metadata.get("normalization"), channel_axis)  # one streaming read
+        try:
+            return _predict_to_files(model, image, metadata["class_ids"], prefix, spatial_axes, info,
+                                     tile_shape=tile, progress=ProgressBar(path.name), **predict)
+        except ImageFileError:
+            raise  # names the file already
+        except ValueError as e:
+            raise CLIError(f"{path}: {e}") from None
 
 
 def _predict_to_files(model, image, class_ids, prefix: Path, spatial_axes: str, info: dict, **predict):
