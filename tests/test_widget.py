@@ -169,6 +169,23 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
         np.testing.assert_allclose(output, values, atol=1e-5, err_msg=role)
 
 
+def test_painting_layers_and_their_copies_beyond_the_memory_limit_are_memory_maps(setup, qtbot, monkeypatch):
+    from napari_unet import _layers
+
+    viewer, widget = setup
+    monkeypatch.setattr(_layers, "IN_MEMORY_OUTPUT_BYTES", 0)
+    layer = widget.new_labels_layer()
+    assert isinstance(layer.data, np.memmap)
+    layer.data[:] = viewer.layers["cells labels"].data  # painted into the map
+    copy = _layers.layer_array(layer)
+    assert isinstance(copy, np.memmap) and copy is not layer.data
+    np.testing.assert_array_equal(copy, layer.data)
+    widget.labels_combo.setCurrentText(layer.name)
+    widget.train()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None and widget.metadata["class_ids"] == [1, 2]
+
+
 def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
     viewer, widget = setup
     widget.time_spin.setValue(600)

@@ -52,9 +52,15 @@ def painting_layer_kwargs(class_names) -> dict:
 
 
 def layer_array(layer) -> np.ndarray:
-    """A numpy copy of a layer's data (full resolution level of a multiscale layer)."""
+    """A copy of a layer's data (full resolution level of a multiscale layer): in memory, or beyond
+    ``IN_MEMORY_OUTPUT_BYTES`` a memory-mapped temporary copy made plane by plane (``output_array``)."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.array(data, copy=True)
+    if int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize <= IN_MEMORY_OUTPUT_BYTES:
+        return np.array(data, copy=True)
+    copy = output_array(data.shape, data.dtype)
+    for index in range(data.shape[0]):
+        copy[index] = data[index]
+    return copy
 
 
 def image_array(layer, copy: bool = True):
@@ -81,9 +87,10 @@ IN_MEMORY_OUTPUT_BYTES = 1 << 30
 
 
 def output_array(shape, dtype) -> np.ndarray:
-    """Zeros for an output layer: in memory up to ``IN_MEMORY_OUTPUT_BYTES``, beyond that a memory map of an
-    anonymous temporary file in the temporary folder (``TMPDIR``), which the operating system deletes when
-    the last view of it goes, so the outputs of an image larger than memory live on disk."""
+    """Zeros for a layer the widget makes (outputs, a painting layer): in memory up to
+    ``IN_MEMORY_OUTPUT_BYTES``, beyond that a memory map of an anonymous temporary file in the temporary folder
+    (``TMPDIR``), which the operating system deletes when the last view of it goes, so the layers of an image
+    larger than memory live on disk."""
     import tempfile
 
     dtype = np.dtype(dtype)

@@ -47,6 +47,7 @@ from ._layers import (
     image_array,
     image_channels,
     layer_array,
+    output_array,
     output_layer,
     output_role,
     painted_pairs,
@@ -401,7 +402,7 @@ class UNetWidget(QWidget):
         names = parse_class_names(self.class_names_edit.text()) or parse_class_names(DEFAULT_CLASS_NAMES)
         shape = spatial_shape(image)
         layer = self.viewer.add_labels(
-            np.zeros(shape, dtype=np.uint8),
+            output_array(shape, np.uint8),  # beyond 1 GiB a memory-mapped temporary file: paint a huge stack
             name=f"{image.name} strokes",
             scale=image.scale[-len(shape):],
             translate=image.translate[-len(shape):],

@@ -222,10 +222,13 @@ def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
 
 
 def painted_ids(labels: Sequence[np.ndarray]) -> list[int]:
-    """Sorted painted class ids (non-zero values) over all label arrays."""
+    """Sorted painted class ids (non-zero values) over all label arrays (read in slabs of ~16M pixels, so
+    memory-mapped labels larger than memory are fine)."""
     ids: set[int] = set()
     for lab in labels:
-        ids.update(int(v) for v in np.unique(lab) if v != 0)
+        step = max(1, (1 << 24) // max(1, math.prod(lab.shape[1:]))) if lab.ndim else 1
+        for start in range(0, max(1, lab.shape[0] if lab.ndim else 1), step):
+            ids.update(int(v) for v in np.unique(lab[start:start + step] if lab.ndim else lab) if v != 0)
     return sorted(ids)
 
 
