@@ -186,6 +186,33 @@ def test_painting_layers_and_their_copies_beyond_the_memory_limit_are_memory_map
     assert widget.last_error is None and widget.metadata["class_ids"] == [1, 2]
 
 
+def test_segment_all_goes_on_past_an_image_whose_file_cannot_be_read(setup, qtbot, tmp_path, monkeypatch):
+    import tifffile
+
+    from napari_unet import UNet, _reader
+    from napari_unet.io import write_tiff
+
+    viewer, widget = setup
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    widget.set_model(UNet(n_classes=2, depth=1, base_filters=4).eval(), {"class_ids": [1, 2]}, "test")
+    path = write_tiff(tmp_path / "broken.tif", (np.random.default_rng(0).random((8, 64, 64)) * 255).astype(np.uint8))
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[5].dataoffsets[0], tif.pages[5].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(count)  # zeroes for plane 5's compressed strip
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(_reader, "LAZY_READ_BYTES", 0)  # opened lazily: nothing read yet
+    [(lazy, kwargs, _)] = _reader.read_tiff(str(path))
+    viewer.add_image(lazy, **kwargs)
+    viewer.layers.move(len(viewer.layers) - 1, 0)  # first in line: the images after it must still be segmented
+    assert [la.name for la in widget.image_layers()] == ["broken", "cells"]
+    widget.segment_all()
+    wait_idle(qtbot, widget)
+    assert "broken" in widget.last_error and "not a readable TIFF" in widget.last_error
+    assert "cells segmentation" in viewer.layers and "broken segmentation" not in viewer.layers
+
+
 def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
     viewer, widget = setup
     widget.time_spin.setValue(600)

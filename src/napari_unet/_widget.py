@@ -945,6 +945,11 @@ class UNetWidget(QWidget):
             if self._pbar is not None:
                 self._pbar.set_description(f"U-Net: {name} ({index + 1}/{count})")
             return
+        if message[0] == "failed":  # the other images go on
+            _, name, problem = message
+            self.last_error = f"U-Net prediction of {name} failed: {problem}"
+            show_warning(self.last_error)
+            return
         result = message[1]
         source = self._predict_sources.get(result.name)
         if source is None or source not in self.viewer.layers:

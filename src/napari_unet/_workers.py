@@ -240,34 +240,49 @@ def predict_steps(
     Each image is normalized as a whole with the model's recipe, predicted with ``predict_tiled``
     (``test_time_flips`` and ``refine_radius`` as there) and yielded as ``("result", PredictResult)``;
     ``progress(done, total)`` counts tiles within the current image and ``("image", index, count, name)``
-    announces each image. ``stop`` raises ``tiling.PredictionStopped`` at the next tile batch. Returns the
-    number of images done.
+    announces each image. An image whose file cannot be read (a lazy layer over a corrupt TIFF) yields
+    ``("failed", name, message)`` and the others go on. ``stop`` raises ``tiling.PredictionStopped`` at the next
+    tile batch. Returns the number of images done.
     """
     from .devices import resolve_device
-    from .tiling import predict_tiled
+    from .io import ImageFileError
 
     stop = stop or threading.Event()
     target = resolve_device(device)
     class_ids = metadata.get("class_ids") or list(range(1, model.n_classes + 1))
     try:
         with gui_friendly_threads():
+            done = 0
             for index, job in enumerate(jobs):
                 yield ("image", index, len(jobs), job.name)
-                # Normalized tile by tile as read (no float32 copy of the whole image next to the outputs).
-                normalized = normalized_view(job.image, metadata.get("normalization"),
-                                             channel_axis=0 if model.in_channels > 1 else None)
-                spatial = tuple(job.image.shape[1:] if model.in_channels > 1 else job.image.shape)
-                probabilities = predict_tiled(model, normalized, device=target, progress=progress,
-                                              should_stop=stop.is_set, test_time_flips=test_time_flips,
-                                              refine_radius=refine_radius,
-                                              out=output_array((model.n_classes, *spatial), np.float32))
-                yield ("result", PredictResult(
-                    job.name,
-                    probabilities,
-                    segmentation_from_probabilities(probabilities, class_ids,
-                                                    out=output_array(spatial, labels_dtype(class_ids))),
-                    normalized_entropy(probabilities, out=output_array(spatial, np.float32)) if uncertainty else None,
-                ))
+                try:
+                    result = _predict_job(model, metadata, job, class_ids, device=target, progress=progress,
+                                          should_stop=stop.is_set, test_time_flips=test_time_flips,
+                                          refine_radius=refine_radius, uncertainty=uncertainty)
+                except ImageFileError as e:
+                    yield ("failed", job.name, str(e))
+                    continue
+                done += 1
+                yield ("result", result)
     finally:
         release_device_memory(target)
-    return len(jobs)
+    return done
+
+
+def _predict_job(model, metadata: dict, job: PredictJob, class_ids, *, uncertainty: bool,
+                 **predict) -> PredictResult:
+    """One image of :func:`predict_steps`: normalized tile by tile as read (no float32 copy of the whole image
+    next to the outputs), outputs over the memory limit memory-mapped (``_layers.output_array``)."""
+    from .tiling import predict_tiled
+
+    normalized = normalized_view(job.image, metadata.get("normalization"),
+                                 channel_axis=0 if model.in_channels > 1 else None)
+    spatial = tuple(job.image.shape[1:] if model.in_channels > 1 else job.image.shape)
+    probabilities = predict_tiled(model, normalized, out=output_array((model.n_classes, *spatial), np.float32),
+                                  **predict)
+    return PredictResult(
+        job.name,
+        probabilities,
+        segmentation_from_probabilities(probabilities, class_ids, out=output_array(spatial, labels_dtype(class_ids))),
+        normalized_entropy(probabilities, out=output_array(spatial, np.float32)) if uncertainty else None,
+    )
