@@ -161,6 +161,28 @@ def test_update_labels_is_picked_up_without_restart():
     list(events)
 
 
+def test_update_labels_later_reads_the_source_on_the_training_thread_and_skips_bad_updates():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=9))
+    events = trainer.run()
+    next(events)
+    source = labels.copy()  # a layer's data the GUI goes on painting into
+    trainer.update_labels_later(0, source)
+    source[40:46, 30:46] = 3  # written after the call, before the training thread reads it
+    for _ in range(3):
+        next(events)
+    assert trainer.sampler.class_counts(2)[1] == (source == 3).sum()
+    counts = trainer.sampler.class_counts(2).copy()
+    trainer.update_labels_later(0, np.where(source == 3, 5, source))  # an id the model does not know
+    for _ in range(3):
+        next(events)
+    assert len(trainer.label_problems) == 1 and "does not know" in trainer.label_problems[0]
+    np.testing.assert_array_equal(trainer.sampler.class_counts(2), counts)  # the previous strokes stay
+    with pytest.raises(IndexError):
+        trainer.update_labels_later(1, source)
+    assert list(events)[-1].done and trainer.iteration == 9
+
+
 def test_non_contiguous_ids_round_trip(tmp_path):
     image, labels, truth = _halves()
     trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2), class_names=["bg", "cell"])

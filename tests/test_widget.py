@@ -169,7 +169,7 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
         np.testing.assert_allclose(output, values, atol=1e-5, err_msg=role)
 
 
-def test_painting_layers_and_their_copies_beyond_the_memory_limit_are_memory_maps(setup, qtbot, monkeypatch):
+def test_a_painting_layer_beyond_the_memory_limit_is_a_memory_map_the_trainer_reads(setup, qtbot, monkeypatch):
     from napari_unet import _layers
 
     viewer, widget = setup
@@ -177,9 +177,6 @@ def test_painting_layers_and_their_copies_beyond_the_memory_limit_are_memory_map
     layer = widget.new_labels_layer()
     assert isinstance(layer.data, np.memmap)
     layer.data[:] = viewer.layers["cells labels"].data  # painted into the map
-    copy = _layers.layer_array(layer)
-    assert isinstance(copy, np.memmap) and copy is not layer.data
-    np.testing.assert_array_equal(copy, layer.data)
     widget.labels_combo.setCurrentText(layer.name)
     widget.train()
     wait_idle(qtbot, widget)
@@ -233,13 +230,22 @@ def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypa
     sent = []
     widget.train()
     qtbot.waitUntil(lambda: widget._trainer is not None, timeout=30_000)
-    original = widget._trainer.update_labels
-    monkeypatch.setattr(widget._trainer, "update_labels", lambda i, lab: (sent.append(lab), original(i, lab)))
+    trainer = widget._trainer
+    original = trainer.update_labels_later
+    monkeypatch.setattr(trainer, "update_labels_later", lambda i, lab: (sent.append(lab), original(i, lab)))
     layer = viewer.layers["cells labels"]
     layer.paint((80, 80), 2, refresh=True)
     qtbot.waitUntil(lambda: bool(sent), timeout=5_000)
-    assert sent[-1][80, 80] == 2
-    assert sent[-1] is not layer.data  # a copy goes to the worker
+    assert sent[-1] is layer.data  # no copy on the GUI thread: the trainer reads the layer on its own thread
+    painted = (layer.data == 2).sum()
+    qtbot.waitUntil(lambda: trainer.sampler.class_counts(2)[1] == painted, timeout=10_000)
+    from napari_unet import _widget
+
+    warnings = []
+    monkeypatch.setattr(_widget, "show_warning", warnings.append)
+    layer.paint((20, 20), 7, refresh=True)  # a class the model being trained does not have
+    qtbot.waitUntil(lambda: any("does not know" in w for w in warnings), timeout=10_000)
+    assert trainer.sampler.class_counts(2)[1] == painted  # the strokes before it are still used
     widget.stop()
     wait_idle(qtbot, widget)
 

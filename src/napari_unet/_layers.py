@@ -51,16 +51,9 @@ def painting_layer_kwargs(class_names) -> dict:
     }
 
 
-def layer_array(layer) -> np.ndarray:
-    """A copy of a layer's data (full resolution level of a multiscale layer): in memory, or beyond
-    ``IN_MEMORY_OUTPUT_BYTES`` a memory-mapped temporary copy made plane by plane (``output_array``)."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    if int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize <= IN_MEMORY_OUTPUT_BYTES:
-        return np.array(data, copy=True)
-    copy = output_array(data.shape, data.dtype)
-    for index in range(data.shape[0]):
-        copy[index] = data[index]
-    return copy
+def layer_data(layer):
+    """A layer's data as it is (the full resolution level of a multiscale layer), not a copy."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
 def image_array(layer, copy: bool = True):

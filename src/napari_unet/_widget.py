@@ -46,7 +46,7 @@ from ._layers import (
     channel_group,
     image_array,
     image_channels,
-    layer_array,
+    layer_data,
     output_array,
     output_layer,
     output_role,
@@ -683,7 +683,7 @@ class UNetWidget(QWidget):
         worker = create_worker(
             train_steps,
             [self._input_image(im) for im, _ in pairs],
-            [layer_array(lab) for _, lab in pairs],
+            [layer_data(lab) for _, lab in pairs],  # read on the worker: the GUI never waits for a copy
             settings,
             init=init,
             class_names=self._class_names(labels),
@@ -765,6 +765,8 @@ class UNetWidget(QWidget):
             self._on_progress(message[1])
         elif kind == "preview":
             self._apply_preview(message[1])
+        elif kind == "warning":
+            show_warning(f"U-Net: new strokes not used: {message[1]}")
 
     def _on_progress(self, event) -> None:
         if event.done:
@@ -800,15 +802,13 @@ class UNetWidget(QWidget):
         self._labels_timer.start()
 
     def _send_labels(self) -> None:
-        """Send copies of the labels painted since the last call to the running trainer (main thread)."""
+        """Tell the running trainer which labels layers were painted since the last call (main thread); it reads
+        them on its own thread, so painting never waits for a copy of a large layer."""
         if self._trainer is None:
             return
         dirty, self._dirty_labels = self._dirty_labels, set()
         for index in sorted(dirty):
-            try:
-                self._trainer.update_labels(index, layer_array(self._train_labels[index]))
-            except ValueError as e:
-                show_warning(f"U-Net: new strokes in '{self._train_labels[index].name}' not used: {e}")
+            self._trainer.update_labels_later(index, layer_data(self._train_labels[index]))
 
     def _disconnect_painting(self) -> None:
         self._labels_timer.stop()

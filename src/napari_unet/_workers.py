@@ -1,8 +1,9 @@
 """Work the dock widget runs on ``napari.qt.threading`` workers: training with live previews, prediction.
 
-Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of the layer data (or a
-lazy layer's read-only view of its file), yield small messages (tuples whose first item names the kind) and
-the widget applies them to layers on the main thread. They yield often so that ``worker.quit()`` and the stop
+Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of in-memory image data (or
+a lazy layer's read-only view of its file) and the labels arrays, which the trainer reads on its own thread; they
+yield small messages (tuples whose first item names the kind) and the widget applies them to layers on the main
+thread. They yield often so that ``worker.quit()`` and the stop
 flags take effect promptly.
 """
 
@@ -140,7 +141,8 @@ def train_steps(
     napari worker. Previews show the first image.
 
     Yields ``("ready", trainer)`` once the trainer is built (the widget then sends it new strokes with
-    ``trainer.update_labels(index, ...)``), ``("progress", TrainingEvent)`` per iteration and, every
+    ``trainer.update_labels_later(index, ...)``), ``("warning", message)`` when such an update is not used,
+    ``("progress", TrainingEvent)`` per iteration and, every
     ``preview_interval`` seconds at least (longer when previews are slow, so they never take more than
     about a third of the time), ``("preview", PreviewResult)`` for ``view.region``. Returns the trainer.
     Setting ``stop`` ends training within one iteration (and interrupts a preview). ``class_names``
@@ -169,8 +171,12 @@ def train_steps(
         trainer.request_stop()
     normalized = None
     next_preview = time.perf_counter() + min(1.0, preview_interval)
+    reported = 0
     for event in trainer.run():
         yield ("progress", event)
+        while reported < len(trainer.label_problems):
+            yield ("warning", trainer.label_problems[reported])
+            reported += 1
         if stop.is_set():
             trainer.request_stop()
             continue

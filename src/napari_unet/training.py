@@ -391,7 +391,9 @@ class Trainer:
         )
         self._class_weights = self._compute_class_weights()
         self._lock = threading.Lock()
-        self._pending: dict[int, np.ndarray] = {}
+        self._pending: dict[int, tuple | np.ndarray] = {}
+        self.label_problems: list[str] = []
+        """Why an update from :meth:`update_labels_later` was not used (one message per skipped update)."""
         self._stop = threading.Event()
         self._record: dict = {}
         self._average = WeightAverage()
@@ -442,14 +444,36 @@ class Trainer:
         with self._lock:
             self._pending[index] = pieces
 
+    def update_labels_later(self, index: int, source) -> None:
+        """Like :meth:`update_labels`, but ``source`` (an array its owner may go on writing into, such as a
+        napari Labels layer's data) is read on the training thread, before the next batch, so the caller never
+        waits for a copy. A read that overlaps a write may miss part of a stroke until the next update. An
+        update that :meth:`update_labels` would refuse is skipped, with its reason in ``label_problems``."""
+        if not 0 <= index < len(self._shapes):
+            raise IndexError(f"image index {index} out of range (0..{len(self._shapes) - 1})")
+        with self._lock:
+            self._pending[index] = source
+
     def _apply_pending(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, {}
-        for index, (targets, weights) in pending.items():
-            self.sampler.set_targets(index, targets, weights)
-        if pending:
+        changed = False
+        for index, update in pending.items():
+            if not isinstance(update, tuple):  # from update_labels_later: read and checked here
+                try:
+                    labels = integer_labels(update)
+                    if labels.shape != self._shapes[index]:
+                        raise ValueError(f"labels shape {labels.shape} does not match image {index} shape "
+                                         f"{self._shapes[index]}")
+                    update = self._target_pieces(labels)
+                except ValueError as e:
+                    self.label_problems.append(str(e))
+                    continue
+            self.sampler.set_targets(index, *update)
+            changed = True
+        if changed:
             self._class_weights = self._compute_class_weights()
-        return bool(pending)
+        return changed
 
     # --- training ---------------------------------------------------------------------------------
 
