@@ -166,9 +166,9 @@ def test_update_labels_later_reads_the_source_on_the_training_thread_and_skips_b
     trainer = Trainer(image, labels, _settings(iterations=9))
     events = trainer.run()
     next(events)
-    source = labels.copy()  # a layer's data the GUI goes on painting into
-    trainer.update_labels_later(0, source)
-    source[40:46, 30:46] = 3  # written after the call, before the training thread reads it
+    source = labels.copy()  # a layer's data the GUI paints into
+    source[40:46, 30:46] = 3
+    trainer.update_labels_later(0, source)  # no copy: read when the training thread builds a batch
     for _ in range(3):
         next(events)
     assert trainer.sampler.class_counts(2)[1] == (source == 3).sum()
@@ -257,20 +257,24 @@ def test_a_stack_is_read_and_normalized_only_where_painted():
     labels[[0, 1, 2, 4, 5, 6, 7]] = 0  # only slice 3 painted
     models = []
     for source in (image, dask_array.from_array(image, chunks=(1, 32, 32))):
-        trainer = Trainer(source, labels, _settings(iterations=4, seed=1))
-        events = trainer.run()
-        for _ in range(2):
-            next(events)
+        trainer = train(source, labels, _settings(iterations=4, seed=1))
         assert [piece.array is not None for piece in trainer.sampler._images[0]] == [z == 3 for z in range(8)]
-        more = labels.copy()
-        more[6, 4:28, 4:7] = 1
-        trainer.update_labels(0, more)
-        list(events)
-        assert [piece.array is not None for piece in trainer.sampler._images[0]] == [z in (3, 6) for z in range(8)]
-        np.testing.assert_array_equal(trainer.sampler._images[0][6][...], normalize_image(image)[6])
         models.append(trainer.model.state_dict())
     for name, value in models[0].items():
         torch.testing.assert_close(models[1][name], value, rtol=0, atol=0, msg=name)
+
+    trainer = Trainer(image, labels, _settings(iterations=60, seed=1))
+    events = trainer.run()
+    next(events)
+    more = labels.copy()
+    more[6, 4:28, 4:7] = 1
+    trainer.update_labels(0, more)
+    for event in events:  # the update is used within three iterations; then slice 6 is drawn at some point
+        if trainer.sampler._images[0][6].array is not None:
+            break
+    assert [piece.array is not None for piece in trainer.sampler._images[0]] == [z in (3, 6) for z in range(8)]
+    np.testing.assert_array_equal(trainer.sampler._images[0][6][...], normalize_image(image)[6])
+    events.close()
 
 
 def test_sparse_slices_of_a_volume_train_a_3d_net():
