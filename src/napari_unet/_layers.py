@@ -60,7 +60,7 @@ def image_array(layer, copy: bool = True):
     """An image layer's data as the engine takes it: an RGB(A) layer's colours become three channels first,
     ``(3, *spatial)`` (alpha dropped). A numpy copy (the full resolution level of a multiscale layer), or with
     ``copy=False`` a view of the layer's own array (numpy or lazy), for readers that take only a part of it."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    data = layer_data(layer)
     if getattr(layer, "rgb", False):
         data = np.moveaxis(data[..., :3], -1, 0)
     return np.array(data, copy=True) if copy else data
@@ -71,8 +71,7 @@ def worker_image(layer):
     change while the worker runs), the layer's own lazy array (a read-only view of a file, as the reader opens
     large images) as it is, so that only what the worker needs is read (the tiles it predicts; the slices of a
     stack with strokes when a 2D network trains)."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return image_array(layer, copy=isinstance(data, np.ndarray))
+    return image_array(layer, copy=isinstance(layer_data(layer), np.ndarray))
 
 
 IN_MEMORY_OUTPUT_BYTES = 1 << 30
@@ -121,9 +120,9 @@ def painted_pairs(images, labels_layers) -> list[tuple]:
     ``images`` of its spatial shape. Labels layers without strokes or without such an image are left out."""
     pairs = []
     for labels in labels_layers:
-        candidates = [im for im in images if labels.name.startswith(im.name)
-                      and spatial_shape(im) == tuple(labels.data.shape)]
-        if candidates and np.any(labels.data):
+        data = layer_data(labels)
+        candidates = [im for im in images if labels.name.startswith(im.name) and spatial_shape(im) == data.shape]
+        if candidates and np.any(data):
             pairs.append((max(candidates, key=lambda im: len(im.name)), labels))
     return pairs
 
@@ -141,8 +140,7 @@ def output_role(layer) -> dict | None:
 
 def spatial_shape(layer) -> tuple[int, ...]:
     """The layer's data shape without the colour axis of an RGB image."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    shape = tuple(data.shape)
+    shape = tuple(layer_data(layer).shape)
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 

@@ -3,8 +3,7 @@
 Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of in-memory image data (or
 a lazy layer's read-only view of its file) and the labels arrays, which the trainer reads on its own thread; they
 yield small messages (tuples whose first item names the kind) and the widget applies them to layers on the main
-thread. They yield often so that ``worker.quit()`` and the stop
-flags take effect promptly.
+thread. They yield often so that ``worker.quit()`` and the stop flags take effect promptly.
 """
 
 from __future__ import annotations
