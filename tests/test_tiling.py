@@ -161,3 +161,24 @@ def test_bad_shapes():
         predict_tiled(model, np.zeros((2, 2, 2, 2), np.float32))
     with pytest.raises(ValueError, match="empty"):
         predict_tiled(model, np.zeros((0, 5), np.float32))
+
+
+def test_default_tiles_follow_the_memory_available(monkeypatch):
+    """With little free memory the default tile batch shrinks (a quarter of what is available, at least 256 MiB);
+    how tiles are cut never changes the prediction (the tests above)."""
+    from collections import namedtuple
+
+    psutil = pytest.importorskip("psutil")
+    from napari_unet import tiling
+
+    model = _model(depth=2)
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(64 * 1024**3))
+    assert tiling.default_memory_bytes() == tiling.DEFAULT_MEMORY_BYTES
+    big = plan_tiles(model, (3000, 3000))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(2 * 1024**3))
+    assert tiling.default_memory_bytes() == 512 * 1024**2
+    small = plan_tiles(model, (3000, 3000))
+    assert np.prod(small.input_tile) < np.prod(big.input_tile)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(1))
+    assert tiling.default_memory_bytes() == 256 * 1024**2

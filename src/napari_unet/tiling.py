@@ -26,7 +26,8 @@ import torch
 from .refine import DEFAULT_EPS, refine_probabilities
 
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
-"""Activation memory a tile batch may use by default (it sets the default tile and batch size)."""
+"""Activation memory a tile batch may use by default (it sets the default tile and batch size); less on a machine
+with little free memory (:func:`default_memory_bytes`)."""
 
 _FLOATS_PER_INPUT_VOXEL_AND_FILTER = 6
 """Measured peak of live float activations per input voxel and base filter in an inference pass."""
@@ -131,8 +132,21 @@ def plan_tiles(model, spatial_shape, tile_shape=None, max_input_voxels=None) -> 
     )
 
 
-def default_max_input_voxels(model, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
-    """Largest input tile (in voxels) whose activations fit ``memory_bytes``."""
+def default_memory_bytes() -> int:
+    """``DEFAULT_MEMORY_BYTES``, or a quarter of the memory available now when that is less (at least 256 MiB),
+    so that the default tile batch leaves room for the rest of a small machine (napari, the outputs)."""
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except Exception:  # no psutil, or a platform it cannot read: the fixed default
+        return DEFAULT_MEMORY_BYTES
+    return max(256 * 1024**2, min(DEFAULT_MEMORY_BYTES, available // 4))
+
+
+def default_max_input_voxels(model, memory_bytes: int | None = None) -> int:
+    """Largest input tile (in voxels) whose activations fit ``memory_bytes`` (default: :func:`default_memory_bytes`)."""
+    memory_bytes = default_memory_bytes() if memory_bytes is None else memory_bytes
     base_filters = model.config["base_filters"]
     return max(1, memory_bytes // (4 * _FLOATS_PER_INPUT_VOXEL_AND_FILTER * base_filters))
 
