@@ -176,7 +176,8 @@ def test_update_labels_later_reads_the_source_on_the_training_thread_and_skips_b
     trainer.update_labels_later(0, np.where(source == 3, 5, source))  # an id the model does not know
     for _ in range(3):
         next(events)
-    assert len(trainer.label_problems) == 1 and "does not know" in trainer.label_problems[0]
+    [(index, problem)] = trainer.label_problems
+    assert index == 0 and "does not know" in problem
     np.testing.assert_array_equal(trainer.sampler.class_counts(2), counts)  # the previous strokes stay
     with pytest.raises(IndexError):
         trainer.update_labels_later(1, source)

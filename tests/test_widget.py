@@ -245,6 +245,7 @@ def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypa
     monkeypatch.setattr(_widget, "show_warning", warnings.append)
     layer.paint((20, 20), 7, refresh=True)  # a class the model being trained does not have
     qtbot.waitUntil(lambda: any("does not know" in w for w in warnings), timeout=10_000)
+    assert "'cells labels'" in warnings[-1]  # names the layer
     assert trainer.sampler.class_counts(2)[1] == painted  # the strokes before it are still used
     widget.stop()
     wait_idle(qtbot, widget)

@@ -766,7 +766,9 @@ class UNetWidget(QWidget):
         elif kind == "preview":
             self._apply_preview(message[1])
         elif kind == "warning":
-            show_warning(f"U-Net: new strokes not used: {message[1]}")
+            _, index, problem = message
+            name = self._train_labels[index].name if index < len(self._train_labels) else f"labels {index}"
+            show_warning(f"U-Net: new strokes in '{name}' not used: {problem}")
 
     def _on_progress(self, event) -> None:
         if event.done:

@@ -140,7 +140,7 @@ def train_steps(
     napari worker. Previews show the first image.
 
     Yields ``("ready", trainer)`` once the trainer is built (the widget then sends it new strokes with
-    ``trainer.update_labels_later(index, ...)``), ``("warning", message)`` when such an update is not used,
+    ``trainer.update_labels_later(index, ...)``), ``("warning", index, message)`` when such an update is not used,
     ``("progress", TrainingEvent)`` per iteration and, every
     ``preview_interval`` seconds at least (longer when previews are slow, so they never take more than
     about a third of the time), ``("preview", PreviewResult)`` for ``view.region``. Returns the trainer.
@@ -174,7 +174,7 @@ def train_steps(
     for event in trainer.run():
         yield ("progress", event)
         while reported < len(trainer.label_problems):
-            yield ("warning", trainer.label_problems[reported])
+            yield ("warning", *trainer.label_problems[reported])
             reported += 1
         if stop.is_set():
             trainer.request_stop()

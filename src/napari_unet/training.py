@@ -392,8 +392,8 @@ class Trainer:
         self._class_weights = self._compute_class_weights()
         self._lock = threading.Lock()
         self._pending: dict[int, tuple | np.ndarray] = {}
-        self.label_problems: list[str] = []
-        """Why an update from :meth:`update_labels_later` was not used (one message per skipped update)."""
+        self.label_problems: list[tuple[int, str]] = []
+        """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
         self._stop = threading.Event()
         self._record: dict = {}
         self._average = WeightAverage()
@@ -467,7 +467,7 @@ class Trainer:
                                          f"{self._shapes[index]}")
                     update = self._target_pieces(labels)
                 except ValueError as e:
-                    self.label_problems.append(str(e))
+                    self.label_problems.append((index, str(e)))
                     continue
             self.sampler.set_targets(index, *update)
             changed = True
