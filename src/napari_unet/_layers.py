@@ -11,21 +11,21 @@ import re
 
 import numpy as np
 
+from .class_ids import class_colour
+
 META_KEY = "napari_unet"
 ROLES = ("probabilities", "segmentation", "uncertainty")
-CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
-"""Colours of class ids 1, 2, 3... (cycled), shared by painting layers and segmentations."""
 
 
 def class_colormap(class_ids, transparent=()):
-    """A ``DirectLabelColormap`` giving class id k the colour ``CLASS_COLOURS[(k - 1) % 8]``.
+    """A ``DirectLabelColormap`` giving class id k its colour (``class_ids.class_colour``).
 
     Ids in ``transparent`` (and 0) are not drawn.
     """
     from napari.utils.colormaps import DirectLabelColormap
 
     colours = {None: "transparent", 0: "transparent"}
-    colours.update({int(k): CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)] for k in class_ids if int(k) > 0})
+    colours.update({int(k): class_colour(k) for k in class_ids if int(k) > 0})
     colours.update({int(k): "transparent" for k in transparent})
     return DirectLabelColormap(color_dict=colours)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._layers import output_array
 from .class_ids import labels_dtype, segmentation_from_probabilities
-from .normalization import normalized_view
+from .normalization import NormalizedView, normalized_view
 
 PREVIEW_MAX_SIZE = 768
 """Largest preview region per axis (pixels): zoomed far out, the preview covers the view centre."""
@@ -150,25 +150,24 @@ def train_steps(
     its preview layers while the worker leaves the CPU to it.
     """
     from .tiling import PredictionStopped
-    from .training import Trainer, painted_ids
+    from .training import Trainer
 
     with contextlib.suppress(ImportError):
         # torch.optim imports torch._dynamo (~800 modules) on first use; do it while preparing, so that
         # its garbage-collection pauses do not hit the GUI once training runs.
         import torch._dynamo  # noqa: F401
     stop = stop or threading.Event()
-    names = None
-    if init is None:
-        names = [(class_names or {}).get(i, f"class {i}") for i in painted_ids(labels)]
     image, shape = images[0], labels[0].shape  # what previews show
     channel_axis = 0 if image.ndim > len(shape) else None
-    trainer = Trainer(list(images), list(labels), settings, init=init, class_names=names, channel_axis=channel_axis)
+    trainer = Trainer(list(images), list(labels), settings, init=init, class_names=class_names,
+                      channel_axis=channel_axis)
+    # Previews normalize only the region they read, with the percentiles the trainer computed for this image.
+    normalized = NormalizedView(image, trainer.image_normalization[0])
     yield ("ready", trainer)
     if resume is not None:
         resume.wait(timeout=10.0)
     if stop.is_set():
         trainer.request_stop()
-    normalized = None
     next_preview = time.perf_counter() + min(1.0, preview_interval)
     reported = 0
     for event in trainer.run():
@@ -181,8 +180,6 @@ def train_steps(
             continue
         if view is None or event.done or time.perf_counter() < next_preview:
             continue
-        if normalized is None:  # previews normalize only the region they read (the trainer holds its own copy)
-            normalized = normalized_view(image, trainer.normalization, channel_axis)
         started = time.perf_counter()
         region = view.region or tuple(slice(0, n) for n in shape)
         try:
@@ -195,8 +192,6 @@ def train_steps(
         yield ("preview", _preview(region, probabilities, trainer.class_ids, event.iteration))
     if view is not None and not stop.is_set() and trainer.iteration > 0:
         # A last preview from the final weights, so what the user sees matches the trained model.
-        if normalized is None:  # previews normalize only the region they read (the trainer holds its own copy)
-            normalized = normalized_view(image, trainer.normalization, channel_axis)
         region = view.region or tuple(slice(0, n) for n in shape)
         with gui_friendly_threads():
             probabilities = predict_region(trainer.model, normalized, region, should_stop=stop.is_set)

@@ -31,6 +31,7 @@ import numpy as np
 import tifffile
 import torch
 
+from .class_ids import class_colour
 from .model import UNet
 
 U_NET_CITATION = ("Ronneberger, Fischer & Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation, "
@@ -85,9 +86,9 @@ def export_bioimageio(
 
     ``sample_image`` is an image like those the model is for (numpy or lazy, e.g. dask: only the part used is
     read), channels first when the model has several (``(C, *spatial)``; a stack for a 2D model gives its middle
-    slice); a crop of its centre (mirrored where it is too small) becomes the package's test input. The description is validated by ``bioimageio.spec`` before
-    the package is written; returns ``out``. Raises ``ValueError`` for an image that does not fit the model and
-    ``ImportError`` without ``bioimageio.spec``.
+    slice); a crop of its centre (mirrored where it is too small) becomes the package's test input. The
+    description is validated by ``bioimageio.spec`` before the package is written; returns ``out``. Raises
+    ``ValueError`` for an image that does not fit the model and ``ImportError`` without ``bioimageio.spec``.
     """
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5 as spec
@@ -145,8 +146,9 @@ def export_bioimageio(
         tifffile.imwrite(folder / "sample_input.tif", test_input[0], photometric="minisblack")
         tifffile.imwrite(folder / "sample_output.tif", test_output[0], photometric="minisblack")
         traced.save(str(folder / "weights_torchscript.pt"))
-        _write_cover(folder / "cover.png", test_input[0], test_output[0], [h + shift for h in halo])
-        (folder / "README.md").write_text(_documentation(name, model, class_ids, class_names, recipe, metadata))
+        _write_cover(folder / "cover.png", test_input[0], test_output[0], [h + shift for h in halo], class_ids)
+        (folder / "README.md").write_text(
+            _documentation(name, model, class_ids, class_names, recipe, metadata, [h + shift for h in halo]))
         description = spec.ModelDescr(
             name=name,
             description=description or (f"{ndim}D valid-padding U-Net (depth {model.depth}) trained with napari-unet "
@@ -210,9 +212,10 @@ def _identifier(name: str, class_id: int) -> str:
     return cleaned if cleaned and not cleaned[0].isdigit() else f"class_{class_id}"
 
 
-def _write_cover(path: Path, image: np.ndarray, probabilities: np.ndarray, halo: Sequence[int]) -> None:
-    """A 2:1 cover: the test input (first channel, middle slice) beside its most probable class, without the
-    halo."""
+def _write_cover(path: Path, image: np.ndarray, probabilities: np.ndarray, halo: Sequence[int],
+                 class_ids: Sequence[int]) -> None:
+    """A 2:1 cover: the test input (first channel, middle slice) beside its most probable class in the widget's
+    class colours, without the halo."""
     from skimage.io import imsave
     from skimage.transform import resize
 
@@ -225,14 +228,14 @@ def _write_cover(path: Path, image: np.ndarray, probabilities: np.ndarray, halo:
     plane = image[0]
     low, high = np.percentile(plane, [1, 99.8])
     grey = np.clip((plane - low) / max(high - low, 1e-6), 0, 1)
-    palette = np.array([[79, 143, 230], [255, 176, 0], [230, 25, 75], [60, 180, 75], [145, 30, 180]]) / 255.0
-    classes = palette[probabilities.argmax(0) % len(palette)]
+    palette = np.array([[int(class_colour(c)[i:i + 2], 16) for i in (1, 3, 5)] for c in class_ids]) / 255.0
+    classes = palette[probabilities.argmax(0)]
     left = resize(np.repeat(grey[..., None], 3, axis=-1), (256, 256), order=1)
     right = resize(classes, (256, 256), order=0)
     imsave(path, (np.concatenate([left, right], axis=1) * 255).astype(np.uint8), check_contrast=False)
 
 
-def _documentation(name, model, class_ids, class_names, recipe, metadata) -> str:
+def _documentation(name, model, class_ids, class_names, recipe, metadata, halo: Sequence[int]) -> str:
     history = (metadata.get("training") or {}).get("history") or []
     return "\n".join([
         f"# {name}",
@@ -248,9 +251,9 @@ def _documentation(name, model, class_ids, class_names, recipe, metadata) -> str
         "",
         f"- input: {model.config['in_channels']} channel(s); normalized per channel, over the whole image, with "
         f"the recipe `{json.dumps(recipe)}` (`scale_range` in the package).",
-        f"- output: class probabilities of the input's size, of which a halo of {model.halo[0]} px per side is "
-        "edge padding (the network's context: tile with that overlap, mirroring only at the image border, and "
-        "crop it for seamless results).",
+        f"- output: class probabilities of the input's size, of which the declared halo ({halo[0]} px per side: "
+        "the network's context and its pooling-grid offset) is edge padding; tile with that overlap, mirroring "
+        "only at the image border, and crop it for seamless results.",
         "",
         "## Network",
         "",
@@ -263,7 +266,8 @@ def _documentation(name, model, class_ids, class_names, recipe, metadata) -> str
         "## Validation",
         "",
         "The test tensors are a crop of an image the exporter was given and the probabilities this package's weights "
-        "give for it; napari-unet checks that they equal its own overlap-tile prediction of that crop. The model "
+        "give for it; napari-unet's test suite checks that its packages reproduce its own overlap-tile prediction. "
+        "The model "
         "was trained on the strokes of its user's images: check its segmentations on your images before relying "
         "on them (napari-unet's benchmarks of the training method: docs/benchmarks.md in its repository).",
         "",

@@ -10,6 +10,15 @@ from typing import Sequence
 import numpy as np
 
 
+CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+"""Colours of class ids 1, 2, 3... (cycled): the widget's painting and segmentation layers, the exported cover."""
+
+
+def class_colour(class_id: int) -> str:
+    """The colour of a painted class id (``CLASS_COLOURS``, cycled), as ``#rrggbb``."""
+    return CLASS_COLOURS[(int(class_id) - 1) % len(CLASS_COLOURS)]
+
+
 def labels_dtype(class_ids: Sequence[int]) -> np.dtype:
     """The smallest unsigned dtype holding every class id."""
     return np.min_scalar_type(max(int(i) for i in class_ids))

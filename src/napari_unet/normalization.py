@@ -85,8 +85,9 @@ def is_lazy(image) -> bool:
 _SLAB_PIXELS = 1 << 20  # 8 MiB of histogram indices per slab
 
 
-def _slabs(values):
-    """A lazy array read as numpy arrays, a slab of the first axis (about ``_SLAB_PIXELS`` pixels) at a time."""
+def slabs(values):
+    """An array (numpy, memory map or lazy) read as numpy arrays, a slab of the first axis (about
+    ``_SLAB_PIXELS`` pixels) at a time."""
     shape = tuple(values.shape)
     step = max(1, _SLAB_PIXELS // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], step):
@@ -99,7 +100,7 @@ def _histogram_percentiles(values, low: float, high: float) -> tuple[float, floa
     dtype = np.dtype(values.dtype)
     offset = int(np.iinfo(dtype).min)
     counts = np.zeros(1 << (8 * dtype.itemsize), np.int64)
-    for slab in _slabs(values):
+    for slab in slabs(values):
         indices = slab.astype(np.int64).ravel()
         indices -= offset
         counts += np.bincount(indices, minlength=counts.size)
@@ -124,7 +125,7 @@ _SELECTION_KEEP = 1 << 20  # values _selected_percentiles may hold at once (8 Mi
 
 def _finite_slabs(values):
     """The finite values of a lazy array as float64 vectors, one slab at a time."""
-    for slab in _slabs(values):
+    for slab in slabs(values):
         slab = slab.astype(np.float64).ravel()
         yield slab[np.isfinite(slab)]
 

@@ -64,7 +64,7 @@ from .devices import amp_dtype, default_cpu_threads, resolve_device
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
-from .normalization import DEFAULT_RECIPE, image_params, is_lazy, normalize, normalize_image
+from .normalization import DEFAULT_RECIPE, image_params, is_lazy, normalize, slabs
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 
@@ -222,13 +222,12 @@ def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
 
 
 def painted_ids(labels: Sequence[np.ndarray]) -> list[int]:
-    """Sorted painted class ids (non-zero values) over all label arrays (read in slabs of ~16M pixels, so
-    memory-mapped labels larger than memory are fine)."""
+    """Sorted painted class ids (non-zero values) over all label arrays (read in slabs, so memory-mapped labels
+    larger than memory are fine)."""
     ids: set[int] = set()
     for lab in labels:
-        step = max(1, (1 << 24) // max(1, math.prod(lab.shape[1:]))) if lab.ndim else 1
-        for start in range(0, max(1, lab.shape[0] if lab.ndim else 1), step):
-            ids.update(int(v) for v in np.unique(lab[start:start + step] if lab.ndim else lab) if v != 0)
+        for slab in slabs(lab):
+            ids.update(int(v) for v in np.unique(slab) if v != 0)
     return sorted(ids)
 
 
@@ -300,7 +299,7 @@ class Trainer:
         settings: TrainingSettings | None = None,
         *,
         init: tuple[torch.nn.Module, dict] | None = None,
-        class_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | dict[int, str] | None = None,
         channel_axis: int | None = None,
     ):
         self.settings = settings = settings or TrainingSettings()
@@ -350,6 +349,8 @@ class Trainer:
                 raise ValueError(f"only one class is painted (id {found[0]}): paint at least two classes")
             self.class_ids = found
             self.normalization = dict(settings.normalization)
+            if isinstance(class_names, dict):  # by painted id; ids without a name are "class <id>"
+                class_names = [class_names.get(c, f"class {c}") for c in found]
             names = list(class_names) if class_names else [f"class {c}" for c in found]
             if len(names) != len(found):
                 raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
@@ -380,9 +381,12 @@ class Trainer:
         self._rng = np.random.default_rng(settings.seed)
         channels = None if channel_axis is None else 0
         self._shapes = [lab.shape for lab in labels]
+        self.image_normalization = [image_params(img, self.normalization, channels) for img in images]
+        """The normalization parameters (percentile values) of each image, computed once over the whole image."""
         targets, weights = zip(*[self._target_pieces(lab) for lab in labels])
         self.sampler = PatchSampler(
-            [self._image_pieces(img, channels) for img in images], targets, self.input_shape, self.output_shape,
+            [self._image_pieces(img, params, channels) for img, params in zip(images, self.image_normalization)],
+            targets, self.input_shape, self.output_shape,
             self._rng, weights=weights if settings.border_weight else None, class_power=settings.class_sampling,
         )
         self.augmenter = Augmenter(
@@ -401,13 +405,12 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------------
 
-    def _image_pieces(self, image, channels: int | None) -> list:
-        """The network-sized pieces of one image (channels first with ``channels``), normalized with the
-        percentiles of the whole image: the image itself, or the slices of a stack under a 2D net, each
+    def _image_pieces(self, image, params: dict, channels: int | None) -> list:
+        """The network-sized pieces of one image (channels first with ``channels``), normalized with ``params``
+        (its whole-image percentiles): the image itself, or the slices of a stack under a 2D net, each
         normalized when first read (a slice without strokes never is, and a lazy stack is read only there)."""
         if image.ndim - (channels is not None) != self.image_ndim + 1:
-            return [normalize_image(image, self.normalization, channels)]
-        params = image_params(image, self.normalization, channels)
+            return [normalize(np.asarray(image), params)]
         return [_NormalizedSlice(image, z, params, channels is not None) for z in range(image.shape[-3])]
 
     def _target_pieces(self, labels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -434,13 +437,7 @@ class Trainer:
 
         Raises ``ValueError`` for a wrong shape, non-integer labels or ids the model does not know.
         """
-        if not 0 <= index < len(self._shapes):
-            raise IndexError(f"image index {index} out of range (0..{len(self._shapes) - 1})")
-        labels = integer_labels(labels)
-        expected = self._shapes[index]
-        if labels.shape != expected:
-            raise ValueError(f"labels shape {labels.shape} does not match image {index} shape {expected}")
-        pieces = self._target_pieces(labels)
+        pieces = self._checked_pieces(self._checked_index(index), labels)
         with self._lock:
             self._pending[index] = pieces
 
@@ -449,10 +446,20 @@ class Trainer:
         napari Labels layer's data) is read on the training thread, before the next batch, so the caller never
         waits for a copy. A read that overlaps a write may miss part of a stroke until the next update. An
         update that :meth:`update_labels` would refuse is skipped, with its reason in ``label_problems``."""
+        with self._lock:
+            self._pending[self._checked_index(index)] = source
+
+    def _checked_index(self, index: int) -> int:
         if not 0 <= index < len(self._shapes):
             raise IndexError(f"image index {index} out of range (0..{len(self._shapes) - 1})")
-        with self._lock:
-            self._pending[index] = source
+        return index
+
+    def _checked_pieces(self, index: int, labels) -> tuple:
+        """The target pieces of new labels for image ``index``; ``ValueError`` for labels it cannot use."""
+        labels = integer_labels(labels)
+        if labels.shape != self._shapes[index]:
+            raise ValueError(f"labels shape {labels.shape} does not match image {index} shape {self._shapes[index]}")
+        return self._target_pieces(labels)
 
     def _apply_pending(self) -> bool:
         with self._lock:
@@ -461,11 +468,7 @@ class Trainer:
         for index, update in pending.items():
             if not isinstance(update, tuple):  # from update_labels_later: read and checked here
                 try:
-                    labels = integer_labels(update)
-                    if labels.shape != self._shapes[index]:
-                        raise ValueError(f"labels shape {labels.shape} does not match image {index} shape "
-                                         f"{self._shapes[index]}")
-                    update = self._target_pieces(labels)
+                    update = self._checked_pieces(index, update)
                 except ValueError as e:
                     self.label_problems.append((index, str(e)))
                     continue
