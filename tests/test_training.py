@@ -184,6 +184,12 @@ def test_update_labels_later_reads_the_source_on_the_training_thread_and_skips_b
     assert list(events)[-1].done and trainer.iteration == 9
 
 
+def test_class_names_by_painted_id():
+    image, labels, _ = _halves()  # ids 1 and 3
+    trainer = Trainer(image, labels, _settings(iterations=1), class_names={1: "background", 2: "unused"})
+    assert trainer.class_names == ["background", "class 3"]
+
+
 def test_non_contiguous_ids_round_trip(tmp_path):
     image, labels, truth = _halves()
     trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2), class_names=["bg", "cell"])

@@ -89,6 +89,7 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     assert probabilities.data.shape == (2, 96, 96)
     assert set(np.unique(segmentation.data)) <= {1, 2}
     assert widget.model is not None and widget.metadata["class_ids"] == [1, 2]
+    assert widget.metadata["class_names"] == ["background", "foreground"]  # the widget's names by painted id
 
     widget.uncertainty_check.setChecked(True)
     widget.predict()
