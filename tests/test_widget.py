@@ -159,7 +159,7 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
     monkeypatch.setattr(_layers, "IN_MEMORY_OUTPUT_BYTES", 0)
     [(data, kwargs, _)] = _reader.read_tiff(str(tmp_path / "big.tif"))
     lazy = viewer.add_image(data, **kwargs)
-    assert not isinstance(lazy.data, np.ndarray) and _layers.worker_image(lazy) is lazy.data
+    assert not isinstance(lazy.data, np.ndarray) and _layers.image_array(lazy) is lazy.data
     widget.image_combo.setCurrentText("big")
     widget.predict()
     wait_idle(qtbot, widget)

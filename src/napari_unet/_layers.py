@@ -56,22 +56,13 @@ def layer_data(layer):
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
-def image_array(layer, copy: bool = True):
-    """An image layer's data as the engine takes it: an RGB(A) layer's colours become three channels first,
-    ``(3, *spatial)`` (alpha dropped). A numpy copy (the full resolution level of a multiscale layer), or with
-    ``copy=False`` a view of the layer's own array (numpy or lazy), for readers that take only a part of it."""
+def image_array(layer):
+    """An image layer's data as the engine takes it, a view, not a copy (numpy or lazy; the full resolution level
+    of a multiscale layer): an RGB(A) layer's colours become three channels first, ``(3, *spatial)`` (alpha
+    dropped). Workers read only what they need from it on their own thread (the tiles they predict, the slices
+    of a stack with strokes), so the GUI thread never copies an image."""
     data = layer_data(layer)
-    if getattr(layer, "rgb", False):
-        data = np.moveaxis(data[..., :3], -1, 0)
-    return np.array(data, copy=True) if copy else data
-
-
-def worker_image(layer):
-    """The image a training or prediction worker reads from ``layer``: a copy of in-memory data (the layer may
-    change while the worker runs), the layer's own lazy array (a read-only view of a file, as the reader opens
-    large images) as it is, so that only what the worker needs is read (the tiles it predicts; the slices of a
-    stack with strokes when a 2D network trains)."""
-    return image_array(layer, copy=isinstance(layer_data(layer), np.ndarray))
+    return np.moveaxis(data[..., :3], -1, 0) if getattr(layer, "rgb", False) else data
 
 
 IN_MEMORY_OUTPUT_BYTES = 1 << 30

@@ -53,7 +53,6 @@ from ._layers import (
     painted_pairs,
     painting_layer_kwargs,
     spatial_shape,
-    worker_image,
 )
 from ._loss_plot import LossPlot
 from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
@@ -332,13 +331,11 @@ class UNetWidget(QWidget):
     def _input_channels(self, layer) -> int:
         return sum(image_channels(la) for la in self.input_layers(layer))
 
-    def _input_image(self, layer, copy: bool = True):
-        """The image a worker reads for ``layer`` (``_layers.worker_image``; with ``copy=False`` a view of the layer's
-        data, for a reader that takes only a part), or a channel group's layers stacked channels first."""
+    def _input_image(self, layer):
+        """The image a worker reads for ``layer``: a view of its data (``_layers.image_array``), or a channel
+        group's layers stacked channels first (a copy of in-memory layers, a lazy stack of lazy ones)."""
         layers = self.input_layers(layer)
-        if len(layers) == 1:
-            return worker_image(layers[0]) if copy else image_array(layers[0], copy=False)
-        return np.stack([image_array(la, copy=False) for la in layers])  # a new array, or a lazy stack
+        return image_array(layers[0]) if len(layers) == 1 else np.stack([image_array(la) for la in layers])
 
     def _update_channels_label(self, *args) -> None:
         layer = self.image_layer
@@ -488,10 +485,9 @@ class UNetWidget(QWidget):
             return
         self.last_error = None
         name = Path(path).stem
-        # No copy of the layer on the GUI thread (a channel group is stacked): the export reads a crop on the worker.
-        worker = create_worker(_export_package, self.model, dict(self.metadata),
-                               self._input_image(image, copy=False), Path(path), name,
-                               _start_thread=False, _ignore_errors=True)
+        # The export reads the one crop it needs on the worker.
+        worker = create_worker(_export_package, self.model, dict(self.metadata), self._input_image(image),
+                               Path(path), name, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_exported)
         self.status_label.setText(f"Exporting {name} for BioImage.IO...")
         self._start("export", worker, 1, "U-Net BioImage.IO export")

@@ -1,8 +1,7 @@
 """Work the dock widget runs on ``napari.qt.threading`` workers: training with live previews, prediction.
 
-Nothing here touches Qt, napari layers or widgets. The generators receive *copies* of in-memory image data (or
-a lazy layer's read-only view of its file) and the labels arrays, which the trainer reads on its own thread; they
-yield small messages (tuples whose first item names the kind) and the widget applies them to layers on the main
+Nothing here touches Qt, napari layers or widgets. The generators receive the layers' arrays (views, numpy or
+lazy), which they read on their own thread, only the parts they need; they yield small messages (tuples whose first item names the kind) and the widget applies them to layers on the main
 thread. They yield often so that ``worker.quit()`` and the stop flags take effect promptly.
 """
 
@@ -206,8 +205,8 @@ def _preview(region, probabilities, class_ids, iteration) -> PreviewResult:
 
 @dataclass(frozen=True)
 class PredictJob:
-    """One image to predict: the source layer's name and its data (``_layers.worker_image``: a copy, or a
-    lazy read-only view of a file), channels first if several."""
+    """One image to predict: the source layer's name and its data (``_layers.image_array``: a view of the layer's
+    array, numpy or lazy), channels first if several."""
 
     name: str
     image: np.ndarray
