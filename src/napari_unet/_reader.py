@@ -34,22 +34,22 @@ def napari_get_reader(path):
     return read_tiff
 
 
-def is_labels_file(path, array: np.ndarray) -> bool:
-    """The labels rule: integer (or bool) pixels and a file name matching ``LABELS_NAME``."""
-    integer = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
+def is_labels_file(path, pixels) -> bool:
+    """The labels rule: integer (or bool) pixels (an array or its dtype) and a file name matching ``LABELS_NAME``."""
+    dtype = np.dtype(getattr(pixels, "dtype", pixels))
+    integer = np.issubdtype(dtype, np.integer) or dtype == bool
     return integer and LABELS_NAME.search(Path(path).name) is not None
 
 
 def read_tiff(path) -> list[tuple]:
     """Read one or several TIFF files into napari layer data tuples ``(data, kwargs, layer_type)``."""
-    from .io import lazy_image, read_image
+    from .io import read_image
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
     for p in paths:
-        array, info = lazy_image(p)
-        if array.nbytes <= LAZY_READ_BYTES or is_labels_file(p, array):
-            array, info = read_image(p)
+        array, info = read_image(p, lazy=lambda nbytes, dtype: nbytes > LAZY_READ_BYTES
+                                 and not is_labels_file(p, dtype))
         name = _layer_name(p)
         kwargs = {"name": name, "scale": info["scale"], "metadata": {"axes": info["axes"], "source": str(p)}}
         if info.get("unit"):

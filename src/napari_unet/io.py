@@ -230,7 +230,7 @@ _IMAGEJ_ORDER = "TZCYXS"
 _UNIT_TO_UM = {2: None, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit -> micrometers per unit (inch ignored)
 
 
-def read_image(path):
+def read_image(path, lazy=None):
     """Read the first image series of a TIFF file; returns ``(array, info)``.
 
     ``array`` keeps the file's axis order. ``info`` is a dict with ``axes`` (letters from
@@ -238,12 +238,14 @@ def read_image(path):
     ``array`` or None), ``scale`` (pixel size per spatial axis, in ``axes`` order without C;
     1.0 where unknown) and ``unit`` (e.g. ``"um"``, or None). Singleton axes are dropped.
     Raises :class:`ImageFileError` for a missing, unreadable or non-TIFF file, an empty image,
-    or more than one stack axis (e.g. time and Z).
+    or more than one stack axis (e.g. time and Z). With ``lazy``, a function of the image's size in bytes and its
+    dtype: where it returns True, the pixels are not read and ``array`` is :func:`lazy_image`'s view instead.
     """
     with _open_series(path) as (tif, series):
-        array = _decode(path, series.asarray)
         squeeze, info = _describe(path, tif, series)
-    return array[squeeze], info
+        if lazy is None or not lazy(math.prod(series.shape) * series.dtype.itemsize, series.dtype):
+            return _decode(path, series.asarray)[squeeze], info
+    return lazy_image(path)
 
 
 @contextmanager
