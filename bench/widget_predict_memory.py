@@ -6,13 +6,15 @@ measured), one pass with the default edge refinement, after a warm-up on a small
 The worker's outputs (probabilities, segmentation) become the widget's layers: in memory up to
 ``_layers.IN_MEMORY_OUTPUT_BYTES`` (1 GiB), memory-mapped temporary files beyond (not traced: they live on disk).
 
-``--source memory`` (default): the image is a layer's in-memory data, which the widget copies for the worker.
+``--source memory`` (default): the image is a layer's in-memory data, which the widget hands the worker as it is
+(``--copy``: copied first, as the widget did before the ninth session).
 ``--source file``: the stack is written to an uncompressed TIFF and opened as the napari reader opens a large
 image (lazily, a dask view of a memory map; the reader's 1 GiB threshold is lowered to 0 so that a small stack
 takes that path), and the worker reads it tile by tile without a copy. ``--outputs-in-memory``: keep outputs of
 any size in memory (what the widget did before memory-mapped outputs).
 
-    python bench/widget_predict_memory.py [--z 32] [--size 1024] [--source memory|file] [--outputs-in-memory]
+    python bench/widget_predict_memory.py [--z 32] [--size 1024] [--source memory|file] [--copy]
+        [--outputs-in-memory]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--source", choices=("memory", "file"), default="memory")
     parser.add_argument("--outputs-in-memory", action="store_true")
+    parser.add_argument("--copy", action="store_true")
     args = parser.parse_args(argv)
     if args.outputs_in_memory:
         _layers.IN_MEMORY_OUTPUT_BYTES = float("inf")
@@ -64,7 +67,7 @@ def main(argv=None):
         if args.source == "file":
             [(image, _, _)] = _reader.read_tiff(str(path))  # what napari's layer holds
         else:
-            image = stack.copy()  # the copy the widget hands the worker
+            image = stack.copy() if args.copy else stack
         result = run(image)
         seconds = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
