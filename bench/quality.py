@@ -11,7 +11,8 @@ scikit-learn random forest (100 trees) on ``skimage.feature.multiscale_basic_fea
 texture, sigma 1 to 16) of the same strokes. Both are scored by foreground Dice of the argmax on the held-out
 images (mean over images, and pooled over all pixels). The ``napari_unet`` row predicts as ``napari-unet predict``
 and the widget do by default: the 8 flips/transpositions averaged, then the probabilities snapped to the image's
-edges by a guided filter of radius 1 (``predict_tiled(test_time_flips=True, refine_radius=1)``). From the same
+edges by a guided filter whose window fits the width of the predicted structures
+(``predict_tiled(test_time_flips=True, refine_radius="auto")``; the radii chosen are listed per set). From the same
 trained network, ``napari_unet_unrefined`` scores the flips without the refinement (``--refine-radius 0``) and
 ``napari_unet_one_pass`` a single pass without either; ``random_forest_refined`` applies the same refinement to the
 forest's probabilities, to show what the refinement alone is worth.
@@ -68,15 +69,19 @@ def scores(predictions, truths) -> dict:
     return {"dice_mean": float(np.mean(per_image)), "dice_pooled": pooled}
 
 
-def refined(probabilities, guides, foreground: int) -> tuple[list, float]:
-    """The default edge refinement (``predict_tiled``'s last step) applied in place to each ``(classes, Y, X)``
-    probability map with its normalized image as guide; returns the foreground masks and the seconds it took."""
-    from napari_unet.refine import refine_probabilities
+def refined(probabilities, guides, foreground: int) -> tuple[list, float, dict]:
+    """The default edge refinement (``predict_tiled``'s last step: radius "auto") applied in place to each
+    ``(classes, Y, X)`` probability map with its normalized image as guide; returns the foreground masks, the
+    seconds it took and how many images got each radius."""
+    from napari_unet.refine import auto_radius, refine_probabilities
 
     start = time.perf_counter()
+    radii = []
     for p, guide in zip(probabilities, guides):
-        refine_probabilities(p, guide, spatial_ndim=2, out=p)
-    return [p.argmax(0) == foreground for p in probabilities], time.perf_counter() - start
+        radii.append(auto_radius(p, spatial_ndim=2))
+        refine_probabilities(p, guide, spatial_ndim=2, radius=radii[-1], out=p)
+    seconds = time.perf_counter() - start
+    return [p.argmax(0) == foreground for p in probabilities], seconds, {r: radii.count(r) for r in sorted(set(radii))}
 
 
 def random_forest(train_images, strokes, test_images, threads: int) -> dict:
@@ -113,7 +118,7 @@ def random_forest(train_images, strokes, test_images, threads: int) -> dict:
         "predictions": [p.argmax(0) == foreground for p in probabilities],
     }
     guides = (normalize_image(image) for image in test_images)
-    result["refined_predictions"], seconds = refined(probabilities, guides, foreground)
+    result["refined_predictions"], seconds, result["refined_radii"] = refined(probabilities, guides, foreground)
     result["refined_predict_s"] = result["predict_s"] + seconds
     return result
 
@@ -148,7 +153,7 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
 
     flipped, result["unrefined_predict_s"] = predict_all(True)
     result["unrefined_predictions"] = [p.argmax(0) == foreground for p in flipped]
-    result["predictions"], seconds = refined(flipped, normalized_images, foreground)  # the default prediction
+    result["predictions"], seconds, result["refine_radii"] = refined(flipped, normalized_images, foreground)
     result["predict_s"] = result["unrefined_predict_s"] + seconds
     one_pass, result["one_pass_predict_s"] = predict_all(False)
     result["one_pass_predictions"] = [p.argmax(0) == foreground for p in one_pass]

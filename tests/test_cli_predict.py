@@ -48,7 +48,7 @@ def test_predict_round_trip(tmp_path, model_file, image_file, capsys):
     assert p_info["axes"] == "CYX" and l_info["axes"] == "YX"
     assert p_info["scale"] == (0.5, 0.5) and l_info["scale"] == (0.5, 0.5)
     np.testing.assert_allclose(probabilities.sum(axis=0), 1, atol=1e-5)
-    expected = predict_tiled(model, normalize_image(image), test_time_flips=True, refine_radius=1)  # the default
+    expected = predict_tiled(model, normalize_image(image), test_time_flips=True, refine_radius="auto")  # default
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(probabilities, axis=0)])
@@ -86,14 +86,16 @@ def test_predict_streams_probabilities_through_a_scratch_file(tmp_path, model_fi
 
 
 def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_file):
-    """The default averages the 8 flips/transpositions and snaps to edges (radius 1); ``--no-test-time-flips``
+    """The default averages the 8 flips/transpositions and snaps to edges (radius "auto"); ``--no-test-time-flips``
     and ``--refine-radius 0`` turn each off, ``--refine-radius``/``--refine-eps`` set the guided filter."""
     model_path, model = model_file
     image_path, image = image_file
     normalized = normalize_image(image)
     args = ["predict", "--model", str(model_path), str(image_path), "--tile", "32", "32"]
     runs = {
-        "default": ([], dict(test_time_flips=True, refine_radius=1)),
+        "default": ([], dict(test_time_flips=True, refine_radius="auto")),
+        "auto": (["--refine-radius", "auto"], dict(test_time_flips=True, refine_radius="auto")),
+        "one": (["--refine-radius", "1"], dict(test_time_flips=True, refine_radius=1)),
         "raw": (["--no-test-time-flips", "--refine-radius", "0"], {}),
         "flips": (["--refine-radius", "0"], dict(test_time_flips=True)),
         "wide": (["--refine-radius", "3", "--refine-eps", "0.05"],
@@ -105,11 +107,13 @@ def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_fil
         results[name], labels, _, _ = _outputs(tmp_path / name, "cells")
         np.testing.assert_allclose(results[name], predict_tiled(model, normalized, **expected), atol=1e-5)
         np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(results[name], axis=0)])
-    for a, b in (("raw", "flips"), ("flips", "default"), ("default", "wide")):
+    for a, b in (("raw", "flips"), ("flips", "default"), ("one", "wide")):
         assert np.abs(results[a] - results[b]).max() > 1e-3, (a, b)
+    np.testing.assert_array_equal(results["default"], results["auto"])
 
 
-@pytest.mark.parametrize("bad", [["--refine-radius", "-1"], ["--refine-radius", "1.5"], ["--refine-eps", "0"],
+@pytest.mark.parametrize("bad", [["--refine-radius", "-1"], ["--refine-radius", "1.5"], ["--refine-radius", "Auto"],
+                                 ["--refine-eps", "0"],
                                  ["--refine-eps", "nan"], ["--refine-eps", "inf"], ["--refine-eps", "x"]])
 def test_bad_refinement_options_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -137,7 +141,7 @@ def test_predict_reads_a_stack_tile_by_tile(tmp_path, model_file, monkeypatch, d
     stack = (np.random.default_rng(1).random((96, 256, 256)) * 60000).astype(dtype)
     path = write_tiff(tmp_path / "stack.tif", stack, axes="ZYX")
     small = write_tiff(tmp_path / "small.tif", stack[:2, :64, :64], axes="ZYX")
-    options = ["--tile", "256", "256", "--batch-size", "2", "--no-test-time-flips"]
+    options = ["--tile", "256", "256", "--batch-size", "2", "--no-test-time-flips", "--refine-radius", "1"]
     assert main(["predict", "-m", str(model_path), str(small), "-o", str(tmp_path / "warm-up"), *options]) == 0
     tracemalloc.start()  # after the warm-up: the imports are not what is measured
     try:

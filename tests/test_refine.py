@@ -84,6 +84,77 @@ def test_radius_zero_copies_and_bad_arguments_raise():
         refine_probabilities(probabilities, image, spatial_ndim=3)
 
 
+def _two_classes(foreground: np.ndarray) -> np.ndarray:
+    """Confident probabilities ``(2, *shape)`` whose argmax is ``foreground``."""
+    p = np.where(foreground, 0.9, 0.1).astype(np.float32)
+    return np.stack([1 - p, p])
+
+
+def _discs(shape, diameter: float, spacing: int) -> np.ndarray:
+    """Discs (balls for a 3D ``shape``) about ``diameter`` pixels across, one per ``spacing``-wide cell."""
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g % spacing) - spacing // 2) ** 2 for g in grid) <= (diameter / 2) ** 2
+
+
+@pytest.mark.parametrize("width, radius", [(2, 1), (6, 1), (11, 2), (14, 3), (40, 3)])
+def test_auto_radius_fits_the_window_to_the_thinnest_structures(width, radius):
+    """Bands ``width`` px wide between 60-px gaps: the thinnest class sets the width, the radius is the widest
+    window covering at most about half of it (``2 r + 1 <= (width + 1) / 2``), 1 to 3 px."""
+    columns = np.arange(400) % (width + 60) < width
+    probabilities = _two_classes(np.broadcast_to(columns, (300, 400)))
+    measured = refine.structure_width(probabilities, spatial_ndim=2)
+    assert abs(measured - width) <= 1, measured  # an even width has no centre pixel: one less
+    assert refine.auto_radius(probabilities, spatial_ndim=2) == radius
+    # the same in every slice of a stack
+    assert refine.auto_radius(np.broadcast_to(probabilities[:, None], (2, 5, 300, 400)), spatial_ndim=2) == radius
+
+
+def test_auto_radius_of_blobs_and_of_a_single_class():
+    assert refine.auto_radius(_two_classes(_discs((256, 256), 16, 32)), spatial_ndim=2) == 3  # nuclei
+    assert refine.auto_radius(_two_classes(_discs((256, 256), 10, 32)), spatial_ndim=2) == 2
+    assert refine.auto_radius(_two_classes(_discs((256, 256), 5, 32)), spatial_ndim=2) == 1  # small spots
+    for diameter, radius in ((5, 1), (12, 2), (20, 3)):  # balls (their 3D skeletons read ~2 px narrow)
+        assert refine.auto_radius(_two_classes(_discs((64, 96, 96), diameter, 32)), spatial_ndim=3) == radius
+    assert refine.structure_width(_two_classes(np.ones((30, 40), bool)), spatial_ndim=2) is None
+    assert refine.auto_radius(_two_classes(np.ones((30, 40), bool)), spatial_ndim=2) == 1
+
+
+def test_auto_radius_reads_a_bounded_sample(monkeypatch):
+    """Whatever the image size, the width is measured on a centred crop (a few slices of a stack)."""
+    reads = []
+
+    class Recording:
+        def __init__(self, array):
+            self.array, self.shape = array, array.shape
+
+        def __getitem__(self, index):
+            part = self.array[index]
+            reads.append(part.size // len(part))
+            return part
+
+    monkeypatch.setattr(refine, "_SAMPLE_PIXELS", 128 * 128)
+    plane = _two_classes(np.broadcast_to(np.arange(300) % 40 < 14, (200, 300)))
+    assert refine.auto_radius(Recording(plane), spatial_ndim=2) == 3
+    assert reads == [128 * 128]
+    reads.clear()
+    stack = np.broadcast_to(plane[:, None], (2, 9, 200, 300))
+    assert refine.auto_radius(Recording(stack), spatial_ndim=2) == 3
+    assert reads == [64 * 64] * 4  # 4 evenly spaced slices, a quarter of the budget each
+
+
+def test_auto_refinement_equals_the_radius_it_picks():
+    rng = np.random.default_rng(5)
+    image = rng.random((120, 130)).astype(np.float32)
+    probabilities = _two_classes(_discs((120, 130), 16, 30))
+    radius = refine.auto_radius(probabilities, spatial_ndim=2)
+    np.testing.assert_array_equal(
+        refine_probabilities(probabilities, image, spatial_ndim=2, radius="auto"),
+        refine_probabilities(probabilities, image, spatial_ndim=2, radius=radius),
+    )
+    with pytest.raises(ValueError, match="radius"):
+        refine_probabilities(probabilities, image, spatial_ndim=2, radius="wide")
+
+
 def test_predict_tiled_refines_exactly_whatever_the_tiles():
     """Refinement is the last step of predict_tiled: the result is the refinement of the unrefined prediction,
     the same for any tile shape, and the same with a lazily normalized image as the guide."""

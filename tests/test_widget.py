@@ -120,22 +120,23 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     np.testing.assert_array_equal(viewer.layers["cells labels"].data, labels_before)
     assert viewer.layers["cells labels"].data.dtype == labels_before.dtype
 
-    # Test-time flips and edge refinement (radius 1) are on by default: the probabilities layer holds their
+    # Test-time flips and edge refinement (radius "auto") are on by default: the probabilities layer holds their
     # prediction; with "Snap to edges" off the flips alone, unticked flips one pass.
     from napari_unet import normalize_image, predict_tiled
 
     normalized = normalize_image(viewer.layers["cells"].data, widget.metadata["normalization"])
-    assert widget.flips_check.isChecked() and widget.refine_spin.value() == 1
+    assert widget.flips_check.isChecked() and widget.refine_combo.currentData() == "auto"
     np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
-                               predict_tiled(widget.model, normalized, test_time_flips=True, refine_radius=1),
+                               predict_tiled(widget.model, normalized, test_time_flips=True, refine_radius="auto"),
                                atol=1e-5)
-    for flips, radius in ((True, 0), (False, 0)):
+    for flips, radius in ((True, 0), (False, 0), (False, 2)):
         widget.flips_check.setChecked(flips)
-        widget.refine_spin.setValue(radius)
+        widget.refine_combo.setCurrentIndex(widget.refine_combo.findData(radius))
         widget.predict()
         wait_idle(qtbot, widget)
         np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
-                                   predict_tiled(widget.model, normalized, test_time_flips=flips), atol=1e-5)
+                                   predict_tiled(widget.model, normalized, test_time_flips=flips, refine_radius=radius),
+                                   atol=1e-5)
 
 
 def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from .class_ids import labels_dtype
-from .refine import DEFAULT_RADIUS
+from .refine import AUTO, DEFAULT_RADIUS
 from ._layers import (
     channel_group,
     image_array,
@@ -209,15 +209,19 @@ class UNetWidget(QWidget):
         self.flips_check.setToolTip("Predict and Segment all average the 8 flips/transpositions of each image")
         self.flips_check.setChecked(True)
         form.addRow(self.flips_check)
-        self.refine_spin = self._spin(
-            0, 16, DEFAULT_RADIUS,
+        self.refine_combo = QComboBox()
+        self.refine_combo.addItem("auto (fits the objects' width)", AUTO)
+        self.refine_combo.addItem("off", 0)
+        for radius in range(1, 9):
+            self.refine_combo.addItem(f"{radius} px", radius)
+        self.refine_combo.setCurrentIndex(self.refine_combo.findData(DEFAULT_RADIUS))
+        self.refine_combo.setToolTip(
             "Predict and Segment all snap the probabilities to the image's edges with a guided filter of this "
-            "window half-width (pixels); 0 keeps the network's probabilities as they are. Larger windows can "
-            "thin structures narrower than the window.",
+            "window half-width; auto takes the widest window (1-3 px) that fits the thinnest predicted "
+            "structures, off keeps the network's probabilities as they are. Windows wider than a structure "
+            "thin it."
         )
-        self.refine_spin.setSuffix(" px")
-        self.refine_spin.setSpecialValueText("off")
-        form.addRow("Snap to edges", self.refine_spin)
+        form.addRow("Snap to edges", self.refine_combo)
         root.addWidget(model)
 
         advanced = QCollapsible("Advanced settings")
@@ -920,7 +924,7 @@ class UNetWidget(QWidget):
             device=self.device_combo.currentText(),
             uncertainty=self.uncertainty_check.isChecked(),
             test_time_flips=self.flips_check.isChecked(),
-            refine_radius=self.refine_spin.value(),
+            refine_radius=self.refine_combo.currentData(),
             progress=self._relay.tiles.emit,
             stop=self._stop,
             _start_thread=False,

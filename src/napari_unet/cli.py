@@ -1,7 +1,7 @@
 """The ``napari-unet`` command line.
 
 ``napari-unet predict --model MODEL IMAGE [IMAGE ...] --out DIR [--tile Y X | Z Y X]
-[--batch-size N] [--device auto|cpu|cuda|mps] [--no-test-time-flips] [--refine-radius PX]`` segments TIFF
+[--batch-size N] [--device auto|cpu|cuda|mps] [--no-test-time-flips] [--refine-radius PX|auto]`` segments TIFF
 images with a saved model;
 ``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels;
 ``napari-unet demo`` trains and predicts on the bundled sample images;
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .io import ImageFileError, ModelFileError
-from .refine import DEFAULT_EPS, DEFAULT_RADIUS
+from .refine import AUTO, DEFAULT_EPS, DEFAULT_RADIUS
 
 PROG = "napari-unet"
 
@@ -105,8 +105,9 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "8x the prediction time (default: on; --no-test-time-flips for one pass)",
     )
     parser.add_argument(
-        "--refine-radius", type=_non_negative_int, default=DEFAULT_RADIUS, metavar="PX",
-        help="snap the probabilities to the image's edges with a guided filter of this window half-width "
+        "--refine-radius", type=_refine_radius, default=DEFAULT_RADIUS, metavar="PX|auto",
+        help="snap the probabilities to the image's edges with a guided filter of this window half-width in "
+        "pixels; auto: the widest window that fits the predicted structures, 1 to 3 px "
         f"(default {DEFAULT_RADIUS}; 0: the network's probabilities as they are)",
     )
     parser.add_argument(
@@ -129,8 +130,8 @@ def _positive_int(text: str) -> int:
     return _bounded_number(text, int, "an integer", 1)
 
 
-def _non_negative_int(text: str) -> int:
-    return _bounded_number(text, int, "an integer", 0)
+def _refine_radius(text: str) -> int | str:
+    return AUTO if text == AUTO else _bounded_number(text, int, f"an integer or {AUTO!r}", 0)
 
 
 def _positive_float(text: str) -> float:

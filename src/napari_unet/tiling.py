@@ -203,7 +203,7 @@ def predict_tiled(
     should_stop: Callable[[], bool] | None = None,
     amp: bool = False,
     test_time_flips: bool = False,
-    refine_radius: int = 0,
+    refine_radius: int | str = 0,
     refine_eps: float = DEFAULT_EPS,
 ) -> np.ndarray:
     """Softmax probabilities of ``model`` over ``image`` by exact overlap-tile prediction.
@@ -236,10 +236,11 @@ def predict_tiled(
         exact: the result equals the average of whole-image passes over the flipped reflect-padded image,
         because a legal input tile has an even length at every pooling level and so pools the same pixel
         pairs whichever end it is read from.
-    refine_radius, refine_eps : int, float
-        When ``refine_radius > 0``, the assembled probabilities are snapped to the image's edges by
+    refine_radius, refine_eps : int or "auto", float
+        When ``refine_radius`` is not 0, the assembled probabilities are snapped to the image's edges by
         :func:`napari_unet.refine.refine_probabilities` (a guided filter with ``image`` as the guide, read
-        band by band; exact, so tiled and whole-image results still agree). 0 (the default) leaves the
+        band by band; exact, so tiled and whole-image results still agree); "auto" fits the window to the
+        width of the predicted structures (:func:`napari_unet.refine.auto_radius`). 0 (the default) leaves the
         network's probabilities as they are.
 
     Returns
