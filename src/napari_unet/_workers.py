@@ -230,7 +230,7 @@ def predict_steps(
     device: str = "auto",
     uncertainty: bool = False,
     test_time_flips: bool = False,
-    refine_radius: int = 0,
+    refine_radius: int | str = 0,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[tuple]:

@@ -113,11 +113,6 @@ class Augmenter:
         return out
 
     def _intensity(self, image: np.ndarray) -> np.ndarray:
-        if getattr(self, "bias_range", 0):
-            g = self.bias_grid
-            coarse = self.rng.normal(0.0, self.bias_range, size=(g, g))
-            field = ndimage.zoom(coarse, [p / g for p in image.shape[-2:]], order=3, mode="nearest", grid_mode=True)
-            image = image * np.exp(field).astype(np.float32)
         gamma = float(np.exp(self.rng.uniform(-self.gamma_range, self.gamma_range)))
         scale = float(np.exp(self.rng.uniform(-self.scale_range, self.scale_range)))
         shift = float(self.rng.uniform(-self.shift_range, self.shift_range))
