@@ -53,9 +53,8 @@ def structure_width(probabilities, spatial_ndim: int) -> float | None:
 
     ``probabilities`` is ``(n_classes, *spatial)`` as :func:`refine_probabilities` takes it. Per class, the
     width at each point of the class's skeleton is ``2 d - 1`` pixels, ``d`` its distance to the nearest pixel
-    of another class;
-    the class's width is the median over its skeleton points whose inscribed ball lies inside the sample, and
-    the smallest class width is returned. Measured on a bounded sample (a centred crop; a few slices of a stack),
+    of another class; the class's width is the median over its skeleton points whose inscribed ball lies inside
+    the sample, and the smallest class width is returned. Measured on a bounded sample (a centred crop; a few slices of a stack),
     so it costs the same for any image size. None when nothing can be measured (e.g. one class everywhere).
     In 3D the skeleton of a ball is a short segment off its centre, so balls read about 2 voxels narrow: the
     radius errs on the narrow side.
@@ -68,7 +67,7 @@ def structure_width(probabilities, spatial_ndim: int) -> float | None:
         classes = np.asarray(probabilities[(slice(None), *crop)]).argmax(axis=0)
         # a skeleton point counts only where its inscribed ball, and a pixel more, fits in the sample: a
         # structure cut by the sample's edge (the crop's or the image's) has its skeleton next to that edge
-        room = np.ones(classes.shape, np.float64) * np.inf
+        room = np.full(classes.shape, np.inf)
         for axis, n in enumerate(classes.shape):
             index = np.arange(n).reshape([-1 if a == axis else 1 for a in range(classes.ndim)])
             room = np.minimum(room, np.minimum(index + 1, n - index))
