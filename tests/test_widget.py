@@ -435,6 +435,9 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
         widget.channels_check.setChecked(True)
         assert widget.channels_check.text() == "Combine channel layers (2 channels)"
         assert widget.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch0]"], viewer.layers["a [ch1]"]]
+        combined = widget._input_image(viewer.layers["a [ch1]"])
+        assert not isinstance(combined, np.ndarray)  # stacked lazily: the GUI thread copies nothing
+        np.testing.assert_array_equal(np.asarray(combined), np.stack([viewer.layers[f"a [ch{c}]"].data for c in (0, 1)]))
         widget.train()
         wait_idle(qtbot, widget)
         assert widget.last_error is None and widget.model.in_channels == 2

@@ -65,6 +65,26 @@ def image_array(layer):
     return np.moveaxis(data[..., :3], -1, 0) if getattr(layer, "rgb", False) else data
 
 
+def stacked_channels(arrays):
+    """Single-channel arrays (numpy or lazy) stacked channels first as a lazy dask array: nothing is copied or
+    read here; a worker reads the parts it needs."""
+    import dask.array as da
+
+    return da.stack([a if isinstance(a, da.Array) else da.from_array(_Unwrapped(a), chunks=a.shape, name=False)
+                     for a in arrays])
+
+
+class _Unwrapped:
+    """An array seen only through ``shape``, ``dtype``, ``ndim`` and indexing: ``dask.array.from_array`` copies a
+    numpy array it is given, not such an object."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+
 IN_MEMORY_OUTPUT_BYTES = 1 << 30
 """Output arrays larger than this (in bytes) are memory maps of temporary files instead of memory."""
 

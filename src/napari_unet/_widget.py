@@ -53,6 +53,7 @@ from ._layers import (
     painted_pairs,
     painting_layer_kwargs,
     spatial_shape,
+    stacked_channels,
 )
 from ._loss_plot import LossPlot
 from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
@@ -337,9 +338,9 @@ class UNetWidget(QWidget):
 
     def _input_image(self, layer):
         """The image a worker reads for ``layer``: a view of its data (``_layers.image_array``), or a channel
-        group's layers stacked channels first (a copy of in-memory layers, a lazy stack of lazy ones)."""
+        group's layers stacked channels first, lazily (``_layers.stacked_channels``: the GUI copies nothing)."""
         layers = self.input_layers(layer)
-        return image_array(layers[0]) if len(layers) == 1 else np.stack([image_array(la) for la in layers])
+        return image_array(layers[0]) if len(layers) == 1 else stacked_channels([image_array(la) for la in layers])
 
     def _update_channels_label(self, *args) -> None:
         layer = self.image_layer

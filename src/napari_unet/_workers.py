@@ -1,8 +1,9 @@
 """Work the dock widget runs on ``napari.qt.threading`` workers: training with live previews, prediction.
 
 Nothing here touches Qt, napari layers or widgets. The generators receive the layers' arrays (views, numpy or
-lazy), which they read on their own thread, only the parts they need; they yield small messages (tuples whose first item names the kind) and the widget applies them to layers on the main
-thread. They yield often so that ``worker.quit()`` and the stop flags take effect promptly.
+lazy), which they read on their own thread, only the parts they need; they yield small messages (tuples whose
+first item names the kind) and the widget applies them to layers on the main thread. They yield often so that
+``worker.quit()`` and the stop flags take effect promptly.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def export_bioimageio(
         test_output = traced(torch.from_numpy(_scale_range(test_input, recipe))).numpy()
 
     space = ["z", "y", "x"][-ndim:]
-    halo = model.halo
+    halo = [h + shift for h in model.halo]  # the network's context and its pooling-grid offset, per side
     input_axes = [
         spec.BatchAxis(),
         spec.ChannelAxis(channel_names=[spec.Identifier(f"channel{c}") for c in range(channels)]),
@@ -130,7 +130,7 @@ def export_bioimageio(
     output_axes = [
         spec.BatchAxis(),
         spec.ChannelAxis(channel_names=[spec.Identifier(_identifier(n, c)) for n, c in zip(class_names, class_ids)]),
-        *[spec.SpaceOutputAxisWithHalo(id=spec.AxisId(a), halo=h + shift, size=spec.SizeReference(
+        *[spec.SpaceOutputAxisWithHalo(id=spec.AxisId(a), halo=h, size=spec.SizeReference(
             tensor_id=spec.TensorId("raw"), axis_id=spec.AxisId(a))) for a, h in zip(space, halo)],
     ]
     preprocessing = [spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32"))]
@@ -146,9 +146,9 @@ def export_bioimageio(
         tifffile.imwrite(folder / "sample_input.tif", test_input[0], photometric="minisblack")
         tifffile.imwrite(folder / "sample_output.tif", test_output[0], photometric="minisblack")
         traced.save(str(folder / "weights_torchscript.pt"))
-        _write_cover(folder / "cover.png", test_input[0], test_output[0], [h + shift for h in halo], class_ids)
+        _write_cover(folder / "cover.png", test_input[0], test_output[0], halo, class_ids)
         (folder / "README.md").write_text(
-            _documentation(name, model, class_ids, class_names, recipe, metadata, [h + shift for h in halo]))
+            _documentation(name, model, class_ids, class_names, recipe, metadata, halo))
         description = spec.ModelDescr(
             name=name,
             description=description or (f"{ndim}D valid-padding U-Net (depth {model.depth}) trained with napari-unet "
@@ -267,8 +267,7 @@ def _documentation(name, model, class_ids, class_names, recipe, metadata, halo: 
         "",
         "The test tensors are a crop of an image the exporter was given and the probabilities this package's weights "
         "give for it; napari-unet's test suite checks that its packages reproduce its own overlap-tile prediction. "
-        "The model "
-        "was trained on the strokes of its user's images: check its segmentations on your images before relying "
+        "The model was trained on the strokes of its user's images: check its segmentations on your images before relying "
         "on them (napari-unet's benchmarks of the training method: docs/benchmarks.md in its repository).",
         "",
     ])

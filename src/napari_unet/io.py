@@ -245,7 +245,7 @@ def read_image(path, lazy=None):
         squeeze, info = _describe(path, tif, series)
         if lazy is None or not lazy(math.prod(series.shape) * series.dtype.itemsize, series.dtype):
             return _decode(path, series.asarray)[squeeze], info
-    return lazy_image(path)
+        return _lazy_view(path, tif, series)[0][squeeze], info  # readable after the file closes, as lazy_image's
 
 
 @contextmanager
@@ -276,23 +276,30 @@ _LAZY_CHUNK_BYTES = 64 << 20
 
 def _open_lazily(path) -> tuple:
     """``(lazy array, info, close)`` for :func:`open_image` and :func:`lazy_image`."""
-    import dask.array as da
-
     with _open_series(path) as (tif, series):
         squeeze, info = _describe(path, tif, series)
-        if series.dataoffset is not None and series.keyframe.is_memmappable:
-            dtype = series.dtype.newbyteorder(tif.byteorder)
-            pixels = _decode(path, lambda: np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset,
-                                                     shape=series.shape))
-            chunks, close = _memmap_chunks(series.shape, dtype.itemsize), lambda: None
-        else:
-            import zarr
+        array, close = _lazy_view(path, tif, series)
+    return array[squeeze], info, close
 
-            store = _decode(path, lambda: series.aszarr(level=0))  # full resolution of a pyramid
-            pixels = zarr.open(store, mode="r")
-            chunks, close = pixels.chunks, store.close
+
+def _lazy_view(path, tif, series) -> tuple:
+    """``(dask array over the series, close)`` for an open ``tif``: a memory map of an uncompressed contiguous
+    series, else tifffile's zarr store (``close`` closes it)."""
+    import dask.array as da
+
+    if series.dataoffset is not None and series.keyframe.is_memmappable:
+        dtype = series.dtype.newbyteorder(tif.byteorder)
+        pixels = _decode(path, lambda: np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset,
+                                                 shape=series.shape))
+        chunks, close = _memmap_chunks(series.shape, dtype.itemsize), lambda: None
+    else:
+        import zarr
+
+        store = _decode(path, lambda: series.aszarr(level=0))  # full resolution of a pyramid
+        pixels = zarr.open(store, mode="r")
+        chunks, close = pixels.chunks, store.close
     # Through a reader object: dask would copy a numpy array (a memory map too) into its graph.
-    return da.from_array(_CheckedReader(pixels, path), chunks=chunks, lock=False)[squeeze], info, close
+    return da.from_array(_CheckedReader(pixels, path), chunks=chunks, lock=False), close
 
 
 def _memmap_chunks(shape, itemsize: int) -> tuple[int, ...]:
