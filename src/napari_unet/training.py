@@ -75,25 +75,34 @@ STOP_REASONS = ("iterations", "time_budget", "plateau", "stopped")
 class TrainingSettings:
     """Everything that controls a training run. The defaults suit 2D fluorescence/EM on a CPU laptop."""
 
-    ndim: int = 2
+    ndim: int = field(default=2, metadata={"label": "Network", "choices": [("2D (stacks slice by slice)", 2), ("3D", 3)]})
     """2: a 2D net (3D arrays are stacks trained slice by slice); 3: a 3D net on volumes."""
-    depth: int = 3
-    base_filters: int = 16
-    block: str = "plain"
+    depth: int = field(default=3, metadata={"label": "Depth", "min": 1, "max": 6,
+                                            "tooltip": "Poolings; more = more context, larger halo"})
+    base_filters: int = field(default=16, metadata={"label": "Base filters", "min": 2, "max": 256,
+                                                    "tooltip": "Filters of the first level (doubling per level)"})
+    block: str = field(default="plain", metadata={"label": "Blocks", "choices": ["plain", "residual", "vgg"]})
     batch_norm: bool = True
     dropout: float = 0.0
-    patch_size: int | tuple[int, ...] = 96
+    patch_size: int | tuple[int, ...] = field(default=96, metadata={
+        "label": "Patch size", "min": 8, "max": 1024, "tooltip": "Output tile size per axis used for training patches"})
     """Minimum output tile size per spatial axis; the input tile adds the model's halo."""
-    batch_size: int = 4
-    learning_rate: float = 2e-3
+    batch_size: int = field(default=4, metadata={"label": "Batch size", "min": 1, "max": 256,
+                                                 "tooltip": "Patches per iteration"})
+    learning_rate: float = field(default=2e-3, metadata={"label": "Learning rate", "min": 1e-5, "max": 1.0,
+                                                         "step": 1e-4})
     """Peak Adam learning rate; a short warm-up then cosine decay over the iteration/time budget."""
-    iterations: int | None = 2000
+    iterations: int | None = field(default=2000, metadata={
+        "label": "Max iterations", "min": 0, "max": 10_000_000, "none": 0, "none_text": "no limit",
+        "tooltip": "0: no limit (time budget only)"})
     """Training ends at whichever of ``iterations``/``time_budget`` comes first (None: no limit of that kind).
     With sparse strokes longer is not better: past ~2,000 iterations the network fits the strokes ever more
     tightly and thin structures shrink (ISBI membranes, 2,850 instead of 1,900 iterations: Dice -0.012 to
     -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (365 iterations on
     2 cores in ``napari-unet demo``); on a GPU, or with a long budget, this does."""
-    time_budget: float | None = 60.0
+    time_budget: float | None = field(default=60.0, metadata={
+        "label": "Time budget", "widget_type": "SpinBox", "min": 1, "max": 24 * 3600, "suffix": " s",
+        "tooltip": "Training time budget; Stop ends earlier and keeps the model"})
     """Seconds (None: no limit of that kind)."""
     patience: int | None = None
     """Early stop after this many iterations without a 1 % improvement of the smoothed loss (None: off)."""
@@ -122,7 +131,7 @@ class TrainingSettings:
     class_sampling: float = 0.5
     """Patch centres: a class is drawn with probability ~ painted pixels ** class_sampling (0: every
     painted class equally often, 1: every painted pixel equally often)."""
-    border_weight: bool = False
+    border_weight: bool = field(default=False, metadata={"label": "Border weights between touching objects"})
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
@@ -135,7 +144,10 @@ class TrainingSettings:
     amp: bool = True
     """Mixed precision (``devices.amp_dtype``): float16 on CUDA, bfloat16 on a CPU if ``cpu_bfloat16``;
     False: float32 everywhere."""
-    cpu_bfloat16: bool = False
+    cpu_bfloat16: bool = field(default=False, metadata={
+        "label": "bfloat16 on this CPU (1.5x faster)",
+        "tooltip": "Mixed bfloat16 precision when training on a CPU that runs it natively (AVX512-BF16 or AMX): "
+                   "1.5x faster steps, slightly less accurate on fine structures (docs/benchmarks.md)"})
     """With ``amp``, bfloat16 autocast on a CPU with native bfloat16 convolutions (AVX512-BF16/AMX):
     1.5x faster steps, the same Dice on nuclei, but 0.002-0.018 lower on ISBI membranes in our paired runs
     (docs/benchmarks.md), so off by default."""
