@@ -55,3 +55,9 @@ def malicious_pickle():
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _fresh_widget_settings(tmp_path_factory, monkeypatch):
+    """Each test's widgets remember their settings in a folder of their own, never in the user's configuration."""
+    monkeypatch.setenv("NAPARI_UNET_CONFIG_DIR", str(tmp_path_factory.mktemp("napari-unet-config")))

@@ -16,7 +16,8 @@ pytest.importorskip("pytestqt")
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
 from napari_unet._layers import output_role
-from napari_unet._widget import UNetWidget  # noqa: E402
+from napari_unet._workers import Progress
+from napari_unet.widgets import UNetWidget  # noqa: E402
 
 
 def blobs(seed=0, shape=(96, 96)):
@@ -31,11 +32,11 @@ def blobs(seed=0, shape=(96, 96)):
 
 
 def tiny(widget: UNetWidget, seconds: int = 3) -> UNetWidget:
-    widget.depth_spin.setValue(1)
-    widget.filters_spin.setValue(4)
-    widget.patch_spin.setValue(24)
-    widget.batch_spin.setValue(2)
-    widget.time_spin.setValue(seconds)
+    widget.training.form["depth"].value = 1
+    widget.training.form["base_filters"].value = 4
+    widget.training.form["patch_size"].value = 24
+    widget.training.form["batch_size"].value = 2
+    widget.training.basic["time_budget"].value = seconds
     widget.device_combo.setCurrentText("cpu")
     return widget
 
@@ -58,15 +59,15 @@ def wait_idle(qtbot, widget, timeout=60_000):
 
 def test_pickers_follow_layers(setup):
     viewer, widget = setup
-    assert widget.image_combo.currentText() == "cells"
-    assert widget.labels_combo.currentText() == "cells labels"
+    assert widget.data.image_combo.currentText() == "cells"
+    assert widget.data.labels_combo.currentText() == "cells labels"
     viewer.add_image(np.zeros((10, 10)), name="other")
-    assert "other" in [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert "other" in [widget.data.image_combo.itemText(i) for i in range(widget.data.image_combo.count())]
     viewer.layers.remove("cells labels")
-    assert widget.labels_combo.currentText() == ""
-    layer = widget.new_labels_layer()
-    assert widget.labels_combo.currentText() == layer.name
-    assert layer.data.shape == viewer.layers[widget.image_combo.currentText()].data.shape
+    assert widget.data.labels_combo.currentText() == ""
+    layer = widget.data.new_labels_layer()
+    assert widget.data.labels_combo.currentText() == layer.name
+    assert layer.data.shape == viewer.layers[widget.data.image_combo.currentText()].data.shape
     assert layer.metadata["class_names"] == {1: "background", 2: "foreground"}
     for text in ("Train", "Stop", "Predict", "Segment all"):
         assert [b for b in (widget.train_button, widget.stop_button, widget.predict_button,
@@ -77,7 +78,7 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     viewer, widget = setup
     labels_before = viewer.layers["cells labels"].data.copy()
     widget.preview_interval = 0.5
-    widget.time_spin.setValue(4)
+    widget.training.basic["time_budget"].value = 4
     widget.train()
     assert widget.busy and not widget.train_button.isEnabled() and widget.stop_button.isEnabled()
     wait_idle(qtbot, widget)
@@ -91,7 +92,7 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     assert widget.model is not None and widget.metadata["class_ids"] == [1, 2]
     assert widget.metadata["class_names"] == ["background", "foreground"]  # the widget's names by painted id
 
-    widget.uncertainty_check.setChecked(True)
+    widget.prediction.form["uncertainty"].value = True
     widget.predict()
     wait_idle(qtbot, widget)
     assert widget.last_error is None
@@ -111,7 +112,7 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     path = widget.save_model(tmp_path / "model.safetensors")
     widget.model = widget.metadata = None
     widget.load_model(path)
-    assert widget.metadata["class_ids"] == [1, 2] and widget.finetune_check.isChecked()
+    assert widget.metadata["class_ids"] == [1, 2] and widget.model_panel.finetune_check.isChecked()
     n_layers = len(viewer.layers)
     widget.predict()
     wait_idle(qtbot, widget)
@@ -125,13 +126,13 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     from napari_unet import normalize_image, predict_tiled
 
     normalized = normalize_image(viewer.layers["cells"].data, widget.metadata["normalization"])
-    assert widget.flips_check.isChecked() and widget.refine_combo.currentData() == "auto"
+    assert widget.prediction.form["test_time_flips"].value and widget.prediction.form["refine_radius"].value == "auto"
     np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
                                predict_tiled(widget.model, normalized, test_time_flips=True, refine_radius="auto"),
                                atol=1e-5)
     for flips, radius in ((True, 0), (False, 0), (False, 2)):
-        widget.flips_check.setChecked(flips)
-        widget.refine_combo.setCurrentIndex(widget.refine_combo.findData(radius))
+        widget.prediction.form["test_time_flips"].value = flips
+        widget.prediction.form["refine_radius"].value = radius
         widget.predict()
         wait_idle(qtbot, widget)
         np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
@@ -149,7 +150,7 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
     viewer, widget = setup
     widget.train()
     wait_idle(qtbot, widget)
-    widget.uncertainty_check.setChecked(True)
+    widget.prediction.form["uncertainty"].value = True
     widget.predict()
     wait_idle(qtbot, widget)
     expected = {role: np.array(viewer.layers[f"cells {role}"].data)
@@ -161,7 +162,7 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
     [(data, kwargs, _)] = _reader.read_tiff(str(tmp_path / "big.tif"))
     lazy = viewer.add_image(data, **kwargs)
     assert not isinstance(lazy.data, np.ndarray) and _layers.image_array(lazy) is lazy.data
-    widget.image_combo.setCurrentText("big")
+    widget.data.image_combo.setCurrentText("big")
     widget.predict()
     wait_idle(qtbot, widget)
     assert widget.last_error is None
@@ -176,10 +177,10 @@ def test_a_painting_layer_beyond_the_memory_limit_is_a_memory_map_the_trainer_re
 
     viewer, widget = setup
     monkeypatch.setattr(_layers, "IN_MEMORY_OUTPUT_BYTES", 0)
-    layer = widget.new_labels_layer()
+    layer = widget.data.new_labels_layer()
     assert isinstance(layer.data, np.memmap)
     layer.data[:] = viewer.layers["cells labels"].data  # painted into the map
-    widget.labels_combo.setCurrentText(layer.name)
+    widget.data.labels_combo.setCurrentText(layer.name)
     widget.train()
     wait_idle(qtbot, widget)
     assert widget.last_error is None and widget.metadata["class_ids"] == [1, 2]
@@ -205,7 +206,7 @@ def test_segment_all_goes_on_past_an_image_whose_file_cannot_be_read(setup, qtbo
     [(lazy, kwargs, _)] = _reader.read_tiff(str(path))
     viewer.add_image(lazy, **kwargs)
     viewer.layers.move(len(viewer.layers) - 1, 0)  # first in line: the images after it must still be segmented
-    assert [la.name for la in widget.image_layers()] == ["broken", "cells"]
+    assert [la.name for la in widget.data.image_layers()] == ["broken", "cells"]
     widget.segment_all()
     wait_idle(qtbot, widget)
     assert "broken" in widget.last_error and "not a readable TIFF" in widget.last_error
@@ -214,7 +215,7 @@ def test_segment_all_goes_on_past_an_image_whose_file_cannot_be_read(setup, qtbo
 
 def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
     viewer, widget = setup
-    widget.time_spin.setValue(600)
+    widget.training.basic["time_budget"].value = 600
     widget.train()
     qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > 2, timeout=30_000)
     started = time.monotonic()
@@ -228,7 +229,7 @@ def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
 
 def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypatch):
     viewer, widget = setup
-    widget.time_spin.setValue(600)
+    widget.training.basic["time_budget"].value = 600
     sent = []
     widget.train()
     qtbot.waitUntil(lambda: widget._trainer is not None, timeout=30_000)
@@ -241,10 +242,10 @@ def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypa
     assert sent[-1] is layer.data  # no copy on the GUI thread: the trainer reads the layer on its own thread
     painted = (layer.data == 2).sum()
     qtbot.waitUntil(lambda: trainer.sampler.class_counts(2)[1] == painted, timeout=10_000)
-    from napari_unet import _widget
+    from napari_unet.widgets import live_training
 
     warnings = []
-    monkeypatch.setattr(_widget, "show_warning", warnings.append)
+    monkeypatch.setattr(live_training, "show_warning", warnings.append)
     layer.paint((20, 20), 7, refresh=True)  # a class the model being trained does not have
     qtbot.waitUntil(lambda: any("does not know" in w for w in warnings), timeout=10_000)
     assert "'cells labels'" in warnings[-1]  # names the layer
@@ -293,10 +294,10 @@ def test_event_loop_stays_responsive_while_training(setup, qtbot, record_propert
     from qtpy.QtCore import QTimer
 
     viewer, widget = setup
-    widget.depth_spin.setValue(2)
-    widget.filters_spin.setValue(8)
-    widget.patch_spin.setValue(64)
-    widget.time_spin.setValue(8)
+    widget.training.form["depth"].value = 2
+    widget.training.form["base_filters"].value = 8
+    widget.training.form["patch_size"].value = 64
+    widget.training.basic["time_budget"].value = 8
     widget.preview_interval = 1.0
     beats, training = [], []
     timer = QTimer()
@@ -304,7 +305,7 @@ def test_event_loop_stays_responsive_while_training(setup, qtbot, record_propert
     timer.timeout.connect(lambda: beats.append(time.perf_counter()))
     timer.start()
     widget.train()
-    widget._worker.yielded.connect(lambda m: m[0] == "progress" and training.append(time.perf_counter()))
+    widget._worker.yielded.connect(lambda m: isinstance(m, Progress) and training.append(time.perf_counter()))
     wait_idle(qtbot, widget)
     timer.stop()
     beats = np.asarray(beats)
@@ -338,7 +339,7 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot):
 
 def test_removing_the_dock_widget_stops_training(setup, qtbot):
     viewer, widget = setup
-    widget.time_spin.setValue(600)
+    widget.training.basic["time_budget"].value = 600
     widget.train()
     qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > 0, timeout=30_000)
     worker = widget._worker
@@ -391,8 +392,8 @@ def test_rgb_image_trains_predicts_and_segment_all_skips_other_channel_counts(ma
     widget = tiny(UNetWidget(viewer), seconds=5)
     viewer.window.add_dock_widget(widget)
     try:
-        widget.image_combo.setCurrentText("colour")
-        widget.labels_combo.setCurrentText("colour labels")
+        widget.data.image_combo.setCurrentText("colour")
+        widget.data.labels_combo.setCurrentText("colour labels")
         widget.train()
         wait_idle(qtbot, widget)
         assert widget.last_error is None and widget.model.in_channels == 3
@@ -403,7 +404,7 @@ def test_rgb_image_trains_predicts_and_segment_all_skips_other_channel_counts(ma
         assert segmentation.shape == (96, 96) and viewer.layers["colour probabilities"].data.shape == (2, 96, 96)
         assert (segmentation == np.where(square, 2, 1)).mean() > 0.8
         assert "grey segmentation" not in viewer.layers
-        assert "1 channel" in widget._fit_problem(viewer.layers["grey"])
+        assert "1 channel" in widget.fit_problem(viewer.layers["grey"])
     finally:
         widget.shutdown()
 
@@ -429,13 +430,13 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
     widget = tiny(UNetWidget(viewer), seconds=5)
     viewer.window.add_dock_widget(widget)
     try:
-        widget.image_combo.setCurrentText("a [ch1]")
-        widget.labels_combo.setCurrentText("a labels")
-        assert widget.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch1]"]]  # not ticked
-        widget.channels_check.setChecked(True)
-        assert widget.channels_check.text() == "Combine channel layers (2 channels)"
-        assert widget.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch0]"], viewer.layers["a [ch1]"]]
-        combined = widget._input_image(viewer.layers["a [ch1]"])
+        widget.data.image_combo.setCurrentText("a [ch1]")
+        widget.data.labels_combo.setCurrentText("a labels")
+        assert widget.data.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch1]"]]  # not ticked
+        widget.data.channels_check.setChecked(True)
+        assert widget.data.channels_check.text() == "Combine channel layers (2 channels)"
+        assert widget.data.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch0]"], viewer.layers["a [ch1]"]]
+        combined = widget.data.input_image(viewer.layers["a [ch1]"])
         assert not isinstance(combined, np.ndarray)  # stacked lazily: the GUI thread copies nothing
         np.testing.assert_array_equal(np.asarray(combined), np.stack([viewer.layers[f"a [ch{c}]"].data for c in (0, 1)]))
         widget.train()
@@ -450,9 +451,9 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
         outputs = sorted(la.name for la in viewer.layers if (output_role(la) or {}).get("role") == "segmentation")
         assert outputs == ["a [ch0] segmentation", "b [ch0] segmentation"]
         assert (viewer.layers["b [ch0] segmentation"].data == np.where(square, 2, 1)).mean() > 0.8
-        widget.channels_check.setChecked(False)
-        assert "tick 'Combine channel layers'" in widget._fit_problem(viewer.layers["b [ch1]"])
-        assert "1 channel" in widget._fit_problem(viewer.layers["grey"])
+        widget.data.channels_check.setChecked(False)
+        assert "tick 'Combine channel layers'" in widget.fit_problem(viewer.layers["b [ch1]"])
+        assert "1 channel" in widget.fit_problem(viewer.layers["grey"])
     finally:
         widget.shutdown()
 
@@ -469,13 +470,13 @@ def test_train_on_every_painted_image_pairs_labels_by_name_and_takes_new_strokes
     viewer.add_labels(np.zeros_like(labels2), name="cells2 empty")  # nothing painted: left out
     viewer.add_image(np.zeros((50, 50)), name="other")
     viewer.add_labels(labels2[:50, :50], name="other labels")  # pairs with "other"
-    pairs = painted_pairs(widget.image_layers(), widget.labels_layers())
+    pairs = painted_pairs(widget.data.image_layers(), widget.data.labels_layers())
     assert [(im.name, lab.name) for im, lab in pairs] == [
         ("cells", "cells labels"), ("cells2", "cells2 strokes"), ("other", "other labels")]
-    widget.image_combo.setCurrentText("cells")
-    widget.labels_combo.setCurrentText("cells labels")
-    widget.all_images_check.setChecked(True)
-    widget.time_spin.setValue(6)
+    widget.data.image_combo.setCurrentText("cells")
+    widget.data.labels_combo.setCurrentText("cells labels")
+    widget.data.all_images_check.setChecked(True)
+    widget.training.basic["time_budget"].value = 6
     widget.train()
     qtbot.waitUntil(lambda: widget._trainer is not None, timeout=30_000)
     trainer = widget._trainer
@@ -497,12 +498,12 @@ def test_export_for_bioimageio_runs_on_a_worker(setup, qtbot, tmp_path):
     from bioimageio.spec.model.v0_5 import ModelDescr
 
     viewer, widget = setup
-    assert not widget.export_button.isEnabled()  # no model yet
+    assert not widget.model_panel.export_button.isEnabled()  # no model yet
     widget.train()
     wait_idle(qtbot, widget)
-    assert widget.export_button.isEnabled()
+    assert widget.model_panel.export_button.isEnabled()
     widget.export_bioimageio(tmp_path / "cells.zip")
-    assert widget.busy and not widget.export_button.isEnabled()
+    assert widget.busy and not widget.model_panel.export_button.isEnabled()
     wait_idle(qtbot, widget)
     assert widget.last_error is None
     description = load_description(tmp_path / "cells.zip")

@@ -1,0 +1,34 @@
+"""The "Prediction" panel: the settings of Predict and Segment all as a magicgui form generated from
+``PredictionSettings`` (``settings_form``). Main thread only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qtpy.QtWidgets import QGroupBox, QVBoxLayout
+
+from ..predict import PredictionSettings
+from .settings_form import SettingsForm
+
+SHARED_FIELDS = ("device",)
+"""Prediction settings the composing widget sets (one device for training and prediction)."""
+
+
+class PredictionPanel(QGroupBox):
+    """``settings(device)`` is the ``PredictionSettings`` the panel shows; ``values()``/``set_values()`` read and
+    restore what the user set."""
+
+    def __init__(self, parent=None):
+        super().__init__("Prediction", parent)
+        self.form = SettingsForm(PredictionSettings, exclude=SHARED_FIELDS)
+        QVBoxLayout(self).addWidget(self.form.native)
+
+    def settings(self, device: str) -> PredictionSettings:
+        """The settings shown, to run on ``device``."""
+        return dataclasses.replace(PredictionSettings(), **self.form.values(), device=device)
+
+    def values(self) -> dict:
+        return self.form.values()
+
+    def set_values(self, values: dict) -> None:
+        self.form.set_values(values)
