@@ -26,11 +26,13 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
+    from napari_unet._workers import Progress
+
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)
     viewer.open_sample("napari-unet", "nuclei_strokes")
     _, widget = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net")
-    widget.time_spin.setValue(args.seconds)
+    widget.training.basic["time_budget"].value = args.seconds
     widget.device_combo.setCurrentText("cpu")
 
     def pump_until_idle():
@@ -44,7 +46,7 @@ def main() -> None:
     timer.timeout.connect(lambda: beats.append(time.perf_counter()))
     timer.start()
     widget.train()
-    widget._worker.yielded.connect(lambda m: m[0] == "progress" and iterations.append(time.perf_counter()))
+    widget._worker.yielded.connect(lambda m: isinstance(m, Progress) and iterations.append(time.perf_counter()))
     pump_until_idle()
     timer.stop()
     beats = np.asarray(beats)
@@ -55,7 +57,7 @@ def main() -> None:
 
     latencies = []
     for wait in (4, 5, 6):
-        widget.time_spin.setValue(600)
+        widget.training.basic["time_budget"].value = 600
         widget.train()
         end = time.time() + wait
         while time.time() < end:

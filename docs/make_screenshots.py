@@ -41,7 +41,7 @@ _, widget = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net")
 viewer.reset_view()
 shot("01_sample_with_strokes.png")
 
-widget.time_spin.setValue(int(sys.argv[2]) if len(sys.argv) > 2 else 40)
+widget.training.basic["time_budget"].value = int(sys.argv[2]) if len(sys.argv) > 2 else 40
 widget.device_combo.setCurrentText("cpu")
 widget.train()
 start = time.time()
@@ -51,14 +51,14 @@ while widget.busy:
     if not taken and widget.previews_shown >= 3 and time.time() - start > 15:
         shot("02_training_live_preview.png"); taken = True
 print(widget.status_label.text())
-widget.advanced.expand(animate=False)
+widget.training.advanced.expand(animate=False)
 shot("03_training_done.png")
-widget.advanced.collapse(animate=False)
+widget.training.advanced.collapse(animate=False)
 
 viewer.open_sample("napari-unet", "nuclei")
 viewer.layers.remove("nuclei1 [1]")  # already open with its strokes
 pump(1)
-widget.uncertainty_check.setChecked(True)
+widget.prediction.form["uncertainty"].value = True
 widget.segment_all()
 while widget.busy:
     pump(0.1)
