@@ -1,4 +1,4 @@
-"""The npe2 manifest: valid, shipped with the package, and its widget opens in napari."""
+"""The npe2 manifest: valid, shipped with the package, its widget opens in napari and is in Layers > Segment."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def test_manifest_is_valid_and_complete():
     assert {p for r in contributions.readers for p in r.filename_patterns} >= {"*.tif", "*.tiff", "*.ome.tif"}
     assert {t for w in contributions.writers for t in w.layer_types} == {"image", "labels"}
     assert len(contributions.sample_data) == 2
+    # the widget is also in napari's Layers > Segment menu (the napari plugin template's convention)
+    [widget] = contributions.widgets
+    assert [item.command for item in contributions.menus["napari/layers/segment"]] == [widget.command]
     # every command points at an importable callable
     for command in contributions.commands:
         assert callable(command.python_name and _resolve(command.python_name)), command.id
@@ -60,3 +63,17 @@ def test_widget_loads_through_the_manifest(make_napari_viewer):
     _, widget = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net")
     assert isinstance(widget, UNetWidget)
     assert widget.train_button.text() == "Train"
+
+
+def test_widget_is_in_the_layers_segment_menu(make_napari_viewer):
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("napari-unet")
+    except PackageNotFoundError:
+        pytest.skip("napari-unet is not installed (pip install -e .)")
+    app_model = pytest.importorskip("napari._app_model")  # napari's (private) menu registry
+
+    make_napari_viewer()
+    items = app_model.get_app_model().menus.get_menu("napari/layers/segment")
+    assert "napari-unet.make_widget" in [item.command.id for item in items if hasattr(item, "command")]

@@ -1,13 +1,18 @@
-"""The napari reader and writers: TIFF round trips keep data, scale and layer type."""
+"""The napari reader and writers: TIFF round trips keep data, scale and layer type; layers carry the file's axes
+(``axis_labels``) and unit (``units``)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pint
 import pytest
 import tifffile
+from napari.components import ViewerModel
 
 from napari_unet._reader import is_labels_file, napari_get_reader, read_tiff
 from napari_unet._writer import write_image, write_labels
+
+UM, PIXEL = pint.get_application_registry().micrometer, pint.get_application_registry().pixel
 
 
 def test_reader_accepts_tiff_only(tmp_path):
@@ -50,12 +55,18 @@ def test_labels_round_trip_keeps_ids_scale_and_type(tmp_path):
 def test_channels_become_layers_with_spatial_scale(tmp_path):
     path = tmp_path / "two_channels.tif"
     data = np.arange(2 * 8 * 9, dtype=np.uint16).reshape(2, 8, 9)
-    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "CYX", "unit": "um"},
-                     resolution=(1 / 0.4, 1 / 0.4))
+    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "CYX", "unit": "um"}, resolution=(1 / 0.4, 1 / 0.4))
     [(array, kwargs, kind)] = read_tiff(str(path))
     assert kind == "image" and kwargs["channel_axis"] == 0
     assert kwargs["name"] == ["two_channels [ch0]", "two_channels [ch1]"]
     np.testing.assert_allclose(kwargs["scale"], (0.4, 0.4))
+    assert kwargs["axis_labels"] == ("y", "x") and kwargs["units"] == ("um", "um")
+    # napari splits the channels with the spatial labels and units on every layer (two channels, two axes: the
+    # per-axis tuples must not be taken for per-channel values)
+    viewer = ViewerModel()
+    layers = viewer.add_image(array, **kwargs)
+    assert [layer.axis_labels for layer in layers] == 2 * [("y", "x")]
+    assert [layer.units for layer in layers] == 2 * [(UM, UM)]
 
 
 def test_large_images_open_lazily_labels_in_memory(tmp_path, monkeypatch):
@@ -80,6 +91,48 @@ def test_rgb_round_trip(tmp_path):
     [(array, kwargs, kind)] = read_tiff(path)
     np.testing.assert_array_equal(np.moveaxis(array, 0, -1), rgb)
     np.testing.assert_allclose(kwargs["scale"], (1.5, 1.5))
+    assert kwargs["axis_labels"] == ("y", "x")
+
+
+def test_layers_carry_the_files_axes_and_units(tmp_path):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(
+        path,
+        np.zeros((3, 8, 9), np.uint16),
+        imagej=True,
+        resolution=(1 / 0.5, 1 / 0.5),
+        metadata={"axes": "ZYX", "unit": "micron", "spacing": 2.0},
+    )
+    [(data, kwargs, _)] = read_tiff(str(path))
+    assert kwargs["axis_labels"] == ("z", "y", "x") and kwargs["units"] == ("um", "um", "um")
+    np.testing.assert_allclose(kwargs["scale"], (2.0, 0.5, 0.5))
+    layer = ViewerModel().add_image(data, **kwargs)
+    assert layer.axis_labels == ("z", "y", "x") and layer.units == (UM, UM, UM)
+    nm = tmp_path / "nm_labels.tif"
+    tifffile.imwrite(nm, np.zeros((8, 9), np.uint8), imagej=True, resolution=(1 / 20, 1 / 20), metadata={"unit": "nm"})
+    [(data, kwargs, kind)] = read_tiff(str(nm))
+    assert kind == "labels" and kwargs["axis_labels"] == ("y", "x") and kwargs["units"] == ("nm", "nm")
+    assert ViewerModel().add_labels(data, **kwargs).units == 2 * (pint.get_application_registry().nanometer,)
+
+
+def test_a_file_without_a_usable_unit_keeps_napari_default_units(tmp_path):
+    plain, bogus = tmp_path / "plain.tif", tmp_path / "bogus.tif"
+    tifffile.imwrite(plain, np.zeros((5, 8, 9), np.float32), photometric="minisblack")  # no resolution, no unit
+    tifffile.imwrite(bogus, np.zeros((8, 9), np.uint8), imagej=True, resolution=(2.0, 2.0), metadata={"unit": "bogus"})
+    [(data, kwargs, _)] = read_tiff(str(plain))
+    assert kwargs["axis_labels"] == ("z", "y", "x") and "units" not in kwargs
+    assert ViewerModel().add_image(data, **kwargs).units == 3 * (PIXEL,)
+    [(data, kwargs, _)] = read_tiff(str(bogus))  # a unit pint does not know: the file still opens
+    assert "units" not in kwargs and kwargs["axis_labels"] == ("y", "x")
+    np.testing.assert_allclose(kwargs["scale"], (0.5, 0.5))
+    assert ViewerModel().add_image(data, **kwargs).units == 2 * (PIXEL,)
+
+
+def test_sample_data_layers_are_labelled_like_the_readers():
+    from napari_unet._sample_data import nuclei, nuclei_with_strokes
+
+    for _, kwargs, _ in [*nuclei(), *nuclei_with_strokes()]:
+        assert kwargs["axis_labels"] == ("y", "x") and "units" not in kwargs  # the bundled files have no pixel size
 
 
 def test_viewer_round_trip_through_the_plugin(make_napari_viewer, tmp_path):
@@ -100,3 +153,4 @@ def test_viewer_round_trip_through_the_plugin(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(opened_labels.data, labels)
     np.testing.assert_allclose(opened.scale, (0.3, 0.6))
     np.testing.assert_allclose(opened_labels.scale, (0.3, 0.6))
+    assert opened.axis_labels == opened_labels.axis_labels == ("y", "x")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install napari-unet with its test dependencies and run the test suite.
+# Install napari-unet with its test dependencies, lint it and run the test suite.
 #
 # Works on a fresh headless Debian machine: the GUI tests run under Xvfb (started by
 # pytest-xvfb), which needs a few Debian packages. They are installed with apt-get when
 # missing (as root, or through sudo when available). torch is pinned here, in the
-# command, so pip does not pull the newest CUDA build. Extra arguments go to pytest.
-# The exit code is pytest's (5, "no tests collected", counts as a failure).
+# command, so pip does not pull the newest CUDA build. The "all" extra brings a Qt binding (PyQt6,
+# which the tests use). ruff (lint, then the format check) runs before pytest: a finding fails the
+# command with ruff's exit code. Extra arguments go to pytest. Otherwise the exit code is pytest's
+# (5, "no tests collected", counts as a failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,9 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python -m pip install --quiet --root-user-action=ignore "torch==2.13.0" -e ".[test]"
+python -m pip install --quiet --root-user-action=ignore "torch==2.13.0" -e ".[all,test]"
+
+python -m ruff check .
+python -m ruff format --check .
 
 exec python -m pytest "$@"

@@ -1,7 +1,9 @@
 """napari reader for TIFF files (``.tif``, ``.tiff``, ``.ome.tif``), built on :func:`napari_unet.io.read_image`.
 
 What it keeps from the file: the axes (a channel axis becomes one layer per channel, an RGB(A) uint8
-image an RGB layer), and the pixel size as the layer's ``scale`` (with its unit when the file names one).
+image an RGB layer; the spatial axes name the layer's ``axis_labels``, e.g. ``("z", "y", "x")``), and the pixel
+size as the layer's ``scale``, with the file's unit as its ``units`` when the file names one that napari (pint)
+understands, e.g. ``"um"``; otherwise napari's default, ``pixel``.
 
 Large images open lazily: an image whose pixels take more than ``LAZY_READ_BYTES`` becomes a dask array over
 the file (:func:`napari_unet.io.lazy_image`: memory-mapped when uncompressed), so napari reads only the planes it
@@ -16,6 +18,7 @@ name contains ``label``, ``mask``, ``seg``, ``annot`` or ``stroke`` (any case), 
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ def napari_get_reader(path):
 def is_labels_file(path, pixels) -> bool:
     """The labels rule: integer (or bool) pixels (an array or its dtype) and a file name matching ``LABELS_NAME``."""
     dtype = np.dtype(getattr(pixels, "dtype", pixels))
-    integer = np.issubdtype(dtype, np.integer) or dtype == bool
+    integer = np.issubdtype(dtype, np.integer) or dtype.kind == "b"
     return integer and LABELS_NAME.search(Path(path).name) is not None
 
 
@@ -48,12 +51,9 @@ def read_tiff(path) -> list[tuple]:
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
     for p in paths:
-        array, info = read_image(p, lazy=lambda nbytes, dtype: nbytes > LAZY_READ_BYTES
-                                 and not is_labels_file(p, dtype))
+        array, info = read_image(p, lazy=partial(_read_lazily, p))
         name = _layer_name(p)
-        kwargs = {"name": name, "scale": info["scale"], "metadata": {"axes": info["axes"], "source": str(p)}}
-        if info.get("unit"):
-            kwargs["units"] = info["unit"]
+        kwargs = {"name": name, **layer_geometry(info), "metadata": {"axes": info["axes"], "source": str(p)}}
         channel_axis = info["channel_axis"]
         if channel_axis is None and is_labels_file(p, array):
             layers.append((array.astype(np.uint8) if array.dtype == bool else array, kwargs, "labels"))
@@ -66,6 +66,40 @@ def read_tiff(path) -> list[tuple]:
                 kwargs["name"] = [f"{name} [ch{c}]" for c in range(array.shape[channel_axis])]
         layers.append((array, kwargs, "image"))
     return layers
+
+
+def layer_geometry(info: dict) -> dict:
+    """Layer kwargs from :func:`napari_unet.io.read_image`'s ``info``: ``scale``, ``axis_labels`` (the spatial axes,
+    lower case: ``("y", "x")``, ``("z", "y", "x")``) and, when the file names a usable unit, ``units`` (one per
+    spatial axis; without it napari's default, ``pixel``)."""
+    spatial_axes = info["axes"].replace("C", "")
+    kwargs = {"scale": tuple(info["scale"]), "axis_labels": tuple(spatial_axes.lower())}
+    unit = _napari_unit(info.get("unit"))
+    if unit is not None:
+        kwargs["units"] = (unit,) * len(spatial_axes)
+    return kwargs
+
+
+def _read_lazily(path, nbytes: int, dtype) -> bool:
+    """``read_image``'s ``lazy`` rule: images over ``LAZY_READ_BYTES`` open as views of the file, labels never."""
+    return nbytes > LAZY_READ_BYTES and not is_labels_file(path, dtype)
+
+
+def _napari_unit(unit) -> str | None:
+    """The file's unit when napari can use it as a pixel size's (a length that pint parses, e.g. ``"um"``, ``"nm"``,
+    ``"micron"``, or ``"pixel"``), else None: napari refuses a layer whose units pint does not know, and an unusable
+    unit should not stop the file from opening."""
+    if not unit or not isinstance(unit, str):
+        return None
+    import pint
+
+    registry = pint.get_application_registry()
+    try:
+        parsed = registry.parse_expression(unit)
+        usable = isinstance(parsed, pint.Quantity) and (parsed.check("[length]") or parsed.units == registry.pixel)
+    except Exception:  # pint raises many kinds on text it cannot parse (UndefinedUnitError, TokenError, ...)
+        return None
+    return unit if usable else None
 
 
 def _layer_name(path) -> str:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from ._reader import layer_geometry
 from .demo import sample_paths
 from .io import read_image
 
@@ -14,7 +15,7 @@ STROKE_CLASSES = ["background", "nucleus"]
 
 def _image_layer(path) -> tuple:
     array, info = read_image(path)
-    return array, {"name": path.stem, "scale": info["scale"]}, "image"
+    return array, {"name": path.stem, **layer_geometry(info)}, "image"
 
 
 def nuclei() -> list[tuple]:
@@ -28,7 +29,6 @@ def nuclei_with_strokes() -> list[tuple]:
 
     paths = sample_paths()
     image = _image_layer(paths["images"][0])
-    strokes, _ = read_image(paths["strokes"])
-    kwargs = {"name": f"{image[1]['name']} strokes", "scale": image[1]["scale"],
-              **painting_layer_kwargs(STROKE_CLASSES)}
+    strokes, info = read_image(paths["strokes"])
+    kwargs = {"name": f"{image[1]['name']} strokes", **layer_geometry(info), **painting_layer_kwargs(STROKE_CLASSES)}
     return [image, (strokes, kwargs, "labels")]
