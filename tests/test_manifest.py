@@ -57,7 +57,7 @@ def test_widget_loads_through_the_manifest(make_napari_viewer):
         distribution("napari-unet")
     except PackageNotFoundError:
         pytest.skip("napari-unet is not installed (pip install -e .)")
-    from napari_unet._widget import UNetWidget
+    from napari_unet.widgets import UNetWidget
 
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net")
