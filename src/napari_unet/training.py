@@ -245,6 +245,30 @@ def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndar
     return np.where(known, index, -1).astype(np.int16)
 
 
+def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None):
+    """The images (channels first with ``channel_axis``; lazy arrays stay lazy), their labels as integer arrays and
+    the sorted painted ids; ``ValueError`` for images and labels a ``settings.ndim``-D net cannot train on."""
+    images, labels = _as_list(images, lazy=True), _as_list(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
+    if not images:
+        raise ValueError("no images given")
+    images = _channels_first(images, channel_axis)
+    labels = [integer_labels(lab, f"labels {i}") for i, lab in enumerate(labels)]
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        spatial = img.shape if channel_axis is None else img.shape[1:]
+        if spatial != lab.shape:
+            without = " (without channels)" if channel_axis is not None else ""
+            raise ValueError(f"image {i} has shape {spatial}{without} but its labels have shape {lab.shape}")
+        if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
+            raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
+                             + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
+    found = painted_ids(labels)
+    if not found:
+        raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
+    return images, labels, found
+
+
 class _NormalizedSlice:
     """Slice ``z`` of a stack (channels first with ``channels``), normalized with ``params`` the first time it
     is indexed and kept from then on; ``shape`` and ``ndim`` are known without reading it."""
@@ -303,83 +327,94 @@ class Trainer:
         channel_axis: int | None = None,
     ):
         self.settings = settings = settings or TrainingSettings()
-        images, labels = _as_list(images, lazy=True), _as_list(labels)
-        if len(images) != len(labels):
-            raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
-        if not images:
-            raise ValueError("no images given")
-        images = _channels_first(images, channel_axis)
+        images, labels, found = _validated_pairs(images, labels, settings, channel_axis)
         self.in_channels = 1 if channel_axis is None else images[0].shape[0]
-        labels = [integer_labels(lab, f"labels {i}") for i, lab in enumerate(labels)]
-        for i, (img, lab) in enumerate(zip(images, labels)):
-            spatial = img.shape if channel_axis is None else img.shape[1:]
-            if spatial != lab.shape:
-                without = " (without channels)" if channel_axis is not None else ""
-                raise ValueError(f"image {i} has shape {spatial}{without} but its labels have shape {lab.shape}")
-            if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
-                raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
-                                 + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
-        found = painted_ids(labels)
-        if not found:
-            raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
-
         if init is not None:
-            model, meta = init
-            self.class_ids = [int(c) for c in meta.get("class_ids", range(1, model.config["n_classes"] + 1))]
-            if model.config["n_classes"] != len(self.class_ids):
-                raise ValueError("the initial model's metadata does not match its number of classes")
-            if len(found) > len(self.class_ids) or not set(found) <= set(self.class_ids):
-                raise ValueError(
-                    f"the initial model has {len(self.class_ids)} classes (ids {self.class_ids}) but the labels "
-                    f"hold ids {found}: paint the same classes or train a new model"
-                )
-            if model.config["ndim"] != settings.ndim:
-                raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
-            if model.config["in_channels"] != self.in_channels:
-                raise ValueError(f"the initial model takes {model.config['in_channels']} channel(s) but the images "
-                                 f"have {self.in_channels}")
-            self.normalization = dict(meta.get("normalization") or settings.normalization)
-            names = meta.get("class_names") or [f"class {c}" for c in self.class_ids]
-            self._history = list((meta.get("training") or {}).get("history", []))
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            self.model = copy.deepcopy(model).cpu().train()
+            self._model_from_init(init, found)
         else:
-            if len(found) < 2:
-                raise ValueError(f"only one class is painted (id {found[0]}): paint at least two classes")
-            self.class_ids = found
-            self.normalization = dict(settings.normalization)
-            if isinstance(class_names, dict):  # by painted id; ids without a name are "class <id>"
-                class_names = [class_names.get(c, f"class {c}") for c in found]
-            names = list(class_names) if class_names else [f"class {c}" for c in found]
-            if len(names) != len(found):
-                raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
-            self._history = []
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            self.model = UNet(
-                in_channels=self.in_channels,
-                n_classes=len(found),
-                ndim=settings.ndim,
-                depth=settings.depth,
-                base_filters=settings.base_filters,
-                batch_norm=settings.batch_norm,
-                dropout=settings.dropout,
-                block=settings.block,
+            self._new_model(found, class_names)
+        self._plan_tiles()
+        self._prepare_pieces(images, labels, None if channel_axis is None else 0)
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple | np.ndarray] = {}
+        self.label_problems: list[tuple[int, str]] = []
+        """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
+        self._stop = threading.Event()
+        self._record: dict = {}
+        self._average = WeightAverage()
+        self.iteration = 0
+
+    def _model_from_init(self, init: tuple[torch.nn.Module, dict], found: list[int]) -> None:
+        """Take the model to fine-tune from ``init`` (a copy; the caller's stays untouched) with its class ids and
+        names, normalization and training history; ``ValueError`` where it cannot learn these labels."""
+        settings = self.settings
+        model, meta = init
+        self.class_ids = [int(c) for c in meta.get("class_ids", range(1, model.config["n_classes"] + 1))]
+        if model.config["n_classes"] != len(self.class_ids):
+            raise ValueError("the initial model's metadata does not match its number of classes")
+        if len(found) > len(self.class_ids) or not set(found) <= set(self.class_ids):
+            raise ValueError(
+                f"the initial model has {len(self.class_ids)} classes (ids {self.class_ids}) but the labels "
+                f"hold ids {found}: paint the same classes or train a new model"
             )
-        self.class_names = list(names)
+        if model.config["ndim"] != settings.ndim:
+            raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
+        if model.config["in_channels"] != self.in_channels:
+            raise ValueError(f"the initial model takes {model.config['in_channels']} channel(s) but the images "
+                             f"have {self.in_channels}")
+        self.normalization = dict(meta.get("normalization") or settings.normalization)
+        self.class_names = list(meta.get("class_names") or [f"class {c}" for c in self.class_ids])
+        self._history = list((meta.get("training") or {}).get("history", []))
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        self.model = copy.deepcopy(model).cpu().train()
+
+    def _new_model(self, found: list[int], class_names: Sequence[str] | dict[int, str] | None) -> None:
+        """Build a new network for the painted ids ``found`` (at least two) as ``settings`` describes, with
+        ``class_names`` in the order of the ids or by id (ids without a name are "class <id>")."""
+        settings = self.settings
+        if len(found) < 2:
+            raise ValueError(f"only one class is painted (id {found[0]}): paint at least two classes")
+        self.class_ids = found
+        self.normalization = dict(settings.normalization)
+        if isinstance(class_names, dict):
+            class_names = [class_names.get(c, f"class {c}") for c in found]
+        names = list(class_names) if class_names else [f"class {c}" for c in found]
+        if len(names) != len(found):
+            raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
+        self.class_names = names
+        self._history = []
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        self.model = UNet(
+            in_channels=self.in_channels,
+            n_classes=len(found),
+            ndim=settings.ndim,
+            depth=settings.depth,
+            base_filters=settings.base_filters,
+            batch_norm=settings.batch_norm,
+            dropout=settings.dropout,
+            block=settings.block,
+        )
+
+    def _plan_tiles(self) -> None:
+        """The model's input and output tile shapes for ``settings.patch_size``, and where the output tile (its
+        labels, the loss) lies in an input tile."""
+        settings = self.settings
         self.image_ndim = settings.ndim
         self.output_shape = self.model.legal_output_shape(settings.patch_size)
         # Channels-last: a 1.17x faster training step on CPU (oneDNN; docs/benchmarks.md).
         self._memory_format = torch.channels_last if settings.ndim == 2 else torch.channels_last_3d
         self.input_shape = self.model.legal_input_shape(self.output_shape)
-        # Where the output tile (its labels, the loss) lies in an input tile.
         self._output_region = tuple(
             slice((i - o) // 2, (i - o) // 2 + o) for i, o in zip(self.input_shape, self.output_shape)
         )
 
+    def _prepare_pieces(self, images: list, labels: list[np.ndarray], channels: int | None) -> None:
+        """The whole-image percentiles, the normalized image pieces and target pieces, the patch sampler, the
+        augmenter (both drawing from one seeded generator) and the class weights."""
+        settings = self.settings
         self._rng = np.random.default_rng(settings.seed)
-        channels = None if channel_axis is None else 0
         self._shapes = [lab.shape for lab in labels]
         self.image_normalization = [image_params(img, self.normalization, channels) for img in images]
         """The normalization parameters (percentile values) of each image, computed once over the whole image."""
@@ -394,14 +429,6 @@ class Trainer:
             elastic=settings.elastic, intensity=settings.intensity, zoom_range=settings.zoom,
         )
         self._class_weights = self._compute_class_weights()
-        self._lock = threading.Lock()
-        self._pending: dict[int, tuple | np.ndarray] = {}
-        self.label_problems: list[tuple[int, str]] = []
-        """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
-        self._stop = threading.Event()
-        self._record: dict = {}
-        self._average = WeightAverage()
-        self.iteration = 0
 
     # --- data -------------------------------------------------------------------------------------
 
