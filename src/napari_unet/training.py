@@ -68,9 +68,6 @@ from .normalization import DEFAULT_RECIPE, image_params, is_lazy, normalize, sla
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 
-STOP_REASONS = ("iterations", "time_budget", "plateau", "stopped")
-
-
 @dataclass
 class TrainingSettings:
     """Everything that controls a training run. The defaults suit 2D fluorescence/EM on a CPU laptop."""
@@ -180,6 +177,39 @@ class TrainingEvent:
     learning_rate: float
     done: bool = False
     reason: str | None = None
+    """Why training ended, on the final event: "iterations" or "time_budget" (that budget is spent), "plateau"
+    (``patience`` iterations without improvement) or "stopped" (``request_stop`` or the generator closed)."""
+
+
+@dataclass
+class _RunState:
+    """What one ``Trainer.run()`` tracks: iterations done, the last loss and learning rate, the seconds spent
+    waiting for batches, the smoothed loss for the ``patience`` stop, and why the run ended (None while it goes
+    on; "stopped" until the loop first checks, None after an error)."""
+
+    learning_rate: float
+    start: float = field(default_factory=time.perf_counter)
+    iteration: int = 0
+    loss: float = math.nan
+    data_time: float = 0.0
+    reason: str | None = "stopped"
+    smoothed: float | None = None
+    """Exponential moving average of the loss (factor 0.95)."""
+    best: float = math.inf
+    since_best: int = 0
+    """Iterations since the smoothed loss last improved by 1 %."""
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add_loss(self, loss: float) -> None:
+        """Record the loss of the iteration just done and whether the smoothed loss improved."""
+        self.loss = loss
+        self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
+        if self.smoothed < 0.99 * self.best:
+            self.best, self.since_best = self.smoothed, 0
+        else:
+            self.since_best += 1
 
 
 def _as_list(arrays, lazy: bool = False) -> list[np.ndarray]:
@@ -511,11 +541,6 @@ class Trainer:
         """Ask the training loop to end (thread-safe); it ends within one iteration, keeping the model."""
         self._stop.set()
 
-    @property
-    def stop_requested(self) -> bool:
-        """Whether ``request_stop`` was called."""
-        return self._stop.is_set()
-
     def _numpy_batch(self) -> _Batch:
         """One training batch as numpy arrays, built on the prefetch thread: label updates waiting from
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
@@ -562,8 +587,7 @@ class Trainer:
         previous_threads = torch.get_num_threads()
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
-        state = dict(start=time.perf_counter(), iteration=0, loss=float("nan"), lr=s.learning_rate,
-                     data_time=0.0, reason="stopped")
+        state = _RunState(learning_rate=s.learning_rate)
         dtype = amp_dtype(device, s.cpu_bfloat16) if s.amp else None
         self._record = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -574,78 +598,82 @@ class Trainer:
         try:
             yield from loop
         except GeneratorExit:
-            state["reason"] = "stopped"
+            state.reason = "stopped"
             raise
         finally:
             loop.close()
             del loop  # frees the optimizer, batches and activations before the cache is emptied
             self._finish(device, previous_threads, state)
         yield TrainingEvent(
-            state["iteration"], state["loss"], time.perf_counter() - state["start"],
-            state["iteration"] * s.batch_size, state["lr"], True, state["reason"],
+            state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, state.learning_rate,
+            True, state.reason,
         )
 
-    def _loop(self, device: torch.device, dtype: torch.dtype | None, state: dict) -> Iterator[TrainingEvent]:
+    def _loop(self, device: torch.device, dtype: torch.dtype | None, state: _RunState) -> Iterator[TrainingEvent]:
         s = self.settings
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         model = self.model.to(device, memory_format=self._memory_format).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = self._class_weights.to(device)
-        smoothed, best, since_best = None, math.inf, 0
         # Sampling and augmentation run on a thread, a batch ahead of the step (prefetch.py).
         with Prefetcher(self._numpy_batch, depth=1, name="napari-unet training batches") as batches:
             while True:
-                elapsed = time.perf_counter() - state["start"]
-                iteration = state["iteration"]
-                if self._stop.is_set():
-                    state["reason"] = "stopped"
-                elif s.iterations is not None and iteration >= s.iterations:
-                    state["reason"] = "iterations"
-                elif s.time_budget is not None and elapsed >= s.time_budget:
-                    state["reason"] = "time_budget"
-                elif s.patience is not None and since_best >= s.patience:
-                    state["reason"] = "plateau"
-                else:
-                    state["reason"] = None
-                if state["reason"]:
+                elapsed = state.elapsed()
+                state.reason = self._stop_reason(state, elapsed)
+                if state.reason:
                     return
-                progress = self._progress(iteration, elapsed)
-                state["lr"] = lr = self._learning_rate(progress)
+                state.learning_rate = lr = self._learning_rate(self._progress(state.iteration, elapsed))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tick = time.perf_counter()
                 batch = batches.get()
                 if batch.class_weights is not None:
                     weights = batch.class_weights.to(device)
-                x, y, w = self._to_device(batch, device)
-                state["data_time"] += time.perf_counter() - tick
-                with self._lock:
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = model(x)
-                    loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    spent = self._progress(iteration + 1, time.perf_counter() - state["start"])
-                    if s.weight_averaging and spent > 1 - s.weight_averaging:
-                        self._average.update(model)
-                state["iteration"] = self.iteration = iteration + 1
-                state["loss"] = loss_value = float(loss.detach())
-                smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
-                if smoothed < 0.99 * best:
-                    best, since_best = smoothed, 0
-                else:
-                    since_best += 1
-                yield TrainingEvent(
-                    iteration + 1, loss_value, time.perf_counter() - state["start"], (iteration + 1) * s.batch_size, lr
-                )
+                tensors = self._to_device(batch, device)
+                state.data_time += time.perf_counter() - tick
+                loss = self._step(model, optimizer, scaler, dtype, tensors, weights, state)
+                state.iteration = self.iteration = state.iteration + 1
+                state.add_loss(float(loss.detach()))
+                yield TrainingEvent(state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, lr)
 
-    def _finish(self, device: torch.device, previous_threads: int, state: dict) -> None:
+    def _stop_reason(self, state: _RunState, elapsed: float) -> str | None:
+        """Why training ends before the next iteration (a ``TrainingEvent.reason``), or None to go on."""
+        s = self.settings
+        if self._stop.is_set():
+            return "stopped"
+        if s.iterations is not None and state.iteration >= s.iterations:
+            return "iterations"
+        if s.time_budget is not None and elapsed >= s.time_budget:
+            return "time_budget"
+        if s.patience is not None and state.since_best >= s.patience:
+            return "plateau"
+        return None
+
+    def _step(self, model: UNet, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+              dtype: torch.dtype | None, tensors: tuple, weights: torch.Tensor, state: _RunState) -> torch.Tensor:
+        """One optimizer step on the device tensors ``(x, y, border weights)``, and the weight average once the
+        averaging window has begun; under the lock, so snapshots and saves never see half-updated weights.
+        Returns the loss."""
+        s = self.settings
+        x, y, w = tensors
+        with self._lock:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            spent = self._progress(state.iteration + 1, state.elapsed())
+            if s.weight_averaging and spent > 1 - s.weight_averaging:
+                self._average.update(model)
+        return loss
+
+    def _finish(self, device: torch.device, previous_threads: int, state: _RunState) -> None:
         averaged = self._average.count
         with self._lock:
             self.model = self._average.apply_to(self.model.cpu()).eval()
@@ -654,12 +682,12 @@ class Trainer:
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
         self._record.update(
-            iterations=state["iteration"],
+            iterations=state.iteration,
             averaged_iterations=averaged,
-            seconds=round(time.perf_counter() - state["start"], 3),
-            data_seconds=round(state["data_time"], 3),
-            final_loss=state["loss"],
-            stop_reason=state["reason"] or "error",
+            seconds=round(state.elapsed(), 3),
+            data_seconds=round(state.data_time, 3),
+            final_loss=state.loss,
+            stop_reason=state.reason or "error",
         )
         self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
 
