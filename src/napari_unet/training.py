@@ -57,6 +57,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from .augment import Augmenter, paste_mix
@@ -316,31 +317,20 @@ class _NormalizedSlice:
         return self.array[key]
 
 
-class WeightAverage:
-    """Running mean of a model's floating-point state: weights and batch-norm statistics."""
-
-    def __init__(self):
-        self.state: dict[str, torch.Tensor] | None = None
-        self.count = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """Add the model's current state to the mean (integer buffers keep their latest value)."""
-        self.count += 1
-        if self.state is None:
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return
-        for key, value in model.state_dict().items():
-            if value.is_floating_point():
-                self.state[key] += (value.detach() - self.state[key]) / self.count
-            else:
-                self.state[key].copy_(value)
-
-    def apply_to(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Load the mean into ``model`` (unchanged when nothing was averaged) and return it."""
-        if self.state is not None:
-            model.load_state_dict(self.state)
-        return model
+@torch.no_grad()
+def _running_mean(averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
+    """The ``multi_avg_fn`` of the weight average (``torch.optim.swa_utils.AveragedModel`` with
+    ``use_buffers=True``): ``count`` models are in the mean of floating-point tensors (weights, batch-norm
+    statistics) and ``current`` joins them; integer buffers (batch norm's ``num_batches_tracked``) take the
+    latest value. AveragedModel's own averaging would turn them into a truncated running mean on a CPU and raise
+    on CUDA (its ``_foreach_addcdiv_`` refuses integers); the mean here is the same float32 arithmetic on every
+    device, with the count as a number."""
+    n = int(count) + 1
+    for mean, value in zip(averaged, current):
+        if mean.is_floating_point():
+            mean += (value - mean) / n
+        else:
+            mean.copy_(value)
 
 
 class Trainer:
@@ -371,7 +361,8 @@ class Trainer:
         """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
         self._stop = threading.Event()
         self._record: dict = {}
-        self._average = WeightAverage()
+        self._average: AveragedModel | None = None
+        """The weight average of the current run() once its averaging window has begun."""
         self.iteration = 0
 
     def _model_from_init(self, init: tuple[torch.nn.Module, dict], found: list[int]) -> None:
@@ -670,14 +661,19 @@ class Trainer:
                 optimizer.step()
             spent = self._progress(state.iteration + 1, state.elapsed())
             if s.weight_averaging and spent > 1 - s.weight_averaging:
-                self._average.update(model)
+                if self._average is None:
+                    self._average = AveragedModel(model, use_buffers=True, multi_avg_fn=_running_mean)
+                self._average.update_parameters(model)
         return loss
 
     def _finish(self, device: torch.device, previous_threads: int, state: _RunState) -> None:
-        averaged = self._average.count
         with self._lock:
-            self.model = self._average.apply_to(self.model.cpu()).eval()
-            self._average = WeightAverage()  # a later run() averages its own window
+            average, self._average = self._average, None  # a later run() averages its own window
+            self.model = self.model.cpu().eval()
+            if average is not None:
+                self.model.load_state_dict(average.module.state_dict())
+        averaged = 0 if average is None else int(average.n_averaged)
+        del average  # on a GPU, released before the cache is emptied
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
@@ -695,7 +691,7 @@ class Trainer:
         """A copy of the model training would leave now: the weight average once the averaging window has
         begun, else the current weights; thread-safe."""
         with self._lock:
-            return self._average.apply_to(copy.deepcopy(self.model))
+            return copy.deepcopy(self.model if self._average is None else self._average.module)
 
     @property
     def run_record(self) -> dict:
