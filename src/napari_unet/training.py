@@ -322,9 +322,10 @@ def _running_mean(averaged: list[torch.Tensor], current: list[torch.Tensor], cou
     """The ``multi_avg_fn`` of the weight average (``torch.optim.swa_utils.AveragedModel`` with
     ``use_buffers=True``): ``count`` models are in the mean of floating-point tensors (weights, batch-norm
     statistics) and ``current`` joins them; integer buffers (batch norm's ``num_batches_tracked``) take the
-    latest value. AveragedModel's own averaging would turn them into a truncated running mean on a CPU and raise
-    on CUDA (its ``_foreach_addcdiv_`` refuses integers); the mean here is the same float32 arithmetic on every
-    device, with the count as a number."""
+    latest value. AveragedModel's own averaging does not handle them: on a CPU it truncates their running mean
+    (the count stays at the window's first value), and on CUDA its foreach path calls ``_foreach_addcdiv_``,
+    which raises for integers. The count is taken as a Python number, so the mean is the same float32 arithmetic
+    on every device."""
     n = int(count) + 1
     for mean, value in zip(averaged, current):
         if mean.is_floating_point():
