@@ -10,7 +10,7 @@ from napari_unet.devices import cpu_has_native_bfloat16
 from napari_unet.io import load_model
 from napari_unet.normalization import normalize_image
 from napari_unet.tiling import predict_tiled
-from napari_unet.training import Trainer, TrainingEvent, TrainingSettings, train
+from napari_unet.training import Trainer, TrainingEvent, TrainingSettings, _running_mean, train
 
 TINY = dict(depth=1, base_filters=4, patch_size=16, batch_size=2, time_budget=None, device="cpu", cpu_threads=1)
 
@@ -110,6 +110,53 @@ def test_stopping_before_the_averaging_window_keeps_the_last_weights():
     for key, value in _float_state(trainer.model).items():
         torch.testing.assert_close(value, last[key])
     assert trainer.metadata["training"]["history"][-1]["averaged_iterations"] == 0
+
+
+def test_averaging_starts_in_the_final_fraction_and_a_later_run_averages_its_own_window():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=10, weight_averaging=0.3))
+    started = [trainer._average is not None for event in trainer.run() if not event.done]
+    assert started == [False] * 7 + [True] * 3  # averaged after iterations 8, 9 and 10: spent > 0.7
+    assert trainer._average is None  # left in the model
+    window = []
+    for event in trainer.run():  # the second run: its own last three iterations, not the first run's
+        if not event.done and event.iteration > 7:
+            window.append(_float_state(trainer.model))
+    for key, value in _float_state(trainer.model).items():
+        torch.testing.assert_close(value, torch.stack([w[key] for w in window]).mean(0), atol=1e-6, rtol=1e-5)
+    assert [run["averaged_iterations"] for run in trainer.metadata["training"]["history"]] == [3, 3]
+
+
+def test_averaging_keeps_the_latest_integer_buffers():
+    """Batch norm's ``num_batches_tracked`` is a counter, not a weight: the model training leaves has the last
+    iteration's count (torch's own SWA averaging would keep the first one on a CPU and raise on CUDA)."""
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=6, weight_averaging=0.5))
+    for event in trainer.run():
+        if not event.done:
+            counts = {k: v.clone() for k, v in trainer.model.state_dict().items() if not v.is_floating_point()}
+    assert counts and all(int(v) == 6 for v in counts.values())
+    for key, value in counts.items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    averaged, current = [torch.zeros(3), torch.tensor(4)], [torch.full((3,), 3.0), torch.tensor(9)]
+    _running_mean(averaged, current, torch.tensor(2))  # two models in the mean, a third joins
+    assert torch.equal(averaged[0], torch.ones(3)) and int(averaged[1]) == 9
+
+
+def test_each_run_records_its_stop_reason_and_iterations():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=500, patience=3, weight_averaging=0.0))
+    events = list(trainer.run())
+    assert events[-1].reason == "plateau" and events[-1].iteration < 500
+    record = trainer.metadata["training"]["history"][-1]
+    assert record["stop_reason"] == "plateau" and record["iterations"] == events[-1].iteration == trainer.iteration
+    assert record["averaged_iterations"] == 0 and np.isclose(record["final_loss"], events[-1].loss)
+    assert events[-1].samples_seen == events[-1].iteration * 2 and events[-1].learning_rate == events[-2].learning_rate
+    events = trainer.run()
+    next(events)
+    events.close()
+    assert [(run["stop_reason"], run["iterations"]) for run in trainer.metadata["training"]["history"]] == [
+        ("plateau", record["iterations"]), ("stopped", 1)]
 
 
 def test_snapshot_is_an_eval_copy():
@@ -246,6 +293,24 @@ def test_seeded_runs_are_reproducible():
     a = train(image, labels, _settings(iterations=3, seed=7)).model.state_dict()
     b = train(image, labels, _settings(iterations=3, seed=7)).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seeded_fine_tuning_and_stacks_are_bit_identical_through_the_averaging_window():
+    image, labels, _ = _halves()
+    first = train(image, labels, _settings(iterations=3))
+    init = (first.model, first.metadata)
+    stack, stack_labels, _ = _halves((3, 32, 32))
+    stack_labels[1] = 0
+    for make in (lambda: Trainer(image, labels, _settings(iterations=8, seed=3), init=init),
+                 lambda: Trainer(stack, stack_labels, _settings(iterations=8, seed=3))):
+        states = []
+        for _ in range(2):
+            trainer = make()
+            losses = [event.loss for event in trainer.run()]
+            states.append((trainer.model.state_dict(), losses))
+        (a, losses_a), (b, losses_b) = states
+        assert losses_a == losses_b and all(torch.equal(a[k], b[k]) for k in a)
+        assert trainer.metadata["training"]["history"][-1]["averaged_iterations"] == 4
 
 
 def test_stack_trained_slice_wise_with_a_2d_net():

@@ -57,6 +57,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from .augment import Augmenter, paste_mix
@@ -67,9 +68,6 @@ from .model import UNet
 from .normalization import DEFAULT_RECIPE, image_params, is_lazy, normalize, slabs
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
-
-STOP_REASONS = ("iterations", "time_budget", "plateau", "stopped")
-
 
 @dataclass
 class TrainingSettings:
@@ -192,6 +190,39 @@ class TrainingEvent:
     learning_rate: float
     done: bool = False
     reason: str | None = None
+    """Why training ended, on the final event: "iterations" or "time_budget" (that budget is spent), "plateau"
+    (``patience`` iterations without improvement) or "stopped" (``request_stop`` or the generator closed)."""
+
+
+@dataclass
+class _RunState:
+    """What one ``Trainer.run()`` tracks: iterations done, the last loss and learning rate, the seconds spent
+    waiting for batches, the smoothed loss for the ``patience`` stop, and why the run ended (None while it goes
+    on; "stopped" until the loop first checks, None after an error)."""
+
+    learning_rate: float
+    start: float = field(default_factory=time.perf_counter)
+    iteration: int = 0
+    loss: float = math.nan
+    data_time: float = 0.0
+    reason: str | None = "stopped"
+    smoothed: float | None = None
+    """Exponential moving average of the loss (factor 0.95)."""
+    best: float = math.inf
+    since_best: int = 0
+    """Iterations since the smoothed loss last improved by 1 %."""
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add_loss(self, loss: float) -> None:
+        """Record the loss of the iteration just done and whether the smoothed loss improved."""
+        self.loss = loss
+        self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
+        if self.smoothed < 0.99 * self.best:
+            self.best, self.since_best = self.smoothed, 0
+        else:
+            self.since_best += 1
 
 
 def _as_list(arrays, lazy: bool = False) -> list[np.ndarray]:
@@ -257,6 +288,30 @@ def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndar
     return np.where(known, index, -1).astype(np.int16)
 
 
+def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None):
+    """The images (channels first with ``channel_axis``; lazy arrays stay lazy), their labels as integer arrays and
+    the sorted painted ids; ``ValueError`` for images and labels a ``settings.ndim``-D net cannot train on."""
+    images, labels = _as_list(images, lazy=True), _as_list(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
+    if not images:
+        raise ValueError("no images given")
+    images = _channels_first(images, channel_axis)
+    labels = [integer_labels(lab, f"labels {i}") for i, lab in enumerate(labels)]
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        spatial = img.shape if channel_axis is None else img.shape[1:]
+        if spatial != lab.shape:
+            without = " (without channels)" if channel_axis is not None else ""
+            raise ValueError(f"image {i} has shape {spatial}{without} but its labels have shape {lab.shape}")
+        if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
+            raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
+                             + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
+    found = painted_ids(labels)
+    if not found:
+        raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
+    return images, labels, found
+
+
 class _NormalizedSlice:
     """Slice ``z`` of a stack (channels first with ``channels``), normalized with ``params`` the first time it
     is indexed and kept from then on; ``shape`` and ``ndim`` are known without reading it."""
@@ -274,31 +329,21 @@ class _NormalizedSlice:
         return self.array[key]
 
 
-class WeightAverage:
-    """Running mean of a model's floating-point state: weights and batch-norm statistics."""
-
-    def __init__(self):
-        self.state: dict[str, torch.Tensor] | None = None
-        self.count = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """Add the model's current state to the mean (integer buffers keep their latest value)."""
-        self.count += 1
-        if self.state is None:
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return
-        for key, value in model.state_dict().items():
-            if value.is_floating_point():
-                self.state[key] += (value.detach() - self.state[key]) / self.count
-            else:
-                self.state[key].copy_(value)
-
-    def apply_to(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Load the mean into ``model`` (unchanged when nothing was averaged) and return it."""
-        if self.state is not None:
-            model.load_state_dict(self.state)
-        return model
+@torch.no_grad()
+def _running_mean(averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
+    """The ``multi_avg_fn`` of the weight average (``torch.optim.swa_utils.AveragedModel`` with
+    ``use_buffers=True``): ``count`` models are in the mean of floating-point tensors (weights, batch-norm
+    statistics) and ``current`` joins them; integer buffers (batch norm's ``num_batches_tracked``) take the
+    latest value. AveragedModel's own averaging does not handle them: on a CPU it truncates their running mean
+    (the count stays at the window's first value), and on CUDA its foreach path calls ``_foreach_addcdiv_``,
+    which raises for integers. The count is taken as a Python number, so the mean is the same float32 arithmetic
+    on every device."""
+    n = int(count) + 1
+    for mean, value in zip(averaged, current):
+        if mean.is_floating_point():
+            mean += (value - mean) / n
+        else:
+            mean.copy_(value)
 
 
 class Trainer:
@@ -315,83 +360,95 @@ class Trainer:
         channel_axis: int | None = None,
     ):
         self.settings = settings = settings or TrainingSettings()
-        images, labels = _as_list(images, lazy=True), _as_list(labels)
-        if len(images) != len(labels):
-            raise ValueError(f"got {len(images)} images but {len(labels)} label arrays")
-        if not images:
-            raise ValueError("no images given")
-        images = _channels_first(images, channel_axis)
+        images, labels, found = _validated_pairs(images, labels, settings, channel_axis)
         self.in_channels = 1 if channel_axis is None else images[0].shape[0]
-        labels = [integer_labels(lab, f"labels {i}") for i, lab in enumerate(labels)]
-        for i, (img, lab) in enumerate(zip(images, labels)):
-            spatial = img.shape if channel_axis is None else img.shape[1:]
-            if spatial != lab.shape:
-                without = " (without channels)" if channel_axis is not None else ""
-                raise ValueError(f"image {i} has shape {spatial}{without} but its labels have shape {lab.shape}")
-            if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
-                raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
-                                 + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
-        found = painted_ids(labels)
-        if not found:
-            raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
-
         if init is not None:
-            model, meta = init
-            self.class_ids = [int(c) for c in meta.get("class_ids", range(1, model.config["n_classes"] + 1))]
-            if model.config["n_classes"] != len(self.class_ids):
-                raise ValueError("the initial model's metadata does not match its number of classes")
-            if len(found) > len(self.class_ids) or not set(found) <= set(self.class_ids):
-                raise ValueError(
-                    f"the initial model has {len(self.class_ids)} classes (ids {self.class_ids}) but the labels "
-                    f"hold ids {found}: paint the same classes or train a new model"
-                )
-            if model.config["ndim"] != settings.ndim:
-                raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
-            if model.config["in_channels"] != self.in_channels:
-                raise ValueError(f"the initial model takes {model.config['in_channels']} channel(s) but the images "
-                                 f"have {self.in_channels}")
-            self.normalization = dict(meta.get("normalization") or settings.normalization)
-            names = meta.get("class_names") or [f"class {c}" for c in self.class_ids]
-            self._history = list((meta.get("training") or {}).get("history", []))
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            self.model = copy.deepcopy(model).cpu().train()
+            self._model_from_init(init, found)
         else:
-            if len(found) < 2:
-                raise ValueError(f"only one class is painted (id {found[0]}): paint at least two classes")
-            self.class_ids = found
-            self.normalization = dict(settings.normalization)
-            if isinstance(class_names, dict):  # by painted id; ids without a name are "class <id>"
-                class_names = [class_names.get(c, f"class {c}") for c in found]
-            names = list(class_names) if class_names else [f"class {c}" for c in found]
-            if len(names) != len(found):
-                raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
-            self._history = []
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            self.model = UNet(
-                in_channels=self.in_channels,
-                n_classes=len(found),
-                ndim=settings.ndim,
-                depth=settings.depth,
-                base_filters=settings.base_filters,
-                batch_norm=settings.batch_norm,
-                dropout=settings.dropout,
-                block=settings.block,
+            self._new_model(found, class_names)
+        self._plan_tiles()
+        self._prepare_pieces(images, labels, None if channel_axis is None else 0)
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple | np.ndarray] = {}
+        self.label_problems: list[tuple[int, str]] = []
+        """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
+        self._stop = threading.Event()
+        self._record: dict = {}
+        self._average: AveragedModel | None = None
+        """The weight average of the current run() once its averaging window has begun."""
+        self.iteration = 0
+
+    def _model_from_init(self, init: tuple[torch.nn.Module, dict], found: list[int]) -> None:
+        """Take the model to fine-tune from ``init`` (a copy; the caller's stays untouched) with its class ids and
+        names, normalization and training history; ``ValueError`` where it cannot learn these labels."""
+        settings = self.settings
+        model, meta = init
+        self.class_ids = [int(c) for c in meta.get("class_ids", range(1, model.config["n_classes"] + 1))]
+        if model.config["n_classes"] != len(self.class_ids):
+            raise ValueError("the initial model's metadata does not match its number of classes")
+        if len(found) > len(self.class_ids) or not set(found) <= set(self.class_ids):
+            raise ValueError(
+                f"the initial model has {len(self.class_ids)} classes (ids {self.class_ids}) but the labels "
+                f"hold ids {found}: paint the same classes or train a new model"
             )
-        self.class_names = list(names)
+        if model.config["ndim"] != settings.ndim:
+            raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
+        if model.config["in_channels"] != self.in_channels:
+            raise ValueError(f"the initial model takes {model.config['in_channels']} channel(s) but the images "
+                             f"have {self.in_channels}")
+        self.normalization = dict(meta.get("normalization") or settings.normalization)
+        self.class_names = list(meta.get("class_names") or [f"class {c}" for c in self.class_ids])
+        self._history = list((meta.get("training") or {}).get("history", []))
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        self.model = copy.deepcopy(model).cpu().train()
+
+    def _new_model(self, found: list[int], class_names: Sequence[str] | dict[int, str] | None) -> None:
+        """Build a new network for the painted ids ``found`` (at least two) as ``settings`` describes, with
+        ``class_names`` in the order of the ids or by id (ids without a name are "class <id>")."""
+        settings = self.settings
+        if len(found) < 2:
+            raise ValueError(f"only one class is painted (id {found[0]}): paint at least two classes")
+        self.class_ids = found
+        self.normalization = dict(settings.normalization)
+        if isinstance(class_names, dict):
+            class_names = [class_names.get(c, f"class {c}") for c in found]
+        names = list(class_names) if class_names else [f"class {c}" for c in found]
+        if len(names) != len(found):
+            raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
+        self.class_names = names
+        self._history = []
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        self.model = UNet(
+            in_channels=self.in_channels,
+            n_classes=len(found),
+            ndim=settings.ndim,
+            depth=settings.depth,
+            base_filters=settings.base_filters,
+            batch_norm=settings.batch_norm,
+            dropout=settings.dropout,
+            block=settings.block,
+        )
+
+    def _plan_tiles(self) -> None:
+        """The model's input and output tile shapes for ``settings.patch_size``, and where the output tile (its
+        labels, the loss) lies in an input tile."""
+        settings = self.settings
         self.image_ndim = settings.ndim
         self.output_shape = self.model.legal_output_shape(settings.patch_size)
         # Channels-last: a 1.17x faster training step on CPU (oneDNN; docs/benchmarks.md).
         self._memory_format = torch.channels_last if settings.ndim == 2 else torch.channels_last_3d
         self.input_shape = self.model.legal_input_shape(self.output_shape)
-        # Where the output tile (its labels, the loss) lies in an input tile.
         self._output_region = tuple(
             slice((i - o) // 2, (i - o) // 2 + o) for i, o in zip(self.input_shape, self.output_shape)
         )
 
+    def _prepare_pieces(self, images: list, labels: list[np.ndarray], channels: int | None) -> None:
+        """The whole-image percentiles, the normalized image pieces and target pieces, the patch sampler, the
+        augmenter (both drawing from one seeded generator) and the class weights."""
+        settings = self.settings
         self._rng = np.random.default_rng(settings.seed)
-        channels = None if channel_axis is None else 0
         self._shapes = [lab.shape for lab in labels]
         self.image_normalization = [image_params(img, self.normalization, channels) for img in images]
         """The normalization parameters (percentile values) of each image, computed once over the whole image."""
@@ -406,14 +463,6 @@ class Trainer:
             elastic=settings.elastic, intensity=settings.intensity, zoom_range=settings.zoom,
         )
         self._class_weights = self._compute_class_weights()
-        self._lock = threading.Lock()
-        self._pending: dict[int, tuple | np.ndarray] = {}
-        self.label_problems: list[tuple[int, str]] = []
-        """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
-        self._stop = threading.Event()
-        self._record: dict = {}
-        self._average = WeightAverage()
-        self.iteration = 0
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -496,11 +545,6 @@ class Trainer:
         """Ask the training loop to end (thread-safe); it ends within one iteration, keeping the model."""
         self._stop.set()
 
-    @property
-    def stop_requested(self) -> bool:
-        """Whether ``request_stop`` was called."""
-        return self._stop.is_set()
-
     def _numpy_batch(self) -> _Batch:
         """One training batch as numpy arrays, built on the prefetch thread: label updates waiting from
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
@@ -547,8 +591,7 @@ class Trainer:
         previous_threads = torch.get_num_threads()
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
-        state = dict(start=time.perf_counter(), iteration=0, loss=float("nan"), lr=s.learning_rate,
-                     data_time=0.0, reason="stopped")
+        state = _RunState(learning_rate=s.learning_rate)
         dtype = amp_dtype(device, s.cpu_bfloat16) if s.amp else None
         self._record = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -559,92 +602,101 @@ class Trainer:
         try:
             yield from loop
         except GeneratorExit:
-            state["reason"] = "stopped"
+            state.reason = "stopped"
             raise
         finally:
             loop.close()
             del loop  # frees the optimizer, batches and activations before the cache is emptied
             self._finish(device, previous_threads, state)
         yield TrainingEvent(
-            state["iteration"], state["loss"], time.perf_counter() - state["start"],
-            state["iteration"] * s.batch_size, state["lr"], True, state["reason"],
+            state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, state.learning_rate,
+            True, state.reason,
         )
 
-    def _loop(self, device: torch.device, dtype: torch.dtype | None, state: dict) -> Iterator[TrainingEvent]:
+    def _loop(self, device: torch.device, dtype: torch.dtype | None, state: _RunState) -> Iterator[TrainingEvent]:
         s = self.settings
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         model = self.model.to(device, memory_format=self._memory_format).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = self._class_weights.to(device)
-        smoothed, best, since_best = None, math.inf, 0
         # Sampling and augmentation run on a thread, a batch ahead of the step (prefetch.py).
         with Prefetcher(self._numpy_batch, depth=1, name="napari-unet training batches") as batches:
             while True:
-                elapsed = time.perf_counter() - state["start"]
-                iteration = state["iteration"]
-                if self._stop.is_set():
-                    state["reason"] = "stopped"
-                elif s.iterations is not None and iteration >= s.iterations:
-                    state["reason"] = "iterations"
-                elif s.time_budget is not None and elapsed >= s.time_budget:
-                    state["reason"] = "time_budget"
-                elif s.patience is not None and since_best >= s.patience:
-                    state["reason"] = "plateau"
-                else:
-                    state["reason"] = None
-                if state["reason"]:
+                elapsed = state.elapsed()
+                state.reason = self._stop_reason(state, elapsed)
+                if state.reason:
                     return
-                progress = self._progress(iteration, elapsed)
-                state["lr"] = lr = self._learning_rate(progress)
+                state.learning_rate = lr = self._learning_rate(self._progress(state.iteration, elapsed))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tick = time.perf_counter()
                 batch = batches.get()
                 if batch.class_weights is not None:
                     weights = batch.class_weights.to(device)
-                x, y, w = self._to_device(batch, device)
-                state["data_time"] += time.perf_counter() - tick
-                with self._lock:
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = model(x)
-                    loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    spent = self._progress(iteration + 1, time.perf_counter() - state["start"])
-                    if s.weight_averaging and spent > 1 - s.weight_averaging:
-                        self._average.update(model)
-                state["iteration"] = self.iteration = iteration + 1
-                state["loss"] = loss_value = float(loss.detach())
-                smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
-                if smoothed < 0.99 * best:
-                    best, since_best = smoothed, 0
-                else:
-                    since_best += 1
-                yield TrainingEvent(
-                    iteration + 1, loss_value, time.perf_counter() - state["start"], (iteration + 1) * s.batch_size, lr
-                )
+                tensors = self._to_device(batch, device)
+                state.data_time += time.perf_counter() - tick
+                loss = self._step(model, optimizer, scaler, dtype, tensors, weights, state)
+                state.iteration = self.iteration = state.iteration + 1
+                state.add_loss(float(loss.detach()))
+                yield TrainingEvent(state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, lr)
 
-    def _finish(self, device: torch.device, previous_threads: int, state: dict) -> None:
-        averaged = self._average.count
+    def _stop_reason(self, state: _RunState, elapsed: float) -> str | None:
+        """Why training ends before the next iteration (a ``TrainingEvent.reason``), or None to go on."""
+        s = self.settings
+        if self._stop.is_set():
+            return "stopped"
+        if s.iterations is not None and state.iteration >= s.iterations:
+            return "iterations"
+        if s.time_budget is not None and elapsed >= s.time_budget:
+            return "time_budget"
+        if s.patience is not None and state.since_best >= s.patience:
+            return "plateau"
+        return None
+
+    def _step(self, model: UNet, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+              dtype: torch.dtype | None, tensors: tuple, weights: torch.Tensor, state: _RunState) -> torch.Tensor:
+        """One optimizer step on the device tensors ``(x, y, border weights)``, and the weight average once the
+        averaging window has begun; under the lock, so snapshots and saves never see half-updated weights.
+        Returns the loss."""
+        s = self.settings
+        x, y, w = tensors
         with self._lock:
-            self.model = self._average.apply_to(self.model.cpu()).eval()
-            self._average = WeightAverage()  # a later run() averages its own window
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            spent = self._progress(state.iteration + 1, state.elapsed())
+            if s.weight_averaging and spent > 1 - s.weight_averaging:
+                if self._average is None:
+                    self._average = AveragedModel(model, use_buffers=True, multi_avg_fn=_running_mean)
+                self._average.update_parameters(model)
+        return loss
+
+    def _finish(self, device: torch.device, previous_threads: int, state: _RunState) -> None:
+        with self._lock:
+            average, self._average = self._average, None  # a later run() averages its own window
+            self.model = self.model.cpu().eval()
+            if average is not None:
+                self.model.load_state_dict(average.module.state_dict())
+        averaged = 0 if average is None else int(average.n_averaged)
+        del average  # on a GPU, released before the cache is emptied
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
         self._record.update(
-            iterations=state["iteration"],
+            iterations=state.iteration,
             averaged_iterations=averaged,
-            seconds=round(time.perf_counter() - state["start"], 3),
-            data_seconds=round(state["data_time"], 3),
-            final_loss=state["loss"],
-            stop_reason=state["reason"] or "error",
+            seconds=round(state.elapsed(), 3),
+            data_seconds=round(state.data_time, 3),
+            final_loss=state.loss,
+            stop_reason=state.reason or "error",
         )
         self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
 
@@ -652,7 +704,7 @@ class Trainer:
         """A copy of the model training would leave now: the weight average once the averaging window has
         begun, else the current weights; thread-safe."""
         with self._lock:
-            return self._average.apply_to(copy.deepcopy(self.model))
+            return copy.deepcopy(self.model if self._average is None else self._average.module)
 
     @property
     def run_record(self) -> dict:
