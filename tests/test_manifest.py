@@ -77,3 +77,15 @@ def test_widget_is_in_the_layers_segment_menu(make_napari_viewer):
     make_napari_viewer()
     items = app_model.get_app_model().menus.get_menu("napari/layers/segment")
     assert "napari-unet.make_widget" in [item.command.id for item in items if hasattr(item, "command")]
+
+
+def test_the_engine_and_the_workers_import_no_qt_and_no_napari():
+    """The layering of docs/architecture.md: the engine, the CLI and the worker generators run without Qt."""
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_unet.cli, napari_unet.predict, napari_unet.training, napari_unet._workers; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari',"
+            " 'magicgui', 'superqt'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
