@@ -40,14 +40,15 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from .arrays import output_array
 from .class_ids import labels_dtype
+from .predict import PredictionSettings, model_class_ids
 from .refine import AUTO, DEFAULT_RADIUS
 from ._layers import (
     channel_group,
     image_array,
     image_channels,
     layer_data,
-    output_array,
     output_layer,
     output_role,
     painted_pairs,
@@ -56,7 +57,20 @@ from ._layers import (
     stacked_channels,
 )
 from ._loss_plot import LossPlot
-from ._workers import PREVIEW_MAX_SIZE, PredictJob, ViewRegion, predict_steps, train_steps
+from ._workers import (
+    PREVIEW_MAX_SIZE,
+    ImageDone,
+    ImageFailed,
+    ImageStarted,
+    LabelsRefused,
+    PredictJob,
+    Preview,
+    Progress,
+    Ready,
+    ViewRegion,
+    predict_steps,
+    train_steps,
+)
 
 DEFAULT_CLASS_NAMES = "background, foreground"
 PREVIEW_INTERVAL = 3.0
@@ -744,32 +758,35 @@ class UNetWidget(QWidget):
         return dict(enumerate(parse_class_names(self.class_names_edit.text()), start=1))
 
     def _on_train_message(self, message) -> None:
-        kind = message[0]
-        if kind == "ready":
-            self._trainer = trainer = message[1]
-            self._freeze_gc()
-            if self._stop.is_set():
-                trainer.request_stop()
-            if self._dirty_labels:
-                self._send_labels()
-            try:
-                if self.preview_check.isChecked() and self._train_image in self.viewer.layers:
-                    # Make the preview layers now, while the worker waits, not in the middle of training.
-                    source = self._train_image
-                    shape = spatial_shape(source)
-                    output_layer(self.viewer, source, "probabilities", (len(trainer.class_ids), *shape), np.float32)
-                    output_layer(self.viewer, source, "segmentation", shape, labels_dtype(trainer.class_ids),
-                                 class_ids=trainer.class_ids, class_names=trainer.class_names)
-            finally:
-                self._resume.set()
-        elif kind == "progress":
-            self._on_progress(message[1])
-        elif kind == "preview":
-            self._apply_preview(message[1])
-        elif kind == "warning":
-            _, index, problem = message
-            name = self._train_labels[index].name if index < len(self._train_labels) else f"labels {index}"
-            show_warning(f"U-Net: new strokes in '{name}' not used: {problem}")
+        match message:
+            case Ready(trainer=trainer):
+                self._on_ready(trainer)
+            case Progress(event=event):
+                self._on_progress(event)
+            case Preview(result=result):
+                self._apply_preview(result)
+            case LabelsRefused(index=index, reason=reason):
+                name = self._train_labels[index].name if index < len(self._train_labels) else f"labels {index}"
+                show_warning(f"U-Net: new strokes in '{name}' not used: {reason}")
+
+    def _on_ready(self, trainer) -> None:
+        """The trainer is built: send it the strokes painted meanwhile, make the preview layers, let it go on."""
+        self._trainer = trainer
+        self._freeze_gc()
+        if self._stop.is_set():
+            trainer.request_stop()
+        if self._dirty_labels:
+            self._send_labels()
+        try:
+            if self.preview_check.isChecked() and self._train_image in self.viewer.layers:
+                # Make the preview layers now, while the worker waits, not in the middle of training.
+                source = self._train_image
+                shape = spatial_shape(source)
+                output_layer(self.viewer, source, "probabilities", (len(trainer.class_ids), *shape), np.float32)
+                output_layer(self.viewer, source, "segmentation", shape, labels_dtype(trainer.class_ids),
+                             class_ids=trainer.class_ids, class_names=trainer.class_names)
+        finally:
+            self._resume.set()
 
     def _on_progress(self, event) -> None:
         if event.done:
@@ -922,10 +939,7 @@ class UNetWidget(QWidget):
             self.model,
             self.metadata,
             jobs,
-            device=self.device_combo.currentText(),
-            uncertainty=self.uncertainty_check.isChecked(),
-            test_time_flips=self.flips_check.isChecked(),
-            refine_radius=self.refine_combo.currentData(),
+            self.prediction_settings(),
             progress=self._relay.tiles.emit,
             stop=self._stop,
             _start_thread=False,
@@ -935,6 +949,15 @@ class UNetWidget(QWidget):
         self.status_label.setText(f"Predicting {len(jobs)} image(s)...")
         self._start("predict", worker, 0, "U-Net prediction")
 
+    def prediction_settings(self) -> PredictionSettings:
+        """The prediction controls as ``predict.PredictionSettings``."""
+        return PredictionSettings(
+            device=self.device_combo.currentText(),
+            test_time_flips=self.flips_check.isChecked(),
+            refine_radius=self.refine_combo.currentData(),
+            uncertainty=self.uncertainty_check.isChecked(),
+        )
+
     def _on_tiles(self, done: int, total: int) -> None:
         if self._pbar is not None and self._task == "predict":
             self._pbar.total = total
@@ -942,25 +965,25 @@ class UNetWidget(QWidget):
             self._pbar.update(0)
 
     def _on_predict_message(self, message) -> None:
-        if message[0] == "image":
-            _, index, count, name = message
-            self.status_label.setText(f"Predicting {name} ({index + 1} of {count})...")
-            if self._pbar is not None:
-                self._pbar.set_description(f"U-Net: {name} ({index + 1}/{count})")
-            return
-        if message[0] == "failed":  # the other images go on
-            _, name, problem = message
-            self.last_error = f"U-Net prediction of {name} failed: {problem}"
-            show_warning(self.last_error)
-            return
-        result = message[1]
+        match message:
+            case ImageStarted(index=index, count=count, name=name):
+                self.status_label.setText(f"Predicting {name} ({index + 1} of {count})...")
+                if self._pbar is not None:
+                    self._pbar.set_description(f"U-Net: {name} ({index + 1}/{count})")
+            case ImageFailed(name=name, reason=reason):  # the other images go on
+                self.last_error = f"U-Net prediction of {name} failed: {reason}"
+                show_warning(self.last_error)
+            case ImageDone(result=result):
+                self._show_prediction(result)
+
+    def _show_prediction(self, result) -> None:
         source = self._predict_sources.get(result.name)
         if source is None or source not in self.viewer.layers:
             return
-        ids = self.metadata.get("class_ids") or list(range(1, result.probabilities.shape[0] + 1))
         output_layer(self.viewer, source, "probabilities", data=result.probabilities)
-        output_layer(self.viewer, source, "segmentation", data=result.segmentation, class_ids=ids,
-                           class_names=self.metadata.get("class_names") or ())
+        output_layer(self.viewer, source, "segmentation", data=result.segmentation,
+                     class_ids=model_class_ids(self.model, self.metadata),
+                     class_names=self.metadata.get("class_names") or ())
         if result.uncertainty is not None:
             output_layer(self.viewer, source, "uncertainty", data=result.uncertainty)
         self.status_label.setText(f"Predicted {result.name}")
