@@ -26,6 +26,8 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
+    from napari_unet._workers import Progress
+
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)
     viewer.open_sample("napari-unet", "nuclei_strokes")
@@ -44,7 +46,7 @@ def main() -> None:
     timer.timeout.connect(lambda: beats.append(time.perf_counter()))
     timer.start()
     widget.train()
-    widget._worker.yielded.connect(lambda m: m[0] == "progress" and iterations.append(time.perf_counter()))
+    widget._worker.yielded.connect(lambda m: isinstance(m, Progress) and iterations.append(time.perf_counter()))
     pump_until_idle()
     timer.stop()
     beats = np.asarray(beats)
