@@ -1,4 +1,4 @@
-"""Does another tool run an exported model as napari-unet does? ``bioimageio.core`` against ``predict_tiled``.
+"""Does another tool run an exported model as napari-unet does? ``bioimageio.core`` against ``predict_image``.
 
 Trains a model on the DSB 2018 benchmark strokes (``bench/quality.py``'s training half, ``--iterations`` fixed so
 it is reproducible) or takes ``--model``, exports it with ``napari-unet export-bioimageio``, has
@@ -25,8 +25,10 @@ import numpy as np
 import quality
 from napari_unet.bioimageio_export import export_bioimageio
 from napari_unet.io import load_model
-from napari_unet.normalization import normalize_image
-from napari_unet.tiling import predict_tiled
+from napari_unet.predict import PredictionSettings, predict_image
+
+ONE_PASS = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+"""The network's own probabilities, what the package's weights compute: no flips, no edge refinement."""
 
 
 def main(argv=None):
@@ -57,7 +59,7 @@ def main(argv=None):
         differences, agreement, dice_ours, dice_core, seconds = [], [], [], [], [0.0, 0.0]
         for image, truth in test:
             start = time.perf_counter()
-            ours = predict_tiled(model, normalize_image(image, metadata["normalization"]))
+            ours = predict_image(model, metadata, image, ONE_PASS).probabilities
             seconds[0] += time.perf_counter() - start
             start = time.perf_counter()
             raw = Tensor(image.astype(np.float32)[None, None], dims=("batch", "channel", "y", "x"))

@@ -12,7 +12,7 @@ texture, sigma 1 to 16) of the same strokes. Both are scored by foreground Dice 
 images (mean over images, and pooled over all pixels). The ``napari_unet`` row predicts as ``napari-unet predict``
 and the widget do by default: the 8 flips/transpositions averaged, then the probabilities snapped to the image's
 edges by a guided filter whose window fits the width of the predicted structures
-(``predict_tiled(test_time_flips=True, refine_radius="auto")``; the radii chosen are listed per set). From the same
+(``predict_image`` with its default ``PredictionSettings``; the radii chosen are listed per set). From the same
 trained network, ``napari_unet_unrefined`` scores the flips without the refinement (``--refine-radius 0``) and
 ``napari_unet_one_pass`` a single pass without either; ``random_forest_refined`` applies the same refinement to the
 forest's probabilities, to show what the refinement alone is worth.
@@ -127,7 +127,7 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     import torch
 
     from napari_unet.normalization import normalize_image
-    from napari_unet.tiling import predict_tiled
+    from napari_unet.predict import PredictionSettings, predict_image
     from napari_unet.training import train
 
     start = time.perf_counter()
@@ -137,7 +137,7 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     record = trainer.metadata["training"]["history"][-1]
     torch.set_num_threads(threads)
     model = trainer.model  # predict_tiled runs its own batch-norm-folded copy
-    normalized_images = [normalize_image(image, trainer.normalization) for image in test_images]
+    normalized_images = [normalize_image(image, trainer.normalization) for image in test_images]  # refinement guides
     foreground = trainer.class_ids.index(PAINTED[1])
     result = {
         "iterations": record["iterations"],
@@ -146,9 +146,10 @@ def napari_unet(train_images, strokes, test_images, budget: float, threads: int,
     }
 
     def predict_all(flips: bool):
+        """The probabilities before refinement (refined below, in place, so one prediction gives both rows)."""
         start = time.perf_counter()
-        probabilities = [predict_tiled(model, normalized, device="cpu", test_time_flips=flips)
-                         for normalized in normalized_images]
+        settings = PredictionSettings(device="cpu", test_time_flips=flips, refine_radius=0)
+        probabilities = [predict_image(model, trainer.metadata, image, settings).probabilities for image in test_images]
         return probabilities, time.perf_counter() - start
 
     flipped, result["unrefined_predict_s"] = predict_all(True)

@@ -1,10 +1,11 @@
 """Peak memory of the widget's prediction worker (``_workers.predict_steps``) on a large uint8 stack.
 
 A random ``Z x SIZE x SIZE`` uint8 stack and a tiny 2-class network (depth 2, 4 filters: the network is not what is
-measured), one pass with the default edge refinement, after a warm-up on a small image; peak memory traced by
-``tracemalloc`` (numpy buffers and Python objects; torch's allocator is not traced) and the wall time of that run.
+measured), one pass (no test-time flips) with the default edge refinement, after a warm-up on a small image; peak
+memory traced by ``tracemalloc`` (numpy buffers and Python objects; torch's allocator is not traced) and the wall time
+of that run.
 The worker's outputs (probabilities, segmentation) become the widget's layers: in memory up to
-``_layers.IN_MEMORY_OUTPUT_BYTES`` (1 GiB), memory-mapped temporary files beyond (not traced: they live on disk).
+``arrays.IN_MEMORY_OUTPUT_BYTES`` (1 GiB), memory-mapped temporary files beyond (not traced: they live on disk).
 
 ``--source memory`` (default): the image is a layer's in-memory data, which the widget hands the worker as it is
 (``--copy``: copied first, as the widget did before the ninth session).
@@ -30,9 +31,9 @@ import torch
 
 import tifffile
 
-from napari_unet import UNet, _layers, _reader
-from napari_unet._workers import PredictJob, predict_steps
-from napari_unet.refine import DEFAULT_RADIUS
+from napari_unet import UNet, _reader, arrays
+from napari_unet._workers import ImageDone, PredictJob, predict_steps
+from napari_unet.predict import PredictionSettings
 
 
 def main(argv=None):
@@ -44,16 +45,16 @@ def main(argv=None):
     parser.add_argument("--copy", action="store_true")
     args = parser.parse_args(argv)
     if args.outputs_in_memory:
-        _layers.IN_MEMORY_OUTPUT_BYTES = float("inf")
+        arrays.IN_MEMORY_OUTPUT_BYTES = float("inf")
     torch.manual_seed(0)
     model = UNet(n_classes=2, depth=2, base_filters=4).eval()
     metadata = {"class_ids": [1, 2], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
     stack = (np.random.default_rng(0).random((args.z, args.size, args.size)) * 255).astype(np.uint8)
 
     def run(image):
-        messages = predict_steps(model, metadata, [PredictJob("image", image)], device="cpu",
-                                 refine_radius=DEFAULT_RADIUS)
-        return [m[1] for m in messages if m[0] == "result"][0]
+        messages = predict_steps(model, metadata, [PredictJob("image", image)],
+                                 PredictionSettings(device="cpu", test_time_flips=False))
+        return [m.result for m in messages if isinstance(m, ImageDone)][0]
 
     run(stack[:1, :64, :64].copy())
     with tempfile.TemporaryDirectory() as folder:

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 
-from napari_unet.cli import ProgressBar, main, output_stem
+from napari_unet.cli import main, output_stem, progress_bar
 from napari_unet.io import read_image, save_model, write_tiff
 from napari_unet.normalization import normalize_image
 from napari_unet.tiling import predict_tiled
@@ -353,13 +353,21 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_progress_bar_shows_only_on_long_runs():
+    """A run shorter than the delay prints nothing; a longer one prints, on a stream that is not a terminal, a line
+    per update with the tile counts and the time left, and ends when the last tile is done."""
+    import re
+    import time
+
     stream = stdio.StringIO()
-    quick = ProgressBar("a.tif", stream=stream, delay=60)
-    quick(1, 2)
-    quick(2, 2)
+    with progress_bar("a.tif", stream=stream, delay=60) as quick:
+        quick(1, 2)
+        quick(2, 2)
     assert stream.getvalue() == ""
-    slow = ProgressBar("b.tif", stream=stream, delay=0, log_interval=0)
-    slow(1, 4)
-    slow(4, 4)
+    with progress_bar("b.tif", stream=stream, delay=0.001, log_interval=0) as slow:
+        time.sleep(0.01)  # past the delay
+        slow(1, 4)
+        slow(4, 4)
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2 and "1/4 tiles" in lines[0] and "left" in lines[0] and "4/4 tiles" in lines[1]
+    assert len(lines) == 2 and all(line.startswith("b.tif") and "tiles" in line for line in lines), lines
+    assert re.search(r" 1/4 \[\d\d:\d\d<\d\d:\d\d", lines[0]), lines  # elapsed < time left
+    assert " 4/4 " in lines[1] and "\r" not in stream.getvalue()

@@ -16,7 +16,7 @@ pytest.importorskip("pytestqt")
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
 from napari_unet._layers import output_role
-from napari_unet._workers import Progress
+from napari_unet._workers import Progress  # noqa: E402
 from napari_unet.widgets import UNetWidget  # noqa: E402
 
 
@@ -145,7 +145,7 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
     outputs above the memory limit are memory maps; both give what the in-memory layer gives."""
     import tifffile
 
-    from napari_unet import _layers, _reader
+    from napari_unet import _layers, _reader, arrays
 
     viewer, widget = setup
     widget.train()
@@ -158,7 +158,7 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
 
     tifffile.imwrite(tmp_path / "big.tif", viewer.layers["cells"].data)
     monkeypatch.setattr(_reader, "LAZY_READ_BYTES", 0)
-    monkeypatch.setattr(_layers, "IN_MEMORY_OUTPUT_BYTES", 0)
+    monkeypatch.setattr(arrays, "IN_MEMORY_OUTPUT_BYTES", 0)
     [(data, kwargs, _)] = _reader.read_tiff(str(tmp_path / "big.tif"))
     lazy = viewer.add_image(data, **kwargs)
     assert not isinstance(lazy.data, np.ndarray) and _layers.image_array(lazy) is lazy.data
@@ -173,10 +173,10 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
 
 
 def test_a_painting_layer_beyond_the_memory_limit_is_a_memory_map_the_trainer_reads(setup, qtbot, monkeypatch):
-    from napari_unet import _layers
+    from napari_unet import arrays
 
     viewer, widget = setup
-    monkeypatch.setattr(_layers, "IN_MEMORY_OUTPUT_BYTES", 0)
+    monkeypatch.setattr(arrays, "IN_MEMORY_OUTPUT_BYTES", 0)
     layer = widget.data.new_labels_layer()
     assert isinstance(layer.data, np.memmap)
     layer.data[:] = viewer.layers["cells labels"].data  # painted into the map
@@ -345,35 +345,6 @@ def test_removing_the_dock_widget_stops_training(setup, qtbot):
     worker = widget._worker
     viewer.window.remove_dock_widget(widget)
     assert not worker.is_running and not widget.busy
-
-
-def test_preview_region_equals_whole_image_prediction():
-    """Predicting only a region (with its context) gives exactly the whole-image result there."""
-    import torch
-
-    from napari_unet import UNet, predict_tiled
-    from napari_unet._workers import predict_region
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    cases = [(UNet(n_classes=3, depth=2, base_filters=4), (3, 70, 90)),  # a 2D net on a stack
-             (UNet(n_classes=2, depth=3, base_filters=4), (75, 61)),
-             (UNet(n_classes=2, ndim=3, depth=1, base_filters=2), (13, 20, 22)),
-             (UNet(n_classes=2, in_channels=3, depth=2, base_filters=4), (4, 70, 90))]  # RGB stack, channels first
-    for model, shape in cases:
-        model.eval()
-        channels = (3,) if model.in_channels == 3 else ()
-        image = rng.random(channels + shape).astype(np.float32)
-        whole = predict_tiled(model, image)
-        lead = len(shape) - model.config["ndim"]
-        for _ in range(4):
-            region = []
-            for axis, size in enumerate(shape):
-                start = int(rng.integers(0, size))
-                stop = start + 1 if axis < lead else int(rng.integers(start + 1, size + 1))
-                region.append(slice(start, stop))
-            part = predict_region(model, image, tuple(region))
-            np.testing.assert_allclose(part, whole[(slice(None), *region)], atol=1e-4, err_msg=str(region))
 
 
 def test_rgb_image_trains_predicts_and_segment_all_skips_other_channel_counts(make_napari_viewer, qtbot):

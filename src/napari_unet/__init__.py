@@ -16,6 +16,8 @@ _PUBLIC = {
     "UNet": "model",
     "predict_tiled": "tiling",
     "PredictionStopped": "tiling",
+    "predict_image": "predict",
+    "PredictionSettings": "predict",
     "save_model": "io",
     "load_model": "io",
     "percentile_params": "normalization",

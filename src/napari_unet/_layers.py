@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 
+from .arrays import output_array
 from .class_ids import class_colour
 
 META_KEY = "napari_unet"
@@ -83,24 +84,6 @@ class _Unwrapped:
 
     def __getitem__(self, key):
         return self.array[key]
-
-
-IN_MEMORY_OUTPUT_BYTES = 1 << 30
-"""Output arrays larger than this (in bytes) are memory maps of temporary files instead of memory."""
-
-
-def output_array(shape, dtype) -> np.ndarray:
-    """Zeros for a layer the widget makes (outputs, a painting layer): in memory up to
-    ``IN_MEMORY_OUTPUT_BYTES``, beyond that a memory map of an anonymous temporary file in the temporary folder
-    (``TMPDIR``), which the operating system deletes when the last view of it goes, so the layers of an image
-    larger than memory live on disk."""
-    import tempfile
-
-    dtype = np.dtype(dtype)
-    if int(np.prod(shape)) * dtype.itemsize <= IN_MEMORY_OUTPUT_BYTES:
-        return np.zeros(shape, dtype)
-    with tempfile.TemporaryFile(prefix="napari-unet-") as file:  # the map keeps its own handle
-        return np.memmap(file, dtype=dtype, mode="w+", shape=tuple(shape))
 
 
 CHANNEL_LAYER_NAME = re.compile(r"^(?P<stem>.*) \[ch(?P<index>\d+)\]$")

@@ -33,6 +33,7 @@ import torch
 
 from .class_ids import class_colour
 from .model import UNet
+from .predict import model_class_ids
 
 U_NET_CITATION = ("Ronneberger, Fischer & Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation, "
                   "MICCAI 2015", "10.1007/978-3-319-24574-4_28")
@@ -107,7 +108,7 @@ def export_bioimageio(
         raise ValueError(f"the sample image has {image.shape[0]} channels, the model takes {channels}")
     image = image.reshape(channels, *image.shape[-ndim:])
     recipe = metadata.get("normalization") or {"method": "percentile", "low": 1.0, "high": 99.8}
-    class_ids = list(metadata.get("class_ids") or range(1, model.n_classes + 1))
+    class_ids = model_class_ids(model, metadata)
     class_names = list(metadata.get("class_names") or [f"class {c}" for c in class_ids])
 
     shift = grid_shift(model)

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .io import ImageFileError, ModelFileError
-from .refine import AUTO, DEFAULT_EPS, DEFAULT_RADIUS
+from .predict import PredictionSettings, predict_image
+from .refine import AUTO
 
 PROG = "napari-unet"
 
@@ -44,41 +45,49 @@ class Command(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
-class ProgressBar:
-    """A minimal progress bar on stderr, shown only once a run has lasted ``delay`` seconds.
+@contextlib.contextmanager
+def progress_bar(label: str, unit: str = "tiles", stream=None, delay: float = 1.0, log_interval: float = 10.0):
+    """A ``tqdm`` progress bar on stderr, given to the block as the ``progress(done, total)`` callback that
+    :func:`~napari_unet.predict.predict_image` takes; it ends when the total is reached or the block exits.
 
-    Call it as ``progress(done, total)`` (the :func:`~napari_unet.tiling.predict_tiled`
-    callback). On a terminal it redraws one line; otherwise it prints a line every
-    ``log_interval`` seconds and at the end.
+    Shown only once a run has lasted ``delay`` seconds (a quick run prints nothing). On a terminal it redraws one
+    line; otherwise (a log file, a cluster job's output) it prints a line every ``log_interval`` seconds and at the
+    end.
     """
+    from tqdm import tqdm
 
-    def __init__(self, label: str, unit: str = "tiles", stream=None, delay: float = 1.0, log_interval: float = 10.0):
-        self.label, self.unit, self.delay = label, unit, delay
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = 0.1 if self.tty else log_interval
-        self.start = time.monotonic()
-        self.last = -float("inf")
-        self.shown = False
+    stream = sys.stderr if stream is None else stream
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    bar = tqdm(desc=label, unit=unit, file=stream if tty else _LineEachRedraw(stream), delay=delay,
+               mininterval=0.1 if tty else log_interval, leave=True)
 
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        elapsed = now - self.start
-        finished = done >= total
-        if not self.shown and (elapsed < self.delay or finished):
-            return
-        if not finished and now - self.last < self.interval:
-            return
-        self.last, self.shown = now, True
-        fraction = done / max(total, 1)
-        bar = "#" * int(24 * fraction)
-        line = f"{self.label} [{bar:<24}] {done}/{total} {self.unit} {elapsed:.0f}s"
-        if not finished and fraction > 0:
-            line += f" (about {elapsed / fraction - elapsed:.0f}s left)"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if finished else ""))
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        if done >= total:
+            bar.n = done
+            bar.close()  # its last state, if it was shown
         else:
+            bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+class _LineEachRedraw:
+    """A stream that is not a terminal, as tqdm's output: each redraw (tqdm starts one with a carriage return to
+    overwrite the line) becomes a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.lstrip("\r").rstrip()
+        if text.startswith("\r") and line:
             self.stream.write(line + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
 
 
@@ -87,6 +96,7 @@ class ProgressBar:
 
 
 def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PredictionSettings()
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE",
                         help="TIFF images (2D, 3D stacks, with or without channels) or folders of them")
     parser.add_argument("--model", "-m", required=True, type=Path, help="model file (.safetensors) saved by napari-unet")
@@ -97,18 +107,20 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="output tile size: Y X for a 2D model, Z Y X for a 3D model (default: as large as memory allows)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="tiles per forward pass (default: from memory)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, metavar="N",
+                        help="tiles per forward pass (default: from memory)")
+    _add_device_argument(parser, defaults.device)
     parser.add_argument(
-        "--test-time-flips", action=argparse.BooleanOptionalAction, default=True,
+        "--test-time-flips", action=argparse.BooleanOptionalAction, default=defaults.test_time_flips,
         help="average the predictions of the 8 flips/transpositions of each image: a little more accurate, "
-        "8x the prediction time (default: on; --no-test-time-flips for one pass)",
+        f"8x the prediction time (default: {'on' if defaults.test_time_flips else 'off'}; --no-test-time-flips for "
+        "one pass)",
     )
     parser.add_argument(
-        "--refine-radius", type=_refine_radius, default=DEFAULT_RADIUS, metavar="PX|auto",
+        "--refine-radius", type=_refine_radius, default=defaults.refine_radius, metavar="PX|auto",
         help="snap the probabilities to the image's edges with a guided filter of this window half-width in "
         "pixels; auto: the widest window that fits the predicted structures, 1 to 3 px "
-        f"(default {DEFAULT_RADIUS}; 0: the network's probabilities as they are)",
+        f"(default {defaults.refine_radius}; 0: the network's probabilities as they are)",
     )
     parser.add_argument(
         "--shard", type=_shard, metavar="I/N",
@@ -120,10 +132,15 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-going", action="store_true",
                         help="go on with the next image when one fails; list the failures at the end (exit 2)")
     parser.add_argument(
-        "--refine-eps", type=_positive_float, default=DEFAULT_EPS, metavar="EPS",
+        "--refine-eps", type=_positive_float, default=defaults.refine_eps, metavar="EPS",
         help="edges whose local intensity variance (normalized image) is well below EPS are smoothed over "
-        f"(default {DEFAULT_EPS})",
+        f"(default {defaults.refine_eps})",
     )
+
+
+def _add_device_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--device", default=default,
+                        help=f"auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: {default})")
 
 
 def _positive_int(text: str) -> int:
@@ -268,7 +285,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .io import load_model
 
     try:
-        device = resolve_device(args.device)
+        settings = PredictionSettings(device=args.device, tile_shape=tile, batch_size=args.batch_size,
+                                      test_time_flips=args.test_time_flips, refine_radius=args.refine_radius,
+                                      refine_eps=args.refine_eps)
+        resolve_device(settings.device)  # a device this machine lacks: an error before any work
     except ValueError as e:
         raise CLIError(str(e)) from None
     model, metadata = load_model(args.model)
@@ -281,11 +301,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     for path, stem in jobs:
         started = time.monotonic()
         try:
-            probabilities_path, labels_path = _predict_file(model, metadata, path, args.out / stem, tile=tile,
-                                                            batch_size=args.batch_size, device=device,
-                                                            test_time_flips=args.test_time_flips,
-                                                            refine_radius=args.refine_radius,
-                                                            refine_eps=args.refine_eps)
+            probabilities_path, labels_path = _predict_file(model, metadata, path, args.out / stem, settings)
         except (CLIError, ImageFileError) as e:
             if not args.keep_going:
                 raise
@@ -298,51 +314,47 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_file(model, metadata: dict, path: Path, prefix: Path, *, tile, **predict) -> tuple[Path, Path]:
+def _predict_file(model, metadata: dict, path: Path, prefix: Path, settings: PredictionSettings) -> tuple[Path, Path]:
     """Predict one image file into ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``."""
     from .io import open_image
-    from .normalization import normalized_view
 
-    config = metadata["config"]
     with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
-        lazy, spatial_axes = model_input(lazy, info, config["in_channels"], path)
-        channel_axis = 0 if config["in_channels"] > 1 else None
-        image = normalized_view(lazy, metadata.get("normalization"), channel_axis)  # one streaming read
+        image, spatial_axes = model_input(lazy, info, model.in_channels, path)
         try:
-            return _predict_to_files(model, image, metadata["class_ids"], prefix, spatial_axes, info,
-                                     tile_shape=tile, progress=ProgressBar(path.name), **predict)
+            with progress_bar(path.name) as progress:
+                return _predict_to_files(model, metadata, image, prefix, spatial_axes, info, settings, progress)
         except ImageFileError:
             raise  # names the file already
         except ValueError as e:
             raise CLIError(f"{path}: {e}") from None
 
 
-def _predict_to_files(model, image, class_ids, prefix: Path, spatial_axes: str, info: dict, **predict):
-    """Predict ``image``, write ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``; returns both paths.
+def _predict_to_files(model, metadata: dict, image, prefix: Path, spatial_axes: str, info: dict,
+                      settings: PredictionSettings, progress) -> tuple[Path, Path]:
+    """Predict ``image`` (``predict.predict_image``), write ``<prefix>_probabilities.tif`` and
+    ``<prefix>_labels.tif``; returns both paths.
 
-    The class probabilities (4 bytes per class and pixel, the largest array of a prediction) are predicted into
-    a hidden ``.npy`` memory map next to the outputs instead of RAM, the labels are computed from it one plane
-    at a time into another, and both scratch files are deleted afterwards, also when prediction fails.
+    The class probabilities (4 bytes per class and pixel, the largest array of a prediction) and the labels are
+    predicted into hidden ``.npy`` memory maps next to the outputs instead of RAM, and the scratch files are deleted
+    afterwards, also when prediction fails.
     """
     import numpy as np
 
-    from .class_ids import labels_dtype, segmentation_from_probabilities
-    from .tiling import predict_tiled
+    scratch = []
 
-    spatial = tuple(image.shape[-len(spatial_axes):])
-    scratch = [prefix.parent / f".{prefix.name}_{kind}.{os.getpid()}.npy" for kind in ("probabilities", "labels")]
+    def scratch_file(role: str, shape: tuple, dtype) -> np.ndarray:
+        scratch.append(prefix.parent / f".{prefix.name}_{role}.{os.getpid()}.npy")
+        return np.lib.format.open_memmap(scratch[-1], mode="w+", dtype=dtype, shape=shape)
+
+    outputs = None
     try:
-        probabilities = np.lib.format.open_memmap(scratch[0], mode="w+", dtype=np.float32,
-                                                  shape=(len(class_ids), *spatial))
-        labels = np.lib.format.open_memmap(scratch[1], mode="w+", dtype=labels_dtype(class_ids), shape=spatial)
-        predict_tiled(model, image, out=probabilities, **predict)
-        segmentation_from_probabilities(probabilities, class_ids, out=labels)
+        outputs = predict_image(model, metadata, image, settings, out=scratch_file, progress=progress)
         return (
-            _write_output(Path(f"{prefix}_probabilities.tif"), probabilities, "C" + spatial_axes, info),
-            _write_output(Path(f"{prefix}_labels.tif"), labels, spatial_axes, info),
+            _write_output(Path(f"{prefix}_probabilities.tif"), outputs.probabilities, "C" + spatial_axes, info),
+            _write_output(Path(f"{prefix}_labels.tif"), outputs.labels, spatial_axes, info),
         )
     finally:
-        probabilities = labels = None  # unmapped before the files are deleted (Windows refuses to delete a mapped file)
+        outputs = None  # unmapped before the files are deleted (Windows refuses to delete a mapped file)
         for path in scratch:
             with contextlib.suppress(OSError):  # still mapped through an error's traceback (Windows): it stays
                 path.unlink(missing_ok=True)
@@ -365,26 +377,35 @@ def _write_output(target: Path, data, axes: str, info: dict) -> Path:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training import TrainingSettings
+
+    defaults = TrainingSettings()
+
     parser.add_argument("--images", nargs="+", required=True, type=Path, metavar="IMG", help="TIFF images (2D, 3D stacks or volumes; with channels, e.g. RGB, all alike)")
     parser.add_argument(
         "--labels", nargs="+", required=True, type=Path, metavar="LAB",
         help="TIFF label images, one per image: 0 = unpainted, ids 1..K = classes (at least two painted)",
     )
     parser.add_argument("--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS", help="training time (default 60 s unless --iterations)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help=f"training time (default {defaults.time_budget:g} s unless --iterations)")
     parser.add_argument(
         "--iterations", type=_positive_int, metavar="N",
-        help="training iterations (default 2000); training ends at whichever of --iterations/--time-budget comes first",
+        help=f"training iterations (default {defaults.iterations}); training ends at whichever of "
+        "--iterations/--time-budget comes first",
     )
-    parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="2: 2D net (stacks slice by slice), 3: 3D net")
-    parser.add_argument("--depth", type=_positive_int, help="U-Net depth (poolings; default 3)")
-    parser.add_argument("--filters", type=_positive_int, help="base filters (default 16)")
-    parser.add_argument("--patch-size", type=_positive_int, metavar="N", help="output tile size per axis (default 96)")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="tiles per iteration (default 4)")
+    parser.add_argument("--ndim", type=int, choices=(2, 3), default=defaults.ndim,
+                        help="2: 2D net (stacks slice by slice), 3: 3D net")
+    parser.add_argument("--depth", type=_positive_int, help=f"U-Net depth (poolings; default {defaults.depth})")
+    parser.add_argument("--filters", type=_positive_int, help=f"base filters (default {defaults.base_filters})")
+    parser.add_argument("--patch-size", type=_positive_int, metavar="N",
+                        help=f"output tile size per axis (default {defaults.patch_size})")
+    parser.add_argument("--batch-size", type=_positive_int, metavar="N",
+                        help=f"tiles per iteration (default {defaults.batch_size})")
     parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
     parser.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_device_argument(parser, defaults.device)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
     parser.add_argument("--float32", action="store_true", help="no mixed precision (default: float16 on CUDA)")
     parser.add_argument(
         "--cpu-bfloat16", action="store_true",
@@ -449,7 +470,8 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         settings = TrainingSettings(
             ndim=args.ndim,
             iterations=args.iterations or TrainingSettings.iterations,
-            time_budget=args.time_budget if args.time_budget is not None else (None if args.iterations else 60.0),
+            time_budget=args.time_budget if args.time_budget is not None else (
+                None if args.iterations else TrainingSettings.time_budget),
             border_weight=args.border_weight,
             device=args.device,
             seed=args.seed,
@@ -494,10 +516,15 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--time-budget", type=float, default=60.0, metavar="SECONDS", help="training time (default 60)")
+    from .training import TrainingSettings
+
+    defaults = TrainingSettings()
+
+    parser.add_argument("--time-budget", type=float, default=defaults.time_budget, metavar="SECONDS",
+                        help=f"training time (default {defaults.time_budget:g})")
     parser.add_argument("--out", "-o", type=Path, default=Path("napari-unet-demo"), metavar="DIR", help="output folder (default ./napari-unet-demo)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_device_argument(parser, defaults.device)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

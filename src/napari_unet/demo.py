@@ -52,12 +52,9 @@ def run_demo(
     """
     import tifffile
 
-    from .class_ids import segmentation_from_probabilities
     from .devices import available_cores
     from .io import write_tiff
-    from .normalization import normalize_image
-    from .refine import DEFAULT_RADIUS
-    from .tiling import predict_tiled
+    from .predict import PredictionSettings, predict_image
     from .training import train
 
     out = Path(out)
@@ -82,14 +79,12 @@ def run_demo(
     model_path = out / "demo_model.safetensors"
     trainer.save(model_path)
     scores = {}
+    settings = PredictionSettings(device=device)  # the defaults of `napari-unet predict`
     for path, truth_path in zip(paths["images"][1:], paths["truths"][1:]):
-        image = tifffile.imread(path)
-        probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization), device=device,
-                                      test_time_flips=True, refine_radius=DEFAULT_RADIUS)
-        labels = segmentation_from_probabilities(probabilities, trainer.class_ids)
-        write_tiff(out / f"{path.stem}_probabilities.tif", probabilities, axes="CYX")
-        write_tiff(out / f"{path.stem}_labels.tif", labels, axes="YX")
-        scores[path.name] = dice(labels == NUCLEUS_ID, tifffile.imread(truth_path) > 0)
+        predicted = predict_image(trainer.model, trainer.metadata, tifffile.imread(path), settings)
+        write_tiff(out / f"{path.stem}_probabilities.tif", predicted.probabilities, axes="CYX")
+        write_tiff(out / f"{path.stem}_labels.tif", predicted.labels, axes="YX")
+        scores[path.name] = dice(predicted.labels == NUCLEUS_ID, tifffile.imread(truth_path) > 0)
         log(f"{path.name}: Dice {scores[path.name]:.3f} (nucleus vs ground truth)")
     mean = float(np.mean(list(scores.values())))
     log(f"mean Dice {mean:.3f}; model and predictions written to {out}")

@@ -1,4 +1,4 @@
-"""Device choice, CPU thread count and mixed-precision policy."""
+"""Device choice, CPU thread count, mixed-precision policy and releasing cached device memory."""
 
 from __future__ import annotations
 
@@ -83,3 +83,27 @@ def amp_dtype(device, cpu_bfloat16: bool = False) -> torch.dtype | None:
     if device.type == "cpu" and cpu_bfloat16 and cpu_has_native_bfloat16():
         return torch.bfloat16
     return None
+
+
+def release_device_memory(device) -> None:
+    """Return the memory torch's allocator caches on ``device`` to the driver after work there (no-op on the CPU),
+    so that a finished prediction does not keep the GPU memory other programs (and the next training) need."""
+    kind = getattr(device, "type", str(device))
+    if kind.startswith("cuda"):
+        torch.cuda.empty_cache()
+    elif kind == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+def describe_device(name, cpu_threads: int | None = None) -> str:
+    """What runs for the device choice ``name`` (see :func:`resolve_device`), in words for a status line:
+    ``"cpu, 3 threads"`` (``cpu_threads``, default torch's current count), ``"cuda:0 (NVIDIA H200)"``, ``"mps"``.
+    Raises ``ValueError`` as :func:`resolve_device` does for a device this machine lacks."""
+    device = resolve_device(name)
+    if device.type == "cpu":
+        threads = torch.get_num_threads() if cpu_threads is None else cpu_threads
+        return f"cpu, {threads} thread{'s' * (threads != 1)}"
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)

@@ -10,8 +10,10 @@ from qtpy.QtWidgets import QGroupBox, QVBoxLayout
 from ..predict import PredictionSettings
 from .settings_form import SettingsForm
 
-SHARED_FIELDS = ("device",)
-"""Prediction settings the composing widget sets (one device for training and prediction)."""
+LEFT_OUT = ("device", "tile_shape", "batch_size", "refine_eps")
+"""Prediction settings not in this form: the device is the composing widget's (one for training and prediction);
+tile and batch size change speed and memory, not the result, and the edge threshold is an expert's knob, so they
+are the command line's (``napari-unet predict --tile/--batch-size/--refine-eps``) and keep their defaults here."""
 
 
 class PredictionPanel(QGroupBox):
@@ -20,7 +22,7 @@ class PredictionPanel(QGroupBox):
 
     def __init__(self, parent=None):
         super().__init__("Prediction", parent)
-        self.form = SettingsForm(PredictionSettings, exclude=SHARED_FIELDS)
+        self.form = SettingsForm(PredictionSettings, exclude=LEFT_OUT)
         QVBoxLayout(self).addWidget(self.form.native)
 
     def settings(self, device: str) -> PredictionSettings:

@@ -1,0 +1,153 @@
+"""The widget's worker generators driven without Qt: the typed messages they yield, in order."""
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_unet import UNet, arrays, devices
+from napari_unet._workers import (
+    ImageDone,
+    ImageFailed,
+    ImageStarted,
+    LabelsRefused,
+    PredictJob,
+    Preview,
+    Progress,
+    Ready,
+    ViewRegion,
+    gui_friendly_threads,
+    predict_steps,
+    train_steps,
+)
+from napari_unet.io import lazy_image, write_tiff
+from napari_unet.predict import PredictionSettings, predict_image
+from napari_unet.tiling import PredictionStopped
+from napari_unet.training import Trainer, TrainingSettings
+
+
+def _blobs(seed=0, shape=(64, 64)):
+    """A bright square on noise with strokes: id 1 = background, id 2 = square."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    image[16:48, 16:48] += 4.0
+    labels = np.zeros(shape, np.uint8)
+    labels[2:5, 4:-4] = 1
+    labels[31:34, 20:44] = 2
+    return image, labels
+
+
+def _settings(**overrides):
+    return TrainingSettings(**{"iterations": 6, "time_budget": None, "depth": 1, "base_filters": 4, "patch_size": 16,
+                               "batch_size": 2, "device": "cpu", "cpu_threads": 1, **overrides})
+
+
+def _drain(steps):
+    """Every message a generator yields, and what it returns."""
+    messages = []
+    while True:
+        try:
+            messages.append(next(steps))
+        except StopIteration as end:
+            return messages, end.value
+
+
+def test_train_steps_yield_ready_progress_previews_and_refused_labels():
+    image, labels = _blobs()
+    view = ViewRegion((slice(8, 40), slice(0, 64)))
+    steps = train_steps([image], [labels], _settings(), view=view, preview_interval=0.0)
+    ready = next(steps)
+    assert isinstance(ready, Ready) and isinstance(ready.trainer, Trainer)
+    ready.trainer.update_labels_later(0, np.zeros((5, 5), np.uint8))  # read, and refused, on the training side
+    messages, returned = _drain(steps)
+    assert returned is ready.trainer
+    assert {type(m) for m in messages} == {Progress, Preview, LabelsRefused}
+    progress = [m.event for m in messages if isinstance(m, Progress)]
+    assert [e.iteration for e in progress[:-1]] == list(range(1, 7)) and not any(e.done for e in progress[:-1])
+    assert progress[-1].done and progress[-1].reason == "iterations"
+    [refused] = [m for m in messages if isinstance(m, LabelsRefused)]
+    assert refused.index == 0 and "does not match" in refused.reason
+    previews = [m.result for m in messages if isinstance(m, Preview)]
+    assert len(previews) >= 2 and isinstance(messages[-1], Preview)  # the last one from the final weights
+    assert previews[-1].iteration == ready.trainer.iteration == 6
+    for preview in previews:
+        assert preview.region == view.region and preview.class_ids == (1, 2)
+        assert preview.probabilities.shape == (2, 32, 64) and preview.segmentation.shape == (32, 64)
+        assert set(np.unique(preview.segmentation)) <= {1, 2}
+
+
+def test_train_steps_without_a_view_yield_no_previews():
+    image, labels = _blobs()
+    messages, _ = _drain(train_steps([image], [labels], _settings(iterations=2)))
+    assert isinstance(messages[0], Ready) and all(isinstance(m, Progress) for m in messages[1:])
+    assert len(messages) == 4
+
+
+def test_stop_ends_training_within_an_iteration():
+    image, labels = _blobs()
+    stop = threading.Event()
+    steps = train_steps([image], [labels], _settings(iterations=10_000), view=ViewRegion(), stop=stop)
+    assert isinstance(next(steps), Ready)
+    for message in steps:
+        if isinstance(message, Progress) and message.event.iteration == 2:
+            stop.set()
+        if isinstance(message, Progress) and message.event.done:
+            break
+    assert message.event.reason == "stopped" and message.event.iteration <= 4
+    assert list(steps) == []  # no preview after a stop
+
+
+def _broken_lazy_image(tmp_path):
+    """A lazy view of a TIFF whose plane 5 cannot be decoded (only reading it finds out)."""
+    path = write_tiff(tmp_path / "broken.tif", (np.random.default_rng(0).random((8, 64, 64)) * 255).astype(np.uint8))
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[5].dataoffsets[0], tif.pages[5].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(count)
+    path.write_bytes(bytes(data))
+    return lazy_image(path)[0]
+
+
+def test_predict_steps_yield_each_image_and_go_on_past_an_unreadable_one(tmp_path, monkeypatch):
+    """Outputs over ``arrays.IN_MEMORY_OUTPUT_BYTES`` are memory maps (the widget's layers), equal to what
+    ``predict_image`` gives; the device's memory is released at the end."""
+    torch.manual_seed(0)
+    model = UNet(n_classes=2, depth=1, base_filters=4).eval()
+    metadata = {"class_ids": [1, 2]}
+    image, _ = _blobs()
+    stack = np.stack([_blobs(seed)[0] for seed in range(3)])
+    jobs = [PredictJob("broken", _broken_lazy_image(tmp_path)), PredictJob("a", image), PredictJob("b", stack)]
+    settings = PredictionSettings(device="cpu", uncertainty=True)
+    tiles, released = [], []
+    monkeypatch.setattr(arrays, "IN_MEMORY_OUTPUT_BYTES", 0)
+    monkeypatch.setattr(devices, "release_device_memory", released.append)
+    messages, done = _drain(predict_steps(model, metadata, jobs, settings,
+                                          progress=lambda *counts: tiles.append(counts)))
+    assert done == 2 and [str(d) for d in released] == ["cpu"]
+    assert [type(m) for m in messages] == [ImageStarted, ImageFailed, ImageStarted, ImageDone, ImageStarted, ImageDone]
+    assert [(m.index, m.count, m.name) for m in messages if isinstance(m, ImageStarted)] == [
+        (0, 3, "broken"), (1, 3, "a"), (2, 3, "b")]
+    assert messages[1].name == "broken" and "not a readable TIFF" in messages[1].reason
+    assert tiles and all(done_tiles <= total for done_tiles, total in tiles)
+    for message, job in zip((messages[3], messages[5]), jobs[1:]):
+        result = message.result
+        assert result.name == job.name
+        with gui_friendly_threads():  # as many torch threads as the worker: the same float rounding
+            expected = predict_image(model, metadata, job.image, settings)
+        for got, want in ((result.probabilities, expected.probabilities), (result.segmentation, expected.labels),
+                          (result.uncertainty, expected.uncertainty)):
+            assert isinstance(got, np.memmap)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_predict_steps_stop_at_the_next_tile_batch():
+    torch.manual_seed(0)
+    model = UNet(n_classes=2, depth=1, base_filters=4).eval()
+    stop = threading.Event()
+    stop.set()
+    steps = predict_steps(model, {}, [PredictJob("a", _blobs()[0])], PredictionSettings(device="cpu"), stop=stop)
+    assert next(steps) == ImageStarted(0, 1, "a")
+    with pytest.raises(PredictionStopped):
+        next(steps)
