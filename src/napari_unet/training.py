@@ -99,7 +99,7 @@ class TrainingSettings:
     -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (365 iterations on
     2 cores in ``napari-unet demo``); on a GPU, or with a long budget, this does."""
     time_budget: float | None = field(default=60.0, metadata={
-        "label": "Time budget", "widget_type": "SpinBox", "min": 1, "max": 24 * 3600, "suffix": " s",
+        "label": "Time budget (s)", "widget_type": "SpinBox", "min": 1, "max": 24 * 3600,
         "tooltip": "Training time budget; Stop ends earlier and keeps the model"})
     """Seconds (None: no limit of that kind)."""
     patience: int | None = None

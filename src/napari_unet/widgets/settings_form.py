@@ -4,7 +4,7 @@ A dataclass field whose ``metadata`` holds a ``"label"`` gets a widget, so a new
 and tooltip, not five places in the widget. The widget follows the field: ``"choices"`` (``(text, value)`` pairs)
 make a combo box, otherwise the default's type decides (bool: check box, int: spin box, float: float spin box);
 ``"widget_type"`` overrides that choice (``"SpinBox"`` for a float shown in whole units), ``"min"``/``"max"``/``"step"``
-bound it, ``"suffix"`` follows the number, and ``"none"`` names the spin box value that stands for ``None`` (e.g. 0
+bound it, and ``"none"`` names the spin box value that stands for ``None`` (e.g. 0
 iterations = no limit, shown as ``"none_text"``).
 """
 
@@ -38,7 +38,8 @@ def _widget(f: dataclasses.Field) -> Widget:
     widget_type = meta.get("widget_type") or ("ComboBox" if "choices" in meta else None)
     if widget_type == "SpinBox":  # a float setting shown in whole units (seconds)
         value = int(value)
-    if widget_type == "ComboBox":
+    if widget_type == "ComboBox":  # its choices bound it (a range may be there for the command line)
+        options = {key: options[key] for key in ("tooltip", "choices") if key in options}
         return create_widget(value=value, name=f.name, label=meta["label"], widget_type=widget_type,
                              options=options)
     return create_widget(value=value, annotation=type(value), name=f.name, label=meta["label"],
@@ -61,8 +62,6 @@ class SettingsForm:
         for f in self._fields.values():
             if "none_text" in f.metadata:
                 self[f.name].native.setSpecialValueText(f.metadata["none_text"])
-            if "suffix" in f.metadata:
-                self[f.name].native.setSuffix(f.metadata["suffix"])
         self.changed = self.container.changed
 
     def __getitem__(self, name: str) -> Widget:

@@ -171,11 +171,13 @@ class UNetWidget(QWidget):
         self._remember_timer.setSingleShot(True)
         self._remember_timer.setInterval(REMEMBER_DELAY_MS)
         self._remember_timer.timeout.connect(lambda: save_settings(self._remembered()))
-        for changed in (self.training.basic.changed, self.training.form.changed, self.prediction.form.changed):
-            changed.connect(self._remember_timer.start)
-        self.device_combo.currentTextChanged.connect(self._remember_timer.start)
-        self.data.class_names_edit.textChanged.connect(self._remember_timer.start)
-        self.training.preview_check.toggled.connect(self._remember_timer.start)
+        for changed in (self.training.basic.changed, self.training.form.changed, self.prediction.form.changed,
+                        self.device_combo.currentTextChanged, self.data.class_names_edit.textChanged,
+                        self.training.preview_check.toggled):
+            changed.connect(self._remember_later)
+
+    def _remember_later(self, *args) -> None:
+        self._remember_timer.start()
 
     # --- model ------------------------------------------------------------------------------------
 
