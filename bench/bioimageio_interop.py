@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import quality
+
 from napari_unet.bioimageio_export import export_bioimageio
 from napari_unet.io import load_model
 from napari_unet.predict import PredictionSettings, predict_image
@@ -41,12 +41,14 @@ def main(argv=None):
 
     train, test = quality.load_dsb(args.data)
     if args.model is None:
-        from napari_unet.training import train as train_model
         from quality_strokes import simulate_strokes
 
+        from napari_unet.training import train as train_model
+
         strokes = [simulate_strokes(truth, quality.PAINTED, seed=k) for k, (_, truth) in enumerate(train)]
-        trainer = train_model([image for image, _ in train], strokes, iterations=args.iterations, time_budget=None,
-                              device="cpu", seed=0)
+        trainer = train_model(
+            [image for image, _ in train], strokes, iterations=args.iterations, time_budget=None, device="cpu", seed=0
+        )
         model, metadata = trainer.model, trainer.metadata
     else:
         model, metadata = load_model(args.model)
@@ -70,9 +72,11 @@ def main(argv=None):
             agreement.append(float((theirs.argmax(0) == ours.argmax(0)).mean()))
             dice_ours.append(quality.dice(ours.argmax(0) == foreground, truth.astype(bool)))
             dice_core.append(quality.dice(theirs.argmax(0) == foreground, truth.astype(bool)))
-    print(f"{len(test)} images: largest |p_core - p_napari_unet| {max(differences):.2e}, argmax agreement "
-          f"{min(agreement):.5f} (worst image), mean Dice {np.mean(dice_ours):.4f} (napari-unet) / "
-          f"{np.mean(dice_core):.4f} (bioimageio.core); predict {seconds[0]:.1f} s / {seconds[1]:.1f} s")
+    print(
+        f"{len(test)} images: largest |p_core - p_napari_unet| {max(differences):.2e}, argmax agreement "
+        f"{min(agreement):.5f} (worst image), mean Dice {np.mean(dice_ours):.4f} (napari-unet) / "
+        f"{np.mean(dice_core):.4f} (bioimageio.core); predict {seconds[0]:.1f} s / {seconds[1]:.1f} s"
+    )
 
 
 if __name__ == "__main__":

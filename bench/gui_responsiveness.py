@@ -52,8 +52,10 @@ def main() -> None:
     beats = np.asarray(beats)
     gaps = np.diff(beats[(beats >= iterations[0]) & (beats <= iterations[-1])]) * 1000
     print(f"default settings, {args.seconds} s budget: {len(iterations)} iterations, {widget.previews_shown} previews")
-    print(f"heartbeat gaps while training: max {gaps.max():.1f} ms, 99th percentile {np.percentile(gaps, 99):.1f} ms, "
-          f"median {np.median(gaps):.1f} ms; overall (with preparation) max {np.diff(beats).max() * 1000:.1f} ms")
+    print(
+        f"heartbeat gaps while training: max {gaps.max():.1f} ms, 99th percentile {np.percentile(gaps, 99):.1f} ms, "
+        f"median {np.median(gaps):.1f} ms; overall (with preparation) max {np.diff(beats).max() * 1000:.1f} ms"
+    )
 
     latencies = []
     for wait in (4, 5, 6):

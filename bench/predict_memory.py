@@ -32,15 +32,31 @@ def run(size: int, threads: int, refine_radius: int = DEFAULT_RADIUS, dtype: str
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         torch.manual_seed(0)
-        model = save_model(UNet(n_classes=3, depth=2, base_filters=4), folder / "m.safetensors", {"class_ids": [1, 2, 3]})
+        model = save_model(
+            UNet(n_classes=3, depth=2, base_filters=4), folder / "m.safetensors", {"class_ids": [1, 2, 3]}
+        )
         pixels = (np.random.default_rng(0).random((size, size)) * 255).astype(dtype)
         image = write_tiff(folder / "big.tif", pixels)
         del pixels
         small = write_tiff(folder / "small.tif", np.zeros((64, 64), np.uint8))
 
         def predict(path, out):
-            assert cli(["predict", "-m", str(model), str(path), "-o", str(folder / out), "--no-test-time-flips",
-                        "--refine-radius", str(refine_radius)]) == 0
+            assert (
+                cli(
+                    [
+                        "predict",
+                        "-m",
+                        str(model),
+                        str(path),
+                        "-o",
+                        str(folder / out),
+                        "--no-test-time-flips",
+                        "--refine-radius",
+                        str(refine_radius),
+                    ]
+                )
+                == 0
+            )
 
         predict(small, "warm-up")
         tracemalloc.start()
@@ -50,8 +66,14 @@ def run(size: int, threads: int, refine_radius: int = DEFAULT_RADIUS, dtype: str
         start = time.perf_counter()
         predict(image, "timed")
         seconds = time.perf_counter() - start
-    return {"size": size, "dtype": dtype, "refine_radius": refine_radius, "peak_traced_mib": peak / 2**20,
-            "seconds": seconds, "image_mib": size * size * np.dtype(dtype).itemsize / 2**20}
+    return {
+        "size": size,
+        "dtype": dtype,
+        "refine_radius": refine_radius,
+        "peak_traced_mib": peak / 2**20,
+        "seconds": seconds,
+        "image_mib": size * size * np.dtype(dtype).itemsize / 2**20,
+    }
 
 
 def main(argv=None):
@@ -62,8 +84,10 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["uint8", "float32"], default="uint8")
     args = parser.parse_args(argv)
     result = run(args.size, args.threads, args.refine_radius, args.dtype)
-    print(f"{result['size']}x{result['size']} {result['dtype']} ({result['image_mib']:.0f} MiB), refine radius "
-          f"{result['refine_radius']}: peak traced {result['peak_traced_mib']:.0f} MiB, {result['seconds']:.1f} s")
+    print(
+        f"{result['size']}x{result['size']} {result['dtype']} ({result['image_mib']:.0f} MiB), refine radius "
+        f"{result['refine_radius']}: peak traced {result['peak_traced_mib']:.0f} MiB, {result['seconds']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality_strokes import simulate_strokes  # noqa: E402
+from quality_strokes import simulate_strokes
 
 DEFAULT_DATA = Path("/work/shared/data")
 PAINTED = {0: 1, 1: 2}  # ground truth background -> painted id 1, foreground -> painted id 2
@@ -93,9 +93,7 @@ def random_forest(train_images, strokes, test_images, threads: int) -> dict:
 
     from napari_unet.normalization import normalize_image
 
-    features = partial(
-        multiscale_basic_features, intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16
-    )
+    features = partial(multiscale_basic_features, intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16)
     start = time.perf_counter()
     xs, ys = [], []
     for image, stroke in zip(train_images, strokes):
@@ -194,7 +192,11 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     parser.add_argument("--no-baseline", action="store_true", help="skip the random forest")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help="override a TrainingSettings field (repeatable), e.g. --set depth=2",
     )
     args = parser.parse_args(argv)
@@ -210,13 +212,20 @@ def main(argv=None):
     print("\n| set | method | Dice (mean) | Dice (pooled) | train s | predict s |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for method in ("napari_unet", "napari_unet_unrefined", "napari_unet_one_pass", "random_forest",
-                       "random_forest_refined"):
+        for method in (
+            "napari_unet",
+            "napari_unet_unrefined",
+            "napari_unet_one_pass",
+            "random_forest",
+            "random_forest_refined",
+        ):
             if method not in r:
                 continue
             m = r[method]
-            print(f"| {r['set']} | {method} | {m['dice_mean']:.3f} | {m['dice_pooled']:.3f} "
-                  f"| {m['train_s']:.0f} | {m['predict_s']:.1f} |")
+            print(
+                f"| {r['set']} | {method} | {m['dice_mean']:.3f} | {m['dice_pooled']:.3f} "
+                f"| {m['train_s']:.0f} | {m['predict_s']:.1f} |"
+            )
     for r in results:
         if "random_forest" in r:
             margin = r["napari_unet"]["dice_mean"] - r["random_forest"]["dice_mean"]

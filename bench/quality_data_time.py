@@ -36,9 +36,11 @@ def main(argv=None):
     direct = (time.perf_counter() - start) / args.iterations
     step = record["seconds"] / record["iterations"]
     print(f"tiles {trainer.input_shape} -> {trainer.output_shape}, batch {settings.batch_size}, {args.threads} threads")
-    print(f"step {step * 1000:.0f} ms, waiting for data {record['data_seconds'] / record['iterations'] * 1000:.0f} ms "
-          f"({100 * record['data_seconds'] / record['seconds']:.1f} % of the step); "
-          f"sampler + augmenter alone {direct * 1000:.0f} ms per batch ({100 * direct / step:.1f} %)")
+    print(
+        f"step {step * 1000:.0f} ms, waiting for data {record['data_seconds'] / record['iterations'] * 1000:.0f} ms "
+        f"({100 * record['data_seconds'] / record['seconds']:.1f} % of the step); "
+        f"sampler + augmenter alone {direct * 1000:.0f} ms per batch ({100 * direct / step:.1f} %)"
+    )
 
 
 if __name__ == "__main__":

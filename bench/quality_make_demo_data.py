@@ -14,7 +14,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality_strokes import simulate_strokes  # noqa: E402
+from quality_strokes import simulate_strokes
 
 IMAGE_IDS = [  # varied: dense textured clusters (training image), sparse, dense and dim, small and elongated
     "3b3f516ebc9a16cff287a5ffd3a1861a345a6d38bedbba74f1c0b0e0eac62afd",

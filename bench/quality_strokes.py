@@ -22,8 +22,10 @@ def _walk(skeleton: np.ndarray, start: tuple[int, int], length: int, rng) -> lis
         options = [
             (y + dy, x + dx)
             for dy, dx in _NEIGHBOURS
-            if 0 <= y + dy < skeleton.shape[0] and 0 <= x + dx < skeleton.shape[1]
-            and skeleton[y + dy, x + dx] and (y + dy, x + dx) not in visited
+            if 0 <= y + dy < skeleton.shape[0]
+            and 0 <= x + dx < skeleton.shape[1]
+            and skeleton[y + dy, x + dx]
+            and (y + dy, x + dx) not in visited
         ]
         if not options:
             break

@@ -74,8 +74,10 @@ def main():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
 
-    print(f"# {args.size}x{args.size}, depth 4, 16 filters, {args.threads} threads, device {device}"
-          f"{' AMP' if args.amp else ''}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(
+        f"# {args.size}x{args.size}, depth 4, 16 filters, {args.threads} threads, device {device}"
+        f"{' AMP' if args.amp else ''}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
     rates = {}
     for name, values in times.items():
         best = min(values)

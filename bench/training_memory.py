@@ -33,9 +33,10 @@ def main(argv=None):
     labels = np.zeros(stack.shape, np.uint8)
     for z in np.linspace(0, args.z - 1, args.painted).astype(int):
         labels[z, 10:13, 10:-10] = 1
-        labels[z, args.size // 2: args.size // 2 + 3, 10:-10] = 2
-    settings = TrainingSettings(depth=2, base_filters=4, iterations=args.iterations, time_budget=None,
-                                device="cpu", cpu_threads=1, seed=0)
+        labels[z, args.size // 2 : args.size // 2 + 3, 10:-10] = 2
+    settings = TrainingSettings(
+        depth=2, base_filters=4, iterations=args.iterations, time_budget=None, device="cpu", cpu_threads=1, seed=0
+    )
     tracemalloc.start()
     start = time.perf_counter()
     trainer = Trainer(stack, labels, settings)
@@ -45,9 +46,11 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    print(f"{args.z}x{args.size}x{args.size} uint8 ({stack.nbytes / 2**20:.0f} MiB), {args.painted} painted slices: "
-          f"peak traced {peak / 2**20:.0f} MiB, trainer built in {built:.1f} s, {seconds:.1f} s with "
-          f"{trainer.iteration} iterations")
+    print(
+        f"{args.z}x{args.size}x{args.size} uint8 ({stack.nbytes / 2**20:.0f} MiB), {args.painted} painted slices: "
+        f"peak traced {peak / 2**20:.0f} MiB, trainer built in {built:.1f} s, {seconds:.1f} s with "
+        f"{trainer.iteration} iterations"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,8 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import tifffile
+import torch
 
 from napari_unet import UNet, _reader, arrays
 from napari_unet._workers import ImageDone, PredictJob, predict_steps
@@ -52,8 +51,9 @@ def main(argv=None):
     stack = (np.random.default_rng(0).random((args.z, args.size, args.size)) * 255).astype(np.uint8)
 
     def run(image):
-        messages = predict_steps(model, metadata, [PredictJob("image", image)],
-                                 PredictionSettings(device="cpu", test_time_flips=False))
+        messages = predict_steps(
+            model, metadata, [PredictJob("image", image)], PredictionSettings(device="cpu", test_time_flips=False)
+        )
         return [m.result for m in messages if isinstance(m, ImageDone)][0]
 
     run(stack[:1, :64, :64].copy())
@@ -73,12 +73,16 @@ def main(argv=None):
         seconds = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        kinds = {name: "memory map" if isinstance(array, np.memmap) else "in memory"
-                 for name, array in (("probabilities", result.probabilities), ("segmentation", result.segmentation))}
-        print(f"{args.z}x{args.size}x{args.size} uint8 ({image.nbytes / 2**20:.0f} MiB) from {args.source} "
-              f"({type(image).__module__.split('.')[0]}): peak traced {peak / 2**20:.0f} MiB (probabilities "
-              f"{result.probabilities.nbytes / 2**20:.0f} MiB {kinds['probabilities']}, segmentation "
-              f"{result.segmentation.nbytes / 2**20:.0f} MiB {kinds['segmentation']}), {seconds:.1f} s")
+        kinds = {
+            name: "memory map" if isinstance(array, np.memmap) else "in memory"
+            for name, array in (("probabilities", result.probabilities), ("segmentation", result.segmentation))
+        }
+        print(
+            f"{args.z}x{args.size}x{args.size} uint8 ({image.nbytes / 2**20:.0f} MiB) from {args.source} "
+            f"({type(image).__module__.split('.')[0]}): peak traced {peak / 2**20:.0f} MiB (probabilities "
+            f"{result.probabilities.nbytes / 2**20:.0f} MiB {kinds['probabilities']}, segmentation "
+            f"{result.segmentation.nbytes / 2**20:.0f} MiB {kinds['segmentation']}), {seconds:.1f} s"
+        )
         del result
 
 

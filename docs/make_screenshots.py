@@ -5,6 +5,7 @@
 (arguments: output folder, training seconds). Do not set QT_QPA_PLATFORM=offscreen with Xvfb: the
 canvas would come out black. Prints the foreground Dice of "Segment all" against the bundled ground truth.
 """
+
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ app = QApplication.instance() or QApplication([])
 viewer = napari.Viewer(show=True)
 viewer.window._qt_window.resize(1500, 950)
 viewer.window._qt_window.move(0, 0)
-
 
 
 def pump(seconds=0.5):
@@ -49,7 +49,8 @@ taken = False
 while widget.busy:
     pump(0.1)
     if not taken and widget.previews_shown >= 3 and time.time() - start > 15:
-        shot("02_training_live_preview.png"); taken = True
+        shot("02_training_live_preview.png")
+        taken = True
 print(widget.status_label.text())
 widget.training.advanced.expand(animate=False)
 shot("03_training_done.png")
@@ -80,7 +81,7 @@ import tifffile
 from napari_unet.demo import dice, sample_paths
 
 for i, path in enumerate(sample_paths()["truths"]):
-    name = f"nuclei{i+1}"
+    name = f"nuclei{i + 1}"
     seg = viewer.layers[f"{name} segmentation"].data
     truth = tifffile.imread(path)
     print(name, "dice", round(dice(seg == 2, truth > 0), 3))

@@ -26,8 +26,9 @@ def test_flips_and_rotations_are_identical_for_image_and_labels(shape):
 
 def test_elastic_deformation_keeps_labels_aligned_and_integer():
     image, target = _pair((6, 6), seed=1, block=16)
-    augment = Augmenter(np.random.default_rng(0), flips=False, rotations=False, intensity=False,
-                        elastic_probability=1.0)
+    augment = Augmenter(
+        np.random.default_rng(0), flips=False, rotations=False, intensity=False, elastic_probability=1.0
+    )
     out_image, out_target, _ = augment(image, target)
     assert out_target.dtype == target.dtype
     assert set(np.unique(out_target)) <= {-1, 0, 1, 2}
@@ -39,8 +40,9 @@ def test_elastic_deformation_keeps_labels_aligned_and_integer():
 def test_zoom_magnifies_image_and_labels_together():
     yy, xx = np.mgrid[:64, :64]
     disk = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 < 12**2).astype(np.int16)
-    augment = Augmenter(np.random.default_rng(0), flips=False, rotations=False, elastic=False, intensity=False,
-                        zoom_range=0.4)
+    augment = Augmenter(
+        np.random.default_rng(0), flips=False, rotations=False, elastic=False, intensity=False, zoom_range=0.4
+    )
     areas = []
     for _ in range(20):
         out_image, out_target, _ = augment(disk.astype(np.float32), disk)
@@ -55,7 +57,9 @@ def test_zoom_magnifies_image_and_labels_together():
     stack = np.stack([disk] * 3)
     out_image, out_target, _ = augment(stack.astype(np.float32), stack)
     assert not np.array_equal(out_target[0], disk)
-    assert all(np.array_equal(out_target[0], t) and np.array_equal(out_image[0], i) for i, t in zip(out_image, out_target))
+    assert all(
+        np.array_equal(out_target[0], t) and np.array_equal(out_image[0], i) for i, t in zip(out_image, out_target)
+    )
 
 
 def test_intensity_changes_image_only():
@@ -77,8 +81,15 @@ def test_intensity_ranges_bound_the_change():
     values = [augment(ones, target)[0][0, 0] for _ in range(300)]
     low, high = np.exp(-augment.scale_range) - augment.shift_range, np.exp(augment.scale_range) + augment.shift_range
     assert low <= min(values) and max(values) <= high and max(values) - min(values) > 0.5 * (high - low)
-    still = Augmenter(np.random.default_rng(1), flips=False, rotations=False, elastic=False,
-                      gamma_range=0, scale_range=0, shift_range=0)
+    still = Augmenter(
+        np.random.default_rng(1),
+        flips=False,
+        rotations=False,
+        elastic=False,
+        gamma_range=0,
+        scale_range=0,
+        shift_range=0,
+    )
     image = np.random.default_rng(2).random((4, 4)).astype(np.float32)
     np.testing.assert_allclose(still(image, target)[0], image, rtol=1e-6)
 
@@ -126,7 +137,8 @@ def test_channels_move_alike_and_get_their_own_intensity_change():
         assert np.array_equal(out_image[0], out_target.astype(np.float32))
     ones = np.ones((3, 4, 4), np.float32)
     changed = Augmenter(np.random.default_rng(2), flips=False, rotations=False, elastic=False)(
-        ones, np.zeros((4, 4), np.int16))[0]
+        ones, np.zeros((4, 4), np.int16)
+    )[0]
     assert len({float(c[0, 0]) for c in changed}) == 3  # gamma leaves 1 alone: three scale/shift draws
 
 

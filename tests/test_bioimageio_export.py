@@ -9,16 +9,19 @@ import torch
 
 pytest.importorskip("bioimageio.spec")
 
-from bioimageio.spec import load_description  # noqa: E402
-from bioimageio.spec.model.v0_5 import ModelDescr  # noqa: E402
+from bioimageio.spec import load_description
+from bioimageio.spec.model.v0_5 import ModelDescr
 
-from napari_unet import UNet, normalize_image, predict_tiled  # noqa: E402
-from napari_unet.bioimageio_export import _scale_range, export_bioimageio, grid_shift  # noqa: E402
-from napari_unet.cli import main  # noqa: E402
-from napari_unet.io import save_model  # noqa: E402
+from napari_unet import UNet, normalize_image, predict_tiled
+from napari_unet.bioimageio_export import _scale_range, export_bioimageio, grid_shift
+from napari_unet.cli import main
+from napari_unet.io import save_model
 
-METADATA = {"class_ids": [1, 3], "class_names": ["background", "cell nucleus"],
-            "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
+METADATA = {
+    "class_ids": [1, 3],
+    "class_names": ["background", "cell nucleus"],
+    "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
+}
 
 
 def _package_arrays(path):
@@ -30,8 +33,10 @@ def _package_arrays(path):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("ndim, channels, depth, shape",
-                         [(2, 1, 2, (150, 170)), (2, 3, 2, (3, 60, 70)), (3, 1, 1, (30, 40, 36)), (2, 1, 3, (230, 250))])
+@pytest.mark.parametrize(
+    "ndim, channels, depth, shape",
+    [(2, 1, 2, (150, 170)), (2, 3, 2, (3, 60, 70)), (3, 1, 1, (30, 40, 36)), (2, 1, 3, (230, 250))],
+)
 def test_export_is_valid_and_reproduces_napari_unet(tmp_path, ndim, channels, depth, shape):
     """Depth 3 is the case where the package's inputs are shifted off the legal sizes (grid_shift 4)."""
     torch.manual_seed(0)
@@ -72,8 +77,9 @@ def test_export_is_valid_and_reproduces_napari_unet(tmp_path, ndim, channels, de
         inner = predicted[(slice(None), *[slice(halo, block - halo)] * ndim)]
         image_part = tuple(slice(c, min(c + step, n)) for c, n in zip(corner, shape[-ndim:]))
         expected = ours[(slice(None), *image_part)]
-        np.testing.assert_allclose(inner[(slice(None), *[slice(0, e) for e in expected.shape[1:]])], expected,
-                                   atol=1e-4, err_msg=str(corner))
+        np.testing.assert_allclose(
+            inner[(slice(None), *[slice(0, e) for e in expected.shape[1:]])], expected, atol=1e-4, err_msg=str(corner)
+        )
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -95,15 +101,34 @@ def test_export_command_writes_a_package_and_errors_in_one_line(tmp_path, capsys
     model_path = save_model(UNet(n_classes=2, depth=1, base_filters=2), tmp_path / "m.safetensors", METADATA)
     tifffile.imwrite(tmp_path / "img.tif", np.random.default_rng(1).random((50, 60)).astype(np.float32))
     out = tmp_path / "pkg" / "model.zip"
-    assert main(["export-bioimageio", "-m", str(model_path), "--image", str(tmp_path / "img.tif"), "-o", str(out),
-                 "--name", "Nuclei", "--author", "A. Tester"]) == 0
+    assert (
+        main(
+            [
+                "export-bioimageio",
+                "-m",
+                str(model_path),
+                "--image",
+                str(tmp_path / "img.tif"),
+                "-o",
+                str(out),
+                "--name",
+                "Nuclei",
+                "--author",
+                "A. Tester",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out)
     description = load_description(out)
     assert isinstance(description, ModelDescr) and description.name == "Nuclei"
     assert [a.name for a in description.authors] == ["A. Tester"]
     (tmp_path / "blocked").write_text("a file where the package's folder would be")
-    for bad, message in ((["-o", str(tmp_path / "m.txt")], ".zip"), (["--image", str(tmp_path / "no.tif")], "not found"),
-                         (["-o", str(tmp_path / "blocked" / "m.zip")], "cannot write")):
+    for bad, message in (
+        (["-o", str(tmp_path / "m.txt")], ".zip"),
+        (["--image", str(tmp_path / "no.tif")], "not found"),
+        (["-o", str(tmp_path / "blocked" / "m.zip")], "cannot write"),
+    ):
         args = {"-o": str(out), "--image": str(tmp_path / "img.tif")}
         args[bad[0]] = bad[1]
         code = main(["export-bioimageio", "-m", str(model_path), *[x for kv in args.items() for x in kv]])

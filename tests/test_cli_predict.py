@@ -98,8 +98,10 @@ def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_fil
         "one": (["--refine-radius", "1"], dict(test_time_flips=True, refine_radius=1)),
         "raw": (["--no-test-time-flips", "--refine-radius", "0"], {}),
         "flips": (["--refine-radius", "0"], dict(test_time_flips=True)),
-        "wide": (["--refine-radius", "3", "--refine-eps", "0.05"],
-                 dict(test_time_flips=True, refine_radius=3, refine_eps=0.05)),
+        "wide": (
+            ["--refine-radius", "3", "--refine-eps", "0.05"],
+            dict(test_time_flips=True, refine_radius=3, refine_eps=0.05),
+        ),
     }
     results = {}
     for name, (extra, expected) in runs.items():
@@ -112,9 +114,18 @@ def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_fil
     np.testing.assert_array_equal(results["default"], results["auto"])
 
 
-@pytest.mark.parametrize("bad", [["--refine-radius", "-1"], ["--refine-radius", "1.5"], ["--refine-radius", "Auto"],
-                                 ["--refine-eps", "0"],
-                                 ["--refine-eps", "nan"], ["--refine-eps", "inf"], ["--refine-eps", "x"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--refine-radius", "-1"],
+        ["--refine-radius", "1.5"],
+        ["--refine-radius", "Auto"],
+        ["--refine-eps", "0"],
+        ["--refine-eps", "nan"],
+        ["--refine-eps", "inf"],
+        ["--refine-eps", "x"],
+    ],
+)
 def test_bad_refinement_options_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--model", "m.safetensors", "--out", "x", "image.tif", *bad])
@@ -200,7 +211,7 @@ def test_predict_refuses_a_corrupt_image_in_one_line(tmp_path, model_file, capsy
     with tifffile.TiffFile(path) as tif:
         offset, count = tif.pages[40].dataoffsets[0], tif.pages[40].databytecounts[0]
     data = bytearray(path.read_bytes())
-    data[offset:offset + count] = bytes(count)  # zeroes for one compressed strip of plane 40
+    data[offset : offset + count] = bytes(count)  # zeroes for one compressed strip of plane 40
     path.write_bytes(bytes(data))
     assert main(["predict", "-m", str(model_path), str(path), "-o", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -250,7 +261,9 @@ def test_tile_option_before_images_and_output_stems(tmp_path, model_file, image_
     ome = image_path.with_name("copy.ome.tif")
     shutil.copy(image_path, ome)
     out = tmp_path / "o"
-    assert main(["predict", "-m", str(model_path), "-o", str(out), "--tile", "48", "48", str(image_path), str(ome)]) == 0
+    assert (
+        main(["predict", "-m", str(model_path), "-o", str(out), "--tile", "48", "48", str(image_path), str(ome)]) == 0
+    )
     assert (out / "cells_labels.tif").exists() and (out / "copy_labels.tif").exists()
     assert output_stem(image_path) == "cells" and output_stem(ome) == "copy"
 
@@ -270,7 +283,12 @@ def test_console_script(tmp_path, model_file, image_file):
     assert done.returncode == 0, done.stderr
     assert (out / "cells_probabilities.tif").exists() and (out / "cells_labels.tif").exists()
 
-    bad = subprocess.run([script, "predict", "--model", str(image_path), str(image_path), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [script, "predict", "--model", str(image_path), str(image_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2
     _assert_one_line_error(bad.stderr, "not a valid safetensors")
 

@@ -27,7 +27,21 @@ def pair(tmp_path):
 def test_train_writes_a_model_and_prints_its_path(pair, capsys):
     folder, image, _ = pair
     out = folder / "model.safetensors"
-    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(folder / "img.tif"),
+                "--labels",
+                str(folder / "lab.tif"),
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     assert "iteration 3" in captured.err and "loss" in captured.err and "on cpu, " in captured.err
@@ -35,12 +49,42 @@ def test_train_writes_a_model_and_prints_its_path(pair, capsys):
     assert meta["class_ids"] == [1, 3] and model.config["depth"] == 1
     # fine-tune from it, then predict with the CLI: labels come back with the painted ids
     tuned = folder / "tuned.safetensors"
-    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(tuned),
-                 "--init", str(out), "--float32", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(folder / "img.tif"),
+                "--labels",
+                str(folder / "lab.tif"),
+                "--out",
+                str(tuned),
+                "--init",
+                str(out),
+                "--float32",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert "on cpu, float32" in capsys.readouterr().err
     bf16 = folder / "bf16.safetensors"
-    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(bf16),
-                 "--cpu-bfloat16", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(folder / "img.tif"),
+                "--labels",
+                str(folder / "lab.tif"),
+                "--out",
+                str(bf16),
+                "--cpu-bfloat16",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     expected = "mixed bfloat16" if cpu_has_native_bfloat16() else "float32"
     assert load_model(bf16)[1]["training"]["history"][-1]["precision"] == expected
     assert main(["predict", "--model", str(tuned), str(folder / "img.tif"), "--out", str(folder / "pred")]) == 0
@@ -63,8 +107,20 @@ def test_train_on_a_stack_reads_it_lazily_and_learns_its_painted_slices(tmp_path
     read = io.read_image
     monkeypatch.setattr(io, "read_image", lambda path: read(path) if "labels" in str(path) else pytest.fail(path))
     out = tmp_path / "model.safetensors"
-    args = ["train", "--images", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "stack_labels.tif"),
-            "--out", str(out), *TINY, "--iterations", "250", "--seed", "0"]
+    args = [
+        "train",
+        "--images",
+        str(tmp_path / "stack.tif"),
+        "--labels",
+        str(tmp_path / "stack_labels.tif"),
+        "--out",
+        str(out),
+        *TINY,
+        "--iterations",
+        "250",
+        "--seed",
+        "0",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     monkeypatch.setattr(io, "read_image", read)
     assert main(["predict", "--model", str(out), str(tmp_path / "stack.tif"), "--out", str(tmp_path / "pred")]) == 0
@@ -102,7 +158,18 @@ def _bad_labels(folder, labels, kind):
 def test_train_errors_are_one_line(pair, capsys, kind, message):
     folder, _, labels = pair
     bad = _bad_labels(folder, labels, kind)
-    code = main(["train", "--images", str(folder / "img.tif"), "--labels", str(bad), "--out", str(folder / "m.safetensors"), *TINY])
+    code = main(
+        [
+            "train",
+            "--images",
+            str(folder / "img.tif"),
+            "--labels",
+            str(bad),
+            "--out",
+            str(folder / "m.safetensors"),
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("napari-unet: error:") and message in err and "\n" not in err
@@ -113,20 +180,55 @@ def test_float_labels_holding_whole_numbers_are_accepted(pair):
     folder, _, labels = pair
     tifffile.imwrite(folder / "lab_float.tif", labels.astype(np.float32))
     out = folder / "m.safetensors"
-    assert main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab_float.tif"), "--out", str(out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(folder / "img.tif"),
+                "--labels",
+                str(folder / "lab_float.tif"),
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
 
 
 def test_train_count_mismatch_and_class_mismatch_with_init(pair, capsys):
     folder, _, labels = pair
-    args = ["train", "--images", str(folder / "img.tif"), str(folder / "img.tif"), "--labels", str(folder / "lab.tif"),
-            "--out", str(folder / "m.safetensors"), *TINY]
+    args = [
+        "train",
+        "--images",
+        str(folder / "img.tif"),
+        str(folder / "img.tif"),
+        "--labels",
+        str(folder / "lab.tif"),
+        "--out",
+        str(folder / "m.safetensors"),
+        *TINY,
+    ]
     assert main(args) == 2
     assert "one labels file per image" in capsys.readouterr().err
     out = folder / "m.safetensors"
     main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif"), "--out", str(out), *TINY])
     tifffile.imwrite(folder / "lab3.tif", np.where(labels == 1, 2, labels).astype(np.uint8))
-    code = main(["train", "--images", str(folder / "img.tif"), "--labels", str(folder / "lab3.tif"), "--out",
-                 str(folder / "t.safetensors"), "--init", str(out), *TINY])
+    code = main(
+        [
+            "train",
+            "--images",
+            str(folder / "img.tif"),
+            "--labels",
+            str(folder / "lab3.tif"),
+            "--out",
+            str(folder / "t.safetensors"),
+            "--init",
+            str(out),
+            *TINY,
+        ]
+    )
     assert code == 2 and "classes" in capsys.readouterr().err
 
 
@@ -151,16 +253,53 @@ def test_train_and_predict_rgb_images(tmp_path, capsys):
     assert main([*args, "--iterations", "60", *TINY[2:]]) == 0
     assert "with 3 channel(s)" in capsys.readouterr().err
     assert load_model(out)[0].config["in_channels"] == 3
-    assert main(["predict", "--model", str(out), str(tmp_path / "rgb.tif"), "--out", str(tmp_path / "pred"), "--no-test-time-flips"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                str(tmp_path / "rgb.tif"),
+                "--out",
+                str(tmp_path / "pred"),
+                "--no-test-time-flips",
+            ]
+        )
+        == 0
+    )
     predicted = tifffile.imread(tmp_path / "pred" / "rgb_labels.tif")
     assert predicted.shape == (48, 48) and ((predicted == 3) == (np.arange(48) >= 24)[None]).mean() > 0.95
     tifffile.imwrite(tmp_path / "gray.tif", rgb[..., 0].astype(np.uint8))
     capsys.readouterr()
-    code = main(["train", "--images", str(tmp_path / "rgb.tif"), str(tmp_path / "gray.tif"), "--labels",
-                 str(tmp_path / "lab.tif"), str(tmp_path / "lab.tif"), "--out", str(tmp_path / "m.safetensors"), *TINY])
+    code = main(
+        [
+            "train",
+            "--images",
+            str(tmp_path / "rgb.tif"),
+            str(tmp_path / "gray.tif"),
+            "--labels",
+            str(tmp_path / "lab.tif"),
+            str(tmp_path / "lab.tif"),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "images alike" in err and "\n" not in err
-    code = main(["train", "--images", str(tmp_path / "gray.tif"), "--labels", str(tmp_path / "lab.tif"),
-                 "--out", str(tmp_path / "m.safetensors"), "--init", str(out), *TINY])
+    code = main(
+        [
+            "train",
+            "--images",
+            str(tmp_path / "gray.tif"),
+            "--labels",
+            str(tmp_path / "lab.tif"),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            "--init",
+            str(out),
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "3 channel(s)" in err and "\n" not in err

@@ -30,8 +30,14 @@ def test_dice():
 def test_demo_runs_headless_and_writes_outputs(tmp_path):
     lines = []
     result = run_demo(
-        1.0, tmp_path, device="cpu", log=lines.append,
-        depth=1, base_filters=4, patch_size=32, cpu_threads=1,
+        1.0,
+        tmp_path,
+        device="cpu",
+        log=lines.append,
+        depth=1,
+        base_filters=4,
+        patch_size=32,
+        cpu_threads=1,
     )
     assert result["model"].is_file()
     assert set(result["dice"]) == {"nuclei2.tif", "nuclei3.tif", "nuclei4.tif"}

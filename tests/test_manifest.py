@@ -84,8 +84,10 @@ def test_the_engine_and_the_workers_import_no_qt_and_no_napari():
     import subprocess
     import sys
 
-    code = ("import sys, napari_unet.cli, napari_unet.predict, napari_unet.training, napari_unet._workers; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari',"
-            " 'magicgui', 'superqt'}))")
+    code = (
+        "import sys, napari_unet.cli, napari_unet.predict, napari_unet.training, napari_unet._workers; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari',"
+        " 'magicgui', 'superqt'}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"

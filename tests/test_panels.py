@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_unet.predict import PredictionSettings  # noqa: E402
-from napari_unet.training import TrainingSettings  # noqa: E402
-from napari_unet.widgets.settings_form import SettingsForm, form_fields  # noqa: E402
+from napari_unet.predict import PredictionSettings
+from napari_unet.training import TrainingSettings
+from napari_unet.widgets.settings_form import SettingsForm, form_fields
 
 
 @dataclass
@@ -22,8 +22,9 @@ class _Knobs:
     size: int = field(default=3, metadata={"label": "Size", "min": 1, "max": 9})
     rate: float = field(default=0.5, metadata={"label": "Rate", "min": 0.0, "max": 1.0, "step": 0.1})
     on: bool = field(default=True, metadata={"label": "On"})
-    limit: int | None = field(default=None, metadata={"label": "Limit", "min": 0, "max": 100, "none": 0,
-                                                        "none_text": "none"})
+    limit: int | None = field(
+        default=None, metadata={"label": "Limit", "min": 0, "max": 100, "none": 0, "none_text": "none"}
+    )
     mode: str = field(default="b", metadata={"label": "Mode", "choices": [("first", "a"), ("second", "b")]})
     hidden: int = 7
 
@@ -111,8 +112,9 @@ def test_the_widget_remembers_its_settings_between_runs(make_napari_viewer, qtbo
     first.data.class_names_edit.setText("bg, nuclei, debris")
     first.device_combo.setCurrentText("cpu")
     qtbot.waitUntil(lambda: remembered.settings_path().is_file(), timeout=5_000)
-    qtbot.waitUntil(lambda: remembered.load_settings().get("widget", {}).get("class_names") == "bg, nuclei, debris",
-                    timeout=5_000)
+    qtbot.waitUntil(
+        lambda: remembered.load_settings().get("widget", {}).get("class_names") == "bg, nuclei, debris", timeout=5_000
+    )
     second = UNetWidget(viewer)
     assert second.training.settings("cpu").depth == 2 and second.training.settings("cpu").time_budget == 123
     assert second.prediction.settings("cpu").test_time_flips is False
@@ -127,8 +129,11 @@ def test_an_unusable_settings_file_means_the_defaults(make_napari_viewer, qtbot)
 
     path = remembered.settings_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    for text in ("{not json", json.dumps([1, 2]), json.dumps({"training": {"depth": "deep", "ndim": 7},
-                                                               "widget": {"device": "tpu"}})):
+    for text in (
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"training": {"depth": "deep", "ndim": 7}, "widget": {"device": "tpu"}}),
+    ):
         path.write_text(text)
         widget = UNetWidget(make_napari_viewer())
         assert widget.training.settings("cpu") == TrainingSettings(device="cpu")

@@ -22,11 +22,11 @@ from napari_unet.predict import (
 from napari_unet.refine import AUTO, DEFAULT_EPS, DEFAULT_RADIUS
 
 RECIPE = {"method": "percentile", "low": 1.0, "high": 99.8}
-SETTINGS = [PredictionSettings(device="cpu", uncertainty=True),  # the defaults: flips, refinement "auto"
-            PredictionSettings(device="cpu", test_time_flips=False, refine_radius=2, refine_eps=0.05,
-                               uncertainty=True),
-            PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0, tile_shape=(32, 48),
-                               batch_size=3)]
+SETTINGS = [
+    PredictionSettings(device="cpu", uncertainty=True),  # the defaults: flips, refinement "auto"
+    PredictionSettings(device="cpu", test_time_flips=False, refine_radius=2, refine_eps=0.05, uncertainty=True),
+    PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0, tile_shape=(32, 48), batch_size=3),
+]
 
 
 def _model(seed=0, **config):
@@ -39,9 +39,16 @@ def _composed(model, metadata, image, settings):
     entropy."""
     channel_axis = 0 if model.in_channels > 1 else None
     normalized = normalize_image(image, metadata.get("normalization"), channel_axis=channel_axis)
-    probabilities = predict_tiled(model, normalized, tile_shape=settings.tile_shape, batch_size=settings.batch_size,
-                                  device=settings.device, test_time_flips=settings.test_time_flips,
-                                  refine_radius=settings.refine_radius, refine_eps=settings.refine_eps)
+    probabilities = predict_tiled(
+        model,
+        normalized,
+        tile_shape=settings.tile_shape,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        test_time_flips=settings.test_time_flips,
+        refine_radius=settings.refine_radius,
+        refine_eps=settings.refine_eps,
+    )
     class_ids = metadata.get("class_ids") or list(range(1, model.n_classes + 1))
     labels = segmentation_from_probabilities(probabilities, class_ids)
     p = np.clip(probabilities, 1e-7, 1.0)
@@ -69,8 +76,11 @@ def test_predict_image_is_the_old_composition_bit_for_bit_on_the_demo_images(set
     metadata = {"class_ids": [1, 3, 7], "normalization": RECIPE}
     for path in sample_paths()["images"][1:3]:
         image = tifffile.imread(path)
-        _assert_same(predict_image(model, metadata, image, settings), _composed(model, metadata, image, settings),
-                     f"{path.name} {settings}")
+        _assert_same(
+            predict_image(model, metadata, image, settings),
+            _composed(model, metadata, image, settings),
+            f"{path.name} {settings}",
+        )
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -81,12 +91,18 @@ def test_predict_image_on_a_stack_is_the_old_composition_bit_for_bit(ndim):
     model = _model(seed=1, ndim=ndim, depth=1)
     metadata = {"class_ids": [1, 2], "normalization": RECIPE}
     for settings in SETTINGS[:2]:
-        _assert_same(predict_image(model, metadata, stack, settings), _composed(model, metadata, stack, settings),
-                     f"{ndim}D {settings}")
+        _assert_same(
+            predict_image(model, metadata, stack, settings),
+            _composed(model, metadata, stack, settings),
+            f"{ndim}D {settings}",
+        )
     channels = _model(seed=2, ndim=ndim, depth=1, in_channels=2)
     image = (rng.random((2, 5, 40, 44)) * 255).astype(np.uint8)
-    _assert_same(predict_image(channels, {}, image, SETTINGS[0]), _composed(channels, {}, image, SETTINGS[0]),
-                 f"{ndim}D, 2 channels")
+    _assert_same(
+        predict_image(channels, {}, image, SETTINGS[0]),
+        _composed(channels, {}, image, SETTINGS[0]),
+        f"{ndim}D, 2 channels",
+    )
 
 
 def test_a_lazy_image_gives_what_the_array_gives():
@@ -112,8 +128,10 @@ def test_outputs_go_where_out_puts_them(tmp_path):
     settings = PredictionSettings(device="cpu", uncertainty=True)
     outputs = predict_image(model, metadata, image, settings, out=memmaps)
     assert {role: (a.shape, a.dtype) for role, a in made.items()} == {
-        "probabilities": ((3, 256, 256), np.float32), "labels": ((256, 256), np.uint16),
-        "uncertainty": ((256, 256), np.float32)}
+        "probabilities": ((3, 256, 256), np.float32),
+        "labels": ((256, 256), np.uint16),
+        "uncertainty": ((256, 256), np.float32),
+    }
     assert outputs.probabilities is made["probabilities"] and outputs.labels is made["labels"]
     assert outputs.uncertainty is made["uncertainty"]
     _assert_same(outputs, _composed(model, metadata, image, settings), "memmaps")
@@ -158,29 +176,32 @@ def test_every_setting_has_a_label_a_tooltip_and_integer_ranges():
         assert all(isinstance(v, (str, int, float)) for v in f.metadata.values()), f.name
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"device": ""}, "device"),
-    ({"device": None}, "device"),
-    ({"tile_shape": (64,)}, "tile_shape needs 2"),
-    ({"tile_shape": (64, 64, 64, 64)}, "tile_shape needs 2"),
-    ({"tile_shape": (64, 0)}, "positive"),
-    ({"tile_shape": (64, 32.5)}, "tile_shape"),
-    ({"tile_shape": 64}, "tile_shape"),
-    ({"tile_shape": "64"}, "tile_shape"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"batch_size": 2.0}, "batch_size"),
-    ({"batch_size": True}, "batch_size"),
-    ({"test_time_flips": 1}, "test_time_flips must be True or False"),
-    ({"uncertainty": "yes"}, "uncertainty"),
-    ({"refine_radius": -1}, "refine_radius must be an integer >= 0"),
-    ({"refine_radius": 1.5}, "refine_radius"),
-    ({"refine_radius": "Auto"}, "'auto'"),
-    ({"refine_eps": 0}, "refine_eps must be a finite number greater than 0"),
-    ({"refine_eps": -0.1}, "refine_eps"),
-    ({"refine_eps": float("nan")}, "refine_eps"),
-    ({"refine_eps": float("inf")}, "refine_eps"),
-    ({"refine_eps": "0.01"}, "refine_eps"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"device": ""}, "device"),
+        ({"device": None}, "device"),
+        ({"tile_shape": (64,)}, "tile_shape needs 2"),
+        ({"tile_shape": (64, 64, 64, 64)}, "tile_shape needs 2"),
+        ({"tile_shape": (64, 0)}, "positive"),
+        ({"tile_shape": (64, 32.5)}, "tile_shape"),
+        ({"tile_shape": 64}, "tile_shape"),
+        ({"tile_shape": "64"}, "tile_shape"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": 2.0}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"test_time_flips": 1}, "test_time_flips must be True or False"),
+        ({"uncertainty": "yes"}, "uncertainty"),
+        ({"refine_radius": -1}, "refine_radius must be an integer >= 0"),
+        ({"refine_radius": 1.5}, "refine_radius"),
+        ({"refine_radius": "Auto"}, "'auto'"),
+        ({"refine_eps": 0}, "refine_eps must be a finite number greater than 0"),
+        ({"refine_eps": -0.1}, "refine_eps"),
+        ({"refine_eps": float("nan")}, "refine_eps"),
+        ({"refine_eps": float("inf")}, "refine_eps"),
+        ({"refine_eps": "0.01"}, "refine_eps"),
+    ],
+)
 def test_bad_settings_are_refused_with_what_is_wrong(bad, message):
     with pytest.raises(ValueError, match=message):
         PredictionSettings(**bad)
@@ -198,10 +219,12 @@ def test_preview_region_equals_whole_image_prediction():
     """Predicting only a region (with its context) gives exactly the whole-image result there."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    cases = [(UNet(n_classes=3, depth=2, base_filters=4), (3, 70, 90)),  # a 2D net on a stack
-             (UNet(n_classes=2, depth=3, base_filters=4), (75, 61)),
-             (UNet(n_classes=2, ndim=3, depth=1, base_filters=2), (13, 20, 22)),
-             (UNet(n_classes=2, in_channels=3, depth=2, base_filters=4), (4, 70, 90))]  # RGB stack, channels first
+    cases = [
+        (UNet(n_classes=3, depth=2, base_filters=4), (3, 70, 90)),  # a 2D net on a stack
+        (UNet(n_classes=2, depth=3, base_filters=4), (75, 61)),
+        (UNet(n_classes=2, ndim=3, depth=1, base_filters=2), (13, 20, 22)),
+        (UNet(n_classes=2, in_channels=3, depth=2, base_filters=4), (4, 70, 90)),
+    ]  # RGB stack, channels first
     for model, shape in cases:
         model.eval()
         channels = (3,) if model.in_channels == 3 else ()

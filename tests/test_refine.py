@@ -65,8 +65,9 @@ def test_boundary_moves_to_the_image_edge():
 def test_guided_filter_keeps_a_map_that_is_a_linear_function_of_the_guide():
     rng = np.random.default_rng(2)
     guide = rng.random((30, 30)).astype(np.float32)
-    np.testing.assert_allclose(guided_filter(guide, (0.2 + 0.5 * guide)[None], 2, 1e-6)[0], 0.2 + 0.5 * guide,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        guided_filter(guide, (0.2 + 0.5 * guide)[None], 2, 1e-6)[0], 0.2 + 0.5 * guide, atol=1e-3
+    )
 
 
 def test_radius_zero_copies_and_bad_arguments_raise():
@@ -167,7 +168,8 @@ def test_predict_tiled_refines_exactly_whatever_the_tiles():
     raw = predict_tiled(model, normalized, tile_shape=(32, 32))
     expected = refine_probabilities(raw, normalized, spatial_ndim=2, radius=2)
     for tile in ((32, 32), (48, 64), None):
-        np.testing.assert_allclose(predict_tiled(model, normalized, tile_shape=tile, refine_radius=2), expected,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            predict_tiled(model, normalized, tile_shape=tile, refine_radius=2), expected, atol=1e-5
+        )
     lazy = predict_tiled(model, normalized_view(image), tile_shape=(32, 32), refine_radius=2)
     np.testing.assert_allclose(lazy, expected, atol=1e-5)

@@ -8,7 +8,11 @@ from napari_unet.sampling import PatchSampler
 
 def _sampler(image, target, input_shape=(20, 20), output_shape=(8, 8), seed=0, weights=None):
     return PatchSampler(
-        [[image]], [[target]], input_shape, output_shape, np.random.default_rng(seed),
+        [[image]],
+        [[target]],
+        input_shape,
+        output_shape,
+        np.random.default_rng(seed),
         weights=None if weights is None else [[weights]],
     )
 
@@ -43,8 +47,10 @@ def test_tile_reads_real_pixels_inside_and_mirrors_outside():
         found = False
         for y, x in matches:
             y0, x0 = y - 10, x - 10
-            if padded[y0:y0 + 20, x0:x0 + 20].shape == (20, 20) and np.array_equal(padded[y0:y0 + 20, x0:x0 + 20], tile):
-                assert np.array_equal(padded_target[y0:y0 + 20, x0:x0 + 20], tile_target)
+            if padded[y0 : y0 + 20, x0 : x0 + 20].shape == (20, 20) and np.array_equal(
+                padded[y0 : y0 + 20, x0 : x0 + 20], tile
+            ):
+                assert np.array_equal(padded_target[y0 : y0 + 20, x0 : x0 + 20], tile_target)
                 found = True
         assert found
 

@@ -138,8 +138,9 @@ def test_progress_and_stop():
 
     seen = []
     with pytest.raises(PredictionStopped):
-        predict_tiled(model, image, tile_shape=16, batch_size=4, progress=lambda d, t: seen.append(d),
-                      should_stop=stop_after_two)
+        predict_tiled(
+            model, image, tile_shape=16, batch_size=4, progress=lambda d, t: seen.append(d), should_stop=stop_after_two
+        )
     assert seen == [4, 8]
 
 

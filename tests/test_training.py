@@ -19,11 +19,11 @@ def _halves(shape=(48, 48), seed=0):
     """An image whose right half is bright, with a few strokes of ids 1 (left) and 3 (right)."""
     rng = np.random.default_rng(seed)
     image = rng.normal(100, 10, shape).astype(np.float32)
-    image[..., shape[-1] // 2:] += 100
+    image[..., shape[-1] // 2 :] += 100
     labels = np.zeros(shape, dtype=np.uint8)
     h, w = shape[-2:]
-    labels[..., h // 10: h - 8, w // 8: w // 8 + 3] = 1
-    labels[..., h // 6: h - 4, 3 * w // 4: 3 * w // 4 + 3] = 3
+    labels[..., h // 10 : h - 8, w // 8 : w // 8 + 3] = 1
+    labels[..., h // 6 : h - 4, 3 * w // 4 : 3 * w // 4 + 3] = 3
     truth = np.broadcast_to(np.arange(shape[-1]) >= shape[-1] // 2, shape)
     return image, labels, truth
 
@@ -156,7 +156,9 @@ def test_each_run_records_its_stop_reason_and_iterations():
     next(events)
     events.close()
     assert [(run["stop_reason"], run["iterations"]) for run in trainer.metadata["training"]["history"]] == [
-        ("plateau", record["iterations"]), ("stopped", 1)]
+        ("plateau", record["iterations"]),
+        ("stopped", 1),
+    ]
 
 
 def test_snapshot_is_an_eval_copy():
@@ -301,8 +303,10 @@ def test_seeded_fine_tuning_and_stacks_are_bit_identical_through_the_averaging_w
     init = (first.model, first.metadata)
     stack, stack_labels, _ = _halves((3, 32, 32))
     stack_labels[1] = 0
-    for make in (lambda: Trainer(image, labels, _settings(iterations=8, seed=3), init=init),
-                 lambda: Trainer(stack, stack_labels, _settings(iterations=8, seed=3))):
+    for make in (
+        lambda: Trainer(image, labels, _settings(iterations=8, seed=3), init=init),
+        lambda: Trainer(stack, stack_labels, _settings(iterations=8, seed=3)),
+    ):
         states = []
         for _ in range(2):
             trainer = make()
@@ -364,8 +368,13 @@ def test_border_weight_runs_in_2d():
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("zoom", -0.1, "zoom"), ("paste_mix", 1.5, "paste_mix"), ("weight_averaging", 1.0, "weight_averaging"),
-     ("batch_size", 0, "batch_size"), ("ndim", 4, "ndim")],
+    [
+        ("zoom", -0.1, "zoom"),
+        ("paste_mix", 1.5, "paste_mix"),
+        ("weight_averaging", 1.0, "weight_averaging"),
+        ("batch_size", 0, "batch_size"),
+        ("ndim", 4, "ndim"),
+    ],
 )
 def test_invalid_settings_are_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -411,7 +420,12 @@ def test_multi_channel_stacks_and_volumes_keep_channels_first():
 @pytest.mark.parametrize(
     "images, labels, channel_axis, message",
     [
-        ([np.zeros((32, 32, 3)), np.zeros((32, 32, 2))], 2 * [np.pad(np.ones((2, 4), np.uint8), 14)], -1, "numbers of channels"),
+        (
+            [np.zeros((32, 32, 3)), np.zeros((32, 32, 2))],
+            2 * [np.pad(np.ones((2, 4), np.uint8), 14)],
+            -1,
+            "numbers of channels",
+        ),
         ([np.zeros((32, 32, 3))], [np.zeros((32, 32, 3), np.uint8)], -1, "without channels"),
         ([np.zeros((32, 32))], [np.zeros((32, 32), np.uint8)], 2, "no channel axis"),
     ],

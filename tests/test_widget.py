@@ -13,21 +13,21 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+from napari.utils.notifications import NotificationSeverity, notification_manager
 
 from napari_unet._layers import output_role
-from napari_unet._workers import Progress  # noqa: E402
-from napari_unet.widgets import UNetWidget  # noqa: E402
+from napari_unet._workers import Progress
+from napari_unet.widgets import UNetWidget
 
 
 def blobs(seed=0, shape=(96, 96)):
     """A bright square on noise and strokes: id 1 = background, id 2 = square."""
     rng = np.random.default_rng(seed)
     image = rng.normal(0.0, 1.0, shape).astype(np.float32)
-    image[shape[0] // 4: 3 * shape[0] // 4, shape[1] // 4: 3 * shape[1] // 4] += 4.0
+    image[shape[0] // 4 : 3 * shape[0] // 4, shape[1] // 4 : 3 * shape[1] // 4] += 4.0
     labels = np.zeros(shape, dtype=np.uint8)
     labels[2:5, 4:-4] = 1
-    labels[shape[0] // 2 - 1: shape[0] // 2 + 2, shape[1] // 3: 2 * shape[1] // 3] = 2
+    labels[shape[0] // 2 - 1 : shape[0] // 2 + 2, shape[1] // 3 : 2 * shape[1] // 3] = 2
     return image, labels
 
 
@@ -70,8 +70,11 @@ def test_pickers_follow_layers(setup):
     assert layer.data.shape == viewer.layers[widget.data.image_combo.currentText()].data.shape
     assert layer.metadata["class_names"] == {1: "background", 2: "foreground"}
     for text in ("Train", "Stop", "Predict", "Segment all"):
-        assert [b for b in (widget.train_button, widget.stop_button, widget.predict_button,
-                            widget.segment_all_button) if b.text() == text]
+        assert [
+            b
+            for b in (widget.train_button, widget.stop_button, widget.predict_button, widget.segment_all_button)
+            if b.text() == text
+        ]
 
 
 def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
@@ -127,17 +130,21 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
 
     normalized = normalize_image(viewer.layers["cells"].data, widget.metadata["normalization"])
     assert widget.prediction.form["test_time_flips"].value and widget.prediction.form["refine_radius"].value == "auto"
-    np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
-                               predict_tiled(widget.model, normalized, test_time_flips=True, refine_radius="auto"),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        viewer.layers["cells probabilities"].data,
+        predict_tiled(widget.model, normalized, test_time_flips=True, refine_radius="auto"),
+        atol=1e-5,
+    )
     for flips, radius in ((True, 0), (False, 0), (False, 2)):
         widget.prediction.form["test_time_flips"].value = flips
         widget.prediction.form["refine_radius"].value = radius
         widget.predict()
         wait_idle(qtbot, widget)
-        np.testing.assert_allclose(viewer.layers["cells probabilities"].data,
-                                   predict_tiled(widget.model, normalized, test_time_flips=flips, refine_radius=radius),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            viewer.layers["cells probabilities"].data,
+            predict_tiled(widget.model, normalized, test_time_flips=flips, refine_radius=radius),
+            atol=1e-5,
+        )
 
 
 def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_path, monkeypatch):
@@ -153,8 +160,9 @@ def test_lazy_layer_predicts_tile_by_tile_into_memory_maps(setup, qtbot, tmp_pat
     widget.prediction.form["uncertainty"].value = True
     widget.predict()
     wait_idle(qtbot, widget)
-    expected = {role: np.array(viewer.layers[f"cells {role}"].data)
-                for role in ("probabilities", "segmentation", "uncertainty")}
+    expected = {
+        role: np.array(viewer.layers[f"cells {role}"].data) for role in ("probabilities", "segmentation", "uncertainty")
+    }
 
     tifffile.imwrite(tmp_path / "big.tif", viewer.layers["cells"].data)
     monkeypatch.setattr(_reader, "LAZY_READ_BYTES", 0)
@@ -200,7 +208,7 @@ def test_segment_all_goes_on_past_an_image_whose_file_cannot_be_read(setup, qtbo
     with tifffile.TiffFile(path) as tif:
         offset, count = tif.pages[5].dataoffsets[0], tif.pages[5].databytecounts[0]
     data = bytearray(path.read_bytes())
-    data[offset:offset + count] = bytes(count)  # zeroes for plane 5's compressed strip
+    data[offset : offset + count] = bytes(count)  # zeroes for plane 5's compressed strip
     path.write_bytes(bytes(data))
     monkeypatch.setattr(_reader, "LAZY_READ_BYTES", 0)  # opened lazily: nothing read yet
     [(lazy, kwargs, _)] = _reader.read_tiff(str(path))
@@ -264,8 +272,11 @@ def test_segment_all_three_images(setup, qtbot):
     widget.segment_all()
     wait_idle(qtbot, widget)
     assert widget.last_error is None
-    for name, shape, scale in (("cells", (96, 96), (0.5, 0.25)), ("second", (64, 80), (2.0, 2.0)),
-                               ("stack", (3, 50, 60), (3.0, 1.0, 1.0))):
+    for name, shape, scale in (
+        ("cells", (96, 96), (0.5, 0.25)),
+        ("second", (64, 80), (2.0, 2.0)),
+        ("stack", (3, 50, 60), (3.0, 1.0, 1.0)),
+    ):
         seg = viewer.layers[f"{name} segmentation"]
         prob = viewer.layers[f"{name} probabilities"]
         assert seg.data.shape == shape and prob.data.shape == (2, *shape)
@@ -314,9 +325,11 @@ def test_event_loop_stays_responsive_while_training(setup, qtbot, record_propert
     worst = float(during.max()) * 1000
     overall = float(np.diff(beats).max()) * 1000
     record_property("max_gap_ms", worst)
-    print(f"heartbeat while training: {during.size} gaps, max {worst:.1f} ms, 99th percentile "
-          f"{np.percentile(during, 99) * 1000:.1f} ms; including preparation and layer creation: "
-          f"max {overall:.1f} ms; {len(training)} iterations, {widget.previews_shown} previews")
+    print(
+        f"heartbeat while training: {during.size} gaps, max {worst:.1f} ms, 99th percentile "
+        f"{np.percentile(during, 99) * 1000:.1f} ms; including preparation and layer creation: "
+        f"max {overall:.1f} ms; {len(training)} iterations, {widget.previews_shown} previews"
+    )
     assert widget.previews_shown >= 2
     assert worst < 100, f"the event loop stalled for {worst:.0f} ms while training"
 
@@ -392,8 +405,7 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
     square[24:72, 24:72] = True
     for name in ("a", "b"):
         channels = np.stack([rng.normal(100, 10, (96, 96)), rng.normal(100, 10, (96, 96)) + 80 * square])
-        tifffile.imwrite(tmp_path / f"{name}.tif", channels.astype(np.float32), imagej=True,
-                         metadata={"axes": "CYX"})
+        tifffile.imwrite(tmp_path / f"{name}.tif", channels.astype(np.float32), imagej=True, metadata={"axes": "CYX"})
         viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari-unet")
     assert [la.name for la in viewer.layers] == ["a [ch0]", "a [ch1]", "b [ch0]", "b [ch1]"]
     viewer.add_image(rng.normal(100, 10, (96, 96)), name="grey")
@@ -406,10 +418,15 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
         assert widget.data.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch1]"]]  # not ticked
         widget.data.channels_check.setChecked(True)
         assert widget.data.channels_check.text() == "Combine channel layers (2 channels)"
-        assert widget.data.input_layers(viewer.layers["a [ch1]"]) == [viewer.layers["a [ch0]"], viewer.layers["a [ch1]"]]
+        assert widget.data.input_layers(viewer.layers["a [ch1]"]) == [
+            viewer.layers["a [ch0]"],
+            viewer.layers["a [ch1]"],
+        ]
         combined = widget.data.input_image(viewer.layers["a [ch1]"])
         assert not isinstance(combined, np.ndarray)  # stacked lazily: the GUI thread copies nothing
-        np.testing.assert_array_equal(np.asarray(combined), np.stack([viewer.layers[f"a [ch{c}]"].data for c in (0, 1)]))
+        np.testing.assert_array_equal(
+            np.asarray(combined), np.stack([viewer.layers[f"a [ch{c}]"].data for c in (0, 1)])
+        )
         widget.train()
         wait_idle(qtbot, widget)
         assert widget.last_error is None and widget.model.in_channels == 2
@@ -443,7 +460,10 @@ def test_train_on_every_painted_image_pairs_labels_by_name_and_takes_new_strokes
     viewer.add_labels(labels2[:50, :50], name="other labels")  # pairs with "other"
     pairs = painted_pairs(widget.data.image_layers(), widget.data.labels_layers())
     assert [(im.name, lab.name) for im, lab in pairs] == [
-        ("cells", "cells labels"), ("cells2", "cells2 strokes"), ("other", "other labels")]
+        ("cells", "cells labels"),
+        ("cells2", "cells2 strokes"),
+        ("other", "other labels"),
+    ]
     widget.data.image_combo.setCurrentText("cells")
     widget.data.labels_combo.setCurrentText("cells labels")
     widget.data.all_images_check.setChecked(True)
@@ -457,8 +477,10 @@ def test_train_on_every_painted_image_pairs_labels_by_name_and_takes_new_strokes
     viewer.layers["cells2 strokes"].data = more
     wait_idle(qtbot, widget)
     assert widget.last_error is None
-    painted = sum(np.bincount(viewer.layers[name].data.ravel(), minlength=3)[1:3]
-                  for name in ("cells labels", "cells2 strokes", "other labels"))
+    painted = sum(
+        np.bincount(viewer.layers[name].data.ravel(), minlength=3)[1:3]
+        for name in ("cells labels", "cells2 strokes", "other labels")
+    )
     np.testing.assert_array_equal(trainer.sampler.class_counts(2), painted)
     assert "cells probabilities" in viewer.layers and "cells2 probabilities" not in viewer.layers  # previews
 

@@ -40,8 +40,19 @@ def _blobs(seed=0, shape=(64, 64)):
 
 
 def _settings(**overrides):
-    return TrainingSettings(**{"iterations": 6, "time_budget": None, "depth": 1, "base_filters": 4, "patch_size": 16,
-                               "batch_size": 2, "device": "cpu", "cpu_threads": 1, **overrides})
+    return TrainingSettings(
+        **{
+            "iterations": 6,
+            "time_budget": None,
+            "depth": 1,
+            "base_filters": 4,
+            "patch_size": 16,
+            "batch_size": 2,
+            "device": "cpu",
+            "cpu_threads": 1,
+            **overrides,
+        }
+    )
 
 
 def _drain(steps):
@@ -105,7 +116,7 @@ def _broken_lazy_image(tmp_path):
     with tifffile.TiffFile(path) as tif:
         offset, count = tif.pages[5].dataoffsets[0], tif.pages[5].databytecounts[0]
     data = bytearray(path.read_bytes())
-    data[offset:offset + count] = bytes(count)
+    data[offset : offset + count] = bytes(count)
     path.write_bytes(bytes(data))
     return lazy_image(path)[0]
 
@@ -123,12 +134,16 @@ def test_predict_steps_yield_each_image_and_go_on_past_an_unreadable_one(tmp_pat
     tiles, released = [], []
     monkeypatch.setattr(arrays, "IN_MEMORY_OUTPUT_BYTES", 0)
     monkeypatch.setattr(devices, "release_device_memory", released.append)
-    messages, done = _drain(predict_steps(model, metadata, jobs, settings,
-                                          progress=lambda *counts: tiles.append(counts)))
+    messages, done = _drain(
+        predict_steps(model, metadata, jobs, settings, progress=lambda *counts: tiles.append(counts))
+    )
     assert done == 2 and [str(d) for d in released] == ["cpu"]
     assert [type(m) for m in messages] == [ImageStarted, ImageFailed, ImageStarted, ImageDone, ImageStarted, ImageDone]
     assert [(m.index, m.count, m.name) for m in messages if isinstance(m, ImageStarted)] == [
-        (0, 3, "broken"), (1, 3, "a"), (2, 3, "b")]
+        (0, 3, "broken"),
+        (1, 3, "a"),
+        (2, 3, "b"),
+    ]
     assert messages[1].name == "broken" and "not a readable TIFF" in messages[1].reason
     assert tiles and all(done_tiles <= total for done_tiles, total in tiles)
     for message, job in zip((messages[3], messages[5]), jobs[1:]):
@@ -136,8 +151,11 @@ def test_predict_steps_yield_each_image_and_go_on_past_an_unreadable_one(tmp_pat
         assert result.name == job.name
         with gui_friendly_threads():  # as many torch threads as the worker: the same float rounding
             expected = predict_image(model, metadata, job.image, settings)
-        for got, want in ((result.probabilities, expected.probabilities), (result.segmentation, expected.labels),
-                          (result.uncertainty, expected.uncertainty)):
+        for got, want in (
+            (result.probabilities, expected.probabilities),
+            (result.segmentation, expected.labels),
+            (result.uncertainty, expected.uncertainty),
+        ):
             assert isinstance(got, np.memmap)
             np.testing.assert_array_equal(got, want)
 

@@ -71,8 +71,9 @@ def stacked_channels(arrays):
     read here; a worker reads the parts it needs."""
     import dask.array as da
 
-    return da.stack([a if isinstance(a, da.Array) else da.from_array(_Unwrapped(a), chunks=a.shape, name=False)
-                     for a in arrays])
+    return da.stack(
+        [a if isinstance(a, da.Array) else da.from_array(_Unwrapped(a), chunks=a.shape, name=False) for a in arrays]
+    )
 
 
 class _Unwrapped:
@@ -100,8 +101,12 @@ def channel_group(layer, layers) -> list | None:
     members = {}
     for other in layers:
         found = CHANNEL_LAYER_NAME.match(other.name)
-        if (found and found["stem"] == match["stem"] and not getattr(other, "rgb", False)
-                and spatial_shape(other) == spatial_shape(layer)):
+        if (
+            found
+            and found["stem"] == match["stem"]
+            and not getattr(other, "rgb", False)
+            and spatial_shape(other) == spatial_shape(layer)
+        ):
             members[int(found["index"])] = other
     if len(members) < 2 or sorted(members) != list(range(len(members))):
         return None
@@ -145,6 +150,7 @@ def find_output(viewer, source, role: str):
             return layer
     return None
 
+
 def output_layer(viewer, source, role, shape=None, dtype=None, *, data=None, class_ids=None, class_names=()):
     """Find or make the ``role`` output of ``source``; with ``data`` replace its data.
 
@@ -178,14 +184,21 @@ def output_layer(viewer, source, role, shape=None, dtype=None, *, data=None, cla
     }
     active = viewer.layers.selection.active
     if role == "segmentation":
-        layer = viewer.add_labels(data, colormap=segmentation_colormap(class_ids, class_names),
-                                       opacity=0.6, **kwargs)
+        layer = viewer.add_labels(data, colormap=segmentation_colormap(class_ids, class_names), opacity=0.6, **kwargs)
     elif role == "uncertainty":
-        layer = viewer.add_image(data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
-                                      blending="additive", **kwargs)
+        layer = viewer.add_image(
+            data, colormap="magma", contrast_limits=(0.0, 1.0), visible=False, blending="additive", **kwargs
+        )
     else:
-        layer = viewer.add_image(data, colormap="inferno", contrast_limits=(0.0, 1.0),
-                                      blending="additive", opacity=0.7, visible=False, **kwargs)
+        layer = viewer.add_image(
+            data,
+            colormap="inferno",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            opacity=0.7,
+            visible=False,
+            **kwargs,
+        )
         # Show the last class (the foreground of a two-class model) on the class slider.
         viewer.dims.set_current_step(viewer.dims.ndim - layer.ndim, data.shape[0] - 1)
     # Keep outputs just above their image (under the user's painting layers) and keep the user's

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -184,8 +185,9 @@ def train_steps(
     stop = stop or threading.Event()
     image, shape = images[0], labels[0].shape  # what previews show
     channel_axis = 0 if image.ndim > len(shape) else None
-    trainer = Trainer(list(images), list(labels), settings, init=init, class_names=class_names,
-                      channel_axis=channel_axis)
+    trainer = Trainer(
+        list(images), list(labels), settings, init=init, class_names=class_names, channel_axis=channel_axis
+    )
     # Previews normalize only the region they read, with the percentiles the trainer computed for this image.
     normalized = NormalizedView(image, trainer.image_normalization[0])
     yield Ready(trainer)
@@ -258,8 +260,15 @@ def predict_steps(
             for index, job in enumerate(jobs):
                 yield ImageStarted(index, len(jobs), job.name)
                 try:
-                    outputs = predict_image(model, metadata, job.image, settings, out=_layer_output,
-                                            progress=progress, should_stop=stop.is_set)
+                    outputs = predict_image(
+                        model,
+                        metadata,
+                        job.image,
+                        settings,
+                        out=_layer_output,
+                        progress=progress,
+                        should_stop=stop.is_set,
+                    )
                 except ImageFileError as e:
                     yield ImageFailed(job.name, str(e))
                     continue

@@ -83,8 +83,11 @@ class Augmenter:
         if deform or zoom != 1.0:
             arrays = self._warp(arrays, deform, zoom)
         if self.intensity:
-            arrays[0] = self._intensity(arrays[0]) if image.ndim == target.ndim else np.stack(
-                [self._intensity(channel) for channel in arrays[0]])
+            arrays[0] = (
+                self._intensity(arrays[0])
+                if image.ndim == target.ndim
+                else np.stack([self._intensity(channel) for channel in arrays[0]])
+            )
         return arrays[0], arrays[1], (arrays[2] if weight is not None else None)
 
     def _warp(self, arrays: list[np.ndarray], deform: bool, zoom: float) -> list[np.ndarray]:
@@ -96,8 +99,10 @@ class Augmenter:
         if deform:
             coarse = self.rng.normal(0.0, self.elastic_sigma, size=(2, self.elastic_grid, self.elastic_grid))
             in_plane = [
-                g + ndimage.zoom(c, [p / self.elastic_grid for p in plane], order=3, mode="nearest",
-                                 grid_mode=True).astype(np.float32)
+                g
+                + ndimage.zoom(
+                    c, [p / self.elastic_grid for p in plane], order=3, mode="nearest", grid_mode=True
+                ).astype(np.float32)
                 for g, c in zip(in_plane, coarse)
             ]
         coords = [np.broadcast_to(g, shape) for g in grid[:-2]] + [np.broadcast_to(g, shape) for g in in_plane]
@@ -149,4 +154,3 @@ def paste_mix(images, targets, weights, rng: np.random.Generator, probability: f
         box = (Ellipsis, *box)  # the last axes: the tile's, after any channels
         for batch, original in zip(batches, originals):
             batch[i][box] = original[source][box]
-

@@ -24,8 +24,8 @@ import json
 import re
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tifffile
@@ -35,8 +35,10 @@ from .class_ids import class_colour
 from .model import UNet
 from .predict import model_class_ids
 
-U_NET_CITATION = ("Ronneberger, Fischer & Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation, "
-                  "MICCAI 2015", "10.1007/978-3-319-24574-4_28")
+U_NET_CITATION = (
+    "Ronneberger, Fischer & Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation, MICCAI 2015",
+    "10.1007/978-3-319-24574-4_28",
+)
 TEST_OUTPUT_SIZE = {2: 128, 3: 32}
 """Spatial output size per axis of the packaged test tensor (smaller when the sample image is)."""
 
@@ -102,8 +104,10 @@ def export_bioimageio(
         image = image[(slice(None),) * lead + (image.shape[lead] // 2,)]
     image = np.asarray(image, dtype=np.float32)  # read here: the one slice (or volume) the crop comes from
     if image.ndim != ndim + lead:
-        raise ValueError(f"the sample image has shape {image.shape}; the model takes "
-                         f"{'(C, ' if channels > 1 else '('}{', '.join('ZYX'[-ndim:])}) with C = {channels}")
+        raise ValueError(
+            f"the sample image has shape {image.shape}; the model takes "
+            f"{'(C, ' if channels > 1 else '('}{', '.join('ZYX'[-ndim:])}) with C = {channels}"
+        )
     if channels > 1 and image.shape[0] != channels:
         raise ValueError(f"the sample image has {image.shape[0]} channels, the model takes {channels}")
     image = image.reshape(channels, *image.shape[-ndim:])
@@ -125,20 +129,34 @@ def export_bioimageio(
     input_axes = [
         spec.BatchAxis(),
         spec.ChannelAxis(channel_names=[spec.Identifier(f"channel{c}") for c in range(channels)]),
-        *[spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=m + shift, step=model.grid))
-          for a, m in zip(space, model.legal_input_shape((shift + 1,) * ndim))],
+        *[
+            spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=m + shift, step=model.grid))
+            for a, m in zip(space, model.legal_input_shape((shift + 1,) * ndim))
+        ],
     ]
     output_axes = [
         spec.BatchAxis(),
         spec.ChannelAxis(channel_names=[spec.Identifier(_identifier(n, c)) for n, c in zip(class_names, class_ids)]),
-        *[spec.SpaceOutputAxisWithHalo(id=spec.AxisId(a), halo=h, size=spec.SizeReference(
-            tensor_id=spec.TensorId("raw"), axis_id=spec.AxisId(a))) for a, h in zip(space, halo)],
+        *[
+            spec.SpaceOutputAxisWithHalo(
+                id=spec.AxisId(a),
+                halo=h,
+                size=spec.SizeReference(tensor_id=spec.TensorId("raw"), axis_id=spec.AxisId(a)),
+            )
+            for a, h in zip(space, halo)
+        ],
     ]
     preprocessing = [spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32"))]
     if recipe.get("method", "percentile") == "percentile":
-        preprocessing.append(spec.ScaleRangeDescr(kwargs=spec.ScaleRangeKwargs(
-            axes=[spec.AxisId(a) for a in space], min_percentile=float(recipe.get("low", 1.0)),
-            max_percentile=float(recipe.get("high", 99.8)))))
+        preprocessing.append(
+            spec.ScaleRangeDescr(
+                kwargs=spec.ScaleRangeKwargs(
+                    axes=[spec.AxisId(a) for a in space],
+                    min_percentile=float(recipe.get("low", 1.0)),
+                    max_percentile=float(recipe.get("high", 99.8)),
+                )
+            )
+        )
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -148,35 +166,55 @@ def export_bioimageio(
         tifffile.imwrite(folder / "sample_output.tif", test_output[0], photometric="minisblack")
         traced.save(str(folder / "weights_torchscript.pt"))
         _write_cover(folder / "cover.png", test_input[0], test_output[0], halo, class_ids)
-        (folder / "README.md").write_text(
-            _documentation(name, model, class_ids, class_names, recipe, metadata, halo))
+        (folder / "README.md").write_text(_documentation(name, model, class_ids, class_names, recipe, metadata, halo))
         description = spec.ModelDescr(
             name=name,
-            description=description or (f"{ndim}D valid-padding U-Net (depth {model.depth}) trained with napari-unet "
-                                        f"from painted strokes; classes: {', '.join(class_names)}"),
+            description=description
+            or (
+                f"{ndim}D valid-padding U-Net (depth {model.depth}) trained with napari-unet "
+                f"from painted strokes; classes: {', '.join(class_names)}"
+            ),
             authors=[spec.Author(name=a) for a in authors],
             cite=[spec.CiteEntry(text=U_NET_CITATION[0], doi=spec.Doi(U_NET_CITATION[1]))],
             license=license,
             documentation=spec.FileDescr(source=folder / "README.md"),
             covers=[spec.FileDescr(source=folder / "cover.png")],
             tags=["napari-unet", "unet", "semantic-segmentation", f"{ndim}d", "pytorch"],
-            inputs=[spec.InputTensorDescr(
-                id=spec.TensorId("raw"), axes=input_axes, preprocessing=preprocessing,
-                # mode set explicitly: left at its default it is written as "pad: {}", which reads as zero padding
-                pad=spec.ReflectPadding(mode="reflect"),
-                test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
-                sample_tensor=spec.FileDescr(source=folder / "sample_input.tif"),
-                description=f"{channels} channel(s), normalized per channel by percentiles")],
-            outputs=[spec.OutputTensorDescr(
-                id=spec.TensorId("probabilities"), axes=output_axes,
-                test_tensor=spec.FileDescr(source=folder / "test_output.npy"),
-                sample_tensor=spec.FileDescr(source=folder / "sample_output.tif"),
-                description="class probabilities (softmax); the class ids are in config.napari_unet")],
-            weights=spec.WeightsDescr(torchscript=spec.TorchscriptWeightsDescr(
-                source=folder / "weights_torchscript.pt",
-                pytorch_version=spec.Version(torch.__version__.split("+")[0]))),
-            config={"napari_unet": {"class_ids": class_ids, "class_names": class_names, "normalization": recipe,
-                                    "network": dict(model.config)}},
+            inputs=[
+                spec.InputTensorDescr(
+                    id=spec.TensorId("raw"),
+                    axes=input_axes,
+                    preprocessing=preprocessing,
+                    # mode set explicitly: left at its default it is written as "pad: {}", which reads as zero padding
+                    pad=spec.ReflectPadding(mode="reflect"),
+                    test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
+                    sample_tensor=spec.FileDescr(source=folder / "sample_input.tif"),
+                    description=f"{channels} channel(s), normalized per channel by percentiles",
+                )
+            ],
+            outputs=[
+                spec.OutputTensorDescr(
+                    id=spec.TensorId("probabilities"),
+                    axes=output_axes,
+                    test_tensor=spec.FileDescr(source=folder / "test_output.npy"),
+                    sample_tensor=spec.FileDescr(source=folder / "sample_output.tif"),
+                    description="class probabilities (softmax); the class ids are in config.napari_unet",
+                )
+            ],
+            weights=spec.WeightsDescr(
+                torchscript=spec.TorchscriptWeightsDescr(
+                    source=folder / "weights_torchscript.pt",
+                    pytorch_version=spec.Version(torch.__version__.split("+")[0]),
+                )
+            ),
+            config={
+                "napari_unet": {
+                    "class_ids": class_ids,
+                    "class_names": class_names,
+                    "normalization": recipe,
+                    "network": dict(model.config),
+                }
+            },
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         save_bioimageio_package(description, output_path=out)
@@ -213,8 +251,9 @@ def _identifier(name: str, class_id: int) -> str:
     return cleaned if cleaned and not cleaned[0].isdigit() else f"class_{class_id}"
 
 
-def _write_cover(path: Path, image: np.ndarray, probabilities: np.ndarray, halo: Sequence[int],
-                 class_ids: Sequence[int]) -> None:
+def _write_cover(
+    path: Path, image: np.ndarray, probabilities: np.ndarray, halo: Sequence[int], class_ids: Sequence[int]
+) -> None:
     """A 2:1 cover: the test input (first channel, middle slice) beside its most probable class in the widget's
     class colours, without the halo."""
     from skimage.io import imsave
@@ -229,7 +268,7 @@ def _write_cover(path: Path, image: np.ndarray, probabilities: np.ndarray, halo:
     plane = image[0]
     low, high = np.percentile(plane, [1, 99.8])
     grey = np.clip((plane - low) / max(high - low, 1e-6), 0, 1)
-    palette = np.array([[int(class_colour(c)[i:i + 2], 16) for i in (1, 3, 5)] for c in class_ids]) / 255.0
+    palette = np.array([[int(class_colour(c)[i : i + 2], 16) for i in (1, 3, 5)] for c in class_ids]) / 255.0
     classes = palette[probabilities.argmax(0)]
     left = resize(np.repeat(grey[..., None], 3, axis=-1), (256, 256), order=1)
     right = resize(classes, (256, 256), order=0)
@@ -238,37 +277,39 @@ def _write_cover(path: Path, image: np.ndarray, probabilities: np.ndarray, halo:
 
 def _documentation(name, model, class_ids, class_names, recipe, metadata, halo: Sequence[int]) -> str:
     history = (metadata.get("training") or {}).get("history") or []
-    return "\n".join([
-        f"# {name}",
-        "",
-        f"A {model.config['ndim']}D valid-padding U-Net (Ronneberger et al. 2015) trained with napari-unet from "
-        "sparse painted strokes.",
-        "",
-        "## Classes",
-        "",
-        *[f"- output channel {i}: id {c}, {n}" for i, (c, n) in enumerate(zip(class_ids, class_names))],
-        "",
-        "## Input and output",
-        "",
-        f"- input: {model.config['in_channels']} channel(s); normalized per channel, over the whole image, with "
-        f"the recipe `{json.dumps(recipe)}` (`scale_range` in the package).",
-        f"- output: class probabilities of the input's size, of which the declared halo ({halo[0]} px per side: "
-        "the network's context and its pooling-grid offset) is edge padding; tile with that overlap, mirroring "
-        "only at the image border, and crop it for seamless results.",
-        "",
-        "## Network",
-        "",
-        f"`{json.dumps(dict(model.config))}`",
-        "",
-        "## Training",
-        "",
-        *[f"- {json.dumps({k: v for k, v in run.items() if k != 'settings'})}" for run in history],
-        "",
-        "## Validation",
-        "",
-        "The test tensors are a crop of an image the exporter was given and the probabilities this package's weights "
-        "give for it; napari-unet's test suite checks that its packages reproduce its own overlap-tile prediction. "
-        "The model was trained on the strokes of its user's images: check its segmentations on your images before relying "
-        "on them (napari-unet's benchmarks of the training method: docs/benchmarks.md in its repository).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# {name}",
+            "",
+            f"A {model.config['ndim']}D valid-padding U-Net (Ronneberger et al. 2015) trained with napari-unet from "
+            "sparse painted strokes.",
+            "",
+            "## Classes",
+            "",
+            *[f"- output channel {i}: id {c}, {n}" for i, (c, n) in enumerate(zip(class_ids, class_names))],
+            "",
+            "## Input and output",
+            "",
+            f"- input: {model.config['in_channels']} channel(s); normalized per channel, over the whole image, with "
+            f"the recipe `{json.dumps(recipe)}` (`scale_range` in the package).",
+            f"- output: class probabilities of the input's size, of which the declared halo ({halo[0]} px per side: "
+            "the network's context and its pooling-grid offset) is edge padding; tile with that overlap, mirroring "
+            "only at the image border, and crop it for seamless results.",
+            "",
+            "## Network",
+            "",
+            f"`{json.dumps(dict(model.config))}`",
+            "",
+            "## Training",
+            "",
+            *[f"- {json.dumps({k: v for k, v in run.items() if k != 'settings'})}" for run in history],
+            "",
+            "## Validation",
+            "",
+            "The test tensors are a crop of an image the exporter was given and the probabilities this package's weights "
+            "give for it; napari-unet's test suite checks that its packages reproduce its own overlap-tile prediction. "
+            "The model was trained on the strokes of its user's images: check its segmentations on your images before relying "
+            "on them (napari-unet's benchmarks of the training method: docs/benchmarks.md in its repository).",
+            "",
+        ]
+    )

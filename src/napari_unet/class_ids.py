@@ -5,10 +5,9 @@ A model file keeps ``class_ids``: network class ``k`` is painted id ``class_ids[
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
 
 CLASS_COLOURS = ("#4f8fe6", "#ffb000", "#e6194b", "#3cb44b", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 """Colours of class ids 1, 2, 3... (cycled): the widget's painting and segmentation layers, the exported cover."""

@@ -23,8 +23,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from .io import ImageFileError, ModelFileError
 from .predict import PredictionSettings, predict_image
@@ -58,8 +59,14 @@ def progress_bar(label: str, unit: str = "tiles", stream=None, delay: float = 1.
 
     stream = sys.stderr if stream is None else stream
     tty = bool(getattr(stream, "isatty", lambda: False)())
-    bar = tqdm(desc=label, unit=unit, file=stream if tty else _LineEachRedraw(stream), delay=delay,
-               mininterval=0.1 if tty else log_interval, leave=True)
+    bar = tqdm(
+        desc=label,
+        unit=unit,
+        file=stream if tty else _LineEachRedraw(stream),
+        delay=delay,
+        mininterval=0.1 if tty else log_interval,
+        leave=True,
+    )
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -97,50 +104,83 @@ class _LineEachRedraw:
 
 def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PredictionSettings()
-    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE",
-                        help="TIFF images (2D, 3D stacks, with or without channels) or folders of them")
-    parser.add_argument("--model", "-m", required=True, type=Path, help="model file (.safetensors) saved by napari-unet")
-    parser.add_argument("--out", "-o", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        type=Path,
+        metavar="IMAGE",
+        help="TIFF images (2D, 3D stacks, with or without channels) or folders of them",
+    )
+    parser.add_argument(
+        "--model", "-m", required=True, type=Path, help="model file (.safetensors) saved by napari-unet"
+    )
+    parser.add_argument(
+        "--out", "-o", required=True, type=Path, metavar="DIR", help="output folder (created if missing)"
+    )
     parser.add_argument(
         "--tile",
         nargs="+",
         metavar="N",
         help="output tile size: Y X for a 2D model, Z Y X for a 3D model (default: as large as memory allows)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, metavar="N",
-                        help="tiles per forward pass (default: from memory)")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        metavar="N",
+        help="tiles per forward pass (default: from memory)",
+    )
     _add_device_argument(parser, defaults.device)
     parser.add_argument(
-        "--test-time-flips", action=argparse.BooleanOptionalAction, default=defaults.test_time_flips,
+        "--test-time-flips",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.test_time_flips,
         help="average the predictions of the 8 flips/transpositions of each image: a little more accurate, "
         f"8x the prediction time (default: {'on' if defaults.test_time_flips else 'off'}; --no-test-time-flips for "
         "one pass)",
     )
     parser.add_argument(
-        "--refine-radius", type=_refine_radius, default=defaults.refine_radius, metavar="PX|auto",
+        "--refine-radius",
+        type=_refine_radius,
+        default=defaults.refine_radius,
+        metavar="PX|auto",
         help="snap the probabilities to the image's edges with a guided filter of this window half-width in "
         "pixels; auto: the widest window that fits the predicted structures, 1 to 3 px "
         f"(default {defaults.refine_radius}; 0: the network's probabilities as they are)",
     )
     parser.add_argument(
-        "--shard", type=_shard, metavar="I/N",
+        "--shard",
+        type=_shard,
+        metavar="I/N",
         help="predict only images I, I+N, I+2N... of the sorted list (I from 0 to N-1): one share of a batch per "
         "job of a cluster array, e.g. --shard $SLURM_ARRAY_TASK_ID/10 with --array=0-9",
     )
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="skip images whose two outputs are already in the output folder (resume a batch)")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="go on with the next image when one fails; list the failures at the end (exit 2)")
     parser.add_argument(
-        "--refine-eps", type=_positive_float, default=defaults.refine_eps, metavar="EPS",
+        "--skip-existing",
+        action="store_true",
+        help="skip images whose two outputs are already in the output folder (resume a batch)",
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="go on with the next image when one fails; list the failures at the end (exit 2)",
+    )
+    parser.add_argument(
+        "--refine-eps",
+        type=_positive_float,
+        default=defaults.refine_eps,
+        metavar="EPS",
         help="edges whose local intensity variance (normalized image) is well below EPS are smoothed over "
         f"(default {defaults.refine_eps})",
     )
 
 
 def _add_device_argument(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--device", default=default,
-                        help=f"auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: {default})")
+    parser.add_argument(
+        "--device",
+        default=default,
+        help=f"auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: {default})",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -276,7 +316,9 @@ def _run_predict(args: argparse.Namespace) -> int:
         index, count = args.shard
         jobs = jobs[index::count]
     if args.skip_existing:
-        done = [(p, s) for p, s in jobs if all((args.out / f"{s}_{k}.tif").is_file() for k in ("labels", "probabilities"))]
+        done = [
+            (p, s) for p, s in jobs if all((args.out / f"{s}_{k}.tif").is_file() for k in ("labels", "probabilities"))
+        ]
         jobs = [job for job in jobs if job not in done]
         if done:
             print(f"skipping {len(done)} image(s) with outputs in {args.out}", file=sys.stderr, flush=True)
@@ -285,9 +327,14 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .io import load_model
 
     try:
-        settings = PredictionSettings(device=args.device, tile_shape=tile, batch_size=args.batch_size,
-                                      test_time_flips=args.test_time_flips, refine_radius=args.refine_radius,
-                                      refine_eps=args.refine_eps)
+        settings = PredictionSettings(
+            device=args.device,
+            tile_shape=tile,
+            batch_size=args.batch_size,
+            test_time_flips=args.test_time_flips,
+            refine_radius=args.refine_radius,
+            refine_eps=args.refine_eps,
+        )
         resolve_device(settings.device)  # a device this machine lacks: an error before any work
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -329,8 +376,9 @@ def _predict_file(model, metadata: dict, path: Path, prefix: Path, settings: Pre
             raise CLIError(f"{path}: {e}") from None
 
 
-def _predict_to_files(model, metadata: dict, image, prefix: Path, spatial_axes: str, info: dict,
-                      settings: PredictionSettings, progress) -> tuple[Path, Path]:
+def _predict_to_files(
+    model, metadata: dict, image, prefix: Path, spatial_axes: str, info: dict, settings: PredictionSettings, progress
+) -> tuple[Path, Path]:
     """Predict ``image`` (``predict.predict_image``), write ``<prefix>_probabilities.tif`` and
     ``<prefix>_labels.tif``; returns both paths.
 
@@ -381,40 +429,69 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = TrainingSettings()
 
-    parser.add_argument("--images", nargs="+", required=True, type=Path, metavar="IMG", help="TIFF images (2D, 3D stacks or volumes; with channels, e.g. RGB, all alike)")
     parser.add_argument(
-        "--labels", nargs="+", required=True, type=Path, metavar="LAB",
+        "--images",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="IMG",
+        help="TIFF images (2D, 3D stacks or volumes; with channels, e.g. RGB, all alike)",
+    )
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="LAB",
         help="TIFF label images, one per image: 0 = unpainted, ids 1..K = classes (at least two painted)",
     )
-    parser.add_argument("--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help=f"training time (default {defaults.time_budget:g} s unless --iterations)")
     parser.add_argument(
-        "--iterations", type=_positive_int, metavar="N",
+        "--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help=f"training time (default {defaults.time_budget:g} s unless --iterations)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=_positive_int,
+        metavar="N",
         help=f"training iterations (default {defaults.iterations}); training ends at whichever of "
         "--iterations/--time-budget comes first",
     )
-    parser.add_argument("--ndim", type=int, choices=(2, 3), default=defaults.ndim,
-                        help="2: 2D net (stacks slice by slice), 3: 3D net")
+    parser.add_argument(
+        "--ndim", type=int, choices=(2, 3), default=defaults.ndim, help="2: 2D net (stacks slice by slice), 3: 3D net"
+    )
     parser.add_argument("--depth", type=_positive_int, help=f"U-Net depth (poolings; default {defaults.depth})")
     parser.add_argument("--filters", type=_positive_int, help=f"base filters (default {defaults.base_filters})")
-    parser.add_argument("--patch-size", type=_positive_int, metavar="N",
-                        help=f"output tile size per axis (default {defaults.patch_size})")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N",
-                        help=f"tiles per iteration (default {defaults.batch_size})")
+    parser.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        metavar="N",
+        help=f"output tile size per axis (default {defaults.patch_size})",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", help=f"tiles per iteration (default {defaults.batch_size})"
+    )
     parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
-    parser.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)")
+    parser.add_argument(
+        "--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)"
+    )
     _add_device_argument(parser, defaults.device)
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
     parser.add_argument("--float32", action="store_true", help="no mixed precision (default: float16 on CUDA)")
     parser.add_argument(
-        "--cpu-bfloat16", action="store_true",
+        "--cpu-bfloat16",
+        action="store_true",
         help="bfloat16 on CPUs that run it natively: 1.5x faster, slightly less accurate on fine structures",
     )
 
 
-def _read_training_pair(files: contextlib.ExitStack, image_path: Path, labels_path: Path,
-                        in_channels: int | None = None) -> tuple:
+def _read_training_pair(
+    files: contextlib.ExitStack, image_path: Path, labels_path: Path, in_channels: int | None = None
+) -> tuple:
     """``(image, labels)`` for training: the image channels first when it has several (as many as the file's
     channel axis holds, or ``in_channels`` when fine-tuning a model), the labels its spatial shape. The image
     is a lazy view of its file, open until ``files`` closes (the trainer reads of a stack only the slices with
@@ -432,8 +509,10 @@ def _read_training_pair(files: contextlib.ExitStack, image_path: Path, labels_pa
     labels, _ = read_image(labels_path)
     labels = np.squeeze(labels) if labels.ndim > len(spatial) else labels
     if labels.shape != spatial:
-        raise CLIError(f"{labels_path}: labels shape {labels.shape} does not match image {image_path} "
-                       f"{'spatial ' if in_channels > 1 else ''}shape {spatial}")
+        raise CLIError(
+            f"{labels_path}: labels shape {labels.shape} does not match image {image_path} "
+            f"{'spatial ' if in_channels > 1 else ''}shape {spatial}"
+        )
     try:
         return image, integer_labels(labels, str(labels_path))
     except ValueError as e:
@@ -442,7 +521,9 @@ def _read_training_pair(files: contextlib.ExitStack, image_path: Path, labels_pa
 
 def _run_train(args: argparse.Namespace) -> int:
     if len(args.images) != len(args.labels):
-        raise CLIError(f"got {len(args.images)} image(s) but {len(args.labels)} label file(s): give one labels file per image")
+        raise CLIError(
+            f"got {len(args.images)} image(s) but {len(args.labels)} label file(s): give one labels file per image"
+        )
     missing = [str(p) for p in [*args.images, *args.labels] if not p.is_file()]
     if missing:
         raise CLIError(f"file not found: {', '.join(missing)}")
@@ -453,8 +534,9 @@ def _run_train(args: argparse.Namespace) -> int:
     init = load_model(args.init) if args.init is not None else None  # its architecture wins over --depth/--filters
     in_channels = None if init is None else init[0].config["in_channels"]
     with contextlib.ExitStack() as files:
-        return _train_and_save(args, [_read_training_pair(files, i, lab, in_channels)
-                                      for i, lab in zip(args.images, args.labels)], init)
+        return _train_and_save(
+            args, [_read_training_pair(files, i, lab, in_channels) for i, lab in zip(args.images, args.labels)], init
+        )
 
 
 def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
@@ -462,7 +544,12 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
     from .io import save_model
     from .training import Trainer, TrainingSettings
 
-    architecture = {"depth": args.depth, "base_filters": args.filters, "patch_size": args.patch_size, "batch_size": args.batch_size}
+    architecture = {
+        "depth": args.depth,
+        "base_filters": args.filters,
+        "patch_size": args.patch_size,
+        "batch_size": args.batch_size,
+    }
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
         raise CLIError("some images have several channels and some one: train on images alike")
@@ -470,8 +557,9 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         settings = TrainingSettings(
             ndim=args.ndim,
             iterations=args.iterations or TrainingSettings.iterations,
-            time_budget=args.time_budget if args.time_budget is not None else (
-                None if args.iterations else TrainingSettings.time_budget),
+            time_budget=args.time_budget
+            if args.time_budget is not None
+            else (None if args.iterations else TrainingSettings.time_budget),
             border_weight=args.border_weight,
             device=args.device,
             seed=args.seed,
@@ -480,14 +568,21 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             cpu_threads=available_cores(),  # headless: no interface to keep responsive
             **{k: v for k, v in architecture.items() if v is not None},
         )
-        trainer = Trainer([p[0] for p in pairs], [p[1] for p in pairs], settings, init=init,
-                          channel_axis=0 if channels == {1} else None)
+        trainer = Trainer(
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            settings,
+            init=init,
+            channel_axis=0 if channels == {1} else None,
+        )
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(
         f"training a {settings.ndim}D U-Net on {len(pairs)} image(s) with {trainer.in_channels} channel(s), "
         f"classes {trainer.class_ids}, "
-        f"tiles {trainer.input_shape} -> {trainer.output_shape}", file=sys.stderr, flush=True,
+        f"tiles {trainer.input_shape} -> {trainer.output_shape}",
+        file=sys.stderr,
+        flush=True,
     )
     events, last = trainer.run(), -float("inf")
     try:
@@ -497,10 +592,18 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
                 print(f"on {record['device']}, {record['precision']}", file=sys.stderr, flush=True)
             if event.done or event.elapsed - last >= 5:
                 last = event.elapsed
-                print(f"iteration {event.iteration}  loss {event.loss:.4f}  {event.elapsed:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"iteration {event.iteration}  loss {event.loss:.4f}  {event.elapsed:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except KeyboardInterrupt:
         events.close()
-        print(f"interrupted at iteration {trainer.iteration}: saving the model trained so far", file=sys.stderr, flush=True)
+        print(
+            f"interrupted at iteration {trainer.iteration}: saving the model trained so far",
+            file=sys.stderr,
+            flush=True,
+        )
     except ValueError as e:  # a device that cannot be used
         raise CLIError(str(e)) from None
     try:
@@ -520,9 +623,21 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = TrainingSettings()
 
-    parser.add_argument("--time-budget", type=float, default=defaults.time_budget, metavar="SECONDS",
-                        help=f"training time (default {defaults.time_budget:g})")
-    parser.add_argument("--out", "-o", type=Path, default=Path("napari-unet-demo"), metavar="DIR", help="output folder (default ./napari-unet-demo)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=defaults.time_budget,
+        metavar="SECONDS",
+        help=f"training time (default {defaults.time_budget:g})",
+    )
+    parser.add_argument(
+        "--out",
+        "-o",
+        type=Path,
+        default=Path("napari-unet-demo"),
+        metavar="DIR",
+        help="output folder (default ./napari-unet-demo)",
+    )
     _add_device_argument(parser, defaults.device)
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
 
@@ -546,8 +661,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", required=True, type=Path, metavar="MODEL", help="saved model (.safetensors)")
-    parser.add_argument("--image", required=True, type=Path, metavar="IMG",
-                        help="an image like those the model is for: a crop of it becomes the package's test input")
+    parser.add_argument(
+        "--image",
+        required=True,
+        type=Path,
+        metavar="IMG",
+        help="an image like those the model is for: a crop of it becomes the package's test input",
+    )
     parser.add_argument("--out", "-o", required=True, type=Path, metavar="ZIP", help="package to write (.zip)")
     parser.add_argument("--name", default="napari-unet model", help="model name (default: napari-unet model)")
     parser.add_argument("--description", help="one-line description (default: network, classes)")
@@ -570,8 +690,16 @@ def _run_export(args: argparse.Namespace) -> int:
     with open_image(args.image) as (lazy, info):  # the export reads only the slice its test crop comes from
         image, _ = model_input(lazy, info, model.config["in_channels"], args.image)
         try:
-            export_bioimageio(model, metadata, image, args.out, name=args.name, description=args.description,
-                              authors=args.author or ["napari-unet user"], license=args.license)
+            export_bioimageio(
+                model,
+                metadata,
+                image,
+                args.out,
+                name=args.name,
+                description=args.description,
+                authors=args.author or ["napari-unet user"],
+                license=args.license,
+            )
         except ValueError as e:
             raise CLIError(str(e).splitlines()[0]) from None
         except OSError as e:

@@ -10,8 +10,8 @@ its ground truth.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -62,8 +62,10 @@ def run_demo(
     paths = sample_paths()
     image = tifffile.imread(paths["images"][0])
     strokes = tifffile.imread(paths["strokes"])
-    log(f"training on {paths['images'][0].name} ({int((strokes > 0).sum())} painted pixels) "
-        f"for {time_budget:g} s on device {device}")
+    log(
+        f"training on {paths['images'][0].name} ({int((strokes > 0).sum())} painted pixels) "
+        f"for {time_budget:g} s on device {device}"
+    )
     last = [0.0]
 
     def report(event):
@@ -73,8 +75,16 @@ def run_demo(
 
     settings.setdefault("cpu_threads", available_cores())  # headless: no interface to keep responsive
     started = time.perf_counter()
-    trainer = train(image, strokes, time_budget=time_budget, device=device, seed=seed,
-                    class_names=["background", "nucleus"], callback=report, **settings)
+    trainer = train(
+        image,
+        strokes,
+        time_budget=time_budget,
+        device=device,
+        seed=seed,
+        class_names=["background", "nucleus"],
+        callback=report,
+        **settings,
+    )
     train_seconds = time.perf_counter() - started
     model_path = out / "demo_model.safetensors"
     trainer.save(model_path)

@@ -38,14 +38,20 @@ def resolve_device(name="auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "has no CUDA support" if torch.version.cuda is None else "sees no CUDA GPU"
-            raise ValueError(f"device 'cuda' is not available: this torch {torch.__version__} {build}; use 'cpu' or 'auto'")
+            raise ValueError(
+                f"device 'cuda' is not available: this torch {torch.__version__} {build}; use 'cpu' or 'auto'"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r} is not available: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise ValueError(
+                f"device {name!r} is not available: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
         return device
     if device.type == "mps":
         if not _mps_available():
-            raise ValueError("device 'mps' is not available (needs Apple silicon and an MPS-enabled torch); use 'cpu' or 'auto'")
+            raise ValueError(
+                "device 'mps' is not available (needs Apple silicon and an MPS-enabled torch); use 'cpu' or 'auto'"
+            )
         return device
     raise ValueError(f"unsupported device {name!r}; expected one of {', '.join(DEVICE_CHOICES)}")
 

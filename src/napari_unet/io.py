@@ -31,7 +31,7 @@ import math
 import os
 import uuid
 import xml.etree.ElementTree as ET
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +121,7 @@ def save_model(model, path, metadata=None) -> Path:
     record.setdefault("normalization", dict(DEFAULT_RECIPE))
     if len(record["class_ids"]) != n_classes:
         raise ValueError(f"class_ids {list(record['class_ids'])} must have one id per class ({n_classes})")
-    record.update(
-        format=FORMAT_NAME, format_version=FORMAT_VERSION, napari_unet_version=__version__, config=config
-    )
+    record.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, napari_unet_version=__version__, config=config)
     header = {METADATA_KEY: json.dumps(record, default=_json_default)}
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     data = save(tensors, metadata=header)
@@ -177,7 +175,9 @@ def load_model(path, device="cpu"):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
             if raw is None:
-                raise ModelFileError(f"{path} is a safetensors file without napari-unet metadata (not saved by napari-unet)")
+                raise ModelFileError(
+                    f"{path} is a safetensors file without napari-unet metadata (not saved by napari-unet)"
+                )
             state = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise ModelFileError(f"{path} is not a valid safetensors model file (corrupt or truncated?): {e}") from None
@@ -192,7 +192,11 @@ def _parse_record(path: Path, raw: str) -> dict:
         record = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path} has corrupt napari-unet metadata: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME or not isinstance(record.get("config"), dict):
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != FORMAT_NAME
+        or not isinstance(record.get("config"), dict)
+    ):
         raise ModelFileError(f"{path} has no valid napari-unet metadata (missing format or config)")
     version = record.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -201,7 +205,11 @@ def _parse_record(path: Path, raw: str) -> dict:
         )
     n_classes = record["config"].get("n_classes")
     class_ids = record.get("class_ids")
-    if not isinstance(class_ids, list) or len(class_ids) != n_classes or not all(isinstance(i, int) and i > 0 for i in class_ids):
+    if (
+        not isinstance(class_ids, list)
+        or len(class_ids) != n_classes
+        or not all(isinstance(i, int) and i > 0 for i in class_ids)
+    ):
         raise ModelFileError(f"{path} has invalid class_ids {class_ids!r} for {n_classes} classes")
     return record
 
@@ -289,8 +297,9 @@ def _lazy_view(path, tif, series) -> tuple:
 
     if series.dataoffset is not None and series.keyframe.is_memmappable:
         dtype = series.dtype.newbyteorder(tif.byteorder)
-        pixels = _decode(path, lambda: np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset,
-                                                 shape=series.shape))
+        pixels = _decode(
+            path, lambda: np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset, shape=series.shape)
+        )
         chunks, close = _memmap_chunks(series.shape, dtype.itemsize), lambda: None
     else:
         import zarr
@@ -307,7 +316,7 @@ def _memmap_chunks(shape, itemsize: int) -> tuple[int, ...]:
     along the first axis that does not fit (planes of a stack, bands of rows of a large plane)."""
     chunks = list(shape)
     for axis in range(len(shape)):
-        rest = math.prod(shape[axis + 1:]) * itemsize
+        rest = math.prod(shape[axis + 1 :]) * itemsize
         if shape[axis] * rest <= _LAZY_CHUNK_BYTES:
             break
         chunks[axis] = max(1, _LAZY_CHUNK_BYTES // rest)
@@ -400,7 +409,9 @@ def _canonical_axes(path: Path, file_axes: str) -> str:
     if axes.count("C") > 1:
         raise ImageFileError(f"{path}: more than one channel axis (axes {file_axes!r}) is not supported")
     if axes.count("Z") > 1:
-        raise ImageFileError(f"{path}: more than one stack axis (axes {file_axes!r}) is not supported; save one stack per file")
+        raise ImageFileError(
+            f"{path}: more than one stack axis (axes {file_axes!r}) is not supported; save one stack per file"
+        )
     return axes
 
 

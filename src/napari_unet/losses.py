@@ -46,9 +46,7 @@ def border_weight_map(target: np.ndarray, w0: float = 10.0, sigma: float = 5.0) 
     d1 = np.full(target.shape, np.inf, dtype=np.float32)
     d2 = np.full(target.shape, np.inf, dtype=np.float32)
     for index, box in enumerate(ndimage.find_objects(objects), start=1):
-        window = tuple(
-            slice(max(0, s.start - reach), min(n, s.stop + reach)) for s, n in zip(box, target.shape)
-        )
+        window = tuple(slice(max(0, s.start - reach), min(n, s.stop + reach)) for s, n in zip(box, target.shape))
         distance = ndimage.distance_transform_edt(objects[window] != index).astype(np.float32)
         near1, near2 = d1[window], d2[window]
         closer = distance < near1

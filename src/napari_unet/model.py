@@ -254,7 +254,7 @@ class UNet(nn.Module):
 
     # --- inference -------------------------------------------------------------------------------
 
-    def inference_copy(self) -> "UNet":
+    def inference_copy(self) -> UNet:
         """An eval-mode copy with batch norm folded into the convolutions (same outputs, fewer passes)."""
         fused = copy.deepcopy(self).eval()
         for module in fused.modules():

@@ -91,7 +91,7 @@ def slabs(values):
     shape = tuple(values.shape)
     step = max(1, _SLAB_PIXELS // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], step):
-        yield np.asarray(values[start:start + step])
+        yield np.asarray(values[start : start + step])
 
 
 def _histogram_percentiles(values, low: float, high: float) -> tuple[float, float]:
@@ -178,9 +178,13 @@ class _RankSearch:
         for rank, w in zip(self.ranks, within):
             by_bin.setdefault(int(np.searchsorted(cumulative, w, side="right")), []).append(rank)
         return [
-            _RankSearch(ranks, self.origin + kept_bin / self.per_unit, self.per_unit * _SELECTION_BINS,
-                        self.below + (int(cumulative[kept_bin - 1]) if kept_bin else 0),
-                        self.chain + ((self.origin, self.per_unit, kept_bin),))
+            _RankSearch(
+                ranks,
+                self.origin + kept_bin / self.per_unit,
+                self.per_unit * _SELECTION_BINS,
+                self.below + (int(cumulative[kept_bin - 1]) if kept_bin else 0),
+                self.chain + ((self.origin, self.per_unit, kept_bin),),
+            )
             for kept_bin, ranks in by_bin.items()
         ]
 

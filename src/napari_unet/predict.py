@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,31 +41,57 @@ class PredictionSettings:
     the widget do. Each field's ``metadata`` holds a short GUI ``label``, a one-sentence ``tooltip`` and, for
     integers, the ``min``/``max`` a form offers. Invalid values raise ``ValueError``."""
 
-    device: str = _setting("auto", "Device", "Where the network runs: auto (a CUDA GPU, then Apple MPS, then the "
-                           "CPU), cpu, cuda, cuda:N or mps.")
+    device: str = _setting(
+        "auto",
+        "Device",
+        "Where the network runs: auto (a CUDA GPU, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps.",
+    )
     """A device name for ``devices.resolve_device``; a device this machine lacks is refused when predicting."""
     tile_shape: tuple[int, ...] | None = _setting(
-        None, "Tile size", "Output tile size per axis (Y X, or Z Y X for a 3D model); empty: as large as the "
-        "memory budget allows.", min=1, max=4096)
+        None,
+        "Tile size",
+        "Output tile size per axis (Y X, or Z Y X for a 3D model); empty: as large as the memory budget allows.",
+        min=1,
+        max=4096,
+    )
     """Output tile shape (2 sizes for a 2D model, 3 for a 3D one); None: from the memory budget
     (``tiling.plan_tiles``). Tiles are exact, so this changes speed and memory, not the result."""
-    batch_size: int | None = _setting(None, "Batch size", "Tiles per forward pass; empty: as many as the memory "
-                                      "budget allows.", min=1, max=256)
+    batch_size: int | None = _setting(
+        None, "Batch size", "Tiles per forward pass; empty: as many as the memory budget allows.", min=1, max=256
+    )
     """Tiles per forward pass; None: as many as the memory budget allows."""
-    test_time_flips: bool = _setting(True, "Test-time flips", "Average the predictions of the 8 flips and "
-                                     "transpositions of each image: a little more accurate, 8x slower.")
+    test_time_flips: bool = _setting(
+        True,
+        "Test-time flips",
+        "Average the predictions of the 8 flips and transpositions of each image: a little more accurate, 8x slower.",
+    )
     """Average the 8 flips/transpositions of each tile (``tiling.flip_transforms``)."""
     refine_radius: int | str = _setting(
-        DEFAULT_RADIUS, "Snap to edges", "Window half-width in pixels of the guided filter that snaps the "
+        DEFAULT_RADIUS,
+        "Snap to edges",
+        "Window half-width in pixels of the guided filter that snaps the "
         "probabilities to the image's edges; auto fits it to the predicted structures, 0 turns it off.",
-        min=0, max=8, choices=[(f"{AUTO} (fits the objects' width)", AUTO), ("off", 0),
-                               *((f"{radius} px", radius) for radius in range(1, 9))])
+        min=0,
+        max=8,
+        choices=[
+            (f"{AUTO} (fits the objects' width)", AUTO),
+            ("off", 0),
+            *((f"{radius} px", radius) for radius in range(1, 9)),
+        ],
+    )
     """Edge refinement (``refine.refine_probabilities``): pixels, ``"auto"`` (``refine.auto_radius``), 0: off."""
-    refine_eps: float = _setting(DEFAULT_EPS, "Edge threshold", "Edges whose local intensity variance in the "
-                                 "normalized image is well below this are smoothed over.")
+    refine_eps: float = _setting(
+        DEFAULT_EPS,
+        "Edge threshold",
+        "Edges whose local intensity variance in the normalized image is well below this are smoothed over.",
+    )
     """The guided filter's regularisation: edges much weaker than this (normalized variance) are smoothed."""
-    uncertainty: bool = _setting(False, "Uncertainty", "Also compute each pixel's normalized entropy of the "
-                                 "class probabilities (0 certain, 1 undecided): where to paint next.")
+    uncertainty: bool = _setting(
+        False,
+        "Uncertainty",
+        "Also compute each pixel's normalized entropy of the "
+        "class probabilities (0 certain, 1 undecided): where to paint next.",
+    )
     """Also compute :func:`normalized_entropy` of the probabilities."""
 
     def __post_init__(self):
@@ -149,12 +175,21 @@ def predict_image(
     spatial = tuple(normalized.shape[1:] if channel_axis == 0 else normalized.shape)
     class_ids = model_class_ids(model, metadata)
     probabilities = predict_tiled(
-        model, normalized, tile_shape=settings.tile_shape, batch_size=settings.batch_size,
-        device=resolve_device(settings.device), out=out("probabilities", (model.n_classes, *spatial), np.float32),
-        progress=progress, should_stop=should_stop, test_time_flips=settings.test_time_flips,
-        refine_radius=settings.refine_radius, refine_eps=settings.refine_eps,
+        model,
+        normalized,
+        tile_shape=settings.tile_shape,
+        batch_size=settings.batch_size,
+        device=resolve_device(settings.device),
+        out=out("probabilities", (model.n_classes, *spatial), np.float32),
+        progress=progress,
+        should_stop=should_stop,
+        test_time_flips=settings.test_time_flips,
+        refine_radius=settings.refine_radius,
+        refine_eps=settings.refine_eps,
     )
-    labels = segmentation_from_probabilities(probabilities, class_ids, out=out("labels", spatial, labels_dtype(class_ids)))
+    labels = segmentation_from_probabilities(
+        probabilities, class_ids, out=out("labels", spatial, labels_dtype(class_ids))
+    )
     uncertainty = None
     if settings.uncertainty:
         uncertainty = normalized_entropy(probabilities, out=out("uncertainty", spatial, np.float32))
@@ -207,7 +242,7 @@ def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, 
     from .tiling import predict_tiled
 
     channels = (slice(None),) if model.in_channels > 1 else ()
-    crop, inner = region_with_context(region, normalized.shape[len(channels):], model.halo, model.grid)
+    crop, inner = region_with_context(region, normalized.shape[len(channels) :], model.halo, model.grid)
     patch = np.ascontiguousarray(normalized[channels + crop])
     probabilities = predict_tiled(model, patch, should_stop=should_stop)
     return np.ascontiguousarray(probabilities[(slice(None), *inner)])

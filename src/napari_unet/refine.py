@@ -154,7 +154,7 @@ def refine_probabilities(
     spatial = shape[1:]
     if len(spatial) not in (spatial_ndim, spatial_ndim + 1):
         raise ValueError(f"probabilities of shape {shape} do not fit a {spatial_ndim}D model")
-    if tuple(image.shape[-len(spatial):]) != spatial or image.ndim not in (len(spatial), len(spatial) + 1):
+    if tuple(image.shape[-len(spatial) :]) != spatial or image.ndim not in (len(spatial), len(spatial) + 1):
         raise ValueError(f"image of shape {tuple(image.shape)} does not match probabilities of shape {shape}")
     if radius == AUTO:
         radius = auto_radius(probabilities, spatial_ndim)
@@ -177,7 +177,7 @@ def refine_probabilities(
         low, high = max(start - halo, 0), min(stop + halo, rows)
         slab = np.array(probabilities[:, low:high], dtype=np.float32)
         if original_tail is not None and start > low:
-            slab[:, : start - low] = original_tail[:, -(start - low):]
+            slab[:, : start - low] = original_tail[:, -(start - low) :]
         original_tail = slab[:, stop - halo - low : stop - low].copy() if halo else None
         guide = np.asarray(image[:, low:high] if channels else image[low:high], np.float32)
         if channels:
@@ -187,4 +187,3 @@ def refine_probabilities(
         refined /= np.maximum(refined.sum(axis=0, keepdims=True), np.float32(1e-6))
         out[:, start:stop] = refined[:, start - low : stop - low]
     return out
-

@@ -14,7 +14,7 @@ the caller crops them to the output tile (the centre) after augmentation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class PatchSampler:
     def set_targets(self, index: int, targets: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None):
         """Replace the targets (and weights) of image ``index``; painted pixels are re-indexed."""
         targets = list(targets)
-        spatial = [im.shape[im.ndim - t.ndim:] for t, im in zip(targets, self._images[index])]  # after channels
+        spatial = [im.shape[im.ndim - t.ndim :] for t, im in zip(targets, self._images[index])]  # after channels
         if [t.shape for t in targets] != spatial:
             raise ValueError("targets must have the same pieces and shapes as the image")
         self._targets[index] = targets
@@ -124,10 +124,7 @@ class PatchSampler:
         i, j, pixel = self._draw_pixel()
         image, spatial = self._images[i][j], self._targets[i][j].shape
         channels = (slice(None),) * (image.ndim - len(spatial))
-        starts = [
-            int(p) - int(self.rng.integers(o)) - h
-            for p, o, h in zip(pixel, self.output_shape, self.halo)
-        ]
+        starts = [int(p) - int(self.rng.integers(o)) - h for p, o, h in zip(pixel, self.output_shape, self.halo)]
         ranges = [np.arange(s, s + n) for s, n in zip(starts, self.input_shape)]
         mirrored = np.ix_(*[mirror_index(r, size) for r, size in zip(ranges, spatial)])
         inside = [(r >= 0) & (r < size) for r, size in zip(ranges, spatial)]

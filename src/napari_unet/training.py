@@ -52,8 +52,9 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,38 +70,74 @@ from .normalization import DEFAULT_RECIPE, image_params, is_lazy, normalize, sla
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 
+
 @dataclass
 class TrainingSettings:
     """Everything that controls a training run. The defaults suit 2D fluorescence/EM on a CPU laptop."""
 
-    ndim: int = field(default=2, metadata={"label": "Network", "choices": [("2D (stacks slice by slice)", 2), ("3D", 3)]})
+    ndim: int = field(
+        default=2, metadata={"label": "Network", "choices": [("2D (stacks slice by slice)", 2), ("3D", 3)]}
+    )
     """2: a 2D net (3D arrays are stacks trained slice by slice); 3: a 3D net on volumes."""
-    depth: int = field(default=3, metadata={"label": "Depth", "min": 1, "max": 6,
-                                            "tooltip": "Poolings; more = more context, larger halo"})
-    base_filters: int = field(default=16, metadata={"label": "Base filters", "min": 2, "max": 256,
-                                                    "tooltip": "Filters of the first level (doubling per level)"})
+    depth: int = field(
+        default=3,
+        metadata={"label": "Depth", "min": 1, "max": 6, "tooltip": "Poolings; more = more context, larger halo"},
+    )
+    base_filters: int = field(
+        default=16,
+        metadata={
+            "label": "Base filters",
+            "min": 2,
+            "max": 256,
+            "tooltip": "Filters of the first level (doubling per level)",
+        },
+    )
     block: str = field(default="plain", metadata={"label": "Blocks", "choices": ["plain", "residual", "vgg"]})
     batch_norm: bool = True
     dropout: float = 0.0
-    patch_size: int | tuple[int, ...] = field(default=96, metadata={
-        "label": "Patch size", "min": 8, "max": 1024, "tooltip": "Output tile size per axis used for training patches"})
+    patch_size: int | tuple[int, ...] = field(
+        default=96,
+        metadata={
+            "label": "Patch size",
+            "min": 8,
+            "max": 1024,
+            "tooltip": "Output tile size per axis used for training patches",
+        },
+    )
     """Minimum output tile size per spatial axis; the input tile adds the model's halo."""
-    batch_size: int = field(default=4, metadata={"label": "Batch size", "min": 1, "max": 256,
-                                                 "tooltip": "Patches per iteration"})
-    learning_rate: float = field(default=2e-3, metadata={"label": "Learning rate", "min": 1e-5, "max": 1.0,
-                                                         "step": 1e-4})
+    batch_size: int = field(
+        default=4, metadata={"label": "Batch size", "min": 1, "max": 256, "tooltip": "Patches per iteration"}
+    )
+    learning_rate: float = field(
+        default=2e-3, metadata={"label": "Learning rate", "min": 1e-5, "max": 1.0, "step": 1e-4}
+    )
     """Peak Adam learning rate; a short warm-up then cosine decay over the iteration/time budget."""
-    iterations: int | None = field(default=2000, metadata={
-        "label": "Max iterations", "min": 0, "max": 10_000_000, "none": 0, "none_text": "no limit",
-        "tooltip": "0: no limit (time budget only)"})
+    iterations: int | None = field(
+        default=2000,
+        metadata={
+            "label": "Max iterations",
+            "min": 0,
+            "max": 10_000_000,
+            "none": 0,
+            "none_text": "no limit",
+            "tooltip": "0: no limit (time budget only)",
+        },
+    )
     """Training ends at whichever of ``iterations``/``time_budget`` comes first (None: no limit of that kind).
     With sparse strokes longer is not better: past ~2,000 iterations the network fits the strokes ever more
     tightly and thin structures shrink (ISBI membranes, 2,850 instead of 1,900 iterations: Dice -0.012 to
     -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (365 iterations on
     2 cores in ``napari-unet demo``); on a GPU, or with a long budget, this does."""
-    time_budget: float | None = field(default=60.0, metadata={
-        "label": "Time budget (s)", "widget_type": "SpinBox", "min": 1, "max": 24 * 3600,
-        "tooltip": "Training time budget; Stop ends earlier and keeps the model"})
+    time_budget: float | None = field(
+        default=60.0,
+        metadata={
+            "label": "Time budget (s)",
+            "widget_type": "SpinBox",
+            "min": 1,
+            "max": 24 * 3600,
+            "tooltip": "Training time budget; Stop ends earlier and keeps the model",
+        },
+    )
     """Seconds (None: no limit of that kind)."""
     patience: int | None = None
     """Early stop after this many iterations without a 1 % improvement of the smoothed loss (None: off)."""
@@ -142,10 +179,14 @@ class TrainingSettings:
     amp: bool = True
     """Mixed precision (``devices.amp_dtype``): float16 on CUDA, bfloat16 on a CPU if ``cpu_bfloat16``;
     False: float32 everywhere."""
-    cpu_bfloat16: bool = field(default=False, metadata={
-        "label": "bfloat16 on this CPU (1.5x faster)",
-        "tooltip": "Mixed bfloat16 precision when training on a CPU that runs it natively (AVX512-BF16 or AMX): "
-                   "1.5x faster steps, slightly less accurate on fine structures (docs/benchmarks.md)"})
+    cpu_bfloat16: bool = field(
+        default=False,
+        metadata={
+            "label": "bfloat16 on this CPU (1.5x faster)",
+            "tooltip": "Mixed bfloat16 precision when training on a CPU that runs it natively (AVX512-BF16 or AMX): "
+            "1.5x faster steps, slightly less accurate on fine structures (docs/benchmarks.md)",
+        },
+    )
     """With ``amp``, bfloat16 autocast on a CPU with native bfloat16 convolutions (AVX512-BF16/AMX):
     1.5x faster steps, the same Dice on nuclei, but 0.002-0.018 lower on ISBI membranes in our paired runs
     (docs/benchmarks.md), so off by default."""
@@ -304,8 +345,10 @@ def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: i
             without = " (without channels)" if channel_axis is not None else ""
             raise ValueError(f"image {i} has shape {spatial}{without} but its labels have shape {lab.shape}")
         if lab.ndim not in (settings.ndim, settings.ndim + 1) or (settings.ndim == 3 and lab.ndim != 3):
-            raise ValueError(f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
-                             + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes"))
+            raise ValueError(
+                f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
+                + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes")
+            )
     found = painted_ids(labels)
     if not found:
         raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
@@ -394,8 +437,10 @@ class Trainer:
         if model.config["ndim"] != settings.ndim:
             raise ValueError(f"the initial model is {model.config['ndim']}D but ndim={settings.ndim}")
         if model.config["in_channels"] != self.in_channels:
-            raise ValueError(f"the initial model takes {model.config['in_channels']} channel(s) but the images "
-                             f"have {self.in_channels}")
+            raise ValueError(
+                f"the initial model takes {model.config['in_channels']} channel(s) but the images "
+                f"have {self.in_channels}"
+            )
         self.normalization = dict(meta.get("normalization") or settings.normalization)
         self.class_names = list(meta.get("class_names") or [f"class {c}" for c in self.class_ids])
         self._history = list((meta.get("training") or {}).get("history", []))
@@ -455,12 +500,20 @@ class Trainer:
         targets, weights = zip(*[self._target_pieces(lab) for lab in labels])
         self.sampler = PatchSampler(
             [self._image_pieces(img, params, channels) for img, params in zip(images, self.image_normalization)],
-            targets, self.input_shape, self.output_shape,
-            self._rng, weights=weights if settings.border_weight else None, class_power=settings.class_sampling,
+            targets,
+            self.input_shape,
+            self.output_shape,
+            self._rng,
+            weights=weights if settings.border_weight else None,
+            class_power=settings.class_sampling,
         )
         self.augmenter = Augmenter(
-            self._rng, flips=settings.flips, rotations=settings.rotations,
-            elastic=settings.elastic, intensity=settings.intensity, zoom_range=settings.zoom,
+            self._rng,
+            flips=settings.flips,
+            rotations=settings.rotations,
+            elastic=settings.elastic,
+            intensity=settings.intensity,
+            zoom_range=settings.zoom,
         )
         self._class_weights = self._compute_class_weights()
 
@@ -609,8 +662,13 @@ class Trainer:
             del loop  # frees the optimizer, batches and activations before the cache is emptied
             self._finish(device, previous_threads, state)
         yield TrainingEvent(
-            state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, state.learning_rate,
-            True, state.reason,
+            state.iteration,
+            state.loss,
+            state.elapsed(),
+            state.iteration * s.batch_size,
+            state.learning_rate,
+            True,
+            state.reason,
         )
 
     def _loop(self, device: torch.device, dtype: torch.dtype | None, state: _RunState) -> Iterator[TrainingEvent]:
@@ -653,8 +711,16 @@ class Trainer:
             return "plateau"
         return None
 
-    def _step(self, model: UNet, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-              dtype: torch.dtype | None, tensors: tuple, weights: torch.Tensor, state: _RunState) -> torch.Tensor:
+    def _step(
+        self,
+        model: UNet,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        dtype: torch.dtype | None,
+        tensors: tuple,
+        weights: torch.Tensor,
+        state: _RunState,
+    ) -> torch.Tensor:
         """One optimizer step on the device tensors ``(x, y, border weights)``, and the weight average once the
         averaging window has begun; under the lock, so snapshots and saves never see half-updated weights.
         Returns the loss."""
@@ -723,8 +789,11 @@ class Trainer:
             "class_ids": list(self.class_ids),
             "class_names": list(self.class_names),
             "normalization": dict(self.normalization),
-            "training": {"history": list(self._history), "input_shape": list(self.input_shape),
-                         "output_shape": list(self.output_shape)},
+            "training": {
+                "history": list(self._history),
+                "input_shape": list(self.input_shape),
+                "output_shape": list(self.output_shape),
+            },
             "napari_unet_version": __version__,
         }
 

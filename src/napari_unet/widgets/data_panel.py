@@ -38,15 +38,18 @@ class DataPanel(QGroupBox):
         self.viewer = viewer
         form = QFormLayout(self)
         self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Image to train on and to predict (2D or 3D; one channel, RGB, or with "
-                                    "'Combine channel layers' the channels of a file)")
+        self.image_combo.setToolTip(
+            "Image to train on and to predict (2D or 3D; one channel, RGB, or with "
+            "'Combine channel layers' the channels of a file)"
+        )
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("Painted labels: 0 = unpainted, 1, 2, ... = classes")
         self.channels_check = QCheckBox("Combine channel layers")
         self.channels_check.setToolTip(
             "Treat the layers of a multi-channel file (named 'name [ch0]', 'name [ch1]'... as napari-unet's reader "
             "opens them) as one image with all its channels: Train, Predict and Segment all then use every "
-            "channel (results go with the [ch0] layer)")
+            "channel (results go with the [ch0] layer)"
+        )
         self.class_names_edit = QLineEdit(DEFAULT_CLASS_NAMES)
         self.class_names_edit.setToolTip("Class names for label ids 1, 2, ... (comma separated)")
         self.new_labels_button = QPushButton("New labels layer")
@@ -55,7 +58,8 @@ class DataPanel(QGroupBox):
         self.all_images_check.setToolTip(
             "Train one model on the chosen image and every other image with a painted labels layer (a labels layer "
             "pairs with the image whose name starts its name, e.g. 'cells2 strokes' with 'cells2'); "
-            "previews follow the chosen image, and strokes painted in any of them during training are used")
+            "previews follow the chosen image, and strokes painted in any of them during training are used"
+        )
         form.addRow("Image", self.image_combo)
         form.addRow(self.channels_check)
         form.addRow("Labels", self.labels_combo)
@@ -133,8 +137,9 @@ class DataPanel(QGroupBox):
                 if other_labels is labels or any(other is im for im, _ in pairs):
                     continue
                 if self.input_channels(other) != self.input_channels(image):
-                    show_warning(f"U-Net: '{other_labels.name}' left out: '{other.name}' has other channels than "
-                                 f"'{image.name}'")
+                    show_warning(
+                        f"U-Net: '{other_labels.name}' left out: '{other.name}' has other channels than '{image.name}'"
+                    )
                     continue
                 pairs.append((other, other_labels))
         return pairs
@@ -150,8 +155,8 @@ class DataPanel(QGroupBox):
         layer = self.viewer.add_labels(
             output_array(shape, np.uint8),  # beyond 1 GiB a memory-mapped temporary file: paint a huge stack
             name=f"{image.name} strokes",
-            scale=image.scale[-len(shape):],
-            translate=image.translate[-len(shape):],
+            scale=image.scale[-len(shape) :],
+            translate=image.translate[-len(shape) :],
             **painting_layer_kwargs(names),
         )
         layer.brush_size = 4
@@ -191,8 +196,9 @@ class DataPanel(QGroupBox):
     def _update_channels_label(self, *args) -> None:
         layer = self.image_layer
         group = channel_group(layer, self.image_layers()) if layer is not None else None
-        self.channels_check.setText(f"Combine channel layers ({len(group)} channels)" if group
-                                    else "Combine channel layers")
+        self.channels_check.setText(
+            f"Combine channel layers ({len(group)} channels)" if group else "Combine channel layers"
+        )
 
 
 def _fill(combo: QComboBox, layers, preferred) -> None:

@@ -46,8 +46,15 @@ class LiveTraining(QObject):
         if self.previews and self.image in self.viewer.layers:
             shape = spatial_shape(self.image)
             output_layer(self.viewer, self.image, "probabilities", (len(trainer.class_ids), *shape), np.float32)
-            output_layer(self.viewer, self.image, "segmentation", shape, labels_dtype(trainer.class_ids),
-                         class_ids=trainer.class_ids, class_names=trainer.class_names)
+            output_layer(
+                self.viewer,
+                self.image,
+                "segmentation",
+                shape,
+                labels_dtype(trainer.class_ids),
+                class_ids=trainer.class_ids,
+                class_names=trainer.class_names,
+            )
 
     def labels_refused(self, message: LabelsRefused) -> None:
         name = self.labels[message.index].name if message.index < len(self.labels) else f"labels {message.index}"
@@ -59,10 +66,12 @@ class LiveTraining(QObject):
         if self.image not in self.viewer.layers:
             return
         shape = spatial_shape(self.image)
-        probabilities = output_layer(self.viewer, self.image, "probabilities",
-                                     (result.probabilities.shape[0], *shape), np.float32)
-        segmentation = output_layer(self.viewer, self.image, "segmentation", shape, result.segmentation.dtype,
-                                    class_ids=result.class_ids)
+        probabilities = output_layer(
+            self.viewer, self.image, "probabilities", (result.probabilities.shape[0], *shape), np.float32
+        )
+        segmentation = output_layer(
+            self.viewer, self.image, "segmentation", shape, result.segmentation.dtype, class_ids=result.class_ids
+        )
         probabilities.data[(slice(None), *result.region)] = result.probabilities
         segmentation.data[result.region] = result.segmentation
         probabilities.refresh()

@@ -58,11 +58,15 @@ class LossPlot(QWidget):
         y0, y1 = min(ys), max(ys)
         if y1 - y0 < 1e-12:
             y0, y1 = y0 - 0.5, y1 + 0.5
-        polygon = QPolygonF([
-            QPointF(rect.left() + (x - x0) / (x1 - x0) * rect.width(),
-                    rect.bottom() - (y - y0) / (y1 - y0) * rect.height())
-            for x, y in self._points
-        ])
+        polygon = QPolygonF(
+            [
+                QPointF(
+                    rect.left() + (x - x0) / (x1 - x0) * rect.width(),
+                    rect.bottom() - (y - y0) / (y1 - y0) * rect.height(),
+                )
+                for x, y in self._points
+            ]
+        )
         painter.setPen(QPen(QColor("#ffb000"), 1.5))
         painter.drawPolyline(polygon)
         painter.setPen(text_pen)

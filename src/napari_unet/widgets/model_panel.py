@@ -29,8 +29,10 @@ class ModelPanel(QGroupBox):
         self.save_button = QPushButton("Save...")
         self.save_button.setToolTip("Save the model to a file (.safetensors)")
         self.export_button = QPushButton("Export...")
-        self.export_button.setToolTip("Export the model as a BioImage.IO package (zip) for ilastik, deepImageJ, "
-                                      "QuPath...; the chosen image provides its test input")
+        self.export_button.setToolTip(
+            "Export the model as a BioImage.IO package (zip) for ilastik, deepImageJ, "
+            "QuPath...; the chosen image provides its test input"
+        )
         for button in (self.load_button, self.save_button, self.export_button):
             row.addWidget(button)
         form.addRow(row)
@@ -52,8 +54,9 @@ class ModelPanel(QGroupBox):
             self.finetune_check.setChecked(False)
             return
         config = model.config
-        classes = ", ".join(f"{n} ({i})" for n, i in zip(metadata.get("class_names") or [],
-                                                          metadata.get("class_ids") or []))
+        classes = ", ".join(
+            f"{n} ({i})" for n, i in zip(metadata.get("class_names") or [], metadata.get("class_ids") or [])
+        )
         self.model_label.setText(
             f"Model ({origin}): {config['ndim']}D, depth {config['depth']}, "
             f"{config['base_filters']} filters, {config['block']} blocks; classes: {classes}"
@@ -66,18 +69,22 @@ class ModelPanel(QGroupBox):
         self.export_button.setEnabled(idle and has_model)
 
     def _ask_load(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load U-Net model", "", "U-Net models (*.safetensors);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load U-Net model", "", "U-Net models (*.safetensors);;All files (*)"
+        )
         if path:
             self.load_requested.emit(path)
 
     def _ask_save(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save U-Net model", "unet.safetensors",
-                                              "U-Net models (*.safetensors)")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save U-Net model", "unet.safetensors", "U-Net models (*.safetensors)"
+        )
         if path:
             self.save_requested.emit(path if path.endswith(".safetensors") else f"{path}.safetensors")
 
     def _ask_export(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export U-Net model for BioImage.IO", "unet.zip",
-                                              "BioImage.IO packages (*.zip)")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export U-Net model for BioImage.IO", "unet.zip", "BioImage.IO packages (*.zip)"
+        )
         if path:
             self.export_requested.emit(path if path.endswith(".zip") else f"{path}.zip")

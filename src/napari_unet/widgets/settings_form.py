@@ -40,10 +40,10 @@ def _widget(f: dataclasses.Field) -> Widget:
         value = int(value)
     if widget_type == "ComboBox":  # its choices bound it (a range may be there for the command line)
         options = {key: options[key] for key in ("tooltip", "choices") if key in options}
-        return create_widget(value=value, name=f.name, label=meta["label"], widget_type=widget_type,
-                             options=options)
-    return create_widget(value=value, annotation=type(value), name=f.name, label=meta["label"],
-                         widget_type=widget_type, options=options)
+        return create_widget(value=value, name=f.name, label=meta["label"], widget_type=widget_type, options=options)
+    return create_widget(
+        value=value, annotation=type(value), name=f.name, label=meta["label"], widget_type=widget_type, options=options
+    )
 
 
 class SettingsForm:

@@ -150,8 +150,11 @@ class UNetWidget(QWidget):
         return {
             "training": self.training.values(),
             "prediction": self.prediction.values(),
-            "widget": {"device": self.device_combo.currentText(), "class_names": self.data.class_names_edit.text(),
-                       "live_preview": self.training.preview_check.isChecked()},
+            "widget": {
+                "device": self.device_combo.currentText(),
+                "class_names": self.data.class_names_edit.text(),
+                "live_preview": self.training.preview_check.isChecked(),
+            },
         }
 
     def _restore_settings(self) -> None:
@@ -171,9 +174,14 @@ class UNetWidget(QWidget):
         self._remember_timer.setSingleShot(True)
         self._remember_timer.setInterval(REMEMBER_DELAY_MS)
         self._remember_timer.timeout.connect(lambda: save_settings(self._remembered()))
-        for changed in (self.training.basic.changed, self.training.form.changed, self.prediction.form.changed,
-                        self.device_combo.currentTextChanged, self.data.class_names_edit.textChanged,
-                        self.training.preview_check.toggled):
+        for changed in (
+            self.training.basic.changed,
+            self.training.form.changed,
+            self.prediction.form.changed,
+            self.device_combo.currentTextChanged,
+            self.data.class_names_edit.textChanged,
+            self.training.preview_check.toggled,
+        ):
             changed.connect(self._remember_later)
 
     def _remember_later(self, *args) -> None:
@@ -229,17 +237,29 @@ class UNetWidget(QWidget):
         if self.busy:
             return
         image = self.data.image_layer
-        problem = ("there is no model to export yet: Train first" if self.model is None
-                   else "choose an image layer: a crop of it becomes the package's test input" if image is None
-                   else self.fit_problem(image))
+        problem = (
+            "there is no model to export yet: Train first"
+            if self.model is None
+            else "choose an image layer: a crop of it becomes the package's test input"
+            if image is None
+            else self.fit_problem(image)
+        )
         if problem:
             show_error(f"U-Net: {problem}")
             return
         self.last_error = None
         name = Path(path).stem
         # The export reads the one crop it needs on the worker.
-        worker = create_worker(_export_package, self.model, dict(self.metadata), self.data.input_image(image),
-                               Path(path), name, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(
+            _export_package,
+            self.model,
+            dict(self.metadata),
+            self.data.input_image(image),
+            Path(path),
+            name,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
         worker.returned.connect(self._on_exported)
         self.status_label.setText(f"Exporting {name} for BioImage.IO...")
         self._start("export", worker, 1, "U-Net BioImage.IO export")
@@ -263,8 +283,7 @@ class UNetWidget(QWidget):
     def _set_busy(self, task: str | None) -> None:
         self._task = task
         idle = task is None
-        for button in (self.train_button, self.predict_button, self.segment_all_button,
-                       self.data.new_labels_button):
+        for button in (self.train_button, self.predict_button, self.segment_all_button, self.data.new_labels_button):
             button.setEnabled(idle)
         self.stop_button.setEnabled(not idle)
         self.model_panel.set_idle(idle, self.model is not None)
@@ -420,13 +439,17 @@ class UNetWidget(QWidget):
         if labels is None:
             return "choose a labels layer (or click 'New labels layer' and paint a few strokes)"
         if labels.data.shape != spatial_shape(image):
-            return (f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
-                    f"{spatial_shape(image)} differ in shape")
+            return (
+                f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
+                f"{spatial_shape(image)} differ in shape"
+            )
         if self.model_panel.finetune_check.isChecked() and self.model is not None:
             channels, model_channels = self.data.input_channels(image), self.model.config["in_channels"]
             if channels != model_channels:
-                return (f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
-                        "untick \"Train on from the current model\" to train a new one")
+                return (
+                    f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
+                    'untick "Train on from the current model" to train a new one'
+                )
         return None
 
     def _on_train_message(self, message) -> None:
@@ -459,7 +482,9 @@ class UNetWidget(QWidget):
         if now - self._last_status < STATUS_INTERVAL:
             return
         self._last_status = now
-        self.status_label.setText(f"Training: iteration {event.iteration}, loss {event.loss:.4f}, {event.elapsed:.1f} s")
+        self.status_label.setText(
+            f"Training: iteration {event.iteration}, loss {event.loss:.4f}, {event.elapsed:.1f} s"
+        )
         if self._pbar is not None:
             self._pbar.n = min(int(event.elapsed), self._pbar.total)
             self._pbar.update(0)
@@ -487,8 +512,11 @@ class UNetWidget(QWidget):
         if self.model is None:
             show_error("U-Net: there is no model yet: Train or load one first")
             return
-        fitting = [la for la in self.data.image_layers()
-                   if self.data.input_layers(la)[0] is la and self.fit_problem(la) is None]
+        fitting = [
+            la
+            for la in self.data.image_layers()
+            if self.data.input_layers(la)[0] is la and self.fit_problem(la) is None
+        ]
         if not fitting:
             show_error("U-Net: no open image fits the model")
             return
@@ -499,10 +527,15 @@ class UNetWidget(QWidget):
         channels, model_channels = self.data.input_channels(layer), self.model.config["in_channels"]
         if channels != model_channels:
             group = channel_group(layer, self.data.image_layers())
-            hint = (f": tick 'Combine channel layers' to use its file's {len(group)} channels"
-                    if group and len(group) == model_channels and not self.data.channels_check.isChecked() else "")
-            return (f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
-                    f"the model takes {model_channels}{hint}")
+            hint = (
+                f": tick 'Combine channel layers' to use its file's {len(group)} channels"
+                if group and len(group) == model_channels and not self.data.channels_check.isChecked()
+                else ""
+            )
+            return (
+                f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
+                f"the model takes {model_channels}{hint}"
+            )
         ndim = len(spatial_shape(layer))
         model_ndim = self.model.config["ndim"]
         allowed = (2, 3) if model_ndim == 2 else (3,)
@@ -532,9 +565,17 @@ class UNetWidget(QWidget):
         sources = list({id(la): la for la in (self.data.input_layers(layer)[0] for layer in layers)}.values())
         self._predict_sources = {layer.name: layer for layer in sources}
         jobs = [PredictJob(layer.name, self.data.input_image(layer)) for layer in sources]
-        worker = create_worker(predict_steps, self.model, self.metadata, jobs, settings,
-                               progress=self._relay.tiles.emit, stop=self._stop,
-                               _start_thread=False, _ignore_errors=True)
+        worker = create_worker(
+            predict_steps,
+            self.model,
+            self.metadata,
+            jobs,
+            settings,
+            progress=self._relay.tiles.emit,
+            stop=self._stop,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
         worker.yielded.connect(self._on_predict_message)
         self.status_label.setText(f"Predicting {len(jobs)} image(s)...")
         self._start("predict", worker, 0, "U-Net prediction")
@@ -562,9 +603,14 @@ class UNetWidget(QWidget):
         if source is None or source not in self.viewer.layers:
             return
         output_layer(self.viewer, source, "probabilities", data=result.probabilities)
-        output_layer(self.viewer, source, "segmentation", data=result.segmentation,
-                     class_ids=model_class_ids(self.model, self.metadata),
-                     class_names=self.metadata.get("class_names") or ())
+        output_layer(
+            self.viewer,
+            source,
+            "segmentation",
+            data=result.segmentation,
+            class_ids=model_class_ids(self.model, self.metadata),
+            class_names=self.metadata.get("class_names") or (),
+        )
         if result.uncertainty is not None:
             output_layer(self.viewer, source, "uncertainty", data=result.uncertainty)
         self.status_label.setText(f"Predicted {result.name}")
