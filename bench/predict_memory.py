@@ -1,9 +1,9 @@
 """Peak memory and time of ``napari-unet predict`` on a large 2D image.
 
 Writes a random ``SIZE x SIZE`` TIFF (uint8, or ``--dtype float32``: its percentiles are then selected in
-streaming passes instead of counted in a histogram) and a tiny 3-class model (depth 2, 4 filters: the network is not what is
-measured) to a temporary folder, runs the CLI once on a small image (so imports are not counted), then runs it on
-the large image twice: under ``tracemalloc`` (peak traced memory: numpy buffers and Python objects; torch's own
+streaming passes instead of counted in a histogram) and a tiny 3-class model (depth 2, 4 filters: the network is not
+what is measured) to a temporary folder, runs the CLI once on a small image (so imports are not counted), then runs
+it on the large image twice: under ``tracemalloc`` (peak traced memory: numpy buffers and Python objects; torch's own
 allocator and memory maps are not traced) and without it (wall time). One pass (``--no-test-time-flips``), with the
 CLI's default edge refinement unless ``--refine-radius`` says otherwise (0: off).
 

@@ -54,7 +54,7 @@ def main(argv=None):
         messages = predict_steps(
             model, metadata, [PredictJob("image", image)], PredictionSettings(device="cpu", test_time_flips=False)
         )
-        return [m.result for m in messages if isinstance(m, ImageDone)][0]
+        return next(m.result for m in messages if isinstance(m, ImageDone))
 
     run(stack[:1, :64, :64].copy())
     with tempfile.TemporaryDirectory() as folder:

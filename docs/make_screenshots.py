@@ -12,7 +12,10 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import napari
+import tifffile
 from qtpy.QtWidgets import QApplication
+
+from napari_unet.demo import dice, sample_paths
 
 OUT = Path(sys.argv[1])
 OUT.mkdir(parents=True, exist_ok=True)
@@ -76,10 +79,6 @@ viewer.layers["nuclei3 uncertainty"].visible = True
 viewer.layers["nuclei3 uncertainty"].opacity = 0.8
 shot("05_uncertainty.png")
 # Dice of the segment-all result against the bundled ground truth
-import tifffile
-
-from napari_unet.demo import dice, sample_paths
-
 for i, path in enumerate(sample_paths()["truths"]):
     name = f"nuclei{i + 1}"
     seg = viewer.layers[f"{name} segmentation"].data

@@ -70,7 +70,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, malicious_pickle)
 
     for name in ("evil.safetensors", "evil.pt"):
         path = malicious_pickle(tmp_path / name, marker)
-        with pytest.raises(ModelFileError, match="pickle.*refused"):
+        with pytest.raises(ModelFileError, match=r"pickle.*refused"):
             load_model(path)
         assert not marker.exists()
 
@@ -93,7 +93,7 @@ def test_torch_save_files_are_refused(tmp_path, make_model, malicious_pickle):
     torch.save(make_model().state_dict(), tmp_path / "weights.pt")
     malicious_pickle(tmp_path / "model.pth", marker, torch_zip=True)
     for name in ("weights.pt", "model.pth"):
-        with pytest.raises(ModelFileError, match="PyTorch .pt/.pth"):
+        with pytest.raises(ModelFileError, match=r"PyTorch \.pt/\.pth"):
             load_model(tmp_path / name)
     assert not marker.exists()
 

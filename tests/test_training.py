@@ -345,7 +345,7 @@ def test_a_stack_is_read_and_normalized_only_where_painted():
     more = labels.copy()
     more[6, 4:28, 4:7] = 1
     trainer.update_labels(0, more)
-    for event in events:  # the update is used within three iterations; then slice 6 is drawn at some point
+    for _ in events:  # the update is used within three iterations; then slice 6 is drawn at some point
         if trainer.sampler._images[0][6].array is not None:
             break
     assert [piece.array is not None for piece in trainer.sampler._images[0]] == [z in (3, 6) for z in range(8)]

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -118,9 +118,9 @@ class ImageDone:
     result: PredictResult
 
 
-TrainMessage = Union[Ready, Progress, Preview, LabelsRefused]
+TrainMessage = Ready | Progress | Preview | LabelsRefused
 """What :func:`train_steps` yields."""
-PredictMessage = Union[ImageStarted, ImageFailed, ImageDone]
+PredictMessage = ImageStarted | ImageFailed | ImageDone
 """What :func:`predict_steps` yields."""
 
 

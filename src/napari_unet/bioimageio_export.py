@@ -306,10 +306,11 @@ def _documentation(name, model, class_ids, class_names, recipe, metadata, halo: 
             "",
             "## Validation",
             "",
-            "The test tensors are a crop of an image the exporter was given and the probabilities this package's weights "
-            "give for it; napari-unet's test suite checks that its packages reproduce its own overlap-tile prediction. "
-            "The model was trained on the strokes of its user's images: check its segmentations on your images before relying "
-            "on them (napari-unet's benchmarks of the training method: docs/benchmarks.md in its repository).",
+            "The test tensors are a crop of an image the exporter was given and the probabilities this package's "
+            "weights give for it; napari-unet's test suite checks that its packages reproduce its own overlap-tile "
+            "prediction. The model was trained on the strokes of its user's images: check its segmentations on your "
+            "images before relying on them (napari-unet's benchmarks of the training method: docs/benchmarks.md in "
+            "its repository).",
             "",
         ]
     )

@@ -290,7 +290,8 @@ def model_input(array, info: dict, in_channels: int, path) -> tuple:
     channels = 1 if channel_axis is None else array.shape[channel_axis]
     if channels != in_channels:
         raise CLIError(
-            f"{path}: the model expects {in_channels} channel(s), the image has {channels} (axes {info['axes']}, shape {array.shape})"
+            f"{path}: the model expects {in_channels} channel(s), the image has {channels} "
+            f"(axes {info['axes']}, shape {array.shape})"
         )
     spatial_axes = axes.replace("C", "")
     if channel_axis is None:

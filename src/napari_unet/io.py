@@ -18,8 +18,8 @@ TIFF images
     the letters ``Z`` (stack: Z, time or an unnamed sequence), ``C`` (channels or RGB
     samples), ``Y`` and ``X``; when the file does not name its axes, a trailing axis of at most
     4 that is smaller than the others is taken as channels-last (``YXC``). The pixel size
-    (``scale``, one value per spatial axis) comes, in this order, from OME ``PhysicalSize*``, ImageJ ``spacing`` + resolution tags, the
-    ``scale`` written by :func:`write_tiff`, or resolution tags in centimeters/millimeters/
+    (``scale``, one value per spatial axis) comes, in this order, from OME ``PhysicalSize*``, ImageJ ``spacing``
+    + resolution tags, the ``scale`` written by :func:`write_tiff`, or resolution tags in centimeters/millimeters/
     micrometers (converted to micrometers); otherwise it is 1.0 (unknown). Plain TIFF
     resolution in inches (usually a meaningless 72 dpi) is ignored.
 """
@@ -201,7 +201,8 @@ def _parse_record(path: Path, raw: str) -> dict:
     version = record.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFileError(
-            f"{path} uses model format version {version!r}; this napari-unet reads up to {FORMAT_VERSION} (upgrade napari-unet)"
+            f"{path} uses model format version {version!r}; this napari-unet reads up to {FORMAT_VERSION} "
+            "(upgrade napari-unet)"
         )
     n_classes = record["config"].get("n_classes")
     class_ids = record.get("class_ids")
@@ -363,7 +364,8 @@ def _open_series(path):
 
 
 def _decode(path, read):
-    """``read()``, with the many kinds of errors tifffile/zarr raise on a corrupt ``path`` as :class:`ImageFileError`."""
+    """``read()``, with the many kinds of errors tifffile/zarr raise on a corrupt ``path`` as
+    :class:`ImageFileError`."""
     import tifffile
 
     try:

@@ -40,7 +40,7 @@ def _sample_crops(spatial: tuple[int, ...], spatial_ndim: int) -> list[tuple[sli
     stacked = len(spatial) > spatial_ndim
     plane = spatial[stacked:]
     budget = _SAMPLE_PIXELS // (4 if stacked else 1) // (2 if spatial_ndim == 3 else 1)
-    side = int(round(budget ** (1.0 / spatial_ndim)))
+    side = round(budget ** (1.0 / spatial_ndim))
     crop = tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + min(n, side)) for n in plane)
     if not stacked:
         return [crop]
@@ -54,8 +54,8 @@ def structure_width(probabilities, spatial_ndim: int) -> float | None:
     ``probabilities`` is ``(n_classes, *spatial)`` as :func:`refine_probabilities` takes it. Per class, the
     width at each point of the class's skeleton is ``2 d - 1`` pixels, ``d`` its distance to the nearest pixel
     of another class; the class's width is the median over its skeleton points whose inscribed ball lies inside
-    the sample, and the smallest class width is returned. Measured on a bounded sample (a centred crop; a few slices of a stack),
-    so it costs the same for any image size. None when nothing can be measured (e.g. one class everywhere).
+    the sample, and the smallest class width is returned. Measured on a bounded sample (a centred crop; a few slices
+    of a stack), so it costs the same for any image size. None when nothing can be measured (e.g. one class everywhere).
     In 3D the skeleton of a ball is a short segment off its centre, so balls read about 2 voxels narrow: the
     radius errs on the narrow side.
     """

@@ -3,8 +3,8 @@
 Every patch is placed around a painted pixel: a class is drawn with a probability that grows with its
 painted pixel count to the power ``class_power`` (0: all painted classes equally often, so a class painted
 with a few strokes is seen as often as a big one; 1: in proportion to the paint), then a painted pixel of
-that class, and the output tile is laid so that this pixel falls at a random position inside it. A patch therefore always
-holds painted pixels, and unpainted slices of a volume or stack are never sampled for nothing.
+that class, and the output tile is laid so that this pixel falls at a random position inside it. A patch therefore
+always holds painted pixels, and unpainted slices of a volume or stack are never sampled for nothing.
 
 Tiles have the network's legal input size. Context outside the image comes from mirror padding (numpy
 "reflect", ``tiling.mirror_index``) and only there: inside the image the real neighbours are read.

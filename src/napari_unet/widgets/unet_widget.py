@@ -9,6 +9,7 @@ yield typed messages, dispatched here with ``match``. Output layers carry ``meta
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -316,10 +317,8 @@ class UNetWidget(QWidget):
         if worker is None:
             return True
         for signal in (worker.yielded, worker.returned, worker.errored, worker.finished):
-            try:
+            with contextlib.suppress(TypeError, RuntimeError):
                 signal.disconnect()
-            except (TypeError, RuntimeError):
-                pass
         worker.quit()
         deadline = time.monotonic() + timeout
         while worker.is_running and time.monotonic() < deadline:
