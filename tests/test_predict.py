@@ -173,7 +173,10 @@ def test_every_setting_has_a_label_a_tooltip_and_integer_ranges():
         assert isinstance(f.metadata["tooltip"], str) and f.metadata["tooltip"].endswith("."), f.name
         if f.name in ("tile_shape", "batch_size", "refine_radius"):
             assert isinstance(f.metadata["min"], int) and f.metadata["max"] > f.metadata["min"], f.name
-        assert all(isinstance(v, (str, int, float)) for v in f.metadata.values()), f.name
+        plain = {k: v for k, v in f.metadata.items() if k != "choices"}
+        assert all(isinstance(v, (str, int, float)) for v in plain.values()), f.name
+        for text, value in f.metadata.get("choices", ()):  # (text, value) pairs a combo box shows
+            assert isinstance(text, str) and PredictionSettings(**{f.name: value}), f.name
 
 
 @pytest.mark.parametrize(

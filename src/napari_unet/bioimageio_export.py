@@ -15,7 +15,8 @@ What the package holds:
   a cover image, a README with the classes, the normalization and the training record, and ``config.napari_unet``
   with the metadata of the model file.
 
-Needs the optional dependency ``bioimageio.spec`` (``pip install "napari-unet[bioimageio]"``).
+Needs the optional dependency ``bioimageio.spec`` (the ``bioimageio`` extra: ``pip install -e ".[bioimageio]"`` in
+the clone).
 """
 
 from __future__ import annotations

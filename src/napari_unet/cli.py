@@ -686,7 +686,7 @@ def _run_export(args: argparse.Namespace) -> int:
     try:
         from .bioimageio_export import export_bioimageio
     except ImportError:
-        raise CLIError('exporting needs bioimageio.spec: pip install "napari-unet[bioimageio]"') from None
+        raise CLIError('exporting needs bioimageio.spec: pip install "bioimageio.spec>=0.5.12"') from None
     model, metadata = load_model(args.model)
     with open_image(args.image) as (lazy, info):  # the export reads only the slice its test crop comes from
         image, _ = model_input(lazy, info, model.config["in_channels"], args.image)

@@ -620,5 +620,5 @@ def _export_package(model, metadata: dict, image, path: Path, name: str) -> Path
     try:
         from ..bioimageio_export import export_bioimageio
     except ImportError:
-        raise RuntimeError('exporting needs bioimageio.spec: pip install "napari-unet[bioimageio]"') from None
+        raise RuntimeError('exporting needs bioimageio.spec: pip install "bioimageio.spec>=0.5.12"') from None
     return export_bioimageio(model, metadata, image, path, name=name)
