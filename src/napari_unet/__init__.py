@@ -26,7 +26,7 @@ _PUBLIC = {
     "read_image": "io",
     "write_tiff": "io",
     "Trainer": "training",
-    "TrainingSettings": "training",
+    "TrainingSettings": "training_settings",
     "TrainingEvent": "training",
     "train": "training",
 }

@@ -426,7 +426,7 @@ def _write_output(target: Path, data, axes: str, info: dict) -> Path:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training import TrainingSettings
+    from .training_settings import TrainingSettings
 
     defaults = TrainingSettings()
 
@@ -620,7 +620,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training import TrainingSettings
+    from .training_settings import TrainingSettings
 
     defaults = TrainingSettings()
 

@@ -9,7 +9,7 @@ from qtpy.QtWidgets import QCheckBox, QGroupBox, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from ..devices import cpu_has_native_bfloat16
-from ..training import TrainingSettings
+from ..training_settings import TrainingSettings
 from .settings_form import SettingsForm
 
 BASIC_FIELDS = ("time_budget",)

@@ -1,0 +1,151 @@
+"""``TrainingSettings``: everything that controls a training run, with its defaults.
+
+Kept apart from :mod:`napari_unet.training` so that what only needs the settings (the command line's help texts and
+defaults, the dock widget's forms) does not import torch. ``napari_unet.training.TrainingSettings`` is this class.
+Fields with a ``"label"`` in their metadata appear in the widget's forms (``widgets/settings_form.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .normalization import DEFAULT_RECIPE
+
+
+@dataclass
+class TrainingSettings:
+    """Everything that controls a training run. The defaults suit 2D fluorescence/EM on a CPU laptop."""
+
+    ndim: int = field(
+        default=2, metadata={"label": "Network", "choices": [("2D (stacks slice by slice)", 2), ("3D", 3)]}
+    )
+    """2: a 2D net (3D arrays are stacks trained slice by slice); 3: a 3D net on volumes."""
+    depth: int = field(
+        default=3,
+        metadata={"label": "Depth", "min": 1, "max": 6, "tooltip": "Poolings; more = more context, larger halo"},
+    )
+    base_filters: int = field(
+        default=16,
+        metadata={
+            "label": "Base filters",
+            "min": 2,
+            "max": 256,
+            "tooltip": "Filters of the first level (doubling per level)",
+        },
+    )
+    block: str = field(default="plain", metadata={"label": "Blocks", "choices": ["plain", "residual", "vgg"]})
+    batch_norm: bool = True
+    dropout: float = 0.0
+    patch_size: int | tuple[int, ...] = field(
+        default=96,
+        metadata={
+            "label": "Patch size",
+            "min": 8,
+            "max": 1024,
+            "tooltip": "Output tile size per axis used for training patches",
+        },
+    )
+    """Minimum output tile size per spatial axis; the input tile adds the model's halo."""
+    batch_size: int = field(
+        default=4, metadata={"label": "Batch size", "min": 1, "max": 256, "tooltip": "Patches per iteration"}
+    )
+    learning_rate: float = field(
+        default=2e-3, metadata={"label": "Learning rate", "min": 1e-5, "max": 1.0, "step": 1e-4}
+    )
+    """Peak Adam learning rate; a short warm-up then cosine decay over the iteration/time budget."""
+    iterations: int | None = field(
+        default=2000,
+        metadata={
+            "label": "Max iterations",
+            "min": 0,
+            "max": 10_000_000,
+            "none": 0,
+            "none_text": "no limit",
+            "tooltip": "0: no limit (time budget only)",
+        },
+    )
+    """Training ends at whichever of ``iterations``/``time_budget`` comes first (None: no limit of that kind).
+    With sparse strokes longer is not better: past ~2,000 iterations the network fits the strokes ever more
+    tightly and thin structures shrink (ISBI membranes, 2,850 instead of 1,900 iterations: Dice -0.012 to
+    -0.015; nuclei +0.002 to +0.005; docs/benchmarks.md). On a CPU a 60 s budget ends first (365 iterations on
+    2 cores in ``napari-unet demo``); on a GPU, or with a long budget, this does."""
+    time_budget: float | None = field(
+        default=60.0,
+        metadata={
+            "label": "Time budget (s)",
+            "widget_type": "SpinBox",
+            "min": 1,
+            "max": 24 * 3600,
+            "tooltip": "Training time budget; Stop ends earlier and keeps the model",
+        },
+    )
+    """Seconds (None: no limit of that kind)."""
+    patience: int | None = None
+    """Early stop after this many iterations without a 1 % improvement of the smoothed loss (None: off)."""
+    weight_averaging: float = 0.5
+    """Final fraction of the iteration/time budget over which the weights (and batch-norm statistics) are
+    averaged, iteration by iteration, into the model that training leaves (stochastic weight averaging,
+    Izmailov et al. 2018); 0: off. Late in training a network fits the strokes ever more tightly and its
+    boundaries drift (ISBI membranes: Dice 0.75 at mid-training, 0.73 at the end); the average keeps the
+    sharpness of the end without that drift (docs/benchmarks.md). Training stopped before the window leaves
+    the last weights."""
+    flips: bool = True
+    rotations: bool = True
+    elastic: bool = True
+    intensity: bool = True
+    zoom: float = 0.3
+    """Random magnification of the augmentation, ``exp(+-zoom)`` (0.74-1.35x; ``Augmenter.zoom_range``); 0: off.
+    Shows objects at sizes the painted images do not have (fixed-iteration diagnostics: DSB Dice +0.006 and
+    -0.002 for two seeds, ISBI +0.005; docs/benchmarks.md)."""
+    paste_mix: float = 0.5
+    """Fraction of tiles that get a box pasted from another tile of the batch, labels included
+    (``augment.paste_mix``); it counters the over-segmentation that stroke labels far from boundaries cause."""
+    class_balance: float = 0.5
+    """Class weight power (``losses.class_weights``): 1 balances the painted classes fully in the
+    cross-entropy, 0 not at all. Full balancing makes the rarer-painted class grow into the unpainted
+    band around it (over-segmentation from strokes); 0.5 keeps rare classes heard without that bias."""
+    class_sampling: float = 0.5
+    """Patch centres: a class is drawn with probability ~ painted pixels ** class_sampling (0: every
+    painted class equally often, 1: every painted pixel equally often)."""
+    border_weight: bool = field(default=False, metadata={"label": "Border weights between touching objects"})
+    """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
+    dice_weight: float = 1.0
+    """Weight of the soft Dice term added to the cross-entropy."""
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
+    """Normalization recipe (``normalization.normalize_image``), applied to each whole image."""
+    device: str = "auto"
+    seed: int | None = 0
+    cpu_threads: int | None = None
+    """Torch CPU threads; None: cores - 1 so an interface stays responsive."""
+    amp: bool = True
+    """Mixed precision (``devices.amp_dtype``): float16 on CUDA, bfloat16 on a CPU if ``cpu_bfloat16``;
+    False: float32 everywhere."""
+    cpu_bfloat16: bool = field(
+        default=False,
+        metadata={
+            "label": "bfloat16 on this CPU (1.5x faster)",
+            "tooltip": "Mixed bfloat16 precision when training on a CPU that runs it natively (AVX512-BF16 or AMX): "
+            "1.5x faster steps, slightly less accurate on fine structures (docs/benchmarks.md)",
+        },
+    )
+    """With ``amp``, bfloat16 autocast on a CPU with native bfloat16 convolutions (AVX512-BF16/AMX):
+    1.5x faster steps, the same Dice on nuclei, but 0.002-0.018 lower on ISBI membranes in our paired runs
+    (docs/benchmarks.md), so off by default."""
+
+    def __post_init__(self):
+        if self.ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
+        if self.iterations is None and self.time_budget is None:
+            raise ValueError("set iterations, time_budget or both")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive, got {self.time_budget}")
+        if not 0.0 <= self.weight_averaging < 1.0:
+            raise ValueError(f"weight_averaging is a fraction of the budget in [0, 1), got {self.weight_averaging}")
+        if self.zoom < 0:
+            raise ValueError(f"zoom is a log-magnification range, at least 0, got {self.zoom}")
+        if not 0.0 <= self.paste_mix <= 1.0:
+            raise ValueError(f"paste_mix is a probability, got {self.paste_mix}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
