@@ -59,5 +59,6 @@ def malicious_pickle():
 
 @pytest.fixture(autouse=True)
 def _fresh_widget_settings(tmp_path_factory, monkeypatch):
-    """Each test's widgets remember their settings in a folder of their own, never in the user's configuration."""
+    """Each test's widgets remember their settings in a folder of their own, never in the user's configuration (a
+    widget writes where it read, so a write after the test still lands in that folder)."""
     monkeypatch.setenv("NAPARI_UNET_CONFIG_DIR", str(tmp_path_factory.mktemp("napari-unet-config")))

@@ -150,3 +150,16 @@ def test_the_device_line_says_what_runs(make_napari_viewer, qtbot):
     threads = default_cpu_threads()
     assert widget.device_label.text() == f"cpu, {threads} thread{'s' * (threads > 1)}"
     widget.shutdown()
+
+
+def test_settings_are_written_where_they_were_read(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_unet.widgets import UNetWidget, remembered
+
+    monkeypatch.setenv(remembered.CONFIG_DIR_VARIABLE, str(tmp_path / "first"))
+    widget = UNetWidget(make_napari_viewer())
+    monkeypatch.setenv(remembered.CONFIG_DIR_VARIABLE, str(tmp_path / "second"))  # e.g. a test's folder, gone
+    widget.training.form["depth"].value = 2
+    widget.remember_settings()
+    assert remembered.load_settings(tmp_path / "first" / remembered.FILE_NAME)["training"]["depth"] == 2
+    assert not (tmp_path / "second").exists()
+    widget.shutdown()

@@ -23,21 +23,22 @@ def settings_path() -> Path:
     return Path(folder) / FILE_NAME
 
 
-def load_settings() -> dict:
-    """The remembered settings (section name -> values), ``{}`` when there are none or the file is unusable."""
+def load_settings(path: Path | None = None) -> dict:
+    """The remembered settings (section name -> values) in ``path`` (default :func:`settings_path`), ``{}`` when
+    there are none or the file is unusable."""
     try:
-        loaded = json.loads(settings_path().read_text(encoding="utf-8"))
+        loaded = json.loads((path or settings_path()).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in loaded.items() if isinstance(v, dict)} if isinstance(loaded, dict) else {}
 
 
-def save_settings(settings: dict) -> None:
-    """Write ``settings`` (JSON-serialisable sections); a failure to write (read-only home) is ignored: remembering
-    is a convenience, never a reason for an error."""
+def save_settings(settings: dict, path: Path | None = None) -> None:
+    """Write ``settings`` (JSON-serialisable sections) to ``path`` (default :func:`settings_path`); a failure to
+    write (read-only home) is ignored: remembering is a convenience, never a reason for an error."""
     from ..io import atomic_write
 
-    path = settings_path()
+    path = path or settings_path()
     text = json.dumps(settings, indent=1, sort_keys=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from .live_training import LiveTraining
 from .loss_plot import LossPlot
 from .model_panel import ModelPanel
 from .prediction_panel import PredictionPanel
-from .remembered import load_settings, save_settings
+from .remembered import load_settings, save_settings, settings_path
 from .training_panel import TrainingPanel
 
 PREVIEW_INTERVAL = 3.0
@@ -160,7 +160,8 @@ class UNetWidget(QWidget):
 
     def _restore_settings(self) -> None:
         """Show the settings of the last session (``remembered``), then remember every change."""
-        remembered = load_settings()
+        self._settings_path = settings_path()  # where they were read is where they are written
+        remembered = load_settings(self._settings_path)
         self.training.set_values(remembered.get("training", {}))
         self.prediction.set_values(remembered.get("prediction", {}))
         widget = remembered.get("widget", {})
@@ -174,7 +175,7 @@ class UNetWidget(QWidget):
         self._remember_timer = QTimer(self)
         self._remember_timer.setSingleShot(True)
         self._remember_timer.setInterval(REMEMBER_DELAY_MS)
-        self._remember_timer.timeout.connect(lambda: save_settings(self._remembered()))
+        self._remember_timer.timeout.connect(self.remember_settings)
         for changed in (
             self.training.basic.changed,
             self.training.form.changed,
@@ -187,6 +188,11 @@ class UNetWidget(QWidget):
 
     def _remember_later(self, *args) -> None:
         self._remember_timer.start()
+
+    def remember_settings(self) -> None:
+        """Write the settings shown now to the file they were read from (also done shortly after each change)."""
+        self._remember_timer.stop()
+        save_settings(self._remembered(), self._settings_path)
 
     # --- model ------------------------------------------------------------------------------------
 
@@ -327,6 +333,8 @@ class UNetWidget(QWidget):
         return not worker.is_running
 
     def closeEvent(self, event):  # noqa: N802 (Qt API)
+        if self._remember_timer.isActive():
+            self.remember_settings()
         self.shutdown()
         super().closeEvent(event)
 
