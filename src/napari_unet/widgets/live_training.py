@@ -94,7 +94,8 @@ class LiveTraining(QObject):
             self.trainer.update_labels_later(index, layer_data(self.labels[index]))
 
     def end(self) -> None:
-        """Stop listening to the painting layers (the run is over)."""
+        """Stop listening to the painting layers and let go of the trainer (the run is over)."""
+        self.trainer = None
         self._timer.stop()
         for layer in self.labels:
             for emitter in (layer.events.paint, layer.events.data):

@@ -85,8 +85,6 @@ class UNetWidget(QWidget):
         self.last_error: str | None = None
         self.preview_interval = PREVIEW_INTERVAL
         """Seconds between live previews while training."""
-        self.previews_shown = 0
-        """Live previews pushed to the output layers during the last training."""
         self._build_ui()
         self._restore_settings()
         self._set_busy(None)
@@ -283,6 +281,11 @@ class UNetWidget(QWidget):
         return self._task is not None
 
     @property
+    def previews_shown(self) -> int:
+        """Live previews pushed to the output layers during the current (or last) training."""
+        return self._run.previews_shown if self._run is not None else 0
+
+    @property
     def _trainer(self):
         """The running trainer, once the training worker has built it (else None)."""
         return self._run.trainer if self._run is not None else None
@@ -368,7 +371,6 @@ class UNetWidget(QWidget):
     def _on_finished(self) -> None:
         if self._run is not None:
             self._run.end()
-            self.previews_shown = self._run.previews_shown
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
@@ -414,7 +416,6 @@ class UNetWidget(QWidget):
         finetune = self.model_panel.finetune_check.isChecked() and self.model is not None
         pairs = self.data.training_pairs(image, labels)
         self.last_error = None
-        self.previews_shown = 0
         previews = self.training.preview_check.isChecked()
         self._run = run = LiveTraining(self.viewer, image, [lab for _, lab in pairs], previews=previews, parent=self)
         run.follow_view(settings.ndim)
