@@ -134,3 +134,27 @@ def test_export_command_writes_a_package_and_errors_in_one_line(tmp_path, capsys
         code = main(["export-bioimageio", "-m", str(model_path), *[x for kv in args.items() for x in kv]])
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and "\n" not in err
+
+
+def test_a_fixed_recipe_is_the_packages_linear_map_and_a_robust_one_says_what_it_cannot_do(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(n_classes=2, depth=2, base_filters=4).eval()
+    image = (np.random.default_rng(0).random((150, 170)) * 4000).astype(np.uint16)
+    fixed = {"method": "fixed", "low_values": [200.0], "high_values": [3000.0]}
+    path = export_bioimageio(model, {**METADATA, "normalization": fixed}, image, tmp_path / "fixed.zip")
+    description = load_description(path)
+    assert isinstance(description, ModelDescr), description.validation_summary.format()
+    steps = {step.id: step for step in description.inputs[0].preprocessing}
+    step = steps["scale_linear"]
+    assert "scale_range" not in steps
+    np.testing.assert_allclose([step.kwargs.gain, step.kwargs.offset], [1 / 2800, -200 / 2800])
+    crop = image[:64, :64].astype(np.float32)[None, None]
+    np.testing.assert_allclose(_scale_range(crop, fixed)[0, 0], normalize_image(crop[0, 0], fixed), rtol=1e-5)
+
+    robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_size": 7}
+    path = export_bioimageio(model, {**METADATA, "normalization": robust}, image, tmp_path / "robust.zip")
+    description = load_description(path)
+    assert "scale_range" in [step.id for step in description.inputs[0].preprocessing]
+    with zipfile.ZipFile(path) as package:
+        readme = package.read("README.md").decode()
+    assert "narrower than 7 px" in readme and "the package cannot" in readme

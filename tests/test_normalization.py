@@ -171,3 +171,114 @@ def test_normalized_view_reads_what_normalize_image_computes():
     np.testing.assert_array_equal(view[:, 3:9], normalize_image(channels, channel_axis=0)[:, 3:9])
     with pytest.raises(IndexError, match="all channels"):
         view[0]
+
+
+def _nuclei(seed=0, shape=(256, 256), debris=0.0):
+    """Discs of radius 10-16 at ~100 over a background of ~20 (uint8), with bright saturated specks of radius 1-3
+    covering ``debris`` of the pixels."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(20, 3, shape)
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    for _ in range(25):
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(10, 17)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r**2] += rng.normal(80, 5)
+    image = np.clip(image, 0, 200)
+    nuclei = image > 60
+    covered = np.zeros(shape, bool)
+    while covered.mean() < debris:
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(1, 4)
+        covered |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    image[covered] = 255
+    return image.astype(np.uint8), nuclei & ~covered
+
+
+def test_robust_normalization_ignores_bright_debris():
+    """An image with and without 1 % saturated specks: the plain percentiles squash its objects (the upper one lies
+    in the debris), the robust ones map them to the same range."""
+    from napari_unet.normalization import robust_params
+
+    clean, nuclei = _nuclei()
+    dirty, kept = _nuclei(debris=0.01)
+    robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_size": 7}
+    plain_clean, plain_dirty = normalize_image(clean), normalize_image(dirty)
+    assert np.median(plain_dirty[kept]) < 0.8 * np.median(plain_clean[nuclei])  # the failure being fixed
+    robust_clean, robust_dirty = normalize_image(clean, robust), normalize_image(dirty, robust)
+    np.testing.assert_allclose(np.median(robust_dirty[kept]), np.median(robust_clean[nuclei]), rtol=0.03)
+    # Without artifacts robust and plain agree closely, and the low value is the plain one.
+    assert abs(np.median(robust_clean[nuclei]) - np.median(plain_clean[nuclei])) < 0.05
+    assert robust_params(dirty)["low_values"] == percentile_params(dirty)["low_values"]
+    assert robust_params(dirty, speck_size=1)["high_values"] == percentile_params(dirty)["high_values"]  # no opening
+    with pytest.raises(ValueError, match="speck_size"):
+        robust_params(dirty, speck_size=0)
+
+
+@pytest.mark.parametrize("shape", [(200, 150), (5, 60, 70)])
+def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, monkeypatch):
+    """Streamed in slabs (a 2D image in bands of rows with a halo): the same values as the whole-image opening."""
+    import dask.array as da
+
+    import napari_unet.normalization as normalization
+    from napari_unet.normalization import robust_params
+
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 3000)
+    image, _ = _nuclei(1, (shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1]), debris=0.01)
+    image = image.reshape(shape)
+    for array in (image, image.astype(np.float32)):
+        lazy = da.from_array(array, chunks=(7,) + array.shape[1:])
+        assert robust_params(lazy) == robust_params(array)
+    with_nan = image.astype(np.float32)
+    with_nan[..., 3, 4] = np.nan
+    assert np.isfinite(robust_params(with_nan)["high_values"]).all()
+
+
+def test_a_dataset_recipe_fixes_the_mapping_from_the_training_images():
+    from napari_unet.normalization import dataset_recipe
+
+    images = [_nuclei(seed)[0] for seed in range(3)]
+    recipe = dataset_recipe(images, {"method": "dataset", "low": 1.0, "high": 99.8})
+    assert recipe["method"] == "fixed" and len(recipe["low_values"]) == 1
+    dirty, kept = _nuclei(0, debris=0.02)
+    np.testing.assert_array_equal(normalize_image(dirty, recipe)[kept], normalize_image(images[0], recipe)[kept])
+    brighter = normalize_image(images[0].astype(np.float32) * 2, recipe)
+    assert np.median(brighter) > 1.5 * np.median(normalize_image(images[0], recipe))  # follows no gain change
+    two = dataset_recipe([np.stack([im, im // 2]) for im in images], {"method": "dataset"}, channel_axis=0)
+    assert len(two["high_values"]) == 2 and two["high_values"][1] < two["high_values"][0]
+    assert normalize_image(np.stack([images[0], images[0]]), two, channel_axis=0).shape == (2, 256, 256)
+
+
+def test_training_with_a_dataset_recipe_stores_fixed_values_that_every_prediction_applies(tmp_path):
+    from napari_unet.io import load_model
+    from napari_unet.predict import PredictionSettings, predict_image
+    from napari_unet.tiling import predict_tiled
+    from napari_unet.training import train
+
+    images = [_nuclei(seed, (96, 96))[0] for seed in range(2)]
+    strokes = [
+        np.where(_nuclei(seed, (96, 96))[1], 2, 1).astype(np.uint8) * (np.arange(96) % 9 == 0) for seed in (0, 1)
+    ]
+    trainer = train(
+        images,
+        strokes,
+        iterations=3,
+        time_budget=None,
+        depth=1,
+        base_filters=4,
+        patch_size=16,
+        batch_size=2,
+        device="cpu",
+        normalization={"method": "dataset", "low": 1.0, "high": 99.8},
+    )
+    assert trainer.normalization["method"] == "fixed"
+    trainer.save(tmp_path / "m.safetensors")
+    model, metadata = load_model(tmp_path / "m.safetensors")
+    assert metadata["normalization"] == trainer.normalization
+    other = (images[0].astype(np.float32) * 1.7).astype(np.float32)  # brighter: the fixed values apply as they are
+    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    expected = predict_tiled(model, normalize_image(other, metadata["normalization"]))
+    np.testing.assert_array_equal(predict_image(model, metadata, other, settings).probabilities, expected)
+    fixed = metadata["normalization"]
+    np.testing.assert_allclose(
+        normalize_image(other, fixed),
+        (other - fixed["low_values"][0]) / (fixed["high_values"][0] - fixed["low_values"][0]),
+        rtol=1e-5,
+    )

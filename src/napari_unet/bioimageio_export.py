@@ -148,7 +148,9 @@ def export_bioimageio(
         ],
     ]
     preprocessing = [spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32"))]
-    if recipe.get("method", "percentile") == "percentile":
+    if recipe.get("method") == "fixed":
+        preprocessing.append(_scale_linear(recipe, channels))
+    elif recipe.get("method", "percentile") in PERCENTILE_METHODS:
         preprocessing.append(
             spec.ScaleRangeDescr(
                 kwargs=spec.ScaleRangeKwargs(
@@ -190,7 +192,8 @@ def export_bioimageio(
                     pad=spec.ReflectPadding(mode="reflect"),
                     test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
                     sample_tensor=spec.FileDescr(source=folder / "sample_input.tif"),
-                    description=f"{channels} channel(s), normalized per channel by percentiles",
+                    description=f"{channels} channel(s), normalized per channel"
+                    + (" by fixed values" if recipe.get("method") == "fixed" else " by percentiles"),
                 )
             ],
             outputs=[
@@ -236,9 +239,41 @@ def _test_crop(model: UNet, image: np.ndarray, shift: int) -> np.ndarray:
     return np.ascontiguousarray(crop[None], dtype=np.float32)
 
 
+PERCENTILE_METHODS = ("percentile", "robust")
+"""Recipes the package's ``scale_range`` preprocessing stands for. For "robust" it is the plain percentile range:
+the format has no step that leaves small bright structures out of the upper percentile, so on images with such
+artifacts the package normalizes (and predicts) as a "percentile" model would; on images without them the two
+agree closely (the README of the package says so)."""
+
+
+def _linear(recipe: dict, channels: int) -> tuple[list[float], list[float]]:
+    """A "fixed" recipe's ``x * gain + offset`` per channel."""
+    low = np.broadcast_to(np.asarray(recipe["low_values"], np.float64), (channels,))
+    high = np.broadcast_to(np.asarray(recipe["high_values"], np.float64), (channels,))
+    gain = np.divide(1.0, high - low, out=np.ones(channels), where=high > low)
+    return gain.tolist(), (-low * gain).tolist()
+
+
+def _scale_linear(recipe: dict, channels: int):
+    """A "fixed" recipe as the package's ``scale_linear`` preprocessing (exact)."""
+    from bioimageio.spec.model import v0_5 as spec
+
+    gain, offset = _linear(recipe, channels)
+    if channels == 1:
+        return spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(gain=gain[0], offset=offset[0]))
+    return spec.ScaleLinearDescr(
+        kwargs=spec.ScaleLinearAlongAxisKwargs(axis=spec.AxisId("channel"), gain=gain, offset=offset)
+    )
+
+
 def _scale_range(tensor: np.ndarray, recipe: dict) -> np.ndarray:
-    """The package's preprocessing in numpy: per sample and channel, percentiles over the spatial axes."""
-    if recipe.get("method", "percentile") != "percentile":
+    """The package's preprocessing in numpy: per sample and channel, percentiles over the spatial axes (a "fixed"
+    recipe: its linear map)."""
+    if recipe.get("method") == "fixed":
+        gain, offset = _linear(recipe, tensor.shape[1])
+        shape = (1, -1) + (1,) * (tensor.ndim - 2)
+        return (tensor * np.reshape(gain, shape) + np.reshape(offset, shape)).astype(np.float32)
+    if recipe.get("method", "percentile") not in PERCENTILE_METHODS:
         return tensor
     axes = tuple(range(2, tensor.ndim))
     low = np.percentile(tensor, recipe.get("low", 1.0), axis=axes, keepdims=True)
@@ -276,6 +311,19 @@ def _write_cover(
     imsave(path, (np.concatenate([left, right], axis=1) * 255).astype(np.uint8), check_contrast=False)
 
 
+def _preprocessing_note(recipe: dict) -> str:
+    method = recipe.get("method", "percentile")
+    if method == "fixed":
+        return "`scale_linear` in the package, exactly"
+    if method == "robust":
+        return (
+            "`scale_range` in the package: napari-unet takes the upper percentile without bright structures "
+            f"narrower than {recipe.get('speck_size')} px (debris); the package cannot, so on images with such "
+            "artifacts it normalizes as plain percentiles do"
+        )
+    return "`scale_range` in the package"
+
+
 def _documentation(name, model, class_ids, class_names, recipe, metadata, halo: Sequence[int]) -> str:
     history = (metadata.get("training") or {}).get("history") or []
     return "\n".join(
@@ -292,7 +340,7 @@ def _documentation(name, model, class_ids, class_names, recipe, metadata, halo: 
             "## Input and output",
             "",
             f"- input: {model.config['in_channels']} channel(s); normalized per channel, over the whole image, with "
-            f"the recipe `{json.dumps(recipe)}` (`scale_range` in the package).",
+            f"the recipe `{json.dumps(recipe)}` ({_preprocessing_note(recipe)}).",
             f"- output: class probabilities of the input's size, of which the declared halo ({halo[0]} px per side: "
             "the network's context and its pooling-grid offset) is edge padding; tile with that overlap, mirroring "
             "only at the image border, and crop it for seamless results.",

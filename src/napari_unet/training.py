@@ -66,7 +66,7 @@ from .devices import amp_dtype, default_cpu_threads, resolve_device
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
-from .normalization import image_params, is_lazy, normalize, slabs
+from .normalization import dataset_recipe, image_params, is_lazy, normalize, slabs
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -357,6 +357,8 @@ class Trainer:
         settings = self.settings
         self._rng = np.random.default_rng(settings.seed)
         self._shapes = [lab.shape for lab in labels]
+        if self.normalization.get("method") == "dataset":  # fixed from these images, then the same for every image
+            self.normalization = dataset_recipe(images, self.normalization, channels)
         self.image_normalization = [image_params(img, self.normalization, channels) for img in images]
         """The normalization parameters (percentile values) of each image, computed once over the whole image."""
         targets, weights = zip(*[self._target_pieces(lab) for lab in labels])
