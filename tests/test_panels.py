@@ -159,7 +159,7 @@ def test_settings_are_written_where_they_were_read(make_napari_viewer, qtbot, tm
     widget = UNetWidget(make_napari_viewer())
     monkeypatch.setenv(remembered.CONFIG_DIR_VARIABLE, str(tmp_path / "second"))  # e.g. a test's folder, gone
     widget.training.form["depth"].value = 2
-    widget.remember_settings()
+    widget.memory.write()
     assert remembered.load_settings(tmp_path / "first" / remembered.FILE_NAME)["training"]["depth"] == 2
     assert not (tmp_path / "second").exists()
     widget.shutdown()

@@ -127,6 +127,49 @@ class DataPanel(QGroupBox):
             return {int(k): str(v) for k, v in names.items()}
         return dict(enumerate(parse_class_names(self.class_names_edit.text()), start=1))
 
+    def training_problem(self, image, labels, finetune_config: dict | None) -> str | None:
+        """Why Train cannot start on ``image`` and ``labels`` (``finetune_config``: the config of the model to
+        fine-tune, or None for a new one), or None."""
+        if image is None:
+            return "choose an image layer to train on"
+        if labels is None:
+            return "choose a labels layer (or click 'New labels layer' and paint a few strokes)"
+        if labels.data.shape != spatial_shape(image):
+            return (
+                f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
+                f"{spatial_shape(image)} differ in shape"
+            )
+        if finetune_config is not None:
+            channels, model_channels = self.input_channels(image), finetune_config["in_channels"]
+            if channels != model_channels:
+                return (
+                    f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
+                    'untick "Train on from the current model" to train a new one'
+                )
+        return None
+
+    def fit_problem(self, layer, config: dict) -> str | None:
+        """Why a model of ``config`` cannot predict ``layer`` (channels, dimensions), or None."""
+        channels, model_channels = self.input_channels(layer), config["in_channels"]
+        if channels != model_channels:
+            group = channel_group(layer, self.image_layers())
+            hint = (
+                f": tick 'Combine channel layers' to use its file's {len(group)} channels"
+                if group and len(group) == model_channels and not self.channels_check.isChecked()
+                else ""
+            )
+            return (
+                f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
+                f"the model takes {model_channels}{hint}"
+            )
+        ndim = len(spatial_shape(layer))
+        allowed = (2, 3) if config["ndim"] == 2 else (3,)
+        if ndim not in allowed:
+            return f"'{layer.name}' has {ndim} dimensions; a {config['ndim']}D model takes " + " or ".join(
+                map(str, allowed)
+            )
+        return None
+
     def training_pairs(self, image, labels) -> list[tuple]:
         """The chosen (image, labels) pair first, then with *Train on every painted image* the other painted pairs
         (``_layers.painted_pairs``; a channel group once, by its first layer) that fit the first one."""

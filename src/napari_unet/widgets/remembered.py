@@ -9,7 +9,11 @@ import json
 import os
 from pathlib import Path
 
+from qtpy.QtCore import QObject, QTimer
+
 FILE_NAME = "widget.json"
+WRITE_DELAY_MS = 500
+"""Settings are written this long after the last change."""
 CONFIG_DIR_VARIABLE = "NAPARI_UNET_CONFIG_DIR"
 
 
@@ -45,3 +49,68 @@ def save_settings(settings: dict, path: Path | None = None) -> None:
         atomic_write(path, lambda target: Path(target).write_text(text, encoding="utf-8"))
     except OSError:
         pass
+
+
+class SettingsMemory(QObject):
+    """What a ``UNetWidget`` remembers: the training and prediction forms, the device, the class names and the live
+    preview choice. Restores them from :func:`settings_path` at construction and writes them back there (the same
+    file, even if the variable changes later) shortly after every change."""
+
+    def __init__(self, widget):
+        super().__init__(widget)
+        self.widget = widget
+        self.path = settings_path()
+        self._restore(load_settings(self.path))
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(WRITE_DELAY_MS)
+        self._timer.timeout.connect(self.write)
+        for changed in (
+            widget.training.basic.changed,
+            widget.training.form.changed,
+            widget.prediction.form.changed,
+            widget.device_combo.currentTextChanged,
+            widget.data.class_names_edit.textChanged,
+            widget.training.preview_check.toggled,
+        ):
+            changed.connect(self._later)
+
+    def settings(self) -> dict:
+        """The settings shown now, as they are written."""
+        w = self.widget
+        return {
+            "training": w.training.values(),
+            "prediction": w.prediction.values(),
+            "widget": {
+                "device": w.device_combo.currentText(),
+                "class_names": w.data.class_names_edit.text(),
+                "live_preview": w.training.preview_check.isChecked(),
+            },
+        }
+
+    def _restore(self, remembered: dict) -> None:
+        from ..devices import DEVICE_CHOICES
+
+        w = self.widget
+        w.training.set_values(remembered.get("training", {}))
+        w.prediction.set_values(remembered.get("prediction", {}))
+        shown = remembered.get("widget", {})
+        if shown.get("device") in DEVICE_CHOICES:
+            w.device_combo.setCurrentText(shown["device"])
+        if isinstance(shown.get("class_names"), str):
+            w.data.class_names_edit.setText(shown["class_names"])
+        if isinstance(shown.get("live_preview"), bool):
+            w.training.preview_check.setChecked(shown["live_preview"])
+
+    def _later(self, *args) -> None:  # psygnal passes the new value; a slot of our own takes any
+        self._timer.start()
+
+    def write(self) -> None:
+        """Write the settings shown now (also done shortly after each change)."""
+        self._timer.stop()
+        save_settings(self.settings(), self.path)
+
+    def flush(self) -> None:
+        """Write now if a change is waiting (the widget closes)."""
+        if self._timer.isActive():
+            self.write()

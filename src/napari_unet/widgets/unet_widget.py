@@ -17,10 +17,10 @@ from pathlib import Path
 
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGridLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .._layers import channel_group, layer_data, output_layer, spatial_shape
+from .._layers import layer_data, output_layer
 from .._workers import (
     ImageDone,
     ImageFailed,
@@ -40,15 +40,13 @@ from .live_training import LiveTraining
 from .loss_plot import LossPlot
 from .model_panel import ModelPanel
 from .prediction_panel import PredictionPanel
-from .remembered import load_settings, save_settings, settings_path
+from .remembered import SettingsMemory
 from .training_panel import TrainingPanel
 
 PREVIEW_INTERVAL = 3.0
 """Seconds between live previews (at least; slow previews space themselves out)."""
 STATUS_INTERVAL = 0.2
 """Seconds between updates of the status text, progress bar and preview region while training."""
-REMEMBER_DELAY_MS = 500
-"""Settings are written this long after the last change."""
 
 
 class _Relay(QObject):
@@ -86,7 +84,9 @@ class UNetWidget(QWidget):
         self.preview_interval = PREVIEW_INTERVAL
         """Seconds between live previews while training."""
         self._build_ui()
-        self._restore_settings()
+        self.memory = SettingsMemory(self)
+        """The settings remembered between napari runs (``remembered``): restored now, written on changes."""
+        self._show_device()
         self._set_busy(None)
 
     # --- layout -----------------------------------------------------------------------------------
@@ -142,55 +142,6 @@ class UNetWidget(QWidget):
             self.device_label.setText(describe_device(self.device_combo.currentText(), default_cpu_threads()))
         except ValueError as e:
             self.device_label.setText(f"not available: {e}")
-
-    # --- remembered settings ----------------------------------------------------------------------
-
-    def _remembered(self) -> dict:
-        return {
-            "training": self.training.values(),
-            "prediction": self.prediction.values(),
-            "widget": {
-                "device": self.device_combo.currentText(),
-                "class_names": self.data.class_names_edit.text(),
-                "live_preview": self.training.preview_check.isChecked(),
-            },
-        }
-
-    def _restore_settings(self) -> None:
-        """Show the settings of the last session (``remembered``), then remember every change."""
-        self._settings_path = settings_path()  # where they were read is where they are written
-        remembered = load_settings(self._settings_path)
-        self.training.set_values(remembered.get("training", {}))
-        self.prediction.set_values(remembered.get("prediction", {}))
-        widget = remembered.get("widget", {})
-        if widget.get("device") in DEVICE_CHOICES:
-            self.device_combo.setCurrentText(widget["device"])
-        if isinstance(widget.get("class_names"), str):
-            self.data.class_names_edit.setText(widget["class_names"])
-        if isinstance(widget.get("live_preview"), bool):
-            self.training.preview_check.setChecked(widget["live_preview"])
-        self._show_device()
-        self._remember_timer = QTimer(self)
-        self._remember_timer.setSingleShot(True)
-        self._remember_timer.setInterval(REMEMBER_DELAY_MS)
-        self._remember_timer.timeout.connect(self.remember_settings)
-        for changed in (
-            self.training.basic.changed,
-            self.training.form.changed,
-            self.prediction.form.changed,
-            self.device_combo.currentTextChanged,
-            self.data.class_names_edit.textChanged,
-            self.training.preview_check.toggled,
-        ):
-            changed.connect(self._remember_later)
-
-    def _remember_later(self, *args) -> None:
-        self._remember_timer.start()
-
-    def remember_settings(self) -> None:
-        """Write the settings shown now to the file they were read from (also done shortly after each change)."""
-        self._remember_timer.stop()
-        save_settings(self._remembered(), self._settings_path)
 
     # --- model ------------------------------------------------------------------------------------
 
@@ -336,8 +287,7 @@ class UNetWidget(QWidget):
         return not worker.is_running
 
     def closeEvent(self, event):  # noqa: N802 (Qt API)
-        if self._remember_timer.isActive():
-            self.remember_settings()
+        self.memory.flush()
         self.shutdown()
         super().closeEvent(event)
 
@@ -403,7 +353,8 @@ class UNetWidget(QWidget):
         if self.busy:
             return
         image, labels = self.data.image_layer, self.data.labels_layer
-        problem = self._training_problem(image, labels)
+        finetune = self.model_panel.finetune_check.isChecked() and self.model is not None
+        problem = self.data.training_problem(image, labels, self.model.config if finetune else None)
         if problem:
             show_error(f"U-Net: {problem}")
             return
@@ -413,7 +364,6 @@ class UNetWidget(QWidget):
         except ValueError as e:
             show_error(f"U-Net: {e}")
             return
-        finetune = self.model_panel.finetune_check.isChecked() and self.model is not None
         pairs = self.data.training_pairs(image, labels)
         self.last_error = None
         previews = self.training.preview_check.isChecked()
@@ -440,25 +390,6 @@ class UNetWidget(QWidget):
         others = f" and {len(pairs) - 1} more image(s)" if len(pairs) > 1 else ""
         self.status_label.setText(f"Preparing training data ({image.name}{others})...")
         self._start("train", worker, int(settings.time_budget), f"U-Net training on {image.name}{others} (seconds)")
-
-    def _training_problem(self, image, labels) -> str | None:
-        if image is None:
-            return "choose an image layer to train on"
-        if labels is None:
-            return "choose a labels layer (or click 'New labels layer' and paint a few strokes)"
-        if labels.data.shape != spatial_shape(image):
-            return (
-                f"labels '{labels.name}' {labels.data.shape} and image '{image.name}' "
-                f"{spatial_shape(image)} differ in shape"
-            )
-        if self.model_panel.finetune_check.isChecked() and self.model is not None:
-            channels, model_channels = self.data.input_channels(image), self.model.config["in_channels"]
-            if channels != model_channels:
-                return (
-                    f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
-                    'untick "Train on from the current model" to train a new one'
-                )
-        return None
 
     def _on_train_message(self, message) -> None:
         run = self._run
@@ -531,25 +462,8 @@ class UNetWidget(QWidget):
         self._predict(fitting)
 
     def fit_problem(self, layer) -> str | None:
-        """Why the current model cannot predict ``layer`` (channels, dimensions), or None."""
-        channels, model_channels = self.data.input_channels(layer), self.model.config["in_channels"]
-        if channels != model_channels:
-            group = channel_group(layer, self.data.image_layers())
-            hint = (
-                f": tick 'Combine channel layers' to use its file's {len(group)} channels"
-                if group and len(group) == model_channels and not self.data.channels_check.isChecked()
-                else ""
-            )
-            return (
-                f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
-                f"the model takes {model_channels}{hint}"
-            )
-        ndim = len(spatial_shape(layer))
-        model_ndim = self.model.config["ndim"]
-        allowed = (2, 3) if model_ndim == 2 else (3,)
-        if ndim not in allowed:
-            return f"'{layer.name}' has {ndim} dimensions; a {model_ndim}D model takes {' or '.join(map(str, allowed))}"
-        return None
+        """Why the current model cannot predict ``layer`` (``DataPanel.fit_problem``), or None."""
+        return self.data.fit_problem(layer, self.model.config)
 
     def _predict(self, layers) -> None:
         from napari.qt.threading import create_worker
