@@ -53,11 +53,11 @@ class Augmenter:
         Probability that a tile (channel) is blurred by a Gaussian of ``sigma`` uniform in ``BLUR_SIGMA``
         (0.3-1.5 px), in-plane (the last two axes; a volume's slices are not mixed); 0: off.
     illumination : float
-        Uneven illumination / vignetting: the tile is multiplied by ``exp(g)``, ``g`` a smooth field: values
-        with standard deviation ``illumination`` on a coarse grid of ``ILLUMINATION_GRID`` (3) points per axis
-        (all axes, a volume's too), interpolated with cubic splines and centred (mean of ``g`` over the tile 0,
-        so the geometric mean gain is 1: global gain is ``scale_range``'s). 0.3: gains of roughly 0.6-1.7
-        within a tile. 0: off.
+        Uneven illumination / vignetting: the tile is multiplied by ``exp(g)``, ``g`` a smooth in-plane field
+        (a volume's slices get the same one, safe for anisotropic volumes): values with standard deviation
+        ``illumination`` on a coarse grid of ``ILLUMINATION_GRID`` (3x3) points, interpolated with cubic
+        splines (as the elastic field) and centred (mean of ``g`` over the tile 0, so the geometric mean gain is
+        1: global gain is ``scale_range``'s). 0.3: gains of roughly 0.6-1.7 within a tile. 0: off.
     specks : float
         Probability that a tile (channel) gets bright debris: discs (balls in 3D, the radius along the first
         axis uniform in 1 to the in-plane radius) of radius uniform in ``SPECK_RADIUS`` (1-5 px) at uniform
@@ -159,7 +159,7 @@ class Augmenter:
             sigma = float(self.rng.uniform(*BLUR_SIGMA))
             image = ndimage.gaussian_filter(image, [0.0] * (image.ndim - 2) + [sigma, sigma], mode="mirror")
         if self.illumination:
-            image = image * self._illumination_field(image.shape)
+            image = image * self._illumination_field(image.shape[-2:])  # a volume's slices alike
         gamma = float(np.exp(self.rng.uniform(-self.gamma_range, self.gamma_range)))
         scale = float(np.exp(self.rng.uniform(-self.scale_range, self.scale_range)))
         shift = float(self.rng.uniform(-self.shift_range, self.shift_range))
@@ -175,14 +175,13 @@ class Augmenter:
                 image[saturated] = SPECK_TOP
         return image
 
-    def _illumination_field(self, shape: tuple[int, ...]) -> np.ndarray:
-        """``exp(g)``: ``g`` interpolated (cubic spline) from a coarse grid of N(0, illumination) values, centred."""
+    def _illumination_field(self, plane: tuple[int, int]) -> np.ndarray:
+        """``exp(g)`` over ``plane``: ``g`` interpolated (cubic spline) from a coarse grid of N(0, illumination)
+        values, centred."""
         grid = ILLUMINATION_GRID
-        coarse = self.rng.normal(0.0, self.illumination, size=(grid,) * len(shape))
-        # the spline zoom is separable: one small (size, grid) matrix per axis instead of ndimage.zoom (15x faster)
-        log_gain = coarse
-        for size in shape:  # each contraction takes the first axis and appends the dense one: C order at the end
-            log_gain = np.tensordot(log_gain, _spline_matrix(size, grid), axes=(0, 1))
+        coarse = self.rng.normal(0.0, self.illumination, size=(grid, grid))
+        # the spline zoom is separable: one small (size, grid) matrix per axis instead of ndimage.zoom (10x faster)
+        log_gain = _spline_matrix(plane[0], grid) @ coarse @ _spline_matrix(plane[1], grid).T
         return np.exp((log_gain - log_gain.mean()).astype(np.float32))
 
     def _add_specks(self, image: np.ndarray) -> np.ndarray | None:
