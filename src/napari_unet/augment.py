@@ -16,9 +16,11 @@ only, which is safe for anisotropic volumes.
 Four more image-only pieces imitate how the images of one experiment differ (uneven illumination, bright debris,
 focus, noise); each has its own strength, all are off (0) by default, and each draws random numbers only when on,
 so with all of them off a seeded run is bit-identical to one without them. Per channel (each its own draws) and
-after the geometry, in this order: ``blur`` (in-plane Gaussian), ``illumination`` (a smooth multiplicative field),
+after the geometry, in this order: ``blur`` (in-plane Gaussian), ``illumination`` (a smooth multiplicative
+in-plane field),
 the mild gamma / scale / shift above, ``specks`` (bright blobs in normalized units), ``noise`` (additive,
 signal-dependent); the pixels that specks saturate stay at the top value after the noise, as a clipped sensor's do.
+``intensity=False`` switches all image-only changes off, these included.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class Augmenter:
     specks : float
         Probability that a tile (channel) gets bright debris: discs (balls in 3D, the radius along the first
         axis uniform in 1 to the in-plane radius) of radius uniform in ``SPECK_RADIUS`` (1-5 px) at uniform
-        random positions, added until they cover a fraction uniform in ``SPECK_COVER`` (0.2-2 %) of the tile
-        (counting their rims; never more). Each has a value uniform in 1.5-6.5 (normalized units, objects are
+        random positions, added one by one (each shrunk to the budget left, but not below 1 px) until the next
+        would cover more than a fraction uniform in ``SPECK_COVER`` (0.2-2 %) of the tile (rims counted; so a
+        tile under ~25x25 px may get none). Each has a value uniform in 1.5-6.5 (normalized units, objects are
         about 1), clipped at ``SPECK_TOP`` (4.0): half of them saturate, a plateau at exactly 4.0 that noise
         does not touch. Their rim blends into the image over 2 px (smoothstep of the distance). The labels
         under a speck are left as they are. 0: off.
