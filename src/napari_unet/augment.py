@@ -16,9 +16,8 @@ only, which is safe for anisotropic volumes.
 Four more image-only pieces imitate how the images of one experiment differ (uneven illumination, bright debris,
 focus, noise); each has its own strength, all are off (0) by default, and each draws random numbers only when on,
 so with all of them off a seeded run is bit-identical to one without them. Per channel (each its own draws) and
-after the geometry, in this order: ``blur`` (in-plane Gaussian), ``illumination`` (a smooth multiplicative
-in-plane field),
-the mild gamma / scale / shift above, ``specks`` (bright blobs in normalized units), ``noise`` (additive,
+after the geometry, in this order: ``blur`` (in-plane Gaussian), ``illumination`` (a smooth multiplicative in-plane
+field), the mild gamma / scale / shift above, ``specks`` (bright blobs in normalized units), ``noise`` (additive,
 signal-dependent); the pixels that specks saturate stay at the top value after the noise, as a clipped sensor's do.
 ``intensity=False`` switches all image-only changes off, these included.
 """
