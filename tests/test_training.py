@@ -297,6 +297,21 @@ def test_seeded_runs_are_reproducible():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_intensity_augmentation_settings_reach_the_augmenter_and_train():
+    image, labels, _ = _halves()
+    pieces = dict(illumination=0.3, specks=0.5, blur=0.5, noise=0.1)
+    trainer = Trainer(
+        image, labels, _settings(iterations=4, gain_range=0.5, gamma_range=0.2, offset_range=0.1, **pieces)
+    )
+    augmenter = trainer.augmenter
+    assert (augmenter.scale_range, augmenter.gamma_range, augmenter.shift_range) == (0.5, 0.2, 0.1)
+    assert {name: getattr(augmenter, name) for name in pieces} == pieces
+    assert all(np.isfinite(event.loss) for event in trainer.run())
+    default = Trainer(image, labels, _settings(iterations=1)).augmenter
+    assert (default.scale_range, default.gamma_range, default.shift_range) == (0.07, 0.1, 0.03)
+    assert default.illumination == default.specks == default.blur == default.noise == 0.0
+
+
 def test_seeded_fine_tuning_and_stacks_are_bit_identical_through_the_averaging_window():
     image, labels, _ = _halves()
     first = train(image, labels, _settings(iterations=3))

@@ -12,9 +12,19 @@ paper: random displacement vectors on a coarse 3x3 grid (10 px standard deviatio
 (cubic spline, ``scipy.ndimage.zoom``) to a dense field; the random zoom (magnification about the tile centre)
 shares that resampling. In 3D the deformation, the zoom and the rotations act in the last two (in-plane) axes
 only, which is safe for anisotropic volumes.
+
+Four more image-only pieces imitate how the images of one experiment differ (uneven illumination, bright debris,
+focus, noise); each has its own strength, all are off (0) by default, and each draws random numbers only when on,
+so with all of them off a seeded run is bit-identical to one without them. Per channel (each its own draws) and
+after the geometry, in this order: ``blur`` (in-plane Gaussian), ``illumination`` (a smooth multiplicative in-plane
+field), the mild gamma / scale / shift above, ``specks`` (bright blobs in normalized units), ``noise`` (additive,
+signal-dependent); the pixels that specks saturate stay at the top value after the noise, as a clipped sensor's do.
+``intensity=False`` switches all image-only changes off, these included.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from scipy import ndimage
@@ -40,6 +50,29 @@ class Augmenter:
     gamma_range, scale_range, shift_range : float
         Intensity changes of a normalized tile: ``gamma = exp(u)``, ``scale = exp(v)``, ``+ shift`` with
         ``u``, ``v``, ``shift`` uniform in ``+-gamma_range``, ``+-scale_range``, ``+-shift_range``.
+    blur : float
+        Probability that a tile (channel) is blurred by a Gaussian of ``sigma`` uniform in ``BLUR_SIGMA``
+        (0.3-1.5 px), in-plane (the last two axes; a volume's slices are not mixed); 0: off.
+    illumination : float
+        Uneven illumination / vignetting: the tile is multiplied by ``exp(g)``, ``g`` a smooth in-plane field
+        (a volume's slices get the same one, safe for anisotropic volumes): values with standard deviation
+        ``illumination`` on a coarse grid of ``ILLUMINATION_GRID`` (3x3) points, interpolated with cubic
+        splines (as the elastic field) and centred (mean of ``g`` over the tile 0, so the geometric mean gain is
+        1: global gain is ``scale_range``'s). 0.3: gains of roughly 0.6-1.7 within a tile. 0: off.
+    specks : float
+        Probability that a tile (channel) gets bright debris: discs (balls in 3D, the radius along the first
+        axis uniform in 1 to the in-plane radius) of radius uniform in ``SPECK_RADIUS`` (1-5 px) at uniform
+        random positions, added one by one (each shrunk to the budget left, but not below 1 px) until the next
+        would cover more than a fraction uniform in ``SPECK_COVER`` (0.2-2 %) of the tile (rims counted; so a
+        tile under ~25x25 px may get none). Each has a value uniform in 1.5-6.5 (normalized units, objects are
+        about 1), clipped at ``SPECK_TOP`` (4.0): half of them saturate, a plateau at exactly 4.0 that noise
+        does not touch. Their rim blends into the image over 2 px (smoothstep of the distance). The labels
+        under a speck are left as they are. 0: off.
+    noise : float
+        Maximum noise level ``s`` (uniform in ``[0, noise]`` per tile and channel), Poisson-Gaussian: a
+        fraction ``m`` (uniform in [0, 1]) of the variance grows with the signal, variance
+        ``s**2 * ((1 - m) + m * max(x, 0))``, so the standard deviation is ``s`` at intensity 1 (the top
+        percentile) and ``s * sqrt(1 - m)`` in a dark background. 0: off.
     """
 
     def __init__(
@@ -57,6 +90,10 @@ class Augmenter:
         gamma_range: float = 0.1,
         scale_range: float = 0.07,
         shift_range: float = 0.03,
+        blur: float = 0.0,
+        illumination: float = 0.0,
+        specks: float = 0.0,
+        noise: float = 0.0,
     ):
         self.rng = rng
         self.flips, self.rotations, self.elastic, self.intensity = flips, rotations, elastic, intensity
@@ -65,6 +102,7 @@ class Augmenter:
         self.elastic_probability = elastic_probability
         self.zoom_range = zoom_range
         self.gamma_range, self.scale_range, self.shift_range = gamma_range, scale_range, shift_range
+        self.blur, self.illumination, self.specks, self.noise = blur, illumination, specks, noise
 
     def __call__(self, image: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None):
         """Return augmented ``(image, target, weight)``; target pixels moved in from outside become -1. A
@@ -118,11 +156,93 @@ class Augmenter:
         return out
 
     def _intensity(self, image: np.ndarray) -> np.ndarray:
+        """The image-only changes of one channel (its spatial shape): each piece draws only when it is on."""
+        if self.blur and self.rng.random() < self.blur:
+            sigma = float(self.rng.uniform(*BLUR_SIGMA))
+            image = ndimage.gaussian_filter(image, [0.0] * (image.ndim - 2) + [sigma, sigma], mode="mirror")
+        if self.illumination:
+            image = image * self._illumination_field(image.shape[-2:])  # a volume's slices alike
         gamma = float(np.exp(self.rng.uniform(-self.gamma_range, self.gamma_range)))
         scale = float(np.exp(self.rng.uniform(-self.scale_range, self.scale_range)))
         shift = float(self.rng.uniform(-self.shift_range, self.shift_range))
         image = np.sign(image) * np.abs(image) ** gamma
-        return (image * scale + shift).astype(np.float32, copy=False)
+        image = (image * scale + shift).astype(np.float32, copy=False)
+        saturated = self._add_specks(image) if self.specks and self.rng.random() < self.specks else None
+        if self.noise:
+            level = float(self.rng.uniform(0.0, self.noise))
+            mix = float(self.rng.uniform(0.0, 1.0))
+            spread = level * np.sqrt((1.0 - mix) + mix * np.maximum(image, 0.0))
+            image = image + spread * self.rng.standard_normal(image.shape, dtype=np.float32)
+            if saturated is not None:
+                image[saturated] = SPECK_TOP
+        return image
+
+    def _illumination_field(self, plane: tuple[int, int]) -> np.ndarray:
+        """``exp(g)`` over ``plane``: ``g`` interpolated (cubic spline) from a coarse grid of N(0, illumination)
+        values, centred."""
+        grid = ILLUMINATION_GRID
+        coarse = self.rng.normal(0.0, self.illumination, size=(grid, grid))
+        # the spline zoom is separable: one small (size, grid) matrix per axis instead of ndimage.zoom (10x faster)
+        log_gain = _spline_matrix(plane[0], grid) @ coarse @ _spline_matrix(plane[1], grid).T
+        return np.exp((log_gain - log_gain.mean()).astype(np.float32))
+
+    def _add_specks(self, image: np.ndarray) -> np.ndarray | None:
+        """Composite bright blobs into ``image`` in place; return the mask of their saturated pixels (or None)."""
+        shape, budget = image.shape, self.rng.uniform(*SPECK_COVER) * image.size
+        covered, saturated = 0, None
+        while True:
+            # shrink a speck to the budget left (its footprint is about pi (r + 1)^2 pixels, a ball's more)
+            radius = min(float(self.rng.uniform(*SPECK_RADIUS)), np.sqrt((budget - covered) / np.pi) - 1.0)
+            if radius < SPECK_RADIUS[0]:
+                break
+            radii = [radius] * len(shape)
+            if len(shape) == 3:
+                radii[0] = float(self.rng.uniform(SPECK_RADIUS[0], radius))
+            centre = [self.rng.uniform(0, s) for s in shape]
+            value = min(float(self.rng.uniform(*SPECK_VALUE)), SPECK_TOP)
+            box = tuple(
+                slice(max(0, int(np.floor(c - r - 1))), min(s, int(np.ceil(c + r + 1)) + 1))
+                for c, r, s in zip(centre, radii, shape)
+            )
+            axes = np.ogrid[box]
+            # distance in units of the in-plane radius, back in pixels: the rim is 2 px wide in-plane
+            distance = np.sqrt(sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radii))) * radius
+            t = np.clip((radius + 1.0 - distance) / 2.0, 0.0, 1.0)
+            alpha = (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+            footprint = int(np.count_nonzero(alpha))
+            if covered + footprint > budget:
+                break
+            covered += footprint
+            window = image[box]
+            window *= 1.0 - alpha  # a plateau (alpha 1) becomes exactly value
+            window += alpha * value
+            if value == SPECK_TOP:
+                if saturated is None:
+                    saturated = np.zeros(shape, bool)
+                saturated[box] |= alpha == 1.0
+        return saturated
+
+
+@functools.lru_cache(maxsize=64)
+def _spline_matrix(size: int, grid: int) -> np.ndarray:
+    """``(size, grid)``: cubic-spline zoom of ``grid`` points to ``size`` (``ndimage.zoom``'s, on one axis)."""
+    matrix = ndimage.zoom(np.eye(grid), (size / grid, 1), order=3, mode="nearest", grid_mode=True)
+    matrix.setflags(write=False)
+    return matrix
+
+
+BLUR_SIGMA = (0.3, 1.5)
+"""Range of the blur's standard deviation (pixels, in-plane)."""
+ILLUMINATION_GRID = 3
+"""Points per axis of the coarse grid of the illumination field."""
+SPECK_RADIUS = (1.0, 5.0)
+"""Range of a speck's radius (pixels)."""
+SPECK_COVER = (0.002, 0.02)
+"""Range of the fraction of a tile that its specks cover (rims included)."""
+SPECK_VALUE = (1.5, 6.5)
+"""Range of a speck's value (normalized units) before it is clipped at ``SPECK_TOP``."""
+SPECK_TOP = 4.0
+"""The saturation value of specks (normalized units): values drawn above it are clipped to it."""
 
 
 def paste_mix(images, targets, weights, rng: np.random.Generator, probability: float, region) -> None:

@@ -378,6 +378,13 @@ class Trainer:
             elastic=settings.elastic,
             intensity=settings.intensity,
             zoom_range=settings.zoom,
+            gamma_range=settings.gamma_range,
+            scale_range=settings.gain_range,
+            shift_range=settings.offset_range,
+            blur=settings.blur,
+            illumination=settings.illumination,
+            specks=settings.specks,
+            noise=settings.noise,
         )
         self._class_weights = self._compute_class_weights()
 

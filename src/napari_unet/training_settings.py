@@ -7,6 +7,7 @@ Fields with a ``"label"`` in their metadata appear in the widget's forms (``widg
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from .normalization import DEFAULT_RECIPE
@@ -93,6 +94,27 @@ class TrainingSettings:
     rotations: bool = True
     elastic: bool = True
     intensity: bool = True
+    """Image-only intensity augmentation (the seven fields below; False: none of them, whatever their values)."""
+    gain_range: float = 0.07
+    """Random gain of the normalized training tile, ``exp(+-gain_range)`` (``Augmenter.scale_range``); 0: off."""
+    gamma_range: float = 0.1
+    """Random gamma of the normalized training tile, ``exp(+-gamma_range)`` (``Augmenter.gamma_range``); 0: off.
+    Kept mild: exp(+-0.3) gamma with exp(+-0.2) gain and +-0.1 offset cost 0.02 Dice on nuclei through
+    over-segmentation (docs/benchmarks.md)."""
+    offset_range: float = 0.03
+    """Random offset added to the normalized training tile, uniform in ``+-offset_range``
+    (``Augmenter.shift_range``); 0: off."""
+    illumination: float = 0.0
+    """Uneven illumination: standard deviation of the log-gain of a smooth multiplicative field over each
+    training tile (3 points per axis, cubic splines, geometric mean 1; ``Augmenter.illumination``); 0: off."""
+    specks: float = 0.0
+    """Fraction of training tiles that get bright debris: 1-5 px discs covering 0.2-2 % of the tile at 1.5-4
+    normalized units, half of them saturated, labels untouched (``Augmenter.specks``); 0: off."""
+    blur: float = 0.0
+    """Fraction of training tiles blurred in-plane by a Gaussian of 0.3-1.5 px (``Augmenter.blur``); 0: off."""
+    noise: float = 0.0
+    """Maximum Poisson-Gaussian noise level of the training tiles: standard deviation uniform in [0, noise] at
+    normalized intensity 1 (``Augmenter.noise``); 0: off."""
     zoom: float = 0.3
     """Random magnification of the augmentation, ``exp(+-zoom)`` (0.74-1.35x; ``Augmenter.zoom_range``); 0: off.
     Shows objects at sizes the painted images do not have (fixed-iteration diagnostics: DSB Dice +0.006 and
@@ -149,3 +171,19 @@ class TrainingSettings:
             raise ValueError(f"paste_mix is a probability, got {self.paste_mix}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        for name, top, what in _INTENSITY_AUGMENTATION:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= top:
+                raise ValueError(f"{name} is {what} in [0, {top:g}], got {value!r}")
+
+
+_INTENSITY_AUGMENTATION = (
+    ("gain_range", 3.0, "a log-gain range"),
+    ("gamma_range", 2.0, "a log-gamma range"),
+    ("offset_range", 1.0, "an offset range in normalized units"),
+    ("illumination", 1.0, "a log-gain standard deviation"),
+    ("specks", 1.0, "a probability"),
+    ("blur", 1.0, "a probability"),
+    ("noise", 1.0, "a noise level in normalized units"),
+)
+"""The intensity augmentation fields with their largest value (NaN and infinities are out of range)."""
