@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import tifffile
 from quality import DEFAULT_DATA, PAINTED, dice, load_dsb, load_isbi, random_forest
 from quality_strokes import simulate_strokes
 
@@ -110,7 +111,20 @@ def perturbed_sets(test_images, seed: int = 0) -> dict:
     return out
 
 
-def run(name, train_pairs, test_pairs, budget, threads, overrides, baseline: bool) -> dict:
+def validation_images(name: str, data: Path) -> list:
+    """Held-out images that no benchmark scores, for choosing defaults: DSB images 10-29 in sorted order, ISBI
+    slices 5-19 (``bench/quality.py`` trains on DSB 0-9 / ISBI 0-4 and scores DSB 30-49 / ISBI 20-29)."""
+    if name == "dsb":
+        folder = data / "dsb2018_nuclei_subset"
+        names = sorted(p.name for p in (folder / "images").glob("*.tif"))[10:30]
+        read = lambda kind, n: tifffile.imread(folder / kind / n)  # noqa: E731
+        return [(read("images", n), (read("labels", n) > 0).astype(np.uint8)) for n in names]
+    folder = data / "isbi2012_em_membranes"
+    read = lambda kind, i: tifffile.imread(folder / kind / f"{i}.tif")  # noqa: E731
+    return [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(5, 20)]
+
+
+def run(name, train_pairs, test_pairs, budget, threads, overrides, baseline: bool, only=None) -> dict:
     import torch
 
     from napari_unet.predict import PredictionSettings, predict_image
@@ -120,6 +134,7 @@ def run(name, train_pairs, test_pairs, budget, threads, overrides, baseline: boo
     strokes = [simulate_strokes(gt, PAINTED, seed=index) for index, (_, gt) in enumerate(train_pairs)]
     truths = [gt.astype(bool) for _, gt in test_pairs]
     sets = perturbed_sets([image for image, _ in test_pairs])
+    sets = {k: v for k, v in sets.items() if only is None or k in only or k == "none"}
     start = time.perf_counter()
     settings = {"time_budget": budget, "device": "cpu", "cpu_threads": threads, "seed": 0, **overrides}
     trainer = train(images, strokes, **settings)
