@@ -175,6 +175,10 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "robustness.json")
     parser.add_argument("--no-baseline", action="store_true", help="skip the random forest")
     parser.add_argument(
+        "--validation", action="store_true", help="score the validation images no benchmark scores (choosing defaults)"
+    )
+    parser.add_argument("--only", nargs="+", choices=list(PERTURBATIONS), help="score only these conditions")
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -185,9 +189,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     loaders = {"isbi": load_isbi, "dsb": load_dsb}
-    results = [
-        run(n, *loaders[n](args.data), args.budget, args.threads, overrides, not args.no_baseline) for n in args.sets
-    ]
+    results = []
+    for n in args.sets:
+        train_pairs, test_pairs = loaders[n](args.data)
+        if args.validation:
+            test_pairs = validation_images(n, args.data)
+        baseline = not args.no_baseline
+        results.append(run(n, train_pairs, test_pairs, args.budget, args.threads, overrides, baseline, args.only))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"budget_s": args.budget, "threads": args.threads, "results": results}, indent=1))
     print("\n| set | perturbation | napari-unet | forest | margin | drop |")

@@ -151,10 +151,10 @@ def test_a_fixed_recipe_is_the_packages_linear_map_and_a_robust_one_says_what_it
     crop = image[:64, :64].astype(np.float32)[None, None]
     np.testing.assert_allclose(_scale_range(crop, fixed)[0, 0], normalize_image(crop[0, 0], fixed), rtol=1e-5)
 
-    robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_size": 7}
+    robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": 100}
     path = export_bioimageio(model, {**METADATA, "normalization": robust}, image, tmp_path / "robust.zip")
     description = load_description(path)
     assert "scale_range" in [step.id for step in description.inputs[0].preprocessing]
     with zipfile.ZipFile(path) as package:
         readme = package.read("README.md").decode()
-    assert "narrower than 7 px" in readme and "the package cannot" in readme
+    assert "smaller than 100 px" in readme and "the package cannot" in readme

@@ -199,7 +199,7 @@ def test_robust_normalization_ignores_bright_debris():
 
     clean, nuclei = _nuclei()
     dirty, kept = _nuclei(debris=0.01)
-    robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_size": 7}
+    robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": 100}
     plain_clean, plain_dirty = normalize_image(clean), normalize_image(dirty)
     assert np.median(plain_dirty[kept]) < 0.8 * np.median(plain_clean[nuclei])  # the failure being fixed
     robust_clean, robust_dirty = normalize_image(clean, robust), normalize_image(dirty, robust)
@@ -207,9 +207,17 @@ def test_robust_normalization_ignores_bright_debris():
     # Without artifacts robust and plain agree closely, and the low value is the plain one.
     assert abs(np.median(robust_clean[nuclei]) - np.median(plain_clean[nuclei])) < 0.05
     assert robust_params(dirty)["low_values"] == percentile_params(dirty)["low_values"]
-    assert robust_params(dirty, speck_size=1)["high_values"] == percentile_params(dirty)["high_values"]  # no opening
-    with pytest.raises(ValueError, match="speck_size"):
-        robust_params(dirty, speck_size=0)
+    assert robust_params(dirty, speck_area=0)["high_values"] == percentile_params(dirty)["high_values"]  # no opening
+    with pytest.raises(ValueError, match="speck_area"):
+        robust_params(dirty, speck_area=-1)
+    # Objects all smaller than the area (spots): the opening would empty the image, the plain value is kept.
+    spots = np.full((128, 128), 10, np.uint8)
+    spots[::16, ::16] = 200
+    assert robust_params(spots)["high_values"] == percentile_params(spots)["high_values"]
+    # A thin bright filament is no speck: it sets the upper value.
+    filament = np.full((128, 128), 10, np.uint8)
+    filament[60:62, :] = 200
+    assert robust_params(filament)["high_values"] == [200.0]
 
 
 @pytest.mark.parametrize("shape", [(200, 150), (5, 60, 70)])
@@ -223,9 +231,11 @@ def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, monke
     monkeypatch.setattr(normalization, "_SLAB_PIXELS", 3000)
     image, _ = _nuclei(1, (shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1]), debris=0.01)
     image = image.reshape(shape)
-    for array in (image, image.astype(np.float32)):
-        lazy = da.from_array(array, chunks=(7,) + array.shape[1:])
-        assert robust_params(lazy) == robust_params(array)
+    lazy = da.from_array(image, chunks=(7,) + image.shape[1:])
+    assert robust_params(lazy) == robust_params(image)
+    floats = image.astype(np.float32) * 10.0  # quantized per band for the opening: within a level of the whole
+    streamed = robust_params(da.from_array(floats, chunks=(7,) + image.shape[1:]))["high_values"][0]
+    assert abs(streamed - robust_params(floats)["high_values"][0]) <= 2550 / 1023
     with_nan = image.astype(np.float32)
     with_nan[..., 3, 4] = np.nan
     assert np.isfinite(robust_params(with_nan)["high_values"]).all()

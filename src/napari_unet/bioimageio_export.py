@@ -318,7 +318,7 @@ def _preprocessing_note(recipe: dict) -> str:
     if method == "robust":
         return (
             "`scale_range` in the package: napari-unet takes the upper percentile without bright structures "
-            f"narrower than {recipe.get('speck_size')} px (debris); the package cannot, so on images with such "
+            f"smaller than {recipe.get('speck_area')} px (debris); the package cannot, so on images with such "
             "artifacts it normalizes as plain percentiles do"
         )
     return "`scale_range` in the package"

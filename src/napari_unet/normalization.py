@@ -28,9 +28,14 @@ import numpy as np
 
 DEFAULT_RECIPE = {"method": "percentile", "low": 1.0, "high": 99.8}
 METHODS = ("percentile", "robust", "dataset", "fixed", "none")
-SPECK_SIZE = 7
-"""Default ``speck_size`` of the "robust" method: bright structures narrower than this (pixels, in-plane) do not set
-the upper percentile."""
+SPECK_AREA = 100
+"""Default ``speck_area`` of the "robust" method: bright components smaller than this (pixels, in-plane: discs
+narrower than about 11 px) do not set the upper percentile."""
+EMPTIED_FRACTION = 0.15
+"""When leaving out the small components takes the upper value below this fraction of the plain percentile range,
+the image's objects themselves are that small (spots): the "robust" method then keeps the plain percentile."""
+_OPENING_LEVELS = 1024
+"""Grey levels of the image the area opening sees when it has more than 8 bits (its cost grows with the levels)."""
 
 
 def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
@@ -80,28 +85,36 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
     }
 
 
-def robust_params(image, low=1.0, high=99.8, speck_size=SPECK_SIZE, channel_axis=None) -> dict:
+def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis=None) -> dict:
     """Percentile parameters that small bright artifacts cannot move: ``low`` is the ``low`` percentile of the image,
-    ``high`` the ``high`` percentile of the image after a grey opening with a ``speck_size`` x ``speck_size`` square
-    in each plane (the last two axes), which removes every bright structure narrower than that (debris, hot pixels,
-    saturated specks, reflections) and keeps the objects wider than it. On an image without such artifacts the
-    values are close to :func:`percentile_params`'s; on one whose upper percentile lies in its debris (0.2-2 % of
-    the pixels, 3-4x brighter than the objects) they follow the objects instead.
+    ``high`` the ``high`` percentile of the image after an area opening (plane by plane, the last two axes) that
+    flattens every bright component smaller than ``speck_area`` pixels (debris, hot pixels, saturated specks,
+    reflections) to its surroundings and keeps larger objects, thin long ones (filaments) included. On an image
+    without such artifacts the values are close to :func:`percentile_params`'s; on one whose upper percentile lies
+    in its debris (0.2-2 % of the pixels, several times brighter than the objects) they follow the objects instead.
+    When the opening empties the image (its upper value falls below ``EMPTIED_FRACTION`` of the plain range: the
+    objects are spots smaller than ``speck_area``), the plain percentile is kept.
 
-    Why an opening and not a higher/lower percentile or a histogram rule: which percentile falls on the objects
-    depends on how much of the image they cover, while an artifact's size does not; bright artifacts larger than
-    ``speck_size`` are not removed (no intensity rule tells a large bright blob from a bright object). The opening is
-    scipy's; the percentiles are this module's exact ones, streamed for lazy arrays (a 2D image band by band with a
-    ``speck_size`` halo, so the result equals the whole-image opening). Returns :func:`percentile_params`'s dict with
-    ``method`` "robust" and ``speck_size``.
+    Why components and not a higher/lower percentile or a histogram rule: which percentile falls on the objects
+    depends on how much of the image they cover, and a few per cent of debris moves any upper percentile and fools
+    a histogram split (Otsu puts its threshold between objects and debris), while an artifact's size does not depend
+    on either. Bright artifacts as large as the objects cannot be told from them by intensity and size and are not
+    removed. The opening is scikit-image's (``area_opening``), on ``_OPENING_LEVELS`` grey levels for images of more
+    than 8 bits; the percentiles are this module's own, streamed for lazy arrays (a 2D image in bands of rows with
+    ``speck_area`` rows of context, so that each band equals the whole-image opening). Returns
+    :func:`percentile_params`'s dict with ``method`` "robust" and ``speck_area``.
     """
-    if not (isinstance(speck_size, int) and speck_size >= 1):
-        raise ValueError(f"speck_size must be a positive integer (pixels), got {speck_size!r}")
+    if not (isinstance(speck_area, int) and speck_area >= 0):
+        raise ValueError(f"speck_area must be an integer >= 0 (pixels), got {speck_area!r}")
     params = percentile_params(image, low, high, channel_axis)
-    if speck_size > 1:
+    if speck_area > 1:
         channels = _channels(image if is_lazy(image) else np.asarray(image), params["channel_axis"])
-        params["high_values"] = [_finite_percentiles(_without_specks(c, speck_size), high, high)[1] for c in channels]
-    return {**params, "method": "robust", "speck_size": speck_size}
+        for c, channel in enumerate(channels):
+            lo, plain = params["low_values"][c], params["high_values"][c]
+            opened = _finite_percentiles(_without_specks(channel, speck_area), high, high)[1]
+            if opened - lo >= EMPTIED_FRACTION * (plain - lo):
+                params["high_values"][c] = opened
+    return {**params, "method": "robust", "speck_area": speck_area}
 
 
 def _channels(image, channel_axis) -> list:
@@ -111,43 +124,59 @@ def _channels(image, channel_axis) -> list:
     return [image[before + (c,)] for c in range(image.shape[channel_axis])]
 
 
-def _open_planes(array: np.ndarray, size: int) -> np.ndarray:
-    """Grey opening of each plane (last two axes) of ``array`` with a ``size`` square; NaN pixels count as -inf,
-    so they and their neighbourhood are left out of the percentiles (non-finite values are ignored there)."""
-    from scipy import ndimage
-
+def _open_planes(array: np.ndarray, area: int) -> np.ndarray:
+    """Area opening of each plane (last two axes) of ``array``: bright components of fewer than ``area`` pixels
+    flattened. Images of more than 8 bits are first mapped linearly to ``_OPENING_LEVELS`` levels between their
+    finite extremes (and back); non-finite pixels become the lowest level, so the percentiles leave them out only
+    as far as they are not finite (a NaN counts as dark)."""
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
-        array = np.where(np.isnan(array), -np.inf, array)
-    footprint = (1,) * (array.ndim - 2) + (size, size) if array.ndim >= 2 else (size,)
-    return ndimage.grey_opening(array, size=footprint, mode="reflect")
+    if array.dtype != np.uint8:
+        values = array.astype(np.float64)
+        finite = np.isfinite(values)
+        if not finite.any():
+            return values
+        lo, hi = values[finite].min(), values[finite].max()
+        step = (hi - lo) / (_OPENING_LEVELS - 1) or 1.0
+        levels = np.where(finite, np.round((values - lo) / step), 0).astype(np.uint16)
+        opened = _area_opening(levels, area).astype(np.float64) * step + lo
+        return np.where(np.isnan(values), np.nan, opened)
+    return _area_opening(array, area)
 
 
-def _without_specks(channel, size: int):
-    """``channel`` with its small bright structures removed: in memory at once, or a lazy view read in slabs."""
+def _area_opening(array: np.ndarray, area: int) -> np.ndarray:
+    from skimage.morphology import area_opening
+
+    planes = array.reshape(-1, *array.shape[-2:]) if array.ndim >= 2 else array[None, None]
+    return np.stack([area_opening(plane, area_threshold=area) for plane in planes]).reshape(array.shape)
+
+
+def _without_specks(channel, area: int):
+    """``channel`` with its small bright components flattened: in memory at once, or a lazy view read in slabs."""
     if not is_lazy(channel):
-        return _open_planes(channel, size)
-    return _OpenedSlabs(channel, size)
+        return _open_planes(channel, area)
+    return _OpenedSlabs(channel, area)
 
 
 class _OpenedSlabs:
-    """A lazy array's plane-wise grey opening, read along the first axis as :func:`slabs` does: the slices of a
-    stack are opened one by one; a 2D image is read in bands of rows with ``size`` rows of context on each side, so
-    every band equals that part of the whole-image opening."""
+    """A lazy array's plane-wise area opening, read along the first axis as :func:`slabs` does: the slices of a
+    stack are opened one by one; a 2D image is read in bands of rows with ``area`` rows of context on each side (a
+    component of fewer than ``area`` pixels spans fewer rows), so every band equals that part of the whole-image
+    opening. Images of more than 8 bits are quantized per band here, so their upper value may differ from the
+    in-memory one by a fraction of a level."""
 
-    def __init__(self, source, size: int):
-        self.source, self.size = source, size
+    def __init__(self, source, area: int):
+        self.source, self.area = source, area
         self.shape, self.dtype = tuple(source.shape), np.dtype(source.dtype)
         self.ndim = len(self.shape)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         start, stop, _ = key.indices(self.shape[0])
         if self.ndim != 2:
-            return _open_planes(np.asarray(self.source[start:stop]), self.size)
-        lo, hi = max(0, start - self.size), min(self.shape[0], stop + self.size)
-        return _open_planes(np.asarray(self.source[lo:hi]), self.size)[start - lo : stop - lo]
+            return _open_planes(np.asarray(self.source[start:stop]), self.area)
+        lo, hi = max(0, start - self.area), min(self.shape[0], stop + self.area)
+        return _open_planes(np.asarray(self.source[lo:hi]), self.area)[start - lo : stop - lo]
 
 
 def is_lazy(image) -> bool:
@@ -362,7 +391,7 @@ def image_params(image, recipe: dict | None = None, channel_axis=None) -> dict:
     if method == "percentile":
         return percentile_params(image, low=low, high=high, channel_axis=channel_axis)
     if method in ("robust", "dataset"):  # "dataset" before training has fixed it: each image its own robust values
-        return robust_params(image, low, high, recipe.get("speck_size", SPECK_SIZE), channel_axis)
+        return robust_params(image, low, high, recipe.get("speck_area", SPECK_AREA), channel_axis)
     raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
 
 
@@ -377,7 +406,7 @@ def dataset_recipe(images, recipe: dict, channel_axis=None) -> dict:
         "from": "dataset",
         "low": recipe.get("low", DEFAULT_RECIPE["low"]),
         "high": recipe.get("high", DEFAULT_RECIPE["high"]),
-        "speck_size": recipe.get("speck_size", SPECK_SIZE),
+        "speck_area": recipe.get("speck_area", SPECK_AREA),
         "low_values": np.median([p["low_values"] for p in per_image], axis=0).tolist(),
         "high_values": np.median([p["high_values"] for p in per_image], axis=0).tolist(),
     }
