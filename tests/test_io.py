@@ -19,6 +19,7 @@ from napari_unet.io import (
     save_model,
     write_tiff,
 )
+from napari_unet.normalization import DEFAULT_RECIPE
 from napari_unet.tiling import predict_tiled
 
 # ---------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def test_round_trip_gives_identical_predictions(tmp_path, make_model):
 
     assert metadata["class_ids"] == [1, 3, 7]
     assert metadata["class_names"] == ["bg", "a", "b"]
-    assert metadata["normalization"]["method"] == "percentile"
+    assert metadata["normalization"] == DEFAULT_RECIPE  # the default recipe when none is given
     assert metadata["config"] == model.config
     assert metadata["format"] == "napari-unet" and metadata["format_version"] == io.FORMAT_VERSION
     assert "napari_unet_version" in metadata

@@ -26,11 +26,18 @@ import math
 
 import numpy as np
 
-DEFAULT_RECIPE = {"method": "percentile", "low": 1.0, "high": 99.8}
 METHODS = ("percentile", "robust", "dataset", "fixed", "none")
 SPECK_AREA = 100
 """Default ``speck_area`` of the "robust" method: bright components smaller than this (pixels, in-plane: discs
 narrower than about 11 px) do not set the upper percentile."""
+PERCENTILE_RECIPE = {"method": "percentile", "low": 1.0, "high": 99.8}
+"""Each image's 1st and 99.8th percentiles (CSBDeep's choice); a few per cent of bright debris moves the upper one."""
+ROBUST_RECIPE = {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": SPECK_AREA}
+"""The same with the upper percentile taken without bright components under ``speck_area`` pixels."""
+DATASET_RECIPE = {"method": "dataset", "low": 1.0, "high": 99.8, "speck_area": SPECK_AREA}
+"""One mapping for every image, fixed from the training images' robust values (acquisitions known to be alike)."""
+DEFAULT_RECIPE = ROBUST_RECIPE
+"""What new models use (docs/benchmarks.md: robustness across images)."""
 EMPTIED_FRACTION = 0.15
 """When leaving out the small components takes the upper value below this fraction of the plain percentile range,
 the image's objects themselves are that small (spots): the "robust" method then keeps the plain percentile."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
-from .normalization import DEFAULT_RECIPE
+from .normalization import DATASET_RECIPE, DEFAULT_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 
 
 @dataclass
@@ -133,8 +133,22 @@ class TrainingSettings:
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
-    normalization: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
-    """Normalization recipe (``normalization.normalize_image``), applied to each whole image."""
+    normalization: dict = field(
+        default_factory=lambda: dict(DEFAULT_RECIPE),
+        metadata={
+            "label": "Normalization",
+            "choices": [
+                ("robust percentiles (debris left out)", ROBUST_RECIPE),
+                ("percentiles of each image", PERCENTILE_RECIPE),
+                ("fixed from the training images", DATASET_RECIPE),
+            ],
+            "tooltip": "How intensities are scaled before the network sees them, computed over each whole image: "
+            "its 1st-99.8th percentiles with bright specks and debris left out (default), plain percentiles, or one "
+            "mapping fixed from the painted images for acquisitions known to be alike (same exposure and gain)",
+        },
+    )
+    """Normalization recipe (``normalization.normalize_image``), applied to each whole image; a "dataset" recipe is
+    fixed from the training images when training starts."""
     device: str = "auto"
     seed: int | None = 0
     cpu_threads: int | None = None
