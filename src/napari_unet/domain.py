@@ -92,6 +92,9 @@ SAMPLE_PLANES = 4
 """Planes of a stack or volume sampled at most (evenly spaced)."""
 MIN_CLASS_PIXELS = 100
 """A class that wins fewer sampled pixels has no ``class_intensity`` (its median would be noise)."""
+TRAINING_TILES = 64
+"""Tiles a trainer profiles over all its training images (``SAMPLE_TILES`` each for up to 4 images, at least 4
+each, at most 16 images): the end of each training run predicts them, so this bounds its cost."""
 MAX_TRAINING_IMAGES = 32
 """Training-image profiles a model keeps at most (the latest; fine-tuning adds to those of the model it starts
 from)."""

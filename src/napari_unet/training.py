@@ -63,10 +63,12 @@ from torch.optim.swa_utils import AveragedModel
 from . import __version__
 from .augment import Augmenter, paste_mix
 from .devices import amp_dtype, default_cpu_threads, resolve_device
+from .domain import SAMPLE_TILES, TRAINING_TILES, profile, sample_intensities, sample_regions, training_profile
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
-from .normalization import image_params, is_lazy, normalize, slabs
+from .normalization import NormalizedView, image_params, is_lazy, normalize, slabs
+from .predict import predict_region
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -273,6 +275,7 @@ class Trainer:
             self._new_model(found, class_names)
         self._plan_tiles()
         self._prepare_pieces(images, labels, None if channel_axis is None else 0)
+        self._sample_profiles(images, channel_axis is not None)
         self._lock = threading.Lock()
         self._pending: dict[int, tuple | np.ndarray] = {}
         self.label_problems: list[tuple[int, str]] = []
@@ -306,6 +309,7 @@ class Trainer:
         self.normalization = dict(meta.get("normalization") or settings.normalization)
         self.class_names = list(meta.get("class_names") or [f"class {c}" for c in self.class_ids])
         self._history = list((meta.get("training") or {}).get("history", []))
+        self._earlier_profile = meta.get("training_profile")
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.model = copy.deepcopy(model).cpu().train()
@@ -325,6 +329,7 @@ class Trainer:
             raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
         self.class_names = names
         self._history = []
+        self._earlier_profile = None
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.model = UNet(
@@ -378,6 +383,34 @@ class Trainer:
             zoom_range=settings.zoom,
         )
         self._class_weights = self._compute_class_weights()
+
+    def _sample_profiles(self, images: list, channels: bool) -> None:
+        """Read the sampled tiles of the training images for their profiles (``domain.py``), once: their normalized
+        pixels give the intensity part now; each run's end predicts the same tiles for the class part
+        (:meth:`_profile_classes`). At most ``domain.TRAINING_TILES`` tiles over all images (evenly chosen images
+        beyond ``TRAINING_TILES // 4``)."""
+        count = min(len(images), TRAINING_TILES // 4)
+        chosen = sorted({round(float(i)) for i in np.linspace(0, len(images) - 1, count)})
+        tiles = min(SAMPLE_TILES, TRAINING_TILES // len(chosen))
+        self._profile_samples = []
+        for i in chosen:
+            view = NormalizedView(images[i], self.image_normalization[i])
+            regions = sample_regions(self._shapes[i], tiles)
+            self._profile_samples.append((view, regions, sample_intensities(view, regions, channels)))
+        self.image_profiles = [profile(values) for _, _, values in self._profile_samples]
+        """The profiles of (up to 16 of) the training images: intensities, and once a run has ended the class
+        fractions, class intensities and entropy of the model it left (``metadata["training_profile"]``)."""
+
+    def _profile_classes(self) -> None:
+        """The class part of the training images' profiles: the sampled tiles predicted (one pass, each with its
+        context, ``predict.predict_region``) by the model this run leaves."""
+        model = self.model.inference_copy()
+        profiles = []
+        for view, regions, values in self._profile_samples:
+            probabilities = [predict_region(model, view, region) for region in regions]
+            sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in probabilities], axis=1)
+            profiles.append(profile(values, sampled))
+        self.image_profiles = profiles
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -617,6 +650,8 @@ class Trainer:
         del average  # on a GPU, released before the cache is emptied
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if state.reason is not None and state.iteration > 0:  # ended (not by an error) with new weights
+            self._profile_classes()
         torch.set_num_threads(previous_threads)
         self._record.update(
             iterations=state.iteration,
@@ -657,6 +692,7 @@ class Trainer:
                 "output_shape": list(self.output_shape),
             },
             "napari_unet_version": __version__,
+            "training_profile": training_profile(self.image_profiles, self._earlier_profile),
         }
 
     def save(self, path) -> None:
