@@ -58,12 +58,13 @@ def with_debris(image, fraction=0.02, seed=1):
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny model (depth 2, 4 filters, 50 iterations) trained on ``cells()`` with class names."""
+    """A tiny model (depth 2, 4 filters, 80 iterations: at 50 one seed of five leaves it undecided) trained on
+    ``cells()`` with class names."""
     image, labels, _ = cells()
     trainer = train(
         image,
         labels,
-        iterations=50,
+        iterations=80,
         time_budget=None,
         depth=2,
         base_filters=4,
