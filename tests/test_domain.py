@@ -98,10 +98,15 @@ def test_sample_regions_are_bounded_and_spread_over_the_image(shape, count, pixe
     regions = sample_regions(shape)
     assert len(regions) == count and _pixels(regions) == pixels
     for axis, size in enumerate(shape):
-        starts = [r[axis].start for r in regions]
-        stops = [r[axis].stop for r in regions]
-        assert min(starts) == 0 and max(stops) == size  # from one end to the other
-        assert all(0 <= a < b <= size for a, b in zip(starts, stops))
+        spans = sorted({(r[axis].start, r[axis].stop) for r in regions})
+        assert all(0 <= a < b <= size for a, b in spans)
+        if len(spans) == 1:
+            assert spans == [(0, size)]  # taken whole
+        elif axis < len(shape) - 2:
+            assert spans[0][0] == 0 and spans[-1][1] == size  # planes from the first to the last
+        else:
+            cell = size / len(spans)  # one tile centred in each cell of the grid
+            assert all(abs((a + b) / 2 - (i + 0.5) * cell) <= 1 for i, (a, b) in enumerate(spans))
     assert len({repr(r) for r in regions}) == len(regions)
     assert sample_regions(shape) == regions  # the same image is always sampled alike
 
@@ -172,6 +177,28 @@ def test_a_trainer_that_never_ran_has_intensities_only_and_no_check():
     assert set(entry) == {"pixels", "intensity"}
     outputs = predict_image(trainer.model, trainer.metadata, image, FAST)
     assert outputs.domain is None
+
+
+@pytest.mark.parametrize(("shape", "calls"), [((300, 300), 1), ((700, 700), 16), ((3, 150, 260), 3)])
+def test_training_tiles_are_predicted_as_each_tile_alone_would_be(shape, calls, monkeypatch):
+    """Whether a plane is predicted whole (where that reads fewer pixels than the tiles with their context: one call
+    per plane) or tile by tile, the probabilities of the sampled tiles are ``predict_region``'s."""
+    import torch
+
+    import napari_unet.training as training
+    from napari_unet.model import UNet
+    from napari_unet.predict import predict_region
+
+    torch.manual_seed(0)
+    model = UNet(n_classes=2, depth=2, base_filters=4).eval()
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    regions = sample_regions(shape)
+    made = []
+    monkeypatch.setattr(training, "predict_region", lambda *args: made.append(args[2]) or predict_region(*args))
+    tiles = training._predicted_tiles(model, image, regions)
+    assert len(made) == calls
+    for got, region in zip(tiles, regions):
+        np.testing.assert_allclose(got, predict_region(model, image, region), atol=1e-5)
 
 
 def test_the_profile_costs_a_bounded_prediction_at_the_end_of_a_run(monkeypatch):

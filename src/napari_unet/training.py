@@ -236,6 +236,32 @@ class _NormalizedSlice:
         return self.array[key]
 
 
+def _predicted_tiles(model: UNet, view, regions: list[tuple[slice, ...]]) -> list[np.ndarray]:
+    """``predict.predict_region`` of each of ``regions`` (``domain.sample_regions``: tiles of the last two axes,
+    one plane thick in a stack), computed per plane as whichever reads fewer input pixels: every tile with its
+    context, or the whole plane once."""
+    spatial = tuple(view.shape[1:] if model.in_channels > 1 else view.shape)
+    halo, grid, ndim = model.halo, model.grid, len(model.halo)
+
+    def cost(region):
+        return math.prod(min(n, s.stop - s.start + 2 * h + grid) for s, h, n in zip(region[-ndim:], halo, spatial))
+
+    planes: dict[tuple, list[int]] = {}
+    for k, region in enumerate(regions):
+        planes.setdefault(tuple((s.start, s.stop) for s in region[:-2]), []).append(k)
+    out: list[np.ndarray] = [np.empty(0)] * len(regions)
+    for indices in planes.values():
+        whole = (*regions[indices[0]][:-2], slice(0, spatial[-2]), slice(0, spatial[-1]))
+        if cost(whole) < sum(cost(regions[k]) for k in indices):
+            plane = predict_region(model, view, whole)
+            for k in indices:
+                out[k] = plane[(slice(None), *(slice(None),) * (len(whole) - 2), regions[k][-2], regions[k][-1])]
+        else:
+            for k in indices:
+                out[k] = predict_region(model, view, regions[k])
+    return out
+
+
 @torch.no_grad()
 def _running_mean(averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
     """The ``multi_avg_fn`` of the weight average (``torch.optim.swa_utils.AveragedModel`` with
@@ -387,8 +413,8 @@ class Trainer:
     def _sample_profiles(self, images: list, channels: bool) -> None:
         """Read the sampled tiles of the training images for their profiles (``domain.py``), once: their normalized
         pixels give the intensity part now; each run's end predicts the same tiles for the class part
-        (:meth:`_profile_classes`). At most ``domain.TRAINING_TILES`` tiles over all images (evenly chosen images
-        beyond ``TRAINING_TILES // 4``)."""
+        (:meth:`_profile_classes`). ``domain.TRAINING_TILES`` tiles over all images, at least 4 per image (evenly
+        chosen images beyond 16)."""
         count = min(len(images), TRAINING_TILES // 4)
         chosen = sorted({round(float(i)) for i in np.linspace(0, len(images) - 1, count)})
         tiles = min(SAMPLE_TILES, TRAINING_TILES // len(chosen))
@@ -401,14 +427,14 @@ class Trainer:
         """The profiles of (up to 16 of) the training images: intensities, and once a run has ended the class
         fractions, class intensities and entropy of the model it left (``metadata["training_profile"]``)."""
 
-    def _profile_classes(self) -> None:
-        """The class part of the training images' profiles: the sampled tiles predicted (one pass, each with its
-        context, ``predict.predict_region``) by the model this run leaves."""
-        model = self.model.inference_copy()
+    def _profile_classes(self, device: torch.device) -> None:
+        """The class part of the training images' profiles: the sampled tiles predicted on ``device`` by the model
+        this run leaves (one pass, ``predict.predict_region``: each tile with its context, or the whole plane the
+        tiles lie in where that reads fewer pixels; the same probabilities either way)."""
+        model = self.model.inference_copy().to(device)
         profiles = []
         for view, regions, values in self._profile_samples:
-            probabilities = [predict_region(model, view, region) for region in regions]
-            sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in probabilities], axis=1)
+            sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in _predicted_tiles(model, view, regions)], 1)
             profiles.append(profile(values, sampled))
         self.image_profiles = profiles
 
@@ -648,10 +674,10 @@ class Trainer:
                 self.model.load_state_dict(average.module.state_dict())
         averaged = 0 if average is None else int(average.n_averaged)
         del average  # on a GPU, released before the cache is emptied
+        if state.reason is not None and state.iteration > 0:  # ended (not by an error) with new weights
+            self._profile_classes(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if state.reason is not None and state.iteration > 0:  # ended (not by an error) with new weights
-            self._profile_classes()
         torch.set_num_threads(previous_threads)
         self._record.update(
             iterations=state.iteration,
