@@ -102,13 +102,13 @@ def test_sample_regions_are_bounded_and_spread_over_the_image(shape, count, pixe
         assert all(0 <= a < b <= size for a, b in spans)
         if len(spans) == 1:
             assert spans == [(0, size)]  # taken whole
-        elif axis < len(shape) - 2:
-            assert spans[0][0] == 0 and spans[-1][1] == size  # planes from the first to the last
         else:
-            cell = size / len(spans)  # one tile centred in each cell of the grid
+            cell = size / len(spans)  # one tile (or plane) centred in each cell of the grid
             assert all(abs((a + b) / 2 - (i + 0.5) * cell) <= 1 for i, (a, b) in enumerate(spans))
     assert len({repr(r) for r in regions}) == len(regions)
     assert sample_regions(shape) == regions  # the same image is always sampled alike
+    for tiles in (1, 3, 4, 7):
+        assert len(sample_regions(shape, tiles)) <= tiles
 
 
 class CountingImage:
@@ -202,33 +202,37 @@ def test_training_tiles_are_predicted_as_each_tile_alone_would_be(shape, calls, 
 
 
 def test_the_profile_costs_a_bounded_prediction_at_the_end_of_a_run(monkeypatch):
-    """Many training images: at most 16 are profiled, with 4 tiles each."""
+    """Many training images: the run's end predicts at most the budget's input pixels (about two training steps,
+    at least ``TRAINING_MIN_PIXELS``) with their context, spread over evenly chosen images."""
     import napari_unet.training as training
+    from napari_unet.predict import region_with_context
 
-    calls = []
+    read = []
     real = training.predict_region
 
     def counting(model, normalized, region, **kwargs):
-        calls.append(region)
+        crop, _ = region_with_context(region, normalized.shape, model.halo, model.grid)
+        read.append(math.prod(s.stop - s.start for s in crop))
         return real(model, normalized, region, **kwargs)
 
     monkeypatch.setattr(training, "predict_region", counting)
-    pairs = [cells(seed, (64, 64))[:2] for seed in range(20)]
+    pairs = [cells(seed, (96, 96))[:2] for seed in range(40)]
     trainer = train(
         [p[0] for p in pairs],
         [p[1] for p in pairs],
         iterations=2,
         time_budget=None,
-        depth=1,
+        depth=2,
         base_filters=4,
         patch_size=16,
         batch_size=2,
         device="cpu",
         cpu_threads=1,
     )
-    assert len(calls) <= domain.TRAINING_TILES
+    budget = max(domain.TRAINING_MIN_PIXELS, 6 * 2 * math.prod(trainer.input_shape))
+    assert 0 < sum(read) <= budget and len(read) <= domain.TRAINING_TILES
     images = trainer.metadata["training_profile"]["images"]
-    assert len(images) == 16 and all("class_fractions" in p for p in images)
+    assert 4 < len(images) < 40 and all("class_fractions" in p for p in images)
 
 
 def test_fine_tuning_keeps_the_profiles_of_the_model_it_starts_from(trained):

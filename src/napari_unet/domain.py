@@ -98,9 +98,15 @@ SAMPLE_PLANES = 4
 MIN_CLASS_PIXELS = 100
 """A class that wins fewer sampled pixels has no ``class_intensity`` (its median would be noise)."""
 TRAINING_TILES = 64
-"""Tiles a trainer samples over all its training images: ``SAMPLE_TILES`` each (as every predicted image) for up to
-4 images, fewer beyond, at least 4 each for at most 16 images (evenly chosen). The end of each run predicts them
-(or the whole planes they lie in, where that costs less), so this bounds its cost."""
+"""Tiles a trainer samples over all its training images at most (``SAMPLE_TILES`` per image, as every predicted
+image). The end of each run predicts them, each with the network's context (or the whole planes they lie in, where
+that reads fewer pixels), so fewer where the network is large: see ``TRAINING_STEPS``."""
+TRAINING_STEPS = 2
+"""The tiles a trainer samples read, with their context, at most the input pixels of this many training steps
+(forward and backward: 3 x batch x input tile each) or ``TRAINING_MIN_PIXELS``, whichever is more; images beyond
+one tile each are chosen evenly."""
+TRAINING_MIN_PIXELS = 1 << 18
+"""The smallest input-pixel budget of the training tiles (0.1-0.3 s of a depth-3, 16-filter net on one CPU core)."""
 MAX_TRAINING_IMAGES = 32
 """Training-image profiles a model keeps at most (the latest; fine-tuning adds to those of the model it starts
 from)."""
@@ -129,18 +135,19 @@ def sample_regions(
 ) -> list[tuple[slice, ...]]:
     """Evenly spread regions of an image with ``spatial_shape`` (2 axes, or 3 for a stack or volume).
 
-    The last two axes get a grid of ``tile`` x ``tile`` tiles, each centred in its cell of the grid (an axis no
-    longer than the grid's tiles together is taken whole); leading axes get up to ``SAMPLE_PLANES`` evenly spaced
-    planes (each region is one plane thick) sharing ``tiles``. The regions hold at most about ``tiles * tile**2``
-    pixels and depend only on the shape, so the same image is always sampled alike.
+    The last two axes get a square grid of ``tile`` x ``tile`` tiles, each centred in its cell of the grid (an axis
+    no longer than the grid's tiles together is taken whole); leading axes get up to ``SAMPLE_PLANES`` planes,
+    each centred in its share of the stack (each region is one plane thick), sharing ``tiles``: at most ``tiles``
+    regions and about ``tiles * tile**2`` pixels. They depend only on the shape, so the same image is always
+    sampled alike.
     """
     shape = tuple(int(n) for n in spatial_shape)
     if len(shape) < 2:
         raise ValueError(f"sample_regions needs 2 or more spatial axes, got shape {shape}")
     lead, plane = shape[:-2], shape[-2:]
     lead_count = math.prod(lead)
-    n_planes = min(lead_count, SAMPLE_PLANES)
-    grid = max(1, math.ceil(math.sqrt(max(1, tiles) / n_planes)))
+    n_planes = min(lead_count, SAMPLE_PLANES, max(1, tiles))
+    grid = max(1, math.isqrt(max(1, tiles) // n_planes))
     spans = []
     for size in plane:
         if size <= grid * tile:
@@ -149,7 +156,7 @@ def sample_regions(
             starts = ((np.arange(grid) + 0.5) * (size / grid) - tile / 2).round().astype(int)
             spans.append([slice(int(s), int(s) + tile) for s in starts])
     if lead:
-        planes = sorted({round(float(i)) for i in np.linspace(0, lead_count - 1, n_planes)})
+        planes = sorted({int((i + 0.5) * lead_count / n_planes) for i in range(n_planes)})
         leads = [tuple(slice(int(i), int(i) + 1) for i in np.unravel_index(p, lead)) for p in planes]
     else:
         leads = [()]

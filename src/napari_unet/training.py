@@ -63,7 +63,17 @@ from torch.optim.swa_utils import AveragedModel
 from . import __version__
 from .augment import Augmenter, paste_mix
 from .devices import amp_dtype, default_cpu_threads, resolve_device
-from .domain import SAMPLE_TILES, TRAINING_TILES, profile, sample_intensities, sample_regions, training_profile
+from .domain import (
+    SAMPLE_TILE,
+    SAMPLE_TILES,
+    TRAINING_MIN_PIXELS,
+    TRAINING_STEPS,
+    TRAINING_TILES,
+    profile,
+    sample_intensities,
+    sample_regions,
+    training_profile,
+)
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
@@ -413,18 +423,26 @@ class Trainer:
     def _sample_profiles(self, images: list, channels: bool) -> None:
         """Read the sampled tiles of the training images for their profiles (``domain.py``), once: their normalized
         pixels give the intensity part now; each run's end predicts the same tiles for the class part
-        (:meth:`_profile_classes`). ``domain.TRAINING_TILES`` tiles over all images, at least 4 per image (evenly
-        chosen images beyond 16)."""
-        count = min(len(images), TRAINING_TILES // 4)
+        (:meth:`_profile_classes`). As many tiles as a budget of about ``domain.TRAINING_STEPS`` training steps
+        allows with the network's context (``domain.TRAINING_TILES`` at most), up to ``domain.SAMPLE_TILES`` per
+        image; images beyond one tile each are chosen evenly."""
+        s, halo, grid = self.settings, self.model.halo, self.model.grid
+        budget = max(TRAINING_MIN_PIXELS, TRAINING_STEPS * 3 * s.batch_size * math.prod(self.input_shape))
+        tile = [SAMPLE_TILE] * len(halo)
+        if len(halo) == 3:
+            tile[0] = 1  # the tiles are one plane thick
+        per_tile = math.prod(n + 2 * h + grid for n, h in zip(tile, halo))
+        total = int(min(TRAINING_TILES, max(1, budget // per_tile)))
+        count = min(len(images), total)
         chosen = sorted({round(float(i)) for i in np.linspace(0, len(images) - 1, count)})
-        tiles = min(SAMPLE_TILES, TRAINING_TILES // len(chosen))
+        tiles = min(SAMPLE_TILES, total // len(chosen))
         self._profile_samples = []
         for i in chosen:
             view = NormalizedView(images[i], self.image_normalization[i])
             regions = sample_regions(self._shapes[i], tiles)
             self._profile_samples.append((view, regions, sample_intensities(view, regions, channels)))
         self.image_profiles = [profile(values) for _, _, values in self._profile_samples]
-        """The profiles of (up to 16 of) the training images: intensities, and once a run has ended the class
+        """The profiles of (some of) the training images: intensities, and once a run has ended the class
         fractions, class intensities and entropy of the model it left (``metadata["training_profile"]``)."""
 
     def _profile_classes(self, device: torch.device) -> None:
