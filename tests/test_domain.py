@@ -179,26 +179,28 @@ def test_a_trainer_that_never_ran_has_intensities_only_and_no_check():
     assert outputs.domain is None
 
 
-@pytest.mark.parametrize(("shape", "calls"), [((300, 300), 1), ((700, 700), 16), ((3, 150, 260), 3)])
-def test_training_tiles_are_predicted_as_each_tile_alone_would_be(shape, calls, monkeypatch):
+@pytest.mark.parametrize(("shape", "tiles", "calls"), [((300, 300), 16, 1), ((700, 700), 4, 4), ((3, 150, 260), 16, 3)])
+def test_training_tiles_are_predicted_as_the_whole_image_is(shape, tiles, calls, monkeypatch):
     """Whether a plane is predicted whole (where that reads fewer pixels than the tiles with their context: one call
-    per plane) or tile by tile, the probabilities of the sampled tiles are ``predict_region``'s."""
+    per plane) or tile by tile, the sampled tiles get the whole image's probabilities there."""
     import torch
 
     import napari_unet.training as training
     from napari_unet.model import UNet
     from napari_unet.predict import predict_region
+    from napari_unet.tiling import predict_tiled
 
     torch.manual_seed(0)
     model = UNet(n_classes=2, depth=2, base_filters=4).eval()
     image = np.random.default_rng(0).random(shape).astype(np.float32)
-    regions = sample_regions(shape)
+    regions = sample_regions(shape, tiles)
     made = []
     monkeypatch.setattr(training, "predict_region", lambda *args: made.append(args[2]) or predict_region(*args))
-    tiles = training._predicted_tiles(model, image, regions)
+    predicted = training._predicted_tiles(model, image, regions)
     assert len(made) == calls
-    for got, region in zip(tiles, regions):
-        np.testing.assert_allclose(got, predict_region(model, image, region), atol=1e-5)
+    whole = predict_tiled(model, image)
+    for got, region in zip(predicted, regions):
+        np.testing.assert_allclose(got, whole[(slice(None), *region)], atol=1e-5)
 
 
 def test_the_profile_costs_a_bounded_prediction_at_the_end_of_a_run(monkeypatch):
