@@ -313,7 +313,13 @@ def test_models_without_a_profile_get_no_check(trained, tmp_path):
     path = save_model(model, tmp_path / "old.safetensors", {"class_ids": [1, 2]})
     old, metadata = load_model(path)
     assert predict_image(old, metadata, with_debris(cells()[0]), FAST).domain is None
-    for broken in ({"version": 99, "images": []}, {"version": 1, "images": [{"class_fractions": "x"}]}, "nonsense"):
+    nan = _trained_profile([0.05, float("nan")], [0.8, 0.2])
+    for broken in (
+        {"version": 99, "images": []},
+        {"version": 1, "images": [{"class_fractions": "x"}]},
+        "nonsense",
+        nan,
+    ):
         assert check_prediction({"training_profile": broken}, np.zeros((8, 8), np.float32), np.zeros((2, 8, 8))) is None
 
 
@@ -403,6 +409,11 @@ def test_multi_channel_images_and_stacks_are_profiled_per_channel_and_plane():
     (entry,) = trainer.metadata["training_profile"]["images"]
     assert entry["pixels"] == 3 * 64 * 64
     assert predict_image(trainer.model, trainer.metadata, stack, FAST).domain is not None
+    volume = train(  # a 3D net: its tiles are predicted with context in Z too
+        stack, stack_labels, iterations=2, time_budget=None, ndim=3, depth=1, base_filters=2, patch_size=8, device="cpu"
+    )
+    assert "class_fractions" in volume.metadata["training_profile"]["images"][0]
+    assert predict_image(volume.model, volume.metadata, stack, FAST).domain is not None
 
 
 def test_the_check_reads_the_view_prediction_normalizes(trained):

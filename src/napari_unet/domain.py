@@ -318,7 +318,8 @@ def _usable(training: dict, n_classes: int, n_channels: int) -> list[dict]:
                 continue
         except (KeyError, TypeError, ValueError, IndexError):
             continue
-        if all(math.isfinite(f) for f in fractions):
+        numbers = fractions + [v for m in medians if m is not None for v in m]
+        if all(math.isfinite(v) for v in numbers):
             usable.append({"fractions": fractions, "medians": medians})
     return usable
 

@@ -5,7 +5,8 @@ Model files
     the safetensors string metadata holds, under the key ``"napari_unet"``, a JSON record with
     the architecture ``config`` (``UNet(**config)`` rebuilds it), ``class_ids``,
     ``class_names``, ``normalization`` (a recipe for :mod:`napari_unet.normalization`), the
-    ``training`` record, ``napari_unet_version``, ``format`` and ``format_version``.
+    ``training`` record, ``training_profile`` (the training images' profiles, :mod:`napari_unet.domain`;
+    absent from older files), ``napari_unet_version``, ``format`` and ``format_version``.
     Loading never executes code from the file: safetensors holds raw tensor bytes only, and
     anything that is not a valid napari-unet safetensors file (a torch ``.pt`` pickle, a
     crafted pickle, a truncated or corrupt file) is refused with :class:`ModelFileError`.

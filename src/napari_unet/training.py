@@ -33,8 +33,9 @@ API
     An eval-mode copy (batch norm folded) of the current model, for live previews; safe to call between
     events or from another thread.
 ``trainer.model``, ``trainer.metadata``, ``trainer.save(path)``
-    The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``) and
-    saving both with ``io.save_model``.
+    The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``,
+    ``training_profile``: the training images' profiles for ``domain.py``'s check, the class part predicted at the
+    end of each run) and saving both with ``io.save_model``.
 ``train(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None, callback=None,
 **overrides)``
     Runs a ``Trainer`` to completion and returns it.
