@@ -414,4 +414,5 @@ def check_prediction(metadata: dict, normalized, probabilities, *, channels: boo
     training = metadata.get("training_profile") if isinstance(metadata, dict) else None
     if not isinstance(training, dict) or training.get("version") != PROFILE_VERSION:
         return None
-    return compare(image_profile(normalized, probabilities, channels=channels), training, metadata.get("class_names"))
+    names = metadata.get("class_names") or [f"class {i}" for i in metadata.get("class_ids") or []]
+    return compare(image_profile(normalized, probabilities, channels=channels), training, names)
