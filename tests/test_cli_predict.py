@@ -11,7 +11,7 @@ import tifffile
 import torch
 
 from napari_unet.cli import main, output_stem, progress_bar
-from napari_unet.io import read_image, save_model, write_tiff
+from napari_unet.io import read_image, read_tiff_record, save_model, write_tiff
 from napari_unet.normalization import normalize_image
 from napari_unet.tiling import predict_tiled
 
@@ -52,7 +52,13 @@ def test_predict_round_trip(tmp_path, model_file, image_file, capsys):
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(probabilities, axis=0)])
-    assert "cells_labels.tif" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "cells_labels.tif" in captured.out
+    # A model saved without a training profile (class ids only): no domain check, no warning, no record.
+    assert "warning" not in captured.err
+    assert (
+        read_tiff_record(out / "cells_labels.tif") is None and read_tiff_record(out / "cells_probabilities.tif") is None
+    )
 
 
 def test_predict_streams_probabilities_through_a_scratch_file(tmp_path, model_file, image_file, monkeypatch):
@@ -253,6 +259,53 @@ def test_3d_model_on_a_volume(tmp_path, make_model):
     assert main(["predict", "-m", str(model), str(tmp_path / "vol.tif"), "-o", str(out), "--tile", "8", "8", "8"]) == 0
     probabilities, labels, _, _ = _outputs(out, "vol")
     assert probabilities.shape == (2, 9, 20, 24) and labels.shape == (9, 20, 24)
+
+
+def _disks(seed=0, shape=(96, 96)):
+    """12-bit disks at 600 (one at 1200) on 100 with noise, and strokes (1 = background, 2 = disk)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image, labels = np.full(shape, 100.0), np.zeros(shape, np.uint8)
+    for i, (y, x) in enumerate((y, x) for y in range(16, shape[0] - 8, 32) for x in range(16, shape[1] - 8, 32)):
+        y, x = y + rng.integers(-3, 4), x + rng.integers(-3, 4)
+        image[(yy - y) ** 2 + (xx - x) ** 2 <= 64] = 1200 if i == 0 else 600
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= 9] = 2
+    labels[2:5, 4:-4] = 1
+    labels[46:48, 4:-4][image[46:48, 4:-4] < 300] = 1
+    return np.clip(image + rng.normal(0, 40, shape), 0, 4095).astype(np.uint16), labels
+
+
+def test_an_image_unlike_the_training_images_is_a_warning_and_both_outputs_hold_the_figures(tmp_path, capsys):
+    """A model trained here records its training images' profile; predicting an image whose upper percentile sits
+    on bright saturated specks warns on stderr (exit code 0) and writes the check into both TIFFs' metadata."""
+    from napari_unet.training import train
+
+    image, labels = _disks()
+    trainer = train(
+        image, labels, iterations=80, time_budget=None, depth=2, base_filters=4, patch_size=24, device="cpu", seed=0
+    )
+    model_path = save_model(trainer.model, tmp_path / "m.safetensors", trainer.metadata)
+    debris = image.copy()
+    debris[np.random.default_rng(1).random(image.shape) < 0.02] = 4095  # 2 %: the disks land near 0.12, not 0.45
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    write_tiff(folder / "img_01.tif", image)
+    write_tiff(folder / "img_17.tif", debris)
+    capsys.readouterr()
+    assert main(["predict", "-m", str(model_path), str(folder), "-o", str(out), "--no-test-time-flips"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, captured.err
+    assert warnings[0].startswith("napari-unet: warning: 'img_17' looks unlike the training images (score ")
+    assert warnings[0].endswith("): paint a few strokes on it and train on") and "class 2" in warnings[0]
+    assert "img_17_labels.tif" in captured.out  # predicted all the same
+    for stem, unlike in (("img_01", False), ("img_17", True)):
+        records = [read_tiff_record(out / f"{stem}_{role}.tif") for role in ("labels", "probabilities")]
+        assert records[0] == records[1]
+        domain = records[0]["domain"]
+        assert domain["unlike"] is unlike and (domain["score"] > domain["threshold"]) is unlike
+        assert domain["reason"] and domain["profile"]["class_fractions"]
+        assert read_image(out / f"{stem}_labels.tif")[1]["axes"] == "YX"
 
 
 def test_tile_option_before_images_and_output_stems(tmp_path, model_file, image_file):

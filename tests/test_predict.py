@@ -105,6 +105,38 @@ def test_predict_image_on_a_stack_is_the_old_composition_bit_for_bit(ndim):
     )
 
 
+def _profile_of(n_classes: int, channels: int = 1) -> dict:
+    """A training profile (``domain.training_profile``) of one image with ``n_classes`` classes."""
+    from napari_unet.domain import training_profile
+
+    entry = {
+        "pixels": 1000,
+        "intensity": [[0.0, 0.01, 0.1, 0.3, 0.5, 0.8, 0.95]] * channels,
+        "class_fractions": [1.0 / n_classes] * n_classes,
+        "class_intensity": [[[0.1 * k, 0.1 * k + 0.05, 0.1 * k + 0.1]] * channels for k in range(n_classes)],
+        "entropy": 0.2,
+    }
+    return training_profile([entry])
+
+
+@pytest.mark.parametrize("settings", SETTINGS[1:], ids=["one-pass-radius-2", "raw-tiles"])
+def test_the_domain_check_leaves_the_outputs_bit_for_bit(settings):
+    """With a training profile in the metadata ``outputs.domain`` is the image's check; the arrays do not change."""
+    from napari_unet.domain import DomainCheck
+
+    model = _model(n_classes=3)
+    metadata = {"class_ids": [1, 3, 7], "normalization": RECIPE}
+    image = tifffile.imread(sample_paths()["images"][1])
+    outputs = predict_image(model, {**metadata, "training_profile": _profile_of(3)}, image, settings)
+    _assert_same(outputs, _composed(model, metadata, image, settings), str(settings))
+    assert isinstance(outputs.domain, DomainCheck) and outputs.domain.profile["pixels"] == image.size
+    channels = _model(seed=2, depth=1, in_channels=2)
+    rgb = (np.random.default_rng(0).random((2, 40, 44)) * 255).astype(np.uint8)
+    outputs = predict_image(channels, {"training_profile": _profile_of(2, channels=2)}, rgb, settings)
+    _assert_same(outputs, _composed(channels, {}, rgb, settings), f"2 channels {settings}")
+    assert len(outputs.domain.profile["intensity"]) == 2
+
+
 def test_a_lazy_image_gives_what_the_array_gives():
     dask = pytest.importorskip("dask.array")
     image = tifffile.imread(sample_paths()["images"][1])

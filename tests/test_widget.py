@@ -288,6 +288,46 @@ def test_segment_all_three_images(setup, qtbot):
     np.testing.assert_array_equal(viewer.layers["cells labels"].data, before)
 
 
+OUTPUTS = ("probabilities", "segmentation")
+
+
+def test_an_image_unlike_the_training_images_is_a_notification_and_its_outputs_hold_the_figures(
+    setup, qtbot, monkeypatch
+):
+    """Segment all after training: the image whose upper percentile sits on bright specks (its square lands near
+    the background level) gets one warning naming its layer; every output layer holds its image's figures."""
+    from napari_unet.widgets import unet_widget
+
+    viewer, widget = setup
+    widget.train()
+    wait_idle(qtbot, widget)
+    assert widget.metadata["training_profile"]["images"][0]["class_fractions"]
+    specks = viewer.layers["cells"].data.copy()
+    specks[np.random.default_rng(1).random(specks.shape) < 0.02] = 100.0
+    viewer.add_image(specks, name="specks")
+    warnings = []
+    monkeypatch.setattr(unet_widget, "show_warning", warnings.append)
+    widget.segment_all()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    assert len(warnings) == 1 and warnings[0].startswith("U-Net: 'specks' looks unlike the training images (score")
+    assert warnings[0].endswith("paint a few strokes on it and train on")
+    for name, unlike in (("cells", False), ("specks", True)):
+        records = [viewer.layers[f"{name} {role}"].metadata[unet_widget.DOMAIN_KEY] for role in OUTPUTS]
+        assert all(r == records[0] for r in records) and records[0]["unlike"] is unlike
+        assert (records[0]["score"] > records[0]["threshold"]) is unlike and records[0]["reason"]
+        assert output_role(viewer.layers[f"{name} segmentation"]) == {"role": "segmentation", "source": name}
+
+    # A model file from before the check (no training profile): no warning, and the old figures go.
+    n_layers = len(viewer.layers)
+    widget.set_model(widget.model, {k: v for k, v in widget.metadata.items() if k != "training_profile"}, "old")
+    warnings.clear()
+    widget.segment_all()
+    wait_idle(qtbot, widget)
+    assert warnings == [] and len(viewer.layers) == n_layers  # the same output layers, replaced
+    assert not any(unet_widget.DOMAIN_KEY in viewer.layers[f"specks {role}"].metadata for role in OUTPUTS)
+
+
 def test_worker_error_becomes_notification(setup, qtbot):
     viewer, widget = setup
     layer = viewer.layers["cells labels"]

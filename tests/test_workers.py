@@ -158,6 +158,25 @@ def test_predict_steps_yield_each_image_and_go_on_past_an_unreadable_one(tmp_pat
         ):
             assert isinstance(got, np.memmap)
             np.testing.assert_array_equal(got, want)
+        assert result.domain is None  # a model without a training profile: no check
+
+
+def test_predict_steps_carry_each_image_s_domain_check():
+    """A trained model's metadata holds its training images' profile: each ImageDone carries the image's check."""
+    image, labels = _blobs()
+    trainer = Trainer(image, labels, _settings(iterations=30))
+    for _ in trainer.run():
+        pass
+    bright = image.copy()
+    bright[np.random.default_rng(1).random(image.shape) < 0.02] = 100.0  # specks move the upper percentile
+    jobs = [PredictJob("same", image), PredictJob("specks", bright)]
+    messages, done = _drain(predict_steps(trainer.model, trainer.metadata, jobs, PredictionSettings(device="cpu")))
+    results = {m.result.name: m.result for m in messages if isinstance(m, ImageDone)}
+    assert done == 2 and set(results) == {"same", "specks"}
+    with gui_friendly_threads():
+        expected = predict_image(trainer.model, trainer.metadata, bright, PredictionSettings(device="cpu")).domain
+    assert results["specks"].domain == expected and expected is not None
+    assert results["same"].domain.score < results["specks"].domain.score
 
 
 def test_predict_steps_stop_at_the_next_tile_batch():

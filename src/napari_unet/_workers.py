@@ -20,6 +20,7 @@ import numpy as np
 
 from .arrays import output_array
 from .class_ids import segmentation_from_probabilities
+from .domain import DomainCheck
 from .normalization import NormalizedView
 from .predict import PredictionSettings, predict_image, predict_region
 
@@ -60,6 +61,8 @@ class PredictResult:
     probabilities: np.ndarray
     segmentation: np.ndarray
     uncertainty: np.ndarray | None
+    domain: DomainCheck | None = None
+    """How far the image lies outside the training images (``predict.PredictionOutputs.domain``)."""
 
 
 # --- messages: what the generators yield ---------------------------------------------------------------------
@@ -113,7 +116,7 @@ class ImageFailed:
 
 @dataclass(frozen=True)
 class ImageDone:
-    """One image predicted."""
+    """One image predicted (``result.domain``: how far it lies outside the training images, or None)."""
 
     result: PredictResult
 
@@ -273,7 +276,9 @@ def predict_steps(
                     yield ImageFailed(job.name, str(e))
                     continue
                 done += 1
-                yield ImageDone(PredictResult(job.name, outputs.probabilities, outputs.labels, outputs.uncertainty))
+                yield ImageDone(
+                    PredictResult(job.name, outputs.probabilities, outputs.labels, outputs.uncertainty, outputs.domain)
+                )
     finally:
         release_device_memory(target)
     return done

@@ -2,7 +2,8 @@
 
 ``napari-unet predict --model MODEL IMAGE [IMAGE ...] --out DIR [--tile Y X | Z Y X]
 [--batch-size N] [--device auto|cpu|cuda|mps] [--no-test-time-flips] [--refine-radius PX|auto]`` segments TIFF
-images with a saved model;
+images with a saved model (an image that looks unlike the model's training images, ``domain.py``, gets a warning
+line on stderr, ``napari-unet: warning: ...``, and both outputs hold the figures in their metadata);
 ``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels;
 ``napari-unet demo`` trains and predicts on the bundled sample images;
 ``napari-unet export-bioimageio --model MODEL --image IMG --out PACKAGE.zip`` writes a BioImage.IO model package.
@@ -349,7 +350,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     for path, stem in jobs:
         started = time.monotonic()
         try:
-            probabilities_path, labels_path = _predict_file(model, metadata, path, args.out / stem, settings)
+            probabilities_path, labels_path, domain = _predict_file(model, metadata, path, args.out / stem, settings)
         except (CLIError, ImageFileError) as e:
             if not args.keep_going:
                 raise
@@ -357,13 +358,16 @@ def _run_predict(args: argparse.Namespace) -> int:
             failed.append(str(path))
             continue
         print(f"{path} -> {labels_path}, {probabilities_path} ({time.monotonic() - started:.1f}s)", flush=True)
+        if domain is not None and domain.unlike:
+            _warn(domain.message(stem))
     if failed:
         raise CLIError(f"{len(failed)} of {len(jobs)} image(s) failed: {', '.join(failed)}")
     return 0
 
 
-def _predict_file(model, metadata: dict, path: Path, prefix: Path, settings: PredictionSettings) -> tuple[Path, Path]:
-    """Predict one image file into ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``."""
+def _predict_file(model, metadata: dict, path: Path, prefix: Path, settings: PredictionSettings) -> tuple:
+    """Predict one image file into ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``; returns both paths
+    and the image's ``domain.DomainCheck`` (None for a model without a training profile)."""
     from .io import open_image
 
     with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
@@ -379,9 +383,10 @@ def _predict_file(model, metadata: dict, path: Path, prefix: Path, settings: Pre
 
 def _predict_to_files(
     model, metadata: dict, image, prefix: Path, spatial_axes: str, info: dict, settings: PredictionSettings, progress
-) -> tuple[Path, Path]:
+) -> tuple:
     """Predict ``image`` (``predict.predict_image``), write ``<prefix>_probabilities.tif`` and
-    ``<prefix>_labels.tif``; returns both paths.
+    ``<prefix>_labels.tif``; returns both paths and the outputs' ``domain`` check, whose figures both files hold
+    in their metadata (``{"domain": DomainCheck.as_metadata()}``, ``io.read_tiff_record``).
 
     The class probabilities (4 bytes per class and pixel, the largest array of a prediction) and the labels are
     predicted into hidden ``.npy`` memory maps next to the outputs instead of RAM, and the scratch files are deleted
@@ -398,9 +403,12 @@ def _predict_to_files(
     outputs = None
     try:
         outputs = predict_image(model, metadata, image, settings, out=scratch_file, progress=progress)
+        domain = outputs.domain
+        record = None if domain is None else {"domain": domain.as_metadata()}
         return (
-            _write_output(Path(f"{prefix}_probabilities.tif"), outputs.probabilities, "C" + spatial_axes, info),
-            _write_output(Path(f"{prefix}_labels.tif"), outputs.labels, spatial_axes, info),
+            _write_output(Path(f"{prefix}_probabilities.tif"), outputs.probabilities, "C" + spatial_axes, info, record),
+            _write_output(Path(f"{prefix}_labels.tif"), outputs.labels, spatial_axes, info, record),
+            domain,
         )
     finally:
         outputs = None  # unmapped before the files are deleted (Windows refuses to delete a mapped file)
@@ -409,14 +417,15 @@ def _predict_to_files(
                 path.unlink(missing_ok=True)
 
 
-def _write_output(target: Path, data, axes: str, info: dict) -> Path:
-    """Write one prediction output with the input's pixel size (when it has a unit); CLIError if impossible."""
+def _write_output(target: Path, data, axes: str, info: dict, record: dict | None = None) -> Path:
+    """Write one prediction output with the input's pixel size (when it has a unit) and ``record`` in its metadata;
+    CLIError if impossible."""
     from .io import write_tiff
 
     try:
         if info["unit"]:
-            return write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"])
-        return write_tiff(target, data, axes=axes)
+            return write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"], record=record)
+        return write_tiff(target, data, axes=axes, record=record)
     except OSError as e:
         raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
 
@@ -750,6 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(sub)
     return parser
+
+
+def _warn(message: str) -> None:
+    """One warning line on stderr (the exit code does not change)."""
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str, code: int) -> int:

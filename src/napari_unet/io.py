@@ -5,7 +5,8 @@ Model files
     the safetensors string metadata holds, under the key ``"napari_unet"``, a JSON record with
     the architecture ``config`` (``UNet(**config)`` rebuilds it), ``class_ids``,
     ``class_names``, ``normalization`` (a recipe for :mod:`napari_unet.normalization`), the
-    ``training`` record, ``napari_unet_version``, ``format`` and ``format_version``.
+    ``training`` record, ``training_profile`` (the training images' profiles, :mod:`napari_unet.domain`;
+    absent from older files), ``napari_unet_version``, ``format`` and ``format_version``.
     Loading never executes code from the file: safetensors holds raw tensor bytes only, and
     anything that is not a valid napari-unet safetensors file (a torch ``.pt`` pickle, a
     crafted pickle, a truncated or corrupt file) is refused with :class:`ModelFileError`.
@@ -461,14 +462,17 @@ def _ome_scale(xml: str) -> tuple[dict, str | None]:
     return scale, _unit_name(pixels.get("PhysicalSizeXUnit", "µm"))
 
 
-def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="um") -> Path:
+def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="um", record=None) -> Path:
     """Write ``array`` to a TIFF file atomically; returns the path.
 
     ``axes`` uses the letters ``TZCYX`` (default ``YX``, ``ZYX`` or ``CZYX`` by
     dimensionality). ``scale`` is the pixel size per non-channel axis, in ``unit``. ImageJ
     hyperstacks are written when the dtype (uint8, uint16, float32) and axis order allow it
     (Fiji then sees the axes and pixel size); otherwise a tifffile shaped TIFF that stores
-    axes and scale in its description (read back by :func:`read_image`).
+    axes and scale in its description (read back by :func:`read_image`). ``record``, a
+    JSON-serialisable dict (e.g. ``{"domain": ...}`` of ``napari-unet predict``), is stored
+    as ``{"napari_unet": record}``: JSON text in the ImageJ ``Info`` property (Fiji: Image >
+    Show Info), or a key of a shaped TIFF's description; :func:`read_tiff_record` reads it back.
     """
     import tifffile
 
@@ -492,10 +496,29 @@ def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="
         metadata = {"axes": axes, "unit": unit}
         if pixel.get("Z"):
             metadata["spacing"] = float(pixel["Z"])
+        if record is not None:
+            metadata["Info"] = json.dumps({METADATA_KEY: record}, default=_json_default)
         kwargs.update(imagej=True, metadata=metadata)
     else:
         metadata = {"axes": axes, "unit": unit}
         if scale is not None:
             metadata["scale"] = [float(pixel[a]) if a in pixel else 1.0 for a in axes]
+        if record is not None:
+            metadata[METADATA_KEY] = json.loads(json.dumps(record, default=_json_default))
         kwargs.update(metadata=metadata, resolutionunit=None)
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, **kwargs))
+
+
+def read_tiff_record(path) -> dict | None:
+    """The ``record`` that :func:`write_tiff` stored in a TIFF file, or None (none stored, or not readable)."""
+    with _open_series(path) as (tif, _):
+        if tif.is_imagej:
+            info = (tif.imagej_metadata or {}).get("Info")
+            with suppress(TypeError, ValueError):
+                stored = json.loads(info).get(METADATA_KEY) if isinstance(info, str) else None
+                return stored if isinstance(stored, dict) else None
+            return None
+        if tif.is_shaped and tif.shaped_metadata:
+            stored = tif.shaped_metadata[0].get(METADATA_KEY)
+            return stored if isinstance(stored, dict) else None
+    return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .class_ids import labels_dtype, segmentation_from_probabilities
+from .domain import DomainCheck, check_prediction
 from .normalization import normalized_view
 from .refine import AUTO, DEFAULT_EPS, DEFAULT_RADIUS
 
@@ -133,6 +134,9 @@ class PredictionOutputs:
     """The spatial shape: the painted class id of the most probable class (dtype ``class_ids.labels_dtype``)."""
     uncertainty: np.ndarray | None
     """The spatial shape, float32 :func:`normalized_entropy`; None unless ``settings.uncertainty``."""
+    domain: DomainCheck | None = None
+    """How far the image lies outside the model's training images (``domain.check_prediction``: a bounded sample
+    of the normalized image and of the probabilities); None for a model without a training profile."""
 
 
 def model_class_ids(model, metadata: dict) -> list[int]:
@@ -164,7 +168,8 @@ def predict_image(
     stack that a 2D model predicts slice by slice. ``out(role, shape, dtype)`` makes each output array (default:
     :func:`in_memory`), e.g. memory maps for images larger than memory. ``progress(done, total)`` counts tiles;
     ``should_stop()`` is polled between tile batches and raises ``tiling.PredictionStopped``. A device the machine
-    lacks and an image that does not fit the model raise ``ValueError``.
+    lacks and an image that does not fit the model raise ``ValueError``. ``domain`` of the outputs compares the
+    image with the training images (``domain.py``; it reads a few tiles of both, the outputs are unchanged).
     """
     from .devices import resolve_device
     from .tiling import predict_tiled
@@ -193,7 +198,8 @@ def predict_image(
     uncertainty = None
     if settings.uncertainty:
         uncertainty = normalized_entropy(probabilities, out=out("uncertainty", spatial, np.float32))
-    return PredictionOutputs(probabilities, labels, uncertainty)
+    domain = check_prediction(metadata, normalized, probabilities, channels=channel_axis == 0)
+    return PredictionOutputs(probabilities, labels, uncertainty, domain)
 
 
 def normalized_entropy(probabilities, out=None) -> np.ndarray:

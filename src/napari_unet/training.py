@@ -33,8 +33,9 @@ API
     An eval-mode copy (batch norm folded) of the current model, for live previews; safe to call between
     events or from another thread.
 ``trainer.model``, ``trainer.metadata``, ``trainer.save(path)``
-    The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``) and
-    saving both with ``io.save_model``.
+    The network, its metadata (``class_ids``, ``class_names``, ``normalization``, ``training``,
+    ``training_profile``: the training images' profiles for ``domain.py``'s check, the class part predicted at the
+    end of each run) and saving both with ``io.save_model``.
 ``train(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None, callback=None,
 **overrides)``
     Runs a ``Trainer`` to completion and returns it.
@@ -63,10 +64,22 @@ from torch.optim.swa_utils import AveragedModel
 from . import __version__
 from .augment import Augmenter, paste_mix
 from .devices import amp_dtype, default_cpu_threads, resolve_device
+from .domain import (
+    SAMPLE_TILE,
+    SAMPLE_TILES,
+    TRAINING_MIN_PIXELS,
+    TRAINING_STEPS,
+    TRAINING_TILES,
+    profile,
+    sample_intensities,
+    sample_regions,
+    training_profile,
+)
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .model import UNet
-from .normalization import dataset_recipe, image_params, is_lazy, normalize, slabs
+from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
+from .predict import predict_region
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -234,6 +247,32 @@ class _NormalizedSlice:
         return self.array[key]
 
 
+def _predicted_tiles(model: UNet, view, regions: list[tuple[slice, ...]]) -> list[np.ndarray]:
+    """``predict.predict_region`` of each of ``regions`` (``domain.sample_regions``: tiles of the last two axes,
+    one plane thick in a stack), computed per plane as whichever reads fewer input pixels: every tile with its
+    context, or the whole plane once."""
+    spatial = tuple(view.shape[1:] if model.in_channels > 1 else view.shape)
+    halo, grid, ndim = model.halo, model.grid, len(model.halo)
+
+    def cost(region):
+        return math.prod(min(n, s.stop - s.start + 2 * h + grid) for s, h, n in zip(region[-ndim:], halo, spatial))
+
+    planes: dict[tuple, list[int]] = {}
+    for k, region in enumerate(regions):
+        planes.setdefault(tuple((s.start, s.stop) for s in region[:-2]), []).append(k)
+    out: list[np.ndarray] = [np.empty(0)] * len(regions)
+    for indices in planes.values():
+        whole = (*regions[indices[0]][:-2], slice(0, spatial[-2]), slice(0, spatial[-1]))
+        if cost(whole) < sum(cost(regions[k]) for k in indices):
+            plane = predict_region(model, view, whole)
+            for k in indices:
+                out[k] = plane[(slice(None), *(slice(None),) * (len(whole) - 2), regions[k][-2], regions[k][-1])]
+        else:
+            for k in indices:
+                out[k] = predict_region(model, view, regions[k])
+    return out
+
+
 @torch.no_grad()
 def _running_mean(averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
     """The ``multi_avg_fn`` of the weight average (``torch.optim.swa_utils.AveragedModel`` with
@@ -273,6 +312,7 @@ class Trainer:
             self._new_model(found, class_names)
         self._plan_tiles()
         self._prepare_pieces(images, labels, None if channel_axis is None else 0)
+        self._sample_profiles(images, channel_axis is not None)
         self._lock = threading.Lock()
         self._pending: dict[int, tuple | np.ndarray] = {}
         self.label_problems: list[tuple[int, str]] = []
@@ -306,6 +346,7 @@ class Trainer:
         self.normalization = dict(meta.get("normalization") or settings.normalization)
         self.class_names = list(meta.get("class_names") or [f"class {c}" for c in self.class_ids])
         self._history = list((meta.get("training") or {}).get("history", []))
+        self._earlier_profile = meta.get("training_profile")
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.model = copy.deepcopy(model).cpu().train()
@@ -325,6 +366,7 @@ class Trainer:
             raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
         self.class_names = names
         self._history = []
+        self._earlier_profile = None
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.model = UNet(
@@ -387,6 +429,42 @@ class Trainer:
             noise=settings.noise,
         )
         self._class_weights = self._compute_class_weights()
+
+    def _sample_profiles(self, images: list, channels: bool) -> None:
+        """Read the sampled tiles of the training images for their profiles (``domain.py``), once: their normalized
+        pixels give the intensity part now; each run's end predicts the same tiles for the class part
+        (:meth:`_profile_classes`). As many tiles as a budget of about ``domain.TRAINING_STEPS`` training steps
+        allows with the network's context (``domain.TRAINING_TILES`` at most), up to ``domain.SAMPLE_TILES`` per
+        image; images beyond one tile each are chosen evenly."""
+        s, halo, grid = self.settings, self.model.halo, self.model.grid
+        budget = max(TRAINING_MIN_PIXELS, TRAINING_STEPS * 3 * s.batch_size * math.prod(self.input_shape))
+        tile = [SAMPLE_TILE] * len(halo)
+        if len(halo) == 3:
+            tile[0] = 1  # the tiles are one plane thick
+        per_tile = math.prod(n + 2 * h + grid for n, h in zip(tile, halo))
+        total = int(min(TRAINING_TILES, max(1, budget // per_tile)))
+        count = min(len(images), total)
+        chosen = sorted({round(float(i)) for i in np.linspace(0, len(images) - 1, count)})
+        tiles = min(SAMPLE_TILES, total // len(chosen))
+        self._profile_samples = []
+        for i in chosen:
+            view = NormalizedView(images[i], self.image_normalization[i])
+            regions = sample_regions(self._shapes[i], tiles)
+            self._profile_samples.append((view, regions, sample_intensities(view, regions, channels)))
+        self.image_profiles = [profile(values) for _, _, values in self._profile_samples]
+        """The profiles of (some of) the training images: intensities, and once a run has ended the class
+        fractions, class intensities and entropy of the model it left (``metadata["training_profile"]``)."""
+
+    def _profile_classes(self, device: torch.device) -> None:
+        """The class part of the training images' profiles: the sampled tiles predicted on ``device`` by the model
+        this run leaves (one pass, ``predict.predict_region``: each tile with its context, or the whole plane the
+        tiles lie in where that reads fewer pixels; the same probabilities either way)."""
+        model = self.model.inference_copy().to(device)
+        profiles = []
+        for view, regions, values in self._profile_samples:
+            sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in _predicted_tiles(model, view, regions)], 1)
+            profiles.append(profile(values, sampled))
+        self.image_profiles = profiles
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -624,6 +702,8 @@ class Trainer:
                 self.model.load_state_dict(average.module.state_dict())
         averaged = 0 if average is None else int(average.n_averaged)
         del average  # on a GPU, released before the cache is emptied
+        if state.reason is not None and state.iteration > 0:  # ended (not by an error) with new weights
+            self._profile_classes(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
@@ -666,6 +746,7 @@ class Trainer:
                 "output_shape": list(self.output_shape),
             },
             "napari_unet_version": __version__,
+            "training_profile": training_profile(self.image_profiles, self._earlier_profile),
         }
 
     def save(self, path) -> None:

@@ -47,6 +47,9 @@ PREVIEW_INTERVAL = 3.0
 """Seconds between live previews (at least; slow previews space themselves out)."""
 STATUS_INTERVAL = 0.2
 """Seconds between updates of the status text, progress bar and preview region while training."""
+DOMAIN_KEY = "napari_unet_domain"
+"""Output layers' ``metadata`` key of the figures of their image's domain check (``domain.DomainCheck.as_metadata``;
+beside the ``"napari_unet"`` role marker, which ``_layers.find_output`` compares whole)."""
 
 
 class _Relay(QObject):
@@ -521,21 +524,33 @@ class UNetWidget(QWidget):
                 self._show_prediction(result)
 
     def _show_prediction(self, result) -> None:
+        """The output layers of one predicted image, with its domain check (``domain.py``) in their
+        ``metadata[DOMAIN_KEY]``; a notification when the image looks unlike the training images."""
         source = self._predict_sources.get(result.name)
         if source is None or source not in self.viewer.layers:
             return
-        output_layer(self.viewer, source, "probabilities", data=result.probabilities)
-        output_layer(
-            self.viewer,
-            source,
-            "segmentation",
-            data=result.segmentation,
-            class_ids=model_class_ids(self.model, self.metadata),
-            class_names=self.metadata.get("class_names") or (),
+        layers = [output_layer(self.viewer, source, "probabilities", data=result.probabilities)]
+        layers.append(
+            output_layer(
+                self.viewer,
+                source,
+                "segmentation",
+                data=result.segmentation,
+                class_ids=model_class_ids(self.model, self.metadata),
+                class_names=self.metadata.get("class_names") or (),
+            )
         )
         if result.uncertainty is not None:
-            output_layer(self.viewer, source, "uncertainty", data=result.uncertainty)
+            layers.append(output_layer(self.viewer, source, "uncertainty", data=result.uncertainty))
+        domain = result.domain
+        for layer in layers:  # a layer kept from an earlier prediction drops that prediction's figures
+            layer.metadata.pop(DOMAIN_KEY, None)
+            if domain is not None:
+                layer.metadata[DOMAIN_KEY] = domain.as_metadata()
         self.status_label.setText(f"Predicted {result.name}")
+        if domain is not None and domain.unlike:
+            show_warning(f"U-Net: {domain.message(result.name)}")
+            self.status_label.setText(f"Predicted {result.name}; it looks unlike the training images")
 
 
 def _export_package(model, metadata: dict, image, path: Path, name: str) -> Path:

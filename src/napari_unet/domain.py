@@ -1,0 +1,421 @@
+"""Does an image look like the images the model was trained on? A cheap, bounded, explainable check.
+
+"Paint one image, segment a hundred": across one experiment images differ (gain, offset, illumination, debris,
+density). Percentile normalization cancels gain and offset; what it cannot cancel changes where the classes land
+on the normalized scale, and a network trained on one image places its boundaries by the intensities it saw there.
+This module compares each predicted image with the training images and says when it is far outside them, so the
+user knows which images to paint a few strokes on.
+
+Profile
+    An image's *profile* (:func:`profile`) is computed on a bounded sample of its NORMALIZED pixels, normalized
+    with the model's own recipe exactly as prediction normalizes them (``predict.predict_image`` passes its
+    ``NormalizedView``): :func:`sample_regions` spreads at most ``SAMPLE_TILES`` tiles of ``SAMPLE_TILE`` x
+    ``SAMPLE_TILE`` pixels evenly over the image (each centred in its cell of a grid; a stack or volume: over up
+    to ``SAMPLE_PLANES`` planes), at most 65,536 pixels whatever the image's size, so a lazy image larger than
+    memory costs a few small reads (profile and check: 6 ms for a 2048 x 2048 image in memory, 40-70 ms from a
+    TIFF file). It holds, per channel, the intensity quantiles ``QUANTILES`` of the sample and, from the class
+    probabilities of the same pixels, the fraction of them each class wins (``class_fractions``), the quantiles
+    ``CLASS_QUANTILES`` of the normalized intensity of the pixels each class wins (``class_intensity``, per class
+    and channel; None for a class with fewer than ``MIN_CLASS_PIXELS`` pixels) and the mean normalized entropy.
+    The training side (``training.Trainer``) stores the profiles of its training images, sampled alike (at most
+    ``TRAINING_TILES`` tiles in all, within ``TRAINING_STEPS``), the class part from a prediction of those tiles
+    with the weights each run leaves, under ``metadata["training_profile"]`` (:func:`training_profile`).
+
+Distance
+    :func:`compare` scores an image against the training images in *tolerances*. Two kinds of terms, each 1.0 at
+    its own tolerance:
+
+    - class level: for each class and channel, how far the median intensity of the pixels the class wins lies
+      outside the range of that median over the training images, as a fraction of the way from there to the
+      nearest other class's median in that direction (that gap at least ``GAP_FLOOR``); ``TOWARD`` of the way is
+      one tolerance. A network trained on the painted images confuses classes whose levels approach each other:
+      objects that bright debris (the upper percentile moves) or a strong gamma push toward the background level,
+      a background that uneven illumination pushes toward the objects'. Moving away from every other class keeps
+      the contrast and costs less: one tolerance is ``AWAY`` gaps to the nearest class.
+    - class fraction: for each class (of two classes, the one with the smaller training share), how far the
+      log-odds of the fraction of pixels it wins lie outside the training images' range; ``FRACTION_LOGIT``
+      (odds 12x) is one tolerance. It fires when a class (nearly) vanishes or floods the image: objects the
+      network no longer sees, an image of other content.
+
+    The score is the root sum of squares of the largest term of each kind (two half-way differences together
+    count as one whole), the image looks unlike the training images above ``THRESHOLD`` = 1, and the reason names
+    the largest finding of each kind that reaches ``REASON_TERM`` tolerances, in figures.
+
+    The whole-image quantiles and the entropy are recorded and not scored. Whole-image quantiles mix intensity
+    with content: a field with few nuclei has its 95th percentile in the background (0.03 against 0.57 for a
+    field of the same experiment with 6x more nuclei, both segmented with Dice > 0.92). The mean entropy depends
+    on the prediction settings more than on the image: test-time flips and the edge refinement raise it from 0.11
+    to 0.18 (DSB U2OS) and to 0.22 (DSB 360x360) on the training image itself, and bright debris moves it either
+    way (0.16 and 0.06 against 0.11).
+
+Threshold
+    Chosen on real data: three calibration models (depth 3, 16 filters, 250 iterations from simulated strokes on
+    one image each: a DSB 2018 U2OS field of 520x696, a DSB 360x360 field, ISBI 2012 EM slice 0), every other
+    image of the same experiment and of the others, and synthetic changes of the training image (predicted
+    without flips or refinement; with them the training image scores 0.01-0.04). "Dice" is the change of the
+    foreground Dice against the training image's own:
+
+    - silent: gain x0.3 and x3, offsets (0.00: the normalization cancels them), Gaussian noise of 1 % of the
+      range (<= 0.18), illumination from x0.5 to x1.5 across a nuclei field (<= 0.30), 9 of the 11 other U2OS
+      fields (<= 0.99), the 9 other 360x360 fields (<= 0.64), the 29 other EM slices (<= 0.66);
+    - fire: 0.5-2 % saturated debris specks on nuclei (1.60-2.19; Dice -0.34 to -0.95), gamma 2 and 3 on the
+      normalized scale (1.02-2.72; Dice -0.10 to -0.95), gamma 0.5 and 0.4 (1.12-2.34; Dice -0.42 to -0.68),
+      illumination x0.5 to x1.5 across an EM slice (1.68; Dice -0.28), a gain that saturates an EM slice (1.55),
+      EM slices under nuclei models and nuclei under the EM model (1.32-3.73; Dice -0.59 to -0.75), and two U2OS
+      fields: the densest (313 nuclei where the training field has 107: 1.30, Dice -0.17, the lowest of its
+      experiment) and the sparsest (18 nuclei: 1.09 from its class fraction alone, Dice -0.03: a false alarm,
+      which its reason, "covers 1.8 % of the image (training 19.5 %)", lets the user see through);
+    - near the threshold: 0.2 % debris (0.53-1.00; Dice -0.02 to -0.14), gamma 1.5 (0.58-0.87; Dice -0.02 to
+      -0.10), illumination x0.75 to x1.25 across an EM slice (0.86; Dice -0.12).
+
+    Models still undecided on their own training images (tiny test models after a few dozen iterations, mean
+    entropy ~0.9) have class statistics that mean little; the check is for models that learned their strokes.
+
+    A model whose metadata has no usable ``training_profile`` (files from before this check, ``{"class_ids": ...}``
+    only, a trainer that never ran) gets no check: :func:`check_prediction` returns None.
+
+No Qt, no torch: numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PROFILE_VERSION = 1
+QUANTILES = (1, 5, 25, 50, 75, 95, 99)
+"""Whole-image intensity quantiles (percent) of a profile, per channel."""
+CLASS_QUANTILES = (25, 50, 75)
+"""Quantiles (percent) of the normalized intensity of the pixels each class wins, per class and channel."""
+SAMPLE_TILE = 64
+"""Side of the sampled tiles (pixels)."""
+SAMPLE_TILES = 16
+"""Sampled tiles per image at most (a 4 x 4 grid of a plane; 4 planes of 2 x 2 in a stack)."""
+SAMPLE_PLANES = 4
+"""Planes of a stack or volume sampled at most (each centred in its share of the stack)."""
+MIN_CLASS_PIXELS = 100
+"""A class that wins fewer sampled pixels has no ``class_intensity`` (its median would be noise)."""
+TRAINING_TILES = 64
+"""Tiles a trainer samples over all its training images at most (``SAMPLE_TILES`` per image, as every predicted
+image). The end of each run predicts them, each with the network's context (or the whole planes they lie in, where
+that reads fewer pixels), so fewer where the network is large: see ``TRAINING_STEPS``."""
+TRAINING_STEPS = 2
+"""The tiles a trainer samples read, with their context, at most the input pixels of this many training steps
+(forward and backward: 3 x batch x input tile each) or ``TRAINING_MIN_PIXELS``, whichever is more; images beyond
+one tile each are chosen evenly."""
+TRAINING_MIN_PIXELS = 1 << 18
+"""The smallest input-pixel budget of the training tiles (0.1-0.3 s of a depth-3, 16-filter net on one CPU core)."""
+MAX_TRAINING_IMAGES = 32
+"""Training-image profiles a model keeps at most (the latest; fine-tuning adds to those of the model it starts
+from)."""
+
+THRESHOLD = 1.0
+"""Score (in tolerances) above which an image looks unlike the training images."""
+TOWARD = 0.45
+"""One tolerance of the class-level term: a class's median moved this fraction of the way to another class's."""
+AWAY = 1.5
+"""One tolerance of the class-level term away from every other class, in gaps to the nearest class."""
+GAP_FLOOR = 0.2
+"""Smallest gap between class medians (normalized units) the class-level term divides by."""
+FRACTION_LOGIT = 2.5
+"""One tolerance of the class-fraction term: log-odds of a class's fraction outside the training range."""
+REASON_TERM = 0.5
+"""The reason names each kind of term at least this large (else the largest one)."""
+FRACTION_CLIP = 1e-3
+"""Fractions are clipped to ``[FRACTION_CLIP, 1 - FRACTION_CLIP]`` before their log-odds."""
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+
+def sample_regions(
+    spatial_shape: Sequence[int], tiles: int = SAMPLE_TILES, tile: int = SAMPLE_TILE
+) -> list[tuple[slice, ...]]:
+    """Evenly spread regions of an image with ``spatial_shape`` (2 axes, or 3 for a stack or volume).
+
+    The last two axes get a square grid of ``tile`` x ``tile`` tiles, each centred in its cell of the grid (an axis
+    no longer than the grid's tiles together is taken whole); leading axes get up to ``SAMPLE_PLANES`` planes,
+    each centred in its share of the stack (each region is one plane thick), sharing ``tiles``: at most ``tiles``
+    regions and about ``tiles * tile**2`` pixels. They depend only on the shape, so the same image is always
+    sampled alike.
+    """
+    shape = tuple(int(n) for n in spatial_shape)
+    if len(shape) < 2:
+        raise ValueError(f"sample_regions needs 2 or more spatial axes, got shape {shape}")
+    lead, plane = shape[:-2], shape[-2:]
+    lead_count = math.prod(lead)
+    n_planes = min(lead_count, SAMPLE_PLANES, max(1, tiles))
+    grid = max(1, math.isqrt(max(1, tiles) // n_planes))
+    spans = []
+    for size in plane:
+        if size <= grid * tile:
+            spans.append([slice(0, size)])
+        else:
+            starts = ((np.arange(grid) + 0.5) * (size / grid) - tile / 2).round().astype(int)
+            spans.append([slice(int(s), int(s) + tile) for s in starts])
+    if lead:
+        planes = sorted({int((i + 0.5) * lead_count / n_planes) for i in range(n_planes)})
+        leads = [tuple(slice(int(i), int(i) + 1) for i in np.unravel_index(p, lead)) for p in planes]
+    else:
+        leads = [()]
+    return [(*lead_key, ys, xs) for lead_key in leads for ys in spans[0] for xs in spans[1]]
+
+
+def sample_intensities(normalized, regions: Sequence[tuple[slice, ...]], channels: bool = False) -> np.ndarray:
+    """The normalized pixels of ``regions`` as ``(C, N)`` float32 (C = 1 without ``channels``).
+
+    ``normalized`` is the normalized image (a ``normalization.NormalizedView`` reads and normalizes only the
+    regions), channels first when ``channels``.
+    """
+    lead = (slice(None),) if channels else ()
+    parts = []
+    for region in regions:
+        values = np.asarray(normalized[lead + tuple(region)], dtype=np.float32)
+        parts.append(values.reshape(values.shape[0], -1) if channels else values.reshape(1, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def sample_probabilities(probabilities, regions: Sequence[tuple[slice, ...]]) -> np.ndarray:
+    """The class probabilities ``(n_classes, *spatial)`` at ``regions`` as ``(n_classes, N)`` float32, in the
+    order of :func:`sample_intensities`."""
+    parts = []
+    for region in regions:
+        values = np.asarray(probabilities[(slice(None), *region)], dtype=np.float32)
+        parts.append(values.reshape(values.shape[0], -1))
+    return np.concatenate(parts, axis=1)
+
+
+# --- profiles --------------------------------------------------------------------------------------------------
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def profile(values: np.ndarray, probabilities: np.ndarray | None = None) -> dict:
+    """The profile of one image from its sampled normalized pixels ``values`` ``(C, N)`` and, once predicted, the
+    class probabilities ``(n_classes, N)`` of the same pixels (see the module docstring).
+
+    Returns ``{"pixels", "intensity"}`` (``intensity``: per channel the ``QUANTILES``) and, with
+    ``probabilities``, ``"class_fractions"`` (per class), ``"class_intensity"`` (per class: None or per channel
+    the ``CLASS_QUANTILES``) and ``"entropy"`` (mean normalized entropy). JSON-ready: floats rounded to 4 digits.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    finite = np.where(np.isfinite(values), values, 0.0)
+    record = {"pixels": int(values.shape[1]), "intensity": [_rounded(np.percentile(c, QUANTILES)) for c in finite]}
+    if probabilities is None:
+        return record
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.shape[1] != values.shape[1]:
+        raise ValueError(f"{probabilities.shape[1]} probabilities for {values.shape[1]} sampled pixels")
+    n_classes = probabilities.shape[0]
+    winner = np.argmax(probabilities, axis=0)
+    counts = np.bincount(winner, minlength=n_classes)
+    record["class_fractions"] = _rounded(counts / max(1, winner.size))
+    record["class_intensity"] = [
+        [_rounded(np.percentile(c[winner == k], CLASS_QUANTILES)) for c in finite]
+        if counts[k] >= MIN_CLASS_PIXELS
+        else None
+        for k in range(n_classes)
+    ]
+    p = np.clip(probabilities, 1e-7, 1.0)
+    entropy = -(p * np.log(p)).sum(axis=0) / math.log(n_classes) if n_classes > 1 else np.zeros(winner.shape)
+    record["entropy"] = round(float(entropy.mean()), 4)
+    return record
+
+
+def image_profile(normalized, probabilities=None, *, channels: bool = False, tiles: int = SAMPLE_TILES) -> dict:
+    """:func:`profile` of a whole image: ``normalized`` (channels first when ``channels``) and, when given, its
+    class probabilities ``(n_classes, *spatial)`` are read at :func:`sample_regions` only."""
+    spatial = tuple(normalized.shape[1:] if channels else normalized.shape)
+    regions = sample_regions(spatial, tiles)
+    values = sample_intensities(normalized, regions, channels)
+    sampled = None if probabilities is None else sample_probabilities(probabilities, regions)
+    return profile(values, sampled)
+
+
+def training_profile(images: Sequence[dict], earlier: dict | None = None) -> dict:
+    """The ``metadata["training_profile"]`` of a model: the profiles of its training ``images`` after those of
+    ``earlier`` (the profile of the model it was fine-tuned from, if usable), the latest ``MAX_TRAINING_IMAGES``."""
+    kept = []
+    if isinstance(earlier, dict) and earlier.get("version") == PROFILE_VERSION:
+        kept = [p for p in earlier.get("images") or [] if isinstance(p, dict)]
+    kept = [*kept, *images][-MAX_TRAINING_IMAGES:]
+    return {
+        "version": PROFILE_VERSION,
+        "quantiles": list(QUANTILES),
+        "class_quantiles": list(CLASS_QUANTILES),
+        "images": [dict(p) for p in kept],
+    }
+
+
+# --- the check -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainCheck:
+    """How far one image lies outside the training images (see the module docstring)."""
+
+    score: float
+    """In tolerances: the root sum of squares of the largest term of each kind (0: inside the training images'
+    range)."""
+    threshold: float
+    """``THRESHOLD``: above it the image looks unlike the training images."""
+    unlike: bool
+    """``score > threshold``."""
+    reason: str
+    """What differs, in words and figures: the largest finding of each kind that reaches ``REASON_TERM``, else the
+    largest one."""
+    terms: dict = field(default_factory=dict)
+    """The largest term of each kind: ``{"class_level": ..., "class_fraction": ...}``."""
+    profile: dict = field(default_factory=dict)
+    """The image's :func:`profile`."""
+
+    def as_metadata(self) -> dict:
+        """A JSON-ready record (TIFF metadata of the CLI's outputs, ``layer.metadata`` in the widget)."""
+        return {
+            "score": round(self.score, 3),
+            "threshold": self.threshold,
+            "unlike": self.unlike,
+            "reason": self.reason,
+            "terms": {k: round(v, 3) for k, v in self.terms.items()},
+            "profile": self.profile,
+        }
+
+    def message(self, name: str) -> str:
+        """The warning for an unlike image called ``name``."""
+        return (
+            f"'{name}' looks unlike the training images (score {self.score:.2f} > {self.threshold:g}: {self.reason}): "
+            "paint a few strokes on it and train on"
+        )
+
+
+@dataclass(frozen=True)
+class _Finding:
+    term: float
+    kind: str
+    text: str
+
+
+def _logit(fraction: float) -> float:
+    f = min(max(float(fraction), FRACTION_CLIP), 1.0 - FRACTION_CLIP)
+    return math.log(f / (1.0 - f))
+
+
+def _usable(training: dict, n_classes: int, n_channels: int) -> list[dict]:
+    """The training profiles that hold class statistics of ``n_classes`` classes and ``n_channels`` channels."""
+    if not isinstance(training, dict) or training.get("version") != PROFILE_VERSION:
+        return []
+    usable = []
+    for entry in training.get("images") or []:
+        try:
+            fractions = [float(f) for f in entry["class_fractions"]]
+            levels = entry["class_intensity"]
+            if len(fractions) != n_classes or len(levels) != n_classes:
+                continue
+            medians = [None if lv is None else [float(c[1]) for c in lv] for lv in levels]
+            if any(m is not None and len(m) != n_channels for m in medians):
+                continue
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+        numbers = fractions + [v for m in medians if m is not None for v in m]
+        if all(math.isfinite(v) for v in numbers):
+            usable.append({"fractions": fractions, "medians": medians})
+    return usable
+
+
+def _fraction_findings(image: dict, usable: list[dict], names: list[str]) -> list[_Finding]:
+    n_classes = len(names)
+    fractions = [float(f) for f in image["class_fractions"]]
+    classes = range(n_classes)
+    if n_classes == 2:  # one number: speak of the class with the smaller training share (the objects, usually)
+        mean = [np.mean([u["fractions"][k] for u in usable]) for k in classes]
+        classes = [int(np.argmin(mean))]
+    findings = []
+    for k in classes:
+        trained = [u["fractions"][k] for u in usable]
+        lo, hi = _logit(min(trained)), _logit(max(trained))
+        x = _logit(fractions[k])
+        excess = max(lo - x, x - hi, 0.0)
+        span = f"{min(trained):.1%}" if max(trained) - min(trained) < 5e-4 else f"{min(trained):.1%}-{max(trained):.1%}"
+        text = f"{names[k]} covers {fractions[k]:.1%} of the image (training {span})"
+        findings.append(_Finding(excess / FRACTION_LOGIT, "class_fraction", text))
+    return findings
+
+
+def _level_findings(image: dict, usable: list[dict], names: list[str], n_channels: int) -> list[_Finding]:
+    findings = []
+    levels = image["class_intensity"]
+    for c in range(n_channels):
+        trained = {}
+        for k in range(len(names)):
+            values = [u["medians"][k][c] for u in usable if u["medians"][k] is not None]
+            if values:
+                trained[k] = (min(values), max(values), float(np.mean(values)))
+        for k, (lo, hi, _) in trained.items():
+            if levels[k] is None:
+                continue
+            median = float(levels[k][c][1])
+            shift = median - min(max(median, lo), hi)
+            if shift == 0.0:
+                findings.append(_Finding(0.0, "class_level", f"{names[k]} pixels inside the training range"))
+                continue
+            edge = lo if shift < 0 else hi
+            ahead = {j: m for j, (_, _, m) in trained.items() if j != k and (m - edge) * shift > 0}
+            channel = f" (channel {c})" if n_channels > 1 else ""
+            span = f"{lo:.2f}" if hi - lo < 5e-3 else f"{lo:.2f}-{hi:.2f}"
+            text = f"{names[k]} pixels{channel} at {median:.2f} (training {span})"
+            if ahead:
+                j = min(ahead, key=lambda j: abs(ahead[j] - edge))
+                gap = max(abs(ahead[j] - edge), GAP_FLOOR)
+                way = abs(shift) / gap
+                term = way / TOWARD
+                text += f", {way:.0%} of the way to {names[j]} ({ahead[j]:.2f})"
+            else:
+                others = [abs(m - edge) for j, (_, _, m) in trained.items() if j != k]
+                gap = max(min(others, default=GAP_FLOOR), GAP_FLOOR)
+                term = abs(shift) / gap / AWAY
+            findings.append(_Finding(term, "class_level", text))
+    return findings
+
+
+def compare(image: dict, training: dict, class_names: Sequence[str] | None = None) -> DomainCheck | None:
+    """Score the :func:`profile` ``image`` (with its class part) against a :func:`training_profile`.
+
+    Returns None when ``training`` holds no usable class statistics for the image's classes and channels (no
+    check is possible: models saved before this check, a trainer that never ran). ``class_names`` name the
+    classes in the reason (default "class 1", "class 2", ...).
+    """
+    if "class_fractions" not in image:
+        raise ValueError("compare needs the profile of a predicted image (with its class probabilities)")
+    n_classes, n_channels = len(image["class_fractions"]), len(image["intensity"])
+    usable = _usable(training, n_classes, n_channels)
+    if not usable:
+        return None
+    names = [str(n) for n in class_names or []]
+    names = names + [f"class {k + 1}" for k in range(len(names), n_classes)] if len(names) < n_classes else names
+    findings = _fraction_findings(image, usable, names) + _level_findings(image, usable, names, n_channels)
+    top: dict[str, _Finding] = {}
+    for f in findings:
+        if f.kind not in top or f.term > top[f.kind].term:
+            top[f.kind] = f
+    terms = {kind: f.term for kind, f in top.items()}
+    score = math.hypot(*terms.values()) if terms else 0.0
+    ranked = sorted(top.values(), key=lambda f: -f.term)
+    shown = [f.text for f in ranked if f.term >= REASON_TERM] or [f.text for f in ranked[:1]]
+    return DomainCheck(float(score), THRESHOLD, score > THRESHOLD, "; ".join(shown), terms, image)
+
+
+def check_prediction(metadata: dict, normalized, probabilities, *, channels: bool = False) -> DomainCheck | None:
+    """The check ``predict.predict_image`` runs on each image: the profile of ``normalized`` (the image as the
+    model's recipe normalized it, channels first when ``channels``) and its ``probabilities`` compared with
+    ``metadata["training_profile"]``. None when the model has no usable training profile (nothing is read then).
+    """
+    training = metadata.get("training_profile") if isinstance(metadata, dict) else None
+    if not isinstance(training, dict) or training.get("version") != PROFILE_VERSION:
+        return None
+    names = metadata.get("class_names") or [f"class {i}" for i in metadata.get("class_ids") or []]
+    return compare(image_profile(normalized, probabilities, channels=channels), training, names)
