@@ -20,7 +20,7 @@ from napari_unet.domain import (
     training_profile,
 )
 from napari_unet.io import load_model, save_model
-from napari_unet.normalization import NormalizedView, normalized_view, percentile_params
+from napari_unet.normalization import NormalizedView, image_params, normalized_view
 from napari_unet.predict import PredictionSettings, predict_image
 from napari_unet.training import train
 
@@ -422,7 +422,7 @@ def test_the_check_reads_the_view_prediction_normalizes(trained):
     _, metadata = trained
     image, _, _ = cells()
     view = normalized_view(image, metadata["normalization"])
-    assert view.params == percentile_params(image, 1.0, 99.8)
+    assert view.params == image_params(image, metadata["normalization"])  # the image's own values
     probabilities = np.stack([np.full(image.shape, 0.3), np.full(image.shape, 0.7)]).astype(np.float32)
     first = check_prediction(metadata, view, probabilities)
     second = check_prediction(metadata, normalized_view(image * 2.0, metadata["normalization"]), probabilities)

@@ -107,8 +107,9 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     a histogram split (Otsu puts its threshold between objects and debris), while an artifact's size does not depend
     on either. Bright artifacts as large as the objects cannot be told from them by intensity and size and are not
     removed. The opening is scikit-image's (``area_opening``), on ``_OPENING_LEVELS`` grey levels for images of more
-    than 8 bits; the percentiles are this module's own, streamed for lazy arrays (a 2D image in bands of rows with
-    ``speck_area`` rows of context, so that each band equals the whole-image opening). Returns
+    than 8 bits (between the image's finite extremes); the percentiles are this module's own, streamed for lazy
+    arrays (a 2D image in bands of rows with ``speck_area`` rows of context, so that each band equals the
+    whole-image opening). Returns
     :func:`percentile_params`'s dict with ``method`` "robust" and ``speck_area``.
     """
     if not (isinstance(speck_area, int) and speck_area >= 0):
@@ -131,59 +132,69 @@ def _channels(image, channel_axis) -> list:
     return [image[before + (c,)] for c in range(image.shape[channel_axis])]
 
 
-def _open_planes(array: np.ndarray, area: int) -> np.ndarray:
+def _open_planes(array: np.ndarray, area: int, extremes: tuple[float, float] | None = None) -> np.ndarray:
     """Area opening of each plane (last two axes) of ``array``: bright components of fewer than ``area`` pixels
-    flattened. Images of more than 8 bits are first mapped linearly to ``_OPENING_LEVELS`` levels between their
-    finite extremes (and back); non-finite pixels become the lowest level, so the percentiles leave them out only
-    as far as they are not finite (a NaN counts as dark)."""
+    flattened. Images of more than 8 bits are first mapped linearly to ``_OPENING_LEVELS`` levels between
+    ``extremes`` (the whole image's finite minimum and maximum, so that every part of an image is quantized alike)
+    and back; non-finite pixels become the lowest level for the opening and keep their value."""
     array = np.asarray(array)
+    if array.ndim < 2 or min(array.shape[-2:]) < 2:
+        return array
     if array.dtype == bool:
         array = array.astype(np.uint8)
-    if array.dtype != np.uint8:
-        values = array.astype(np.float64)
-        finite = np.isfinite(values)
-        if not finite.any():
-            return values
-        lo, hi = values[finite].min(), values[finite].max()
-        step = (hi - lo) / (_OPENING_LEVELS - 1) or 1.0
-        levels = np.where(finite, np.round((values - lo) / step), 0).astype(np.uint16)
-        opened = _area_opening(levels, area).astype(np.float64) * step + lo
-        return np.where(np.isnan(values), np.nan, opened)
-    return _area_opening(array, area)
+    if array.dtype == np.uint8:
+        return _area_opening(array, area)
+    values = array.astype(np.float64)
+    finite = np.isfinite(values)
+    lo, hi = extremes if extremes is not None else _extremes(values)
+    step = (hi - lo) / (_OPENING_LEVELS - 1) or 1.0
+    levels = np.where(finite, np.clip(np.round((values - lo) / step), 0, _OPENING_LEVELS - 1), 0).astype(np.uint16)
+    return np.where(finite, _area_opening(levels, area).astype(np.float64) * step + lo, values)
+
+
+def _extremes(values) -> tuple[float, float]:
+    """The finite minimum and maximum of an array (numpy or lazy, read in slabs); (0, 1) when none is finite."""
+    smallest, largest = math.inf, -math.inf
+    parts = _finite_slabs(values) if is_lazy(values) else [np.asarray(values, np.float64)[np.isfinite(values)]]
+    for finite in parts:
+        if finite.size:
+            smallest, largest = min(smallest, float(finite.min())), max(largest, float(finite.max()))
+    return (smallest, largest) if smallest <= largest else (0.0, 1.0)
 
 
 def _area_opening(array: np.ndarray, area: int) -> np.ndarray:
     from skimage.morphology import area_opening
 
-    planes = array.reshape(-1, *array.shape[-2:]) if array.ndim >= 2 else array[None, None]
+    planes = array.reshape(-1, *array.shape[-2:])
     return np.stack([area_opening(plane, area_threshold=area) for plane in planes]).reshape(array.shape)
 
 
 def _without_specks(channel, area: int):
     """``channel`` with its small bright components flattened: in memory at once, or a lazy view read in slabs."""
+    extremes = None if np.dtype(channel.dtype) in (np.uint8, np.bool_) else _extremes(channel)  # None: not quantized
     if not is_lazy(channel):
-        return _open_planes(channel, area)
-    return _OpenedSlabs(channel, area)
+        return _open_planes(channel, area, extremes)
+    return _OpenedSlabs(channel, area, extremes)
 
 
 class _OpenedSlabs:
     """A lazy array's plane-wise area opening, read along the first axis as :func:`slabs` does: the slices of a
     stack are opened one by one; a 2D image is read in bands of rows with ``area`` rows of context on each side (a
     component of fewer than ``area`` pixels spans fewer rows), so every band equals that part of the whole-image
-    opening. Images of more than 8 bits are quantized per band here, so their upper value may differ from the
-    in-memory one by a fraction of a level."""
+    opening (images of more than 8 bits quantized with the whole image's ``extremes``)."""
 
-    def __init__(self, source, area: int):
-        self.source, self.area = source, area
-        self.shape, self.dtype = tuple(source.shape), np.dtype(source.dtype)
+    def __init__(self, source, area: int, extremes):
+        self.source, self.area, self.extremes = source, area, extremes
+        self.shape = tuple(source.shape)
+        self.dtype = np.dtype(np.uint8) if extremes is None else np.dtype(np.float64)  # what _open_planes gives
         self.ndim = len(self.shape)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         start, stop, _ = key.indices(self.shape[0])
         if self.ndim != 2:
-            return _open_planes(np.asarray(self.source[start:stop]), self.area)
+            return _open_planes(np.asarray(self.source[start:stop]), self.area, self.extremes)
         lo, hi = max(0, start - self.area), min(self.shape[0], stop + self.area)
-        return _open_planes(np.asarray(self.source[lo:hi]), self.area)[start - lo : stop - lo]
+        return _open_planes(np.asarray(self.source[lo:hi]), self.area, self.extremes)[start - lo : stop - lo]
 
 
 def is_lazy(image) -> bool:
