@@ -303,3 +303,41 @@ def test_train_and_predict_rgb_images(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "3 channel(s)" in err and "\n" not in err
+
+
+def test_train_normalization_choice_reaches_the_model(tmp_path):
+    """``--normalization`` picks the recipe stored in the model (robust by default; dataset: fixed values)."""
+    import numpy as np
+
+    from napari_unet.cli import main
+    from napari_unet.io import load_model, write_tiff
+    from napari_unet.normalization import DEFAULT_RECIPE
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((48, 48)) * 200).astype(np.uint8)
+    labels = np.zeros((48, 48), np.uint8)
+    labels[5:8, 5:40], labels[30:33, 5:40] = 1, 2
+    write_tiff(tmp_path / "i.tif", image)
+    write_tiff(tmp_path / "l.tif", labels)
+    common = [
+        "train",
+        "--images",
+        str(tmp_path / "i.tif"),
+        "--labels",
+        str(tmp_path / "l.tif"),
+        "--iterations",
+        "2",
+        "--depth",
+        "1",
+        "--filters",
+        "4",
+        "--patch-size",
+        "16",
+        "--device",
+        "cpu",
+    ]
+    assert main([*common, "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert load_model(tmp_path / "a.safetensors")[1]["normalization"] == DEFAULT_RECIPE
+    assert main([*common, "--out", str(tmp_path / "b.safetensors"), "--normalization", "dataset"]) == 0
+    fixed = load_model(tmp_path / "b.safetensors")[1]["normalization"]
+    assert fixed["method"] == "fixed" and fixed["from"] == "dataset" and len(fixed["high_values"]) == 1

@@ -29,10 +29,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .io import ImageFileError, ModelFileError
+from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from .predict import PredictionSettings, predict_image
 from .refine import AUTO
 
 PROG = "napari-unet"
+
+
+NORMALIZATIONS = {"robust": ROBUST_RECIPE, "percentile": PERCENTILE_RECIPE, "dataset": DATASET_RECIPE}
+"""``napari-unet train --normalization`` choices (``normalization.py``)."""
 
 
 class CLIError(Exception):
@@ -497,6 +502,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="bfloat16 on CPUs that run it natively: 1.5x faster, slightly less accurate on fine structures",
     )
+    parser.add_argument(
+        "--normalization",
+        choices=list(NORMALIZATIONS),
+        default=next(k for k, v in NORMALIZATIONS.items() if v == defaults.normalization),
+        help="intensity scaling of each whole image: robust (1st-99.8th percentiles, bright specks and debris left "
+        "out), percentile (plain percentiles), dataset (one mapping fixed from the training images, for acquisitions "
+        "known to be alike) (default: %(default)s)",
+    )
 
 
 def _read_training_pair(
@@ -575,6 +588,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             seed=args.seed,
             amp=not args.float32,
             cpu_bfloat16=args.cpu_bfloat16,
+            normalization=dict(NORMALIZATIONS[args.normalization]),
             cpu_threads=available_cores(),  # headless: no interface to keep responsive
             **{k: v for k, v in architecture.items() if v is not None},
         )
