@@ -18,6 +18,10 @@ Images larger than memory: :func:`normalized_view` takes a lazy array (anything 
 integer images are computed exactly from a histogram accumulated slab by slab (the same values as
 ``np.percentile`` on the whole image); those of other types (float, 32/64-bit integers) by exact selection
 in a few streaming passes (:func:`_selected_percentiles`), so no image is ever read whole.
+
+Why own code for the streamed percentiles: ``dask.array.percentile`` (and ``da.nanpercentile``) merge per-chunk
+estimates and are not exact, and a NumPy percentile needs the whole image in memory; a prediction of a lazily read
+file must normalize exactly as the same image in memory does (the CLI and the widget must agree bit for bit).
 """
 
 from __future__ import annotations

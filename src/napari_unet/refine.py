@@ -10,6 +10,10 @@ where the image is flat (variance well below ``eps``) they are smoothed. It is l
 probabilities, so the refined class maps still sum to 1 (they are clipped to [0, 1] and
 renormalised afterwards); a structure thinner than the window can be thinned by it.
 
+Why own code: the filter is a few box means (``scipy.ndimage.uniform_filter``); the implementations in libraries
+(OpenCV's ``ximgproc.guidedFilter``, scikit-image has none) filter one whole 2D array with one guide and cannot work
+band by band on a memory-mapped probability map of any size and class count with exactly the whole-array result.
+
 The window therefore has to fit the structures: :func:`auto_radius` (the default, ``radius="auto"``) measures
 the width of the thinnest class's structures in the network's own argmax (pixels across at each skeleton
 point, median) and takes the widest window that covers at most about half of it, ``2 r + 1 <= (width + 1) / 2``,

@@ -11,6 +11,11 @@ reflect-padded image, up to float rounding; no blending is needed and no pixel i
 The planning is pure arithmetic (:func:`mirror_index`, :func:`plan_tiles`); :func:`predict_tiled` runs
 the network over the plan in batches and writes each tile's centre into any array-like ``out``
 (numpy, memmap, zarr), so memory stays bounded by the tile batch.
+
+Why own code: MONAI's ``sliding_window_inference`` assumes an output as large as the input and blends overlapping
+windows, so a valid-padding network's smaller output is not overlap-tile there; torch-em's ``predict_with_halo``
+does block + halo but not the pooling-grid alignment that makes the tiles abut exactly, nor test-time flips per tile;
+the tile arithmetic of a valid U-Net is a few lines that no library exposes (docs/benchmarks.md compares the speed).
 """
 
 from __future__ import annotations
