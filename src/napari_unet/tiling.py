@@ -13,9 +13,9 @@ the network over the plan in batches and writes each tile's centre into any arra
 (numpy, memmap, zarr), so memory stays bounded by the tile batch.
 
 Why own code: MONAI's ``sliding_window_inference`` assumes an output as large as the input and blends overlapping
-windows, so a valid-padding network's smaller output is not overlap-tile there; torch-em's ``predict_with_halo``
-does block + halo but not the pooling-grid alignment that makes the tiles abut exactly, nor test-time flips per tile;
-the tile arithmetic of a valid U-Net is a few lines that no library exposes (docs/benchmarks.md compares the speed).
+windows, so a valid-padding network's smaller output is not overlap-tile there; the tile arithmetic that makes the
+tiles of a valid U-Net abut exactly (legal sizes, the pooling grid, mirroring at the border only, flips per tile)
+is specific to this network and a few lines here (docs/benchmarks.md compares the speed with MONAI's).
 """
 
 from __future__ import annotations
