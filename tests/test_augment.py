@@ -378,7 +378,8 @@ def test_channels_get_their_own_draws_of_the_new_pieces():
 
 
 def test_the_mild_ranges_are_the_settings_defaults():
-    """The settings that drive the Augmenter keep today's values by default, the new pieces off."""
+    """The settings that drive the Augmenter keep the mild ranges by default; of the new pieces only specks are on
+    (chosen by the robustness benchmark, docs/benchmarks.md), the Augmenter's own defaults all off."""
     import inspect
 
     from napari_unet.training_settings import TrainingSettings
@@ -390,7 +391,7 @@ def test_the_mild_ranges_are_the_settings_defaults():
         defaults["gamma_range"],
         defaults["shift_range"],
     )
-    assert settings.illumination == settings.specks == settings.blur == settings.noise == 0.0
+    assert settings.illumination == settings.blur == settings.noise == 0.0 and settings.specks == 0.5
     assert all(defaults[name] == 0.0 for name in NEW_OFF)
 
 
