@@ -84,32 +84,52 @@ def refined(probabilities, guides, foreground: int) -> tuple[list, float, dict]:
     return [p.argmax(0) == foreground for p in probabilities], seconds, {r: radii.count(r) for r in sorted(set(radii))}
 
 
-def random_forest(train_images, strokes, test_images, threads: int) -> dict:
-    """The ilastik-style baseline; also scored after the same edge refinement as napari-unet (``refined_``)."""
-    from functools import partial
-
+def _forest_features(image):
     from skimage.feature import multiscale_basic_features
+
+    return multiscale_basic_features(
+        image.astype(np.float32), intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16
+    )
+
+
+def fit_forest(train_images, strokes, threads: int):
+    """The ilastik-style baseline fitted on the painted pixels: a random forest (100 trees) on multiscale features
+    of the raw intensities."""
     from sklearn.ensemble import RandomForestClassifier
 
-    from napari_unet.normalization import normalize_image
-
-    features = partial(multiscale_basic_features, intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16)
-    start = time.perf_counter()
     xs, ys = [], []
     for image, stroke in zip(train_images, strokes):
-        f = features(image.astype(np.float32))
+        f = _forest_features(image)
         xs.append(f[stroke > 0])
         ys.append(stroke[stroke > 0])
     forest = RandomForestClassifier(n_estimators=100, n_jobs=threads, random_state=0)
-    forest.fit(np.concatenate(xs), np.concatenate(ys))
+    return forest.fit(np.concatenate(xs), np.concatenate(ys))
+
+
+def forest_probabilities(forest, images) -> list:
+    """``(classes, Y, X)`` float32 probabilities of the fitted forest for each image."""
+    out = []
+    for image in images:
+        f = _forest_features(image)
+        out.append(forest.predict_proba(f.reshape(-1, f.shape[-1])).T.reshape(-1, *image.shape).astype(np.float32))
+    return out
+
+
+def forest_foreground(forest) -> int:
+    """The index of the foreground class among the forest's outputs."""
+    return list(forest.classes_).index(PAINTED[1])
+
+
+def random_forest(train_images, strokes, test_images, threads: int) -> dict:
+    """The ilastik-style baseline; also scored after the same edge refinement as napari-unet (``refined_``)."""
+    from napari_unet.normalization import normalize_image
+
+    start = time.perf_counter()
+    forest = fit_forest(train_images, strokes, threads)
     train_time = time.perf_counter() - start
     start = time.perf_counter()
-    probabilities = []
-    for image in test_images:
-        f = features(image.astype(np.float32))
-        p = forest.predict_proba(f.reshape(-1, f.shape[-1])).T.reshape(-1, *image.shape)
-        probabilities.append(p.astype(np.float32))
-    foreground = list(forest.classes_).index(PAINTED[1])
+    probabilities = forest_probabilities(forest, test_images)
+    foreground = forest_foreground(forest)
     result = {
         "train_s": train_time,
         "predict_s": time.perf_counter() - start,
