@@ -322,7 +322,7 @@ class UNetWidget(QWidget):
         self.status_label.setText(self.last_error)
 
     def _on_finished(self) -> None:
-        if self._run is not None:
+        if self._task == "train" and self._run is not None:  # a prediction or export has no run to end
             self._run.end()
         if self._pbar is not None:
             self._pbar.close()
