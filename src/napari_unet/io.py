@@ -129,107 +129,42 @@ def save_model(model, path, metadata=None) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-_FOREIGN_SIGNATURES = (
-    (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth file?)"),
-    *((b"\x80" + bytes([protocol]), "a Python pickle (a PyTorch .pt/.pth file?)") for protocol in range(2, 6)),
-    (b"\x89HDF", "an HDF5 file (a Keras .h5 model?)"),
-)
-
-
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    """A safetensors file starts with its JSON header's length (u64, little-endian) and then ``{``.
-
-    That length can begin with any byte, 0x80 included, so a signature alone does not tell a pickle apart.
-    """
-    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
-
-
 def load_model(path, device="cpu"):
     """Load a model saved by :func:`save_model`; returns ``(model, metadata)``.
 
-    The model is rebuilt with ``UNet(**metadata["config"])``, its weights are loaded strictly,
-    and it is moved to ``device`` (a name for :func:`napari_unet.devices.resolve_device` or a
-    ``torch.device``) in eval mode. Raises :class:`ModelFileError` for a missing file,
-    a file that is not a napari-unet safetensors file (pickles are never unpickled), a
-    truncated or corrupt file, or weights that do not match the stored architecture.
+    Everything in the file is checked before anything is allocated for it (:mod:`napari_unet.model_file_checks`:
+    the path is a regular file, the header is bounded and well-formed, the metadata's architecture, class ids,
+    names and normalization recipe are valid, the weights it implies are within bounds and are exactly the tensors
+    the file holds); then the weights are read, must be finite, and become the model's (rebuilt from
+    ``metadata["config"]``), moved to ``device`` (a name for :func:`napari_unet.devices.resolve_device` or a
+    ``torch.device``) in eval mode. Every problem is a :class:`ModelFileError`: a missing file, a folder, a pipe or
+    device, a file that is not a napari-unet safetensors file (pickles are never unpickled), a truncated or corrupt
+    file, metadata out of range, weights that do not match the stored architecture or are not finite.
     """
     from safetensors import SafetensorError, safe_open
 
+    from .devices import resolve_device
+    from .model_file_checks import check_finite, check_tensor_table, checked_record, expected_model, read_header
+
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelFileError(f"model path is a folder, not a file: {path}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError as e:
-        raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
-    for signature, kind in _FOREIGN_SIGNATURES:
-        if head.startswith(signature) and not _looks_like_safetensors(head, size):
-            raise ModelFileError(
-                f"{path} is {kind}, not a napari-unet .safetensors model; refused without loading it "
-                "(pickle-based files can run code when loaded)"
-            )
+    header, data_size = read_header(path)
+    record = checked_record(path, header)
+    model = expected_model(path, record["config"])
+    check_tensor_table(path, header, model, data_size)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            if raw is None:
-                raise ModelFileError(
-                    f"{path} is a safetensors file without napari-unet metadata (not saved by napari-unet)"
-                )
             state = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise ModelFileError(f"{path} is not a valid safetensors model file (corrupt or truncated?): {e}") from None
     except OSError as e:
         raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
-    record = _parse_record(path, raw)
-    return _build_model(path, record, state, device), record
-
-
-def _parse_record(path: Path, raw: str) -> dict:
+    check_finite(path, state)
     try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path} has corrupt napari-unet metadata: {e}") from None
-    if (
-        not isinstance(record, dict)
-        or record.get("format") != FORMAT_NAME
-        or not isinstance(record.get("config"), dict)
-    ):
-        raise ModelFileError(f"{path} has no valid napari-unet metadata (missing format or config)")
-    version = record.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path} uses model format version {version!r}; this napari-unet reads up to {FORMAT_VERSION} "
-            "(upgrade napari-unet)"
-        )
-    n_classes = record["config"].get("n_classes")
-    class_ids = record.get("class_ids")
-    if (
-        not isinstance(class_ids, list)
-        or len(class_ids) != n_classes
-        or not all(isinstance(i, int) and i > 0 for i in class_ids)
-    ):
-        raise ModelFileError(f"{path} has invalid class_ids {class_ids!r} for {n_classes} classes")
-    return record
-
-
-def _build_model(path: Path, record: dict, state: dict, device):
-    from .devices import resolve_device
-    from .model import UNet
-
-    try:
-        model = UNet(**record["config"])
-    except (TypeError, ValueError) as e:
-        raise ModelFileError(f"{path} describes an architecture this napari-unet cannot build: {e}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+        model.load_state_dict(state, strict=True, assign=True)  # the meta tensors become the file's
+    except RuntimeError as e:  # the file changed since its header was checked
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
         raise ModelFileError(f"{path}: weights do not match the stored architecture ({first_line})") from None
-    return model.to(resolve_device(device)).eval()
+    return model.to(resolve_device(device)).eval(), record
 
 
 # --------------------------------------------------------------------------------------

@@ -170,7 +170,10 @@ class UNet(nn.Module):
 
     def _he_init(self):
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            # On the meta device (shapes only: io.load_model's checks) there is nothing to initialise, and torch's
+            # meta normal_ would import its reference implementations (seconds).
+            convolution = isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+            if convolution and not module.weight.is_meta:
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
 
