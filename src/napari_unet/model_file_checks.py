@@ -147,16 +147,17 @@ def checked_record(path: Path, header: dict) -> dict:
         record = _json(raw) if isinstance(raw, str) else None
     except ValueError as e:
         raise ModelFileError(f"{path} has corrupt napari-unet metadata: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME or not isinstance(record["config"], dict):
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict) or record.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path} has no valid napari-unet metadata (missing format or config)")
     version = record.get("format_version")
     if not _is_int(version) or version > FORMAT_VERSION:
         raise ModelFileError(
-            f"{path} uses model format version {version!r}; this napari-unet reads up to {FORMAT_VERSION} "
+            f"{path} uses model format version {_short(version)}; this napari-unet reads up to {FORMAT_VERSION} "
             "(upgrade napari-unet)"
         )
     try:
-        record["config"] = config = _checked_config(record["config"])
+        record["config"] = config = _checked_config(config)
     except ValueError as e:
         raise ModelFileError(f"{path} describes an architecture this napari-unet cannot build: {e}") from None
     n_classes = config["n_classes"]

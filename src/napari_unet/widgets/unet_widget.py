@@ -165,7 +165,7 @@ class UNetWidget(QWidget):
 
         try:
             model, metadata = load_model(path)
-        except (OSError, ValueError) as e:  # ModelFileError is a ValueError
+        except Exception as e:  # ModelFileError for a bad file; whatever else goes wrong: the current model stays
             show_error(f"U-Net: cannot load {path}: {e}")
             return
         self.set_model(model, metadata, Path(path).name)
