@@ -465,7 +465,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--time-budget",
-        type=float,
+        type=_positive_float,
         metavar="SECONDS",
         help=f"training time (default {defaults.time_budget:g} s unless --iterations)",
     )
@@ -621,6 +621,10 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+            if event.done and event.reason == "not_finite":
+                if event.iteration == 0:
+                    raise CLIError(f"{event.message}: {args.out} not written")
+                _warn(event.message)
     except KeyboardInterrupt:
         events.close()
         print(
@@ -649,7 +653,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--time-budget",
-        type=float,
+        type=_positive_float,
         default=defaults.time_budget,
         metavar="SECONDS",
         help=f"training time (default {defaults.time_budget:g})",

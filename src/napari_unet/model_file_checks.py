@@ -11,8 +11,8 @@ before it decides what gets allocated or run, and every problem is one :class:`~
   refused without being parsed;
 - the napari-unet record: format and version, every argument of the architecture ``config`` (:class:`UNet`'s
   signature: types and :data:`CONFIG_LIMITS`), ``class_ids`` (one per class, unique integers from 1 to
-  :data:`MAX_CLASS_ID`), ``class_names``, the ``normalization`` recipe (:mod:`napari_unet.normalization`'s methods
-  and their values) and the ``training`` record's shape;
+  :data:`MAX_CLASS_ID`), ``class_names``, the ``normalization`` recipe (``normalization.check_recipe``) and the
+  ``training`` record's shape;
 - the weights the config implies: their names, shapes and dtypes come from the network built on torch's ``meta``
   device (no memory), their number must stay under :data:`MAX_PARAMETERS` and their bytes under
   :data:`MEMORY_FRACTION` of the memory available, and the file's tensor table must list exactly those;
@@ -36,7 +36,7 @@ import torch
 
 from .io import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ModelFileError
 from .model import BLOCKS, UNet
-from .normalization import METHODS
+from .normalization import check_recipe
 
 MAX_HEADER_BYTES = 16 << 20
 """Largest safetensors header read (tensor table + metadata record); napari-unet writes a few to a few hundred kB."""
@@ -48,8 +48,6 @@ MAX_CLASS_ID = 2**32 - 1
 """Largest painted class id (napari's uint32 labels)."""
 MAX_CLASS_NAME = 1000
 """Longest class name, in characters."""
-MAX_SPECK_AREA = 1 << 20
-"""Largest ``speck_area`` (pixels) of a "robust" or "dataset" recipe."""
 CONFIG_LIMITS = {
     "in_channels": (1, 4096),
     "n_classes": (1, 65536),
@@ -222,30 +220,6 @@ def _checked_config(config: dict) -> dict:
     if config["block"] not in BLOCKS:
         raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {_short(config['block'])}")
     return config
-
-
-def check_recipe(recipe, in_channels: int) -> None:
-    """ValueError unless ``recipe`` is a normalization recipe (:mod:`napari_unet.normalization`) for a model of
-    ``in_channels`` channels: a known method; percentiles ``0 <= low < high <= 100``; an integer ``speck_area``
-    from 0 to :data:`MAX_SPECK_AREA`; for "fixed", finite ``low_values``/``high_values``, one per channel."""
-    if not isinstance(recipe, dict):
-        raise ValueError(f"not an object: {_short(recipe)}")
-    method = recipe.get("method", "percentile")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {_short(method)}; expected one of {METHODS}")
-    if method == "none":
-        return
-    low, high = recipe.get("low", 1.0), recipe.get("high", 99.8)
-    if not (_is_number(low) and _is_number(high) and 0.0 <= low < high <= 100.0):
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={_short(low)}, high={_short(high)}")
-    area = recipe.get("speck_area", 0)
-    if not (_is_int(area) and 0 <= area <= MAX_SPECK_AREA):
-        raise ValueError(f"speck_area must be an integer from 0 to {MAX_SPECK_AREA}, got {_short(area)}")
-    if method == "fixed":
-        for key in ("low_values", "high_values"):
-            values = recipe.get(key)
-            if not (isinstance(values, list) and len(values) == in_channels and all(map(_is_number, values))):
-                raise ValueError(f"{key} must be {in_channels} finite number(s), got {_short(values)}")
 
 
 def expected_model(path: Path, config: dict) -> UNet:

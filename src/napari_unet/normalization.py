@@ -45,6 +45,8 @@ DEFAULT_RECIPE = ROBUST_RECIPE
 EMPTIED_FRACTION = 0.15
 """When leaving out the small components takes the upper value below this fraction of the plain percentile range,
 the image's objects themselves are that small (spots): the "robust" method then keeps the plain percentile."""
+MAX_SPECK_AREA = 1 << 20
+"""Largest ``speck_area`` (pixels) a recipe may ask for (:func:`check_recipe`)."""
 _OPENING_LEVELS = 1024
 """Grey levels of the image the area opening sees when it has more than 8 bits (its cost grows with the levels)."""
 
@@ -475,3 +477,43 @@ def normalized_view(image, recipe: dict | None = None, channel_axis=None) -> Nor
     """:func:`normalize_image` for images larger than memory: the parameters are computed now (streaming
     for 8/16-bit integers), the normalization when a part of the returned view is read."""
     return NormalizedView(image, image_params(image, recipe, channel_axis))
+
+
+def check_recipe(recipe, channels: int | None = None) -> None:
+    """ValueError unless ``recipe`` is a normalization recipe this module applies: a known method, percentiles
+    ``0 <= low < high <= 100``, an integer ``speck_area`` from 0 to :data:`MAX_SPECK_AREA`, and for "fixed" finite
+    ``low_values``/``high_values`` (one per channel when ``channels`` is given). For recipes from outside (a model
+    file, settings): checked before any image is read."""
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(recipe, dict):
+        raise ValueError(f"a normalization recipe is an object (dict), got {_brief(recipe)}")
+    method = recipe.get("method", "percentile")
+    if method not in METHODS:
+        raise ValueError(f"unknown normalization method {_brief(method)}; expected one of {METHODS}")
+    if method == "none":
+        return
+    low, high = recipe.get("low", DEFAULT_RECIPE["low"]), recipe.get("high", DEFAULT_RECIPE["high"])
+    if not (number(low) and number(high) and 0.0 <= low < high <= 100.0):
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={_brief(low)}, high={_brief(high)}")
+    area = recipe.get("speck_area", SPECK_AREA)
+    if not (isinstance(area, int) and not isinstance(area, bool) and 0 <= area <= MAX_SPECK_AREA):
+        raise ValueError(f"speck_area must be an integer from 0 to {MAX_SPECK_AREA} (pixels), got {_brief(area)}")
+    if method == "fixed":
+        for key in ("low_values", "high_values"):
+            values = recipe.get(key)
+            if not (
+                isinstance(values, list)
+                and values
+                and (channels is None or len(values) == channels)
+                and all(map(number, values))
+            ):
+                count = "" if channels is None else f"{channels} "
+                raise ValueError(f"{key} of a fixed recipe must be {count}finite number(s), got {_brief(values)}")
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."

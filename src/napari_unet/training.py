@@ -23,7 +23,7 @@ API
     is a ``ValueError``.
 ``trainer.run()``
     A generator of ``TrainingEvent`` (one per iteration, then a last one with ``done=True`` and a
-    ``reason``: "iterations", "time_budget", "plateau" or "stopped"). Closing the generator, or
+    ``reason``: "iterations", "time_budget", "plateau", "stopped" or "not_finite"). Closing the generator, or
     ``trainer.request_stop()`` from any thread, ends training within one iteration; either way the
     model is left usable in eval mode on the CPU and GPU memory is released.
 ``trainer.update_labels(index, labels)``
@@ -39,6 +39,15 @@ API
 ``train(images, labels, settings=None, *, init=None, class_names=None, channel_axis=None, callback=None,
 **overrides)``
     Runs a ``Trainer`` to completion and returns it.
+
+Non-finite training
+-------------------
+A step whose loss, or whose weights after the optimizer step, hold a NaN or an infinity (a learning rate far too
+high, images with extreme values under a "none" recipe) is undone exactly (the model's tensors before each step are
+kept in buffers allocated once, on the training device: one more copy of the weights, a copy and a sum per step)
+and ends the run with reason "not_finite" and a ``message`` saying so; the weight average only ever takes the
+steps that were kept, so no NaN reaches the model the run leaves, its snapshots or a file saved from it. Images
+with NaN or infinite pixels need no refusal: normalization sets those pixels to 0 (``normalization.py``).
 
 Normalization
 -------------
@@ -107,7 +116,10 @@ class TrainingEvent:
     done: bool = False
     reason: str | None = None
     """Why training ended, on the final event: "iterations" or "time_budget" (that budget is spent), "plateau"
-    (``patience`` iterations without improvement) or "stopped" (``request_stop`` or the generator closed)."""
+    (``patience`` iterations without improvement), "stopped" (``request_stop`` or the generator closed) or
+    "not_finite" (the loss or the weights became NaN or infinite: that step was undone)."""
+    message: str | None = None
+    """On a final event whose reason needs explaining ("not_finite"): what happened and what the model keeps."""
 
 
 @dataclass
@@ -122,6 +134,8 @@ class _RunState:
     loss: float = math.nan
     data_time: float = 0.0
     reason: str | None = "stopped"
+    message: str | None = None
+    """The final event's ``message``."""
     smoothed: float | None = None
     """Exponential moving average of the loss (factor 0.95)."""
     best: float = math.inf
@@ -288,6 +302,44 @@ def _running_mean(averaged: list[torch.Tensor], current: list[torch.Tensor], cou
             mean += (value - mean) / n
         else:
             mean.copy_(value)
+
+
+class _LastGood:
+    """The state of a model before the step being taken (its tensors copied into buffers allocated once, on its
+    device), to undo a step whose loss or weights are not finite exactly, batch-norm statistics included."""
+
+    def __init__(self, model: UNet):
+        self._tensors = list(model.state_dict().values())  # share the model's storage
+        self._saved = [t.clone() for t in self._tensors]
+        self._floating = [t for t in self._tensors if t.is_floating_point()]
+
+    def keep(self) -> None:
+        """Remember the model's state now (before a step)."""
+        for saved, tensor in zip(self._saved, self._tensors):
+            saved.copy_(tensor)
+
+    def restore(self) -> None:
+        """Put back the state :meth:`keep` remembered."""
+        for saved, tensor in zip(self._saved, self._tensors):
+            tensor.copy_(saved)
+
+    def problem(self, loss: torch.Tensor) -> str | None:
+        """What is not finite after a step, "loss" or "weights" (a NaN or infinity anywhere in the weights and
+        buffers; a sum per tensor, so weights whose sum overflows float32 count too), or None; one device sync."""
+        finite = torch.stack([loss.detach().float().reshape(()), *(t.sum() for t in self._floating)]).isfinite()
+        if bool(finite.all()):
+            return None
+        return "weights" if bool(finite[0]) else "loss"
+
+
+def _not_finite_message(iteration: int, what: str, learning_rate: float) -> str:
+    kept = "nothing was learned"
+    if iteration > 1:
+        kept = f"the model keeps what the {iteration - 1} iteration(s) before it learned"
+    return (
+        f"training stopped at iteration {iteration}: the {what} became NaN or infinite (learning rate "
+        f"{learning_rate:.3g} too high, or images with extreme values?); {kept}"
+    )
 
 
 class Trainer:
@@ -618,6 +670,7 @@ class Trainer:
             state.learning_rate,
             True,
             state.reason,
+            state.message,
         )
 
     def _loop(self, device: torch.device, dtype: torch.dtype | None, state: _RunState) -> Iterator[TrainingEvent]:
@@ -626,6 +679,7 @@ class Trainer:
         model = self.model.to(device, memory_format=self._memory_format).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = self._class_weights.to(device)
+        last_good = _LastGood(model)
         # Sampling and augmentation run on a thread, a batch ahead of the step (prefetch.py).
         with Prefetcher(self._numpy_batch, depth=1, name="napari-unet training batches") as batches:
             while True:
@@ -642,9 +696,12 @@ class Trainer:
                     weights = batch.class_weights.to(device)
                 tensors = self._to_device(batch, device)
                 state.data_time += time.perf_counter() - tick
-                loss = self._step(model, optimizer, scaler, dtype, tensors, weights, state)
+                loss = self._step(model, optimizer, scaler, dtype, tensors, weights, state, last_good)
+                if isinstance(loss, str):  # what was not finite; the step is undone
+                    state.reason, state.message = "not_finite", _not_finite_message(state.iteration + 1, loss, lr)
+                    return
                 state.iteration = self.iteration = state.iteration + 1
-                state.add_loss(float(loss.detach()))
+                state.add_loss(loss)
                 yield TrainingEvent(state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, lr)
 
     def _stop_reason(self, state: _RunState, elapsed: float) -> str | None:
@@ -669,13 +726,16 @@ class Trainer:
         tensors: tuple,
         weights: torch.Tensor,
         state: _RunState,
-    ) -> torch.Tensor:
+        last_good: _LastGood,
+    ) -> float | str:
         """One optimizer step on the device tensors ``(x, y, border weights)``, and the weight average once the
         averaging window has begun; under the lock, so snapshots and saves never see half-updated weights.
-        Returns the loss."""
+        Returns the loss, or, for a step whose loss or weights are not finite, undone (``last_good``) before the
+        average sees it, what was not finite ("loss" or "weights")."""
         s = self.settings
         x, y, w = tensors
         with self._lock:
+            last_good.keep()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
@@ -687,12 +747,16 @@ class Trainer:
             else:
                 loss.backward()
                 optimizer.step()
+            problem = last_good.problem(loss)
+            if problem is not None:
+                last_good.restore()
+                return problem
             spent = self._progress(state.iteration + 1, state.elapsed())
             if s.weight_averaging and spent > 1 - s.weight_averaging:
                 if self._average is None:
                     self._average = AveragedModel(model, use_buffers=True, multi_avg_fn=_running_mean)
                 self._average.update_parameters(model)
-        return loss
+        return float(loss.detach())
 
     def _finish(self, device: torch.device, previous_threads: int, state: _RunState) -> None:
         with self._lock:

@@ -7,10 +7,11 @@ Fields with a ``"label"`` in their metadata appear in the widget's forms (``widg
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
-from .normalization import DATASET_RECIPE, DEFAULT_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
+from .normalization import DATASET_RECIPE, DEFAULT_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE, check_recipe
 
 
 @dataclass
@@ -171,26 +172,84 @@ class TrainingSettings:
     (docs/benchmarks.md), so off by default."""
 
     def __post_init__(self):
-        if self.ndim not in (2, 3):
-            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
+        """Every value checked up front (types, finite, in range): a ValueError naming the field, before any data
+        is read or any network built."""
+        if self.ndim not in (2, 3) or isinstance(self.ndim, bool):
+            raise ValueError(f"ndim must be 2 or 3, got {self.ndim!r}")
         if self.iterations is None and self.time_budget is None:
             raise ValueError("set iterations, time_budget or both")
-        if self.iterations is not None and self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time_budget must be positive, got {self.time_budget}")
-        if not 0.0 <= self.weight_averaging < 1.0:
-            raise ValueError(f"weight_averaging is a fraction of the budget in [0, 1), got {self.weight_averaging}")
-        if self.zoom < 0:
-            raise ValueError(f"zoom is a log-magnification range, at least 0, got {self.zoom}")
-        if not 0.0 <= self.paste_mix <= 1.0:
-            raise ValueError(f"paste_mix is a probability, got {self.paste_mix}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        for name, top, what in _INTENSITY_AUGMENTATION:
+        for name, low, high in _INTEGERS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= top:
+            if value is None and name in _OPTIONAL:
+                continue
+            if not _is_int(value) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+        if self.time_budget is not None and not (_is_number(self.time_budget) and self.time_budget > 0):
+            raise ValueError(f"time_budget must be a finite number of seconds greater than 0, got {self.time_budget!r}")
+        if not (_is_number(self.learning_rate) and 0.0 < self.learning_rate <= MAX_LEARNING_RATE):
+            raise ValueError(
+                f"learning_rate must be a finite number in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate!r}"
+            )
+        if not (_is_number(self.weight_averaging) and 0.0 <= self.weight_averaging < 1.0):
+            raise ValueError(f"weight_averaging is a fraction of the budget in [0, 1), got {self.weight_averaging!r}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        sizes = self.patch_size if isinstance(self.patch_size, (tuple, list)) else [self.patch_size] * self.ndim
+        if not (len(sizes) == self.ndim and all(_is_int(n) and 1 <= n <= MAX_PATCH_SIZE for n in sizes)):
+            raise ValueError(
+                f"patch_size must be an integer from 1 to {MAX_PATCH_SIZE}, or {self.ndim} of them, "
+                f"got {self.patch_size!r}"
+            )
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, top, what in _FRACTIONS + _INTENSITY_AUGMENTATION:
+            value = getattr(self, name)
+            if not (_is_number(value) and 0.0 <= value <= top):
                 raise ValueError(f"{name} is {what} in [0, {top:g}], got {value!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a name such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_recipe(self.normalization)
+
+
+MAX_LEARNING_RATE = 1.0
+"""Largest peak learning rate accepted (Adam; the default is 2e-3)."""
+MAX_PATCH_SIZE = 4096
+"""Largest output tile size per axis accepted."""
+BLOCKS = ("plain", "residual", "vgg")
+"""``model.BLOCKS``' names (not imported: that module imports torch)."""
+_INTEGERS = (
+    ("depth", 1, 8),
+    ("base_filters", 1, 4096),
+    ("batch_size", 1, 65536),
+    ("iterations", 1, 2**63 - 1),
+    ("patience", 1, 2**63 - 1),
+    ("seed", 0, 2**64 - 1),
+    ("cpu_threads", 1, 65536),
+)
+"""Integer fields with their inclusive ranges."""
+_OPTIONAL = {"iterations", "patience", "seed", "cpu_threads"}
+"""Integer fields that may be None."""
+_SWITCHES = ("batch_norm", "flips", "rotations", "elastic", "intensity", "border_weight", "amp", "cpu_bfloat16")
+_FRACTIONS = (
+    ("zoom", 1.0, "a log-magnification range"),
+    ("paste_mix", 1.0, "a probability"),
+    ("class_balance", 1.0, "a class weight power"),
+    ("class_sampling", 1.0, "a sampling power"),
+    ("dice_weight", 100.0, "a loss weight"),
+)
+"""Other real fields with their largest value."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (not a bool): NaN and infinities are refused."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _INTENSITY_AUGMENTATION = (
@@ -202,4 +261,4 @@ _INTENSITY_AUGMENTATION = (
     ("blur", 1.0, "a probability"),
     ("noise", 1.0, "a noise level in normalized units"),
 )
-"""The intensity augmentation fields with their largest value (NaN and infinities are out of range)."""
+"""The intensity augmentation fields with their largest value."""

@@ -418,6 +418,8 @@ class UNetWidget(QWidget):
                 f"Training ended ({event.reason}) after {event.iteration} iterations, "
                 f"{event.elapsed:.1f} s; loss {event.loss:.4f}"
             )
+            if event.message:  # e.g. the loss became NaN: what the model keeps
+                show_warning(f"U-Net: {event.message}")
             return
         self.loss_plot.add(event.iteration, event.loss)
         now = time.monotonic()
