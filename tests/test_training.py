@@ -393,11 +393,53 @@ def test_border_weight_runs_in_2d():
         ("weight_averaging", 1.0, "weight_averaging"),
         ("batch_size", 0, "batch_size"),
         ("ndim", 4, "ndim"),
+        ("ndim", True, "ndim"),
+        ("learning_rate", float("nan"), "learning_rate must be a finite number"),
+        ("learning_rate", float("inf"), "learning_rate"),
+        ("learning_rate", 0.0, "learning_rate"),
+        ("learning_rate", 2.0, "learning_rate"),
+        ("learning_rate", "1e-3", "learning_rate"),
+        ("time_budget", float("nan"), "time_budget must be a finite number"),
+        ("time_budget", float("inf"), "time_budget"),
+        ("time_budget", 0, "time_budget"),
+        ("iterations", 0, "iterations must be an integer from 1"),
+        ("iterations", 2.5, "iterations"),
+        ("iterations", True, "iterations"),
+        ("depth", 0, "depth"),
+        ("depth", 9, "depth"),
+        ("base_filters", 0, "base_filters"),
+        ("patch_size", 0, "patch_size"),
+        ("patch_size", (16,), "patch_size"),
+        ("patch_size", "16", "patch_size"),
+        ("patience", 0, "patience"),
+        ("seed", -1, "seed"),
+        ("cpu_threads", 0, "cpu_threads"),
+        ("dropout", float("nan"), "dropout"),
+        ("dropout", 1.0, "dropout"),
+        ("block", "magic", "block"),
+        ("weight_averaging", float("nan"), "weight_averaging"),
+        ("zoom", float("nan"), "zoom"),
+        ("zoom", 5.0, "zoom"),
+        ("class_balance", float("inf"), "class_balance"),
+        ("class_sampling", -1.0, "class_sampling"),
+        ("dice_weight", float("nan"), "dice_weight"),
+        ("flips", "yes", "flips"),
+        ("amp", 1, "amp"),
+        ("normalization", {"method": "magic"}, "unknown normalization method"),
+        ("normalization", {"method": "robust", "low": float("nan")}, "percentiles"),
+        ("normalization", {"method": "fixed", "low_values": [0.0], "high_values": [float("inf")]}, "high_values"),
+        ("device", None, "device"),
     ],
 )
 def test_invalid_settings_are_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
-        _settings(iterations=1, **{field: value})
+        _settings(**{"iterations": 1, field: value})
+
+
+def test_valid_settings_of_every_kind_are_accepted():
+    settings = _settings(iterations=None, time_budget=0.5, patch_size=(16, 24), patience=3, seed=None, learning_rate=1)
+    assert settings.patch_size == (16, 24) and settings.learning_rate == 1
+    assert _settings(iterations=np.int64(5), seed=np.int64(2), normalization={"method": "none"}).iterations == 5
 
 
 def _colours(shape=(48, 48), seed=0):

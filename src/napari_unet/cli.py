@@ -490,6 +490,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=_positive_int, metavar="N", help=f"tiles per iteration (default {defaults.batch_size})"
     )
+    parser.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        metavar="LR",
+        help=f"peak Adam learning rate (default {defaults.learning_rate:g})",
+    )
     parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
     parser.add_argument(
         "--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)"
@@ -572,6 +578,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         "base_filters": args.filters,
         "patch_size": args.patch_size,
         "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
     }
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
