@@ -660,7 +660,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--time-budget",
-        type=_positive_float,
+        type=float,
         default=defaults.time_budget,
         metavar="SECONDS",
         help=f"training time (default {defaults.time_budget:g})",
@@ -681,8 +681,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _prepare_output_folder(args.out)
-    if args.time_budget <= 0:
-        raise CLIError(f"--time-budget must be positive, got {args.time_budget:g}")
+    if not 0 < args.time_budget < float("inf"):  # also NaN
+        raise CLIError(f"--time-budget must be a finite number greater than 0, got {args.time_budget:g}")
     try:
         run_demo(args.time_budget, args.out, device=args.device, seed=args.seed)
     except ValueError as e:

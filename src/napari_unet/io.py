@@ -153,7 +153,9 @@ def load_model(path, device="cpu"):
     check_tensor_table(path, header, model, data_size)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {name: f.get_tensor(name) for name in f.keys()}
+            # Copies: safetensors' tensors are views of a memory map of the file, which writing over the file in
+            # place (``cp new.safetensors model.safetensors``) would pull from under the model.
+            state = {name: f.get_tensor(name).clone() for name in f.keys()}
     except SafetensorError as e:
         raise ModelFileError(f"{path} is not a valid safetensors model file (corrupt or truncated?): {e}") from None
     except OSError as e:

@@ -71,6 +71,10 @@ def _corrupt(path: Path, detail: str) -> ModelFileError:
     return ModelFileError(f"{path} is not a valid safetensors model file (corrupt or truncated?): {detail}")
 
 
+def _not_regular(path: Path) -> ModelFileError:
+    return ModelFileError(f"{path} is not a regular file (a pipe, device or socket): refused")
+
+
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
     """A safetensors file starts with its JSON header's length (u64, little-endian) and then ``{``.
 
@@ -98,6 +102,8 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
     if stat.S_ISDIR(mode):
         raise ModelFileError(f"model path is a folder, not a file: {path}")
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)  # non-blocking: a FIFO swapped in after the stat does not wait for a writer
@@ -105,8 +111,8 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ModelFileError(f"{path} is not a regular file (a pipe, device or socket): refused")
+        if not stat.S_ISREG(info.st_mode):  # swapped in since the stat
+            raise _not_regular(path)
         size = info.st_size
         try:
             head = f.read(9)
@@ -293,7 +299,9 @@ def check_tensor_table(path: Path, header: dict, model: UNet, data_size: int) ->
 def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
     """:class:`ModelFileError` naming the first floating-point tensor of ``state`` that holds a NaN or infinity."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if not all(bool(torch.isfinite(extreme)) for extreme in torch.aminmax(tensor)):  # NaN: both are NaN
             raise ModelFileError(
                 f"{path}: weights are not finite (NaN or infinity in {name}); refused (saved from a training that "
                 "diverged?)"
