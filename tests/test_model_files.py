@@ -288,3 +288,29 @@ def test_widget_load_keeps_the_current_model_whatever_goes_wrong(make_napari_vie
         assert "out of memory" in errors[-1]
     finally:
         widget.shutdown()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="in-place truncation of a mapped file: SIGBUS on Linux")
+def test_a_loaded_model_owns_its_weights(tmp_path):
+    """Writing over the file in place after loading (``cp other.safetensors model.safetensors``) leaves the loaded
+    model intact: its weights are not views of a memory map of the file (which would die of SIGBUS)."""
+    script = textwrap.dedent(
+        """
+        import os, sys, torch
+        from napari_unet.io import load_model, save_model
+        from napari_unet.model import UNet
+        path = save_model(UNet(depth=2, base_filters=8), sys.argv[1] + "/m.safetensors")
+        model, _ = load_model(path)
+        expected = float(sum(p.detach().double().sum() for p in model.parameters()))
+        os.truncate(path, 16)
+        with open(path, "r+b") as f:
+            f.write(b"\\0" * 16)
+        print(float(sum(p.detach().double().sum() for p in model.parameters())) == expected)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "True"
