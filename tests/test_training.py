@@ -494,3 +494,13 @@ def test_multi_channel_stacks_and_volumes_keep_channels_first():
 def test_multi_channel_mistakes_are_clear_errors(images, labels, channel_axis, message):
     with pytest.raises(ValueError, match=message):
         Trainer(images, labels, _settings(iterations=1), channel_axis=channel_axis)
+
+
+def test_targets_follow_the_class_order_of_the_model_file_also_when_unsorted():
+    from napari_unet.training import targets_from_labels
+
+    labels = np.array([[0, 7, 2], [5, 2, 7]])
+    assert targets_from_labels(labels, [7, 2, 5]).tolist() == [[-1, 0, 1], [2, 1, 0]]
+    assert targets_from_labels(labels, [2, 5, 7]).tolist() == [[-1, 2, 0], [1, 0, 2]]
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        targets_from_labels(labels, [7, 2])

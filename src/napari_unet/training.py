@@ -205,17 +205,19 @@ def painted_ids(labels: Sequence[np.ndarray]) -> list[int]:
 
 
 def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
-    """Map user ids to class indices 0..K-1 (int16), unpainted (0) to -1. Unknown ids are a ValueError."""
+    """Map user ids to class indices 0..K-1 (int16; ``class_ids[k]`` -> ``k``, in whatever order the ids come, as
+    a model file may list them), unpainted (0) to -1. Unknown ids are a ValueError."""
     ids = np.asarray(class_ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    ascending = ids[order]
     flat = labels.astype(np.int64, copy=False)
-    index = np.searchsorted(ids, flat)
-    index = np.clip(index, 0, len(ids) - 1)
-    known = ids[index] == flat
+    index = np.clip(np.searchsorted(ascending, flat), 0, len(ids) - 1)
+    known = ascending[index] == flat
     unknown = ~known & (flat != 0)
     if unknown.any():
         extra = sorted(int(v) for v in np.unique(flat[unknown]))
         raise ValueError(f"labels hold class ids {extra} that the model does not know (it has {list(ids)})")
-    return np.where(known, index, -1).astype(np.int16)
+    return np.where(known, order[index], -1).astype(np.int16)
 
 
 def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None):
