@@ -278,7 +278,13 @@ class UNetWidget(QWidget):
     def _set_busy(self, task: str | None) -> None:
         self._task = task
         idle = task is None
-        for button in (self.train_button, self.predict_button, self.segment_all_button, self.data.new_labels_button):
+        for button in (
+            self.train_button,
+            self.predict_button,
+            self.segment_all_button,
+            self.data.new_labels_button,
+            self.data.axes_button,  # it replaces layers a worker may be reading
+        ):
             button.setEnabled(idle)
         self.stop_button.setEnabled(not idle)
         self.model_panel.set_idle(idle, self.model is not None)
