@@ -161,3 +161,23 @@ def test_a_recovery_file_that_cannot_be_written_is_a_warning_and_training_goes_o
     widget.recovery.wait(timeout=10)
     qtbot.waitUntil(lambda: any("cannot write the recovery file" in w for w in warnings), timeout=5_000)
     assert widget.model is not None and widget.last_error is None
+
+
+def test_closing_the_viewer_while_training_keeps_the_model_trained_so_far(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    image, labels = _image_and_strokes()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells labels")
+    widget = _tiny_widget(viewer, seconds=600)  # the interval (120 s) never comes: only the end writes
+    viewer.window.add_dock_widget(widget)
+    widget.train()
+    qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > 0, timeout=60_000)
+    trainer = widget._trainer
+    assert not widget.recovery.path.exists()
+    started = time.perf_counter()
+    viewer.close()
+    print(f"closed in {time.perf_counter() - started:.1f} s")
+    widget.recovery.wait(timeout=10)
+    model, metadata = load_model(widget.recovery.path)
+    assert metadata[RECORD_KEY]["iterations"] == trainer.iteration > 0
+    assert _same_weights(model, trainer.model)
