@@ -73,7 +73,6 @@ def test_an_offer_is_read_from_the_header_and_nothing_unreadable_is_offered(tmp_
 def test_a_checkpoint_is_written_on_the_writer_thread(qtbot, tmp_path, monkeypatch):
     image, labels = _image_and_strokes()
     trainer = Trainer([image], [labels], TrainingSettings(**TINY, iterations=1))
-    list(trainer.run())
     saving = Trainer.save
 
     def slow_save(self, path, extra=None):
@@ -87,14 +86,19 @@ def test_a_checkpoint_is_written_on_the_writer_thread(qtbot, tmp_path, monkeypat
     recovery.checkpoint()
     assert time.perf_counter() - started < 0.2  # the GUI thread does not wait for the write
     assert not recovery.path.exists()
-    recovery.finish()  # training ended: one more write, after the first
     recovery.wait(timeout=10)
     model, metadata = load_model(recovery.path)
-    assert metadata[RECORD_KEY]["iterations"] == 1 and metadata[RECORD_KEY]["image"] == "cells"
+    assert metadata[RECORD_KEY]["iterations"] == 0 and metadata[RECORD_KEY]["image"] == "cells"
     assert _same_weights(model, trainer.model)
+    written = recovery.path.stat().st_mtime_ns
+    recovery.finish()  # a run that never trained writes nothing more
+    recovery.wait(timeout=10)
+    assert recovery.path.stat().st_mtime_ns == written and recovery.model is None
 
 
-def test_the_widget_keeps_the_unsaved_model_offers_it_and_save_removes_it(make_napari_viewer, qtbot, tmp_path):
+def test_the_widget_keeps_the_unsaved_model_offers_it_and_save_removes_it(
+    make_napari_viewer, qtbot, tmp_path, make_model
+):
     viewer = make_napari_viewer()
     image, labels = _image_and_strokes()
     viewer.add_image(image, name="cells")
@@ -121,6 +125,10 @@ def test_the_widget_keeps_the_unsaved_model_offers_it_and_save_removes_it(make_n
     assert not button.isHidden() and "Recover last unsaved model" in button.text()
     assert f"{final[RECORD_KEY]['iterations']} iterations on 'cells'" in button.text()
     assert other.model is None
+    other.set_model(make_model(n_classes=2), {"class_ids": [1, 2]}, "another")
+    other.save_model(str(tmp_path / "another.safetensors"))
+    other.recovery.wait(timeout=10)
+    assert path.exists() and not button.isHidden()  # saving another model leaves the unsaved one
     button.click()
     assert button.isHidden() and _same_weights(other.model, trained)
     assert RECORD_KEY not in other.metadata and other.metadata["class_ids"] == [1, 2]

@@ -192,7 +192,8 @@ class UNetWidget(QWidget):
             return None
         self._model_origin = Path(written).name
         self._show_model()
-        self.discard_recovery()  # the model is safe in its file now
+        if self.model is self.recovery.model:
+            self.discard_recovery()  # the model is safe in its file now
         show_info(f"U-Net: model saved to {written}")
         return Path(written)
 
