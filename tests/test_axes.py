@@ -93,7 +93,7 @@ def test_predict_refuses_a_stack_read_as_channels_and_names_the_axes_that_fix_it
     assert main(["predict", "-m", str(gray_model), str(path), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "the model expects 1 channel, the image has 4 (axes CYX, shape (4, 40, 48))" in err
+    assert "the model expects 1 channel(s), the image has 4 (axes CYX, shape (4, 40, 48))" in err
     assert err.endswith("if the first axis is Z, give --axes ZYX")
 
     assert main(["predict", "-m", str(gray_model), str(path), "-o", str(out), "--axes", "ZYX"]) == 0
@@ -113,7 +113,7 @@ def test_a_hint_only_where_another_reading_fits(tmp_path, gray_model, make_model
     hyper = write_tiff(tmp_path / "zc.tif", np.zeros((2, 3, 40, 48), np.uint16), axes="ZCYX")
     assert main(["predict", "-m", str(two_channel), str(hyper), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "the model expects 2 channels, the image has 3 (axes ZCYX" in err
+    assert "the model expects 2 channel(s), the image has 3 (axes ZCYX" in err
     assert err.strip().endswith("if the first axis is C and the second axis is Z, give --axes CZYX")
 
 

@@ -318,7 +318,7 @@ def model_input(array, info: dict, in_channels: int, path) -> tuple:
     channels = 1 if channel_axis is None else array.shape[channel_axis]
     if channels != in_channels:
         raise CLIError(
-            f"{path}: the model expects {in_channels} channel{'s' * (in_channels > 1)}, the image has {channels} "
+            f"{path}: the model expects {in_channels} channel(s), the image has {channels} "
             f"(axes {info['axes']}, shape {tuple(array.shape)}){_axes_hint(info['axes'], array.shape, in_channels)}"
         )
     spatial_axes = axes.replace("C", "")
