@@ -80,6 +80,11 @@ def test_a_short_stack_becomes_channel_layers_for_a_multichannel_model(make_napa
     widget.set_model(make_model(in_channels=2, n_classes=2), {"class_ids": [1, 2]}, "test")
     assert widget.fit_problem(viewer.layers["two"]).endswith(f"if its 2 slices are channels, click '{SPLIT_SLICES}'")
 
+    labels = viewer.add_labels(np.zeros((2, 30, 40), np.uint8), name="two strokes")
+    assert widget.data.training_problem(viewer.layers["two"], labels, widget.model.config).endswith(
+        f"to train a new one; or, if its 2 slices are channels, click '{SPLIT_SLICES}'"
+    )
+    viewer.layers.remove(labels)
     data.axes_button.click()
     assert [la.name for la in viewer.layers] == ["two [ch0]", "two [ch1]", "long stack"]
     first, second = viewer.layers["two [ch0]"], viewer.layers["two [ch1]"]

@@ -162,9 +162,10 @@ class DataPanel(QGroupBox):
         if finetune_config is not None:
             channels, model_channels = self.input_channels(image), finetune_config["in_channels"]
             if channels != model_channels:
+                fix = self._axes_fix(image, model_channels)
                 return (
                     f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
-                    'untick "Train on from the current model" to train a new one'
+                    'untick "Train on from the current model" to train a new one' + (f"; or, {fix}" if fix else "")
                 )
         return None
 
@@ -180,7 +181,7 @@ class DataPanel(QGroupBox):
             )
             return (
                 f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
-                f"the model takes {model_channels}{hint or self._axes_hint(layer, model_channels)}"
+                f"the model takes {model_channels}{hint or self._axes_fix(layer, model_channels, ': ')}"
             )
         ndim = len(spatial_shape(layer))
         allowed = (2, 3) if config["ndim"] == 2 else (3,)
@@ -259,13 +260,14 @@ class DataPanel(QGroupBox):
         self.image_combo.setCurrentText(channels[0].name)
         return channels
 
-    def _axes_hint(self, layer, model_channels: int) -> str:
-        """``fit_problem``'s pointer to the axes button when its other reading gives the model's channels."""
+    def _axes_fix(self, layer, model_channels: int, lead: str = "") -> str:
+        """The pointer to the axes button (after ``lead``) when its other reading gives the model's channels, or
+        ``""``: for ``fit_problem`` and ``training_problem``."""
         choice = self.axes_choice(layer)
         if choice == STACK_CHANNELS and model_channels == 1 and self.channels_check.isChecked():
-            return f": if its channel layers are Z slices, click '{STACK_CHANNELS}'"
+            return f"{lead}if its channel layers are Z slices, click '{STACK_CHANNELS}'"
         if choice == SPLIT_SLICES and spatial_shape(layer)[0] == model_channels:
-            return f": if its {model_channels} slices are channels, click '{SPLIT_SLICES}'"
+            return f"{lead}if its {model_channels} slices are channels, click '{SPLIT_SLICES}'"
         return ""
 
     def training_pairs(self, image, labels) -> list[tuple]:
