@@ -73,9 +73,10 @@ def test_an_offer_is_read_from_the_header_and_nothing_unreadable_is_offered(tmp_
 def test_a_checkpoint_is_written_on_the_writer_thread(qtbot, tmp_path, monkeypatch):
     image, labels = _image_and_strokes()
     trainer = Trainer([image], [labels], TrainingSettings(**TINY, iterations=1))
-    saving = Trainer.save
+    saving, writes = Trainer.save, []
 
     def slow_save(self, path, extra=None):
+        writes.append(path)
         time.sleep(1.0)  # a slow disk
         saving(self, path, extra)
 
@@ -86,7 +87,9 @@ def test_a_checkpoint_is_written_on_the_writer_thread(qtbot, tmp_path, monkeypat
     recovery.checkpoint()
     assert time.perf_counter() - started < 0.2  # the GUI thread does not wait for the write
     assert not recovery.path.exists()
+    recovery.checkpoint()  # the first write still runs: no second one queued behind it
     recovery.wait(timeout=10)
+    assert len(writes) == 1
     model, metadata = load_model(recovery.path)
     assert metadata[RECORD_KEY]["iterations"] == 0 and metadata[RECORD_KEY]["image"] == "cells"
     assert _same_weights(model, trainer.model)

@@ -148,8 +148,9 @@ class RecoveryFile(QObject):
         return model, metadata
 
     def checkpoint(self) -> None:
-        """Write the running trainer's model now (on the writer thread; the caller does not wait)."""
-        if self._trainer is not None:
+        """Write the running trainer's model now (on the writer thread; the caller does not wait); skipped while
+        the previous write still runs (a disk slower than the interval does not pile writes up)."""
+        if self._trainer is not None and (self._last is None or self._last.done()):
             self._submit(self._write, self._trainer, self._image)
 
     def _submit(self, task, *args) -> None:
