@@ -10,6 +10,12 @@ the file (:func:`napari_unet.io.lazy_image`: memory-mapped when uncompressed), s
 shows and the widget's Predict / Segment all read tiles as they need them. Labels files are always read into
 memory (painting writes into them).
 
+Axes: napari's reader cannot ask how to read an ambiguous file. A stack that a script wrote without axis metadata
+(``tifffile.imwrite(path, stack)`` stores 3 or 4 planes as the samples of one RGB page) opens as channel layers
+``name [ch0]``...; the U-Net widget's *Channel layers are Z slices* makes them one stack, and *Z slices are channels*
+does the opposite (``widgets/data_panel.py``). From a script, ``read_tiff(path, axes="ZYX")`` reads a file with the
+axes given (``io.parse_axes``), as the command line's ``--axes`` does.
+
 Labels rule: a file opens as a **Labels** layer when its pixels are integers (or bool) and its file
 name contains ``label``, ``mask``, ``seg``, ``annot`` or ``stroke`` (any case), e.g.
 ``cells_labels.tif``, ``nucleus-mask.tiff``, ``img01_strokes.tif``. Everything else opens as an Image.
@@ -44,14 +50,15 @@ def is_labels_file(path, pixels) -> bool:
     return integer and LABELS_NAME.search(Path(path).name) is not None
 
 
-def read_tiff(path) -> list[tuple]:
-    """Read one or several TIFF files into napari layer data tuples ``(data, kwargs, layer_type)``."""
+def read_tiff(path, axes: str | None = None) -> list[tuple]:
+    """Read one or several TIFF files into napari layer data tuples ``(data, kwargs, layer_type)``; with ``axes``
+    (e.g. ``"ZYX"``, one letter per axis, ``io.parse_axes``) each file's axes are those instead of what it says."""
     from .io import read_image
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
     for p in paths:
-        array, info = read_image(p, lazy=partial(_read_lazily, p))
+        array, info = read_image(p, lazy=partial(_read_lazily, p), axes=axes)
         name = _layer_name(p)
         kwargs = {"name": name, **layer_geometry(info), "metadata": {"axes": info["axes"], "source": str(p)}}
         channel_axis = info["channel_axis"]

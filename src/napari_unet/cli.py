@@ -171,6 +171,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="go on with the next image when one fails; list the failures at the end (exit 2)",
     )
+    _add_axes_argument(parser, "every image")
     parser.add_argument(
         "--refine-eps",
         type=_positive_float,
@@ -179,6 +180,26 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="edges whose local intensity variance (normalized image) is well below EPS are smoothed over "
         f"(default {defaults.refine_eps})",
     )
+
+
+def _add_axes_argument(parser: argparse.ArgumentParser, which: str) -> None:
+    parser.add_argument(
+        "--axes",
+        type=_axes,
+        metavar="AXES",
+        help=f"the axes of {which}, one letter per axis, overriding what the file says: Z (or T) a stack, C channels, "
+        "Y X; e.g. ZYX for a 4-slice stack that a TIFF without axis metadata calls channels (CYX), CYX, YXC, ZCYX "
+        "(default: from the file; axes of length 1 left out)",
+    )
+
+
+def _axes(text: str) -> str:
+    from .io import parse_axes
+
+    try:
+        return parse_axes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_device_argument(parser: argparse.ArgumentParser, default: str) -> None:
@@ -280,7 +301,8 @@ def model_input(array, info: dict, in_channels: int, path) -> tuple:
     Returns ``(array, spatial_axes)``: ``(*spatial)`` for a 1-channel model, ``(C, *spatial)``
     (channels first) otherwise. Without a channel axis in the file, a multi-channel model takes
     a leading or trailing axis of size ``in_channels`` as channels. Raises :class:`CLIError`
-    when the image's channels do not match the model's.
+    when the image's channels do not match the model's; when another reading of its axes would match (a 4-slice
+    stack that the file calls channels), the error names the ``--axes`` that gives it.
     """
     import numpy as np
 
@@ -297,13 +319,44 @@ def model_input(array, info: dict, in_channels: int, path) -> tuple:
     if channels != in_channels:
         raise CLIError(
             f"{path}: the model expects {in_channels} channel(s), the image has {channels} "
-            f"(axes {info['axes']}, shape {array.shape})"
+            f"(axes {info['axes']}, shape {tuple(array.shape)}){_axes_hint(info['axes'], array.shape, in_channels)}"
         )
     spatial_axes = axes.replace("C", "")
     if channel_axis is None:
         return array, spatial_axes
     array = np.moveaxis(array, channel_axis, 0)
     return (array if in_channels > 1 else array[0]), spatial_axes
+
+
+_ORDINALS = ("first", "second", "third", "fourth", "fifth")
+
+
+def _other_axes(axes: str, shape, in_channels: int) -> list[str]:
+    """The other readings of an image's ``axes`` (Y and X where they are, the other axes Z or C, at most one of
+    each, C alone after X) under which it has ``in_channels`` channels: what ``--axes`` could say instead."""
+    import itertools
+
+    others = [i for i, a in enumerate(axes) if a not in "YX"]
+    readings = []
+    for roles in itertools.product("ZC", repeat=len(others)):
+        letters = list(axes)
+        for i, role in zip(others, roles):
+            letters[i] = role
+        reading = "".join(letters)
+        if reading == axes or reading.count("Z") > 1 or reading.count("C") > 1 or reading.endswith("YXZ"):
+            continue
+        if (shape[reading.index("C")] if "C" in reading else 1) == in_channels:
+            readings.append(reading)
+    return readings
+
+
+def _axes_hint(axes: str, shape, in_channels: int) -> str:
+    """``"; if the first axis is Z, give --axes ZYX"`` for :func:`model_input`'s error, or ``""``."""
+    hints = []
+    for reading in _other_axes(axes, shape, in_channels):
+        changed = [f"the {_ORDINALS[i]} axis is {a}" for i, (a, was) in enumerate(zip(reading, axes)) if a != was]
+        hints.append(f"if {' and '.join(changed)}, give --axes {reading}")
+    return f"; {'; '.join(hints)}" if hints else ""
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -355,7 +408,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     for path, stem in jobs:
         started = time.monotonic()
         try:
-            probabilities_path, labels_path, domain = _predict_file(model, metadata, path, args.out / stem, settings)
+            probabilities_path, labels_path, domain = _predict_file(
+                model, metadata, path, args.out / stem, settings, args.axes
+            )
         except (CLIError, ImageFileError) as e:
             if not args.keep_going:
                 raise
@@ -370,12 +425,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_file(model, metadata: dict, path: Path, prefix: Path, settings: PredictionSettings) -> tuple:
-    """Predict one image file into ``<prefix>_probabilities.tif`` and ``<prefix>_labels.tif``; returns both paths
-    and the image's ``domain.DomainCheck`` (None for a model without a training profile)."""
+def _predict_file(
+    model, metadata: dict, path: Path, prefix: Path, settings: PredictionSettings, axes: str | None = None
+) -> tuple:
+    """Predict one image file (``axes``: ``--axes``, or None for the file's) into ``<prefix>_probabilities.tif`` and
+    ``<prefix>_labels.tif``; returns both paths and the image's ``domain.DomainCheck`` (None for a model without a
+    training profile)."""
     from .io import open_image
 
-    with open_image(path) as (lazy, info):  # tiles are read from the file as prediction needs them
+    with open_image(path, axes) as (lazy, info):  # tiles are read from the file as prediction needs them
         image, spatial_axes = model_input(lazy, info, model.in_channels, path)
         try:
             with progress_bar(path.name) as progress:
@@ -463,6 +521,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)"
     )
+    _add_axes_argument(parser, "every --images file")
     parser.add_argument(
         "--time-budget",
         type=_positive_float,
@@ -519,28 +578,34 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_training_pair(
-    files: contextlib.ExitStack, image_path: Path, labels_path: Path, in_channels: int | None = None
+    files: contextlib.ExitStack,
+    image_path: Path,
+    labels_path: Path,
+    in_channels: int | None = None,
+    axes: str | None = None,
 ) -> tuple:
-    """``(image, labels)`` for training: the image channels first when it has several (as many as the file's
-    channel axis holds, or ``in_channels`` when fine-tuning a model), the labels its spatial shape. The image
-    is a lazy view of its file, open until ``files`` closes (the trainer reads of a stack only the slices with
-    strokes, after a streaming pass for its percentiles); the labels are read."""
+    """``(image, labels)`` for training: the image (with ``axes``, ``--axes``, instead of the file's) channels first
+    when it has several (as many as its channel axis holds, or ``in_channels`` when fine-tuning a model), the
+    labels its spatial shape. The image is a lazy view of its file, open until ``files`` closes (the trainer reads
+    of a stack only the slices with strokes, after a streaming pass for its percentiles); the labels are read. Labels
+    of the image's whole shape when it has channels: the error names the ``--axes`` that makes them fit."""
     import numpy as np
 
     from .io import open_image, read_image
     from .training import integer_labels
 
-    image, info = files.enter_context(open_image(image_path))
+    stored, info = files.enter_context(open_image(image_path, axes))
     if in_channels is None:
-        in_channels = 1 if info["channel_axis"] is None else image.shape[info["channel_axis"]]
-    image, _ = model_input(image, info, in_channels, image_path)
+        in_channels = 1 if info["channel_axis"] is None else stored.shape[info["channel_axis"]]
+    image, _ = model_input(stored, info, in_channels, image_path)
     spatial = image.shape[1:] if in_channels > 1 else image.shape
     labels, _ = read_image(labels_path)
     labels = np.squeeze(labels) if labels.ndim > len(spatial) else labels
     if labels.shape != spatial:
+        hint = _axes_hint(info["axes"], stored.shape, 1) if labels.shape == stored.shape else ""
         raise CLIError(
             f"{labels_path}: labels shape {labels.shape} does not match image {image_path} "
-            f"{'spatial ' if in_channels > 1 else ''}shape {spatial}"
+            f"{'spatial ' if in_channels > 1 else ''}shape {spatial} (axes {info['axes']}){hint}"
         )
     try:
         return image, integer_labels(labels, str(labels_path))
@@ -564,7 +629,9 @@ def _run_train(args: argparse.Namespace) -> int:
     in_channels = None if init is None else init[0].config["in_channels"]
     with contextlib.ExitStack() as files:
         return _train_and_save(
-            args, [_read_training_pair(files, i, lab, in_channels) for i, lab in zip(args.images, args.labels)], init
+            args,
+            [_read_training_pair(files, i, lab, in_channels, args.axes) for i, lab in zip(args.images, args.labels)],
+            init,
         )
 
 
@@ -704,6 +771,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="an image like those the model is for: a crop of it becomes the package's test input",
     )
     parser.add_argument("--out", "-o", required=True, type=Path, metavar="ZIP", help="package to write (.zip)")
+    _add_axes_argument(parser, "--image")
     parser.add_argument("--name", default="napari-unet model", help="model name (default: napari-unet model)")
     parser.add_argument("--description", help="one-line description (default: network, classes)")
     parser.add_argument("--author", action="append", metavar="NAME", help="author name (repeat for several)")
@@ -722,7 +790,7 @@ def _run_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise CLIError('exporting needs bioimageio.spec: pip install "bioimageio.spec>=0.5.12"') from None
     model, metadata = load_model(args.model)
-    with open_image(args.image) as (lazy, info):  # the export reads only the slice its test crop comes from
+    with open_image(args.image, args.axes) as (lazy, info):  # the export reads only the slice its test crop comes from
         image, _ = model_input(lazy, info, model.config["in_channels"], args.image)
         try:
             export_bioimageio(

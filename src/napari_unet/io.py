@@ -23,6 +23,11 @@ TIFF images
     + resolution tags, the ``scale`` written by :func:`write_tiff`, or resolution tags in centimeters/millimeters/
     micrometers (converted to micrometers); otherwise it is 1.0 (unknown). Plain TIFF
     resolution in inches (usually a meaningless 72 dpi) is ignored.
+
+    A file's axes can be wrong or ambiguous: ``tifffile.imwrite(path, stack)`` without metadata stores a stack of 3
+    or 4 planes as the samples of one RGB(A) page, so it reads as channels (``CYX``). The ``axes`` argument of the
+    readers (the command line's ``--axes``) overrides what the file says, one letter per axis
+    (:func:`parse_axes`); the pixels and their order stay as stored.
 """
 
 from __future__ import annotations
@@ -175,9 +180,29 @@ def load_model(path, device="cpu"):
 _CHANNEL_LETTERS = "CS"
 _IMAGEJ_ORDER = "TZCYXS"
 _UNIT_TO_UM = {2: None, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit -> micrometers per unit (inch ignored)
+AXES_LETTERS = "ZTCYX"
+"""The letters an ``axes`` override may use: ``Z`` or ``T`` (a stack: slices, time points), ``C`` (channels), ``Y``,
+``X``."""
 
 
-def read_image(path, lazy=None):
+def parse_axes(text: str) -> str:
+    """An axes override as the readers take it (upper case), e.g. ``"zyx"`` -> ``"ZYX"``; ``ValueError`` saying what
+    is wrong otherwise. One letter per axis of the image, from :data:`AXES_LETTERS`: at most one ``C``, at most one
+    stack axis (``Z`` or ``T``), and ending with ``YX`` (or ``YXC``, channels last), e.g. ``ZYX``, ``CYX``, ``YXC``,
+    ``ZCYX``, ``CZYX``, ``TYX``."""
+    axes = str(text).strip().upper()
+    if not axes or set(axes) - set(AXES_LETTERS):
+        raise ValueError(f"axes {text!r}: use one letter per axis from Z (or T), C, Y, X, e.g. ZYX, CYX or YXC")
+    if axes.count("C") > 1:
+        raise ValueError(f"axes {text!r}: at most one C (channel axis)")
+    if axes.count("Z") + axes.count("T") > 1:
+        raise ValueError(f"axes {text!r}: at most one stack axis (Z or T)")
+    if not axes.endswith(("YX", "YXC")) or axes.count("Y") != 1 or axes.count("X") != 1:
+        raise ValueError(f"axes {text!r}: must end with YX, or YXC for channels last")
+    return axes
+
+
+def read_image(path, lazy=None, axes=None):
     """Read the first image series of a TIFF file; returns ``(array, info)``.
 
     ``array`` keeps the file's axis order. ``info`` is a dict with ``axes`` (letters from
@@ -187,44 +212,46 @@ def read_image(path, lazy=None):
     Raises :class:`ImageFileError` for a missing, unreadable or non-TIFF file, an empty image,
     or more than one stack axis (e.g. time and Z). With ``lazy``, a function of the image's size in bytes and its
     dtype: where it returns True, the pixels are not read and ``array`` is :func:`lazy_image`'s view instead.
+    With ``axes`` (:func:`parse_axes`, one letter per axis of ``array``), the image's axes are those, whatever the
+    file says; :class:`ImageFileError` when their number is not the image's.
     """
     with _open_series(path) as (tif, series):
-        squeeze, info = _describe(path, tif, series)
+        squeeze, info = _describe(path, tif, series, axes)
         if lazy is None or not lazy(math.prod(series.shape) * series.dtype.itemsize, series.dtype):
             return _decode(path, series.asarray)[squeeze], info
         return _lazy_view(path, tif, series)[0][squeeze], info  # readable after the file closes, as lazy_image's
 
 
 @contextmanager
-def open_image(path):
+def open_image(path, axes=None):
     """:func:`read_image` without reading the pixels: yields ``(array, info)``, where ``array`` is a lazy
     read-only view of the file (a dask array): slicing it and converting the slice with ``np.asarray`` reads
     only what the slice covers. An uncompressed contiguous image is memory-mapped (any region is read
     directly, however the file is laid out in strips); otherwise the view goes through tifffile's zarr store
     (the strips/tiles the slice covers are decoded; one that cannot be decoded raises :class:`ImageFileError`).
-    The file stays open inside the ``with`` block. Same ``info`` and errors as :func:`read_image`.
+    The file stays open inside the ``with`` block. Same ``axes``, ``info`` and errors as :func:`read_image`.
     """
-    array, info, close = _open_lazily(path)
+    array, info, close = _open_lazily(path, axes)
     try:
         yield array, info
     finally:
         close()
 
 
-def lazy_image(path):
+def lazy_image(path, axes=None):
     """:func:`open_image` for a napari layer: ``(array, info)`` with no ``with`` block. The lazy array stays
     readable for as long as it is referenced (tifffile reopens the file for a read after its handle closed)."""
-    array, info, _ = _open_lazily(path)
+    array, info, _ = _open_lazily(path, axes)
     return array, info
 
 
 _LAZY_CHUNK_BYTES = 64 << 20
 
 
-def _open_lazily(path) -> tuple:
+def _open_lazily(path, axes=None) -> tuple:
     """``(lazy array, info, close)`` for :func:`open_image` and :func:`lazy_image`."""
     with _open_series(path) as (tif, series):
-        squeeze, info = _describe(path, tif, series)
+        squeeze, info = _describe(path, tif, series, axes)
         array, close = _lazy_view(path, tif, series)
     return array[squeeze], info, close
 
@@ -320,8 +347,9 @@ def _decode(path, read):
         raise ImageFileError(f"{path} is not a readable TIFF file ({type(e).__name__}: {e})") from None
 
 
-def _describe(path: Path, tif, series) -> tuple[tuple, dict]:
-    """The index that drops the series' singleton axes, and the ``info`` dict of :func:`read_image`."""
+def _describe(path: Path, tif, series, given_axes=None) -> tuple[tuple, dict]:
+    """The index that drops the series' singleton axes, and the ``info`` dict of :func:`read_image` (``given_axes``:
+    its ``axes`` override)."""
     file_axes = series.axes
     scale, unit = _decode(path, lambda: _read_scale(tif, file_axes))
     shape = series.shape
@@ -329,7 +357,9 @@ def _describe(path: Path, tif, series) -> tuple[tuple, dict]:
     squeeze = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
     shape = [shape[i] for i in keep]
     file_axes = "".join(file_axes[i] for i in keep)
-    if "Q" in file_axes and len(shape) == 3 and shape[-1] <= 4 < min(shape[:2]):
+    if given_axes is not None:
+        file_axes = _given_axes(path, given_axes, tuple(shape))
+    elif "Q" in file_axes and len(shape) == 3 and shape[-1] <= 4 < min(shape[:2]):
         file_axes = "YXS"  # axes unknown: a small trailing axis is channels-last (e.g. RGB as minisblack)
     axes = _canonical_axes(path, file_axes)
     spatial = [file_axes[i] for i, a in enumerate(axes) if a != "C"]
@@ -340,6 +370,21 @@ def _describe(path: Path, tif, series) -> tuple[tuple, dict]:
         "unit": unit,
     }
     return squeeze, info
+
+
+def _given_axes(path: Path, given: str, shape: tuple) -> str:
+    """An ``axes`` override checked against the image's shape (singleton axes dropped), as ``_canonical_axes`` takes
+    it; :class:`ImageFileError` otherwise."""
+    try:
+        axes = parse_axes(given)
+    except ValueError as e:
+        raise ImageFileError(f"{path}: {e}") from None
+    if len(axes) != len(shape):
+        raise ImageFileError(
+            f"{path}: axes {axes} name {len(axes)} axes, the image has {len(shape)} (shape {shape}, "
+            "axes of length 1 left out)"
+        )
+    return axes
 
 
 def _canonical_axes(path: Path, file_axes: str) -> str:

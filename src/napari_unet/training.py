@@ -815,10 +815,10 @@ class Trainer:
             "training_profile": training_profile(self.image_profiles, self._earlier_profile),
         }
 
-    def save(self, path) -> None:
-        """Write the model training would leave now (as ``snapshot``) and its metadata with
-        ``io.save_model`` (atomic); callable during training."""
-        save_model(self._leaving_model().cpu().eval(), path, self.metadata)
+    def save(self, path, extra: dict | None = None) -> None:
+        """Write the model training would leave now (as ``snapshot``) and its metadata (with the entries of
+        ``extra`` added) with ``io.save_model`` (atomic); callable during training, from any thread."""
+        save_model(self._leaving_model().cpu().eval(), path, {**self.metadata, **(extra or {})})
 
 
 def train(

@@ -1,5 +1,13 @@
 """The "Data" panel: which image and labels to train on and predict, channel groups, class names, a new painting
-layer, and the image/labels pairs of *Train on every painted image*. Main thread only."""
+layer, and the image/labels pairs of *Train on every painted image*. Main thread only.
+
+Channels are decided here: an RGB(A) layer is three channels, a channel group (the layers ``name [chK]`` that the
+reader makes of a file's channel axis) is one image with *Combine channel layers*, any other layer one channel. A
+file's axes can be read wrong (``tifffile.imwrite(path, stack)`` without metadata stores a 3- or 4-slice stack as
+the samples of an RGB page, so it opens as channel layers; a few channels stored as pages open as a stack), and
+napari's reader cannot ask, so the panel offers the other reading of the chosen layer: *Channel layers are Z
+slices* makes one stack of a group of 2D channel layers, *Z slices are channels* makes channel layers of a short
+stack's slices (at most :data:`MAX_SLICES_AS_CHANNELS`). Neither copies pixels."""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QLineEdit, QPushButton
 
 from .._layers import (
+    CHANNEL_LAYER_NAME,
     channel_group,
     image_array,
     image_channels,
@@ -21,6 +30,10 @@ from .._layers import (
 from ..arrays import output_array
 
 DEFAULT_CLASS_NAMES = "background, foreground"
+MAX_SLICES_AS_CHANNELS = 8
+"""*Z slices are channels* is offered for stacks of at most this many slices."""
+STACK_CHANNELS = "Channel layers are Z slices"
+SPLIT_SLICES = "Z slices are channels"
 
 
 def parse_class_names(text: str) -> list[str]:
@@ -52,6 +65,11 @@ class DataPanel(QGroupBox):
         )
         self.class_names_edit = QLineEdit(DEFAULT_CLASS_NAMES)
         self.class_names_edit.setToolTip("Class names for label ids 1, 2, ... (comma separated)")
+        self.axes_button = QPushButton()
+        self.axes_button.setToolTip(
+            "The file's axes were read wrong: make one Z stack of the chosen image's channel layers, or channel "
+            "layers of its Z slices (the layers are replaced; no pixels are copied)"
+        )
         self.new_labels_button = QPushButton("New labels layer")
         self.new_labels_button.setToolTip("Add an empty labels layer for painting, with the class colours and names")
         self.all_images_check = QCheckBox("Train on every painted image")
@@ -62,6 +80,7 @@ class DataPanel(QGroupBox):
         )
         form.addRow("Image", self.image_combo)
         form.addRow(self.channels_check)
+        form.addRow(self.axes_button)
         form.addRow("Labels", self.labels_combo)
         form.addRow("Classes", self.class_names_edit)
         form.addRow(self.new_labels_button)
@@ -72,6 +91,7 @@ class DataPanel(QGroupBox):
         self.labels_combo.currentIndexChanged.connect(self._show_layer_class_names)
         self.channels_check.toggled.connect(self._update_channels_label)
         self.new_labels_button.clicked.connect(self.new_labels_layer)
+        self.axes_button.clicked.connect(self.switch_axes)
         layers = viewer.layers
         layers.events.inserted.connect(self._on_layer_inserted)
         layers.events.removed.connect(self.refresh)
@@ -142,9 +162,10 @@ class DataPanel(QGroupBox):
         if finetune_config is not None:
             channels, model_channels = self.input_channels(image), finetune_config["in_channels"]
             if channels != model_channels:
+                fix = self._axes_fix(image, model_channels)
                 return (
                     f"the model to fine-tune takes {model_channels} channel(s), '{image.name}' has {channels}: "
-                    'untick "Train on from the current model" to train a new one'
+                    'untick "Train on from the current model" to train a new one' + (f"; or, {fix}" if fix else "")
                 )
         return None
 
@@ -160,7 +181,7 @@ class DataPanel(QGroupBox):
             )
             return (
                 f"'{layer.name}' has {channels} channel{'s' * (channels > 1)} (RGB: 3); "
-                f"the model takes {model_channels}{hint}"
+                f"the model takes {model_channels}{hint or self._axes_fix(layer, model_channels, ': ')}"
             )
         ndim = len(spatial_shape(layer))
         allowed = (2, 3) if config["ndim"] == 2 else (3,)
@@ -169,6 +190,85 @@ class DataPanel(QGroupBox):
                 map(str, allowed)
             )
         return None
+
+    # --- the other reading of a file's axes ---------------------------------------------------------
+
+    def axes_choice(self, layer) -> str | None:
+        """What the axes button offers for ``layer``: :data:`STACK_CHANNELS` for a layer of a group of 2D channel
+        layers, :data:`SPLIT_SLICES` for a short 3D stack that is not RGB nor in a group, else None."""
+        if layer is None:
+            return None
+        group = channel_group(layer, self.image_layers())
+        if group:
+            return STACK_CHANNELS if len(spatial_shape(layer)) == 2 else None
+        shape = spatial_shape(layer)
+        if len(shape) == 3 and shape[0] <= MAX_SLICES_AS_CHANNELS and not getattr(layer, "rgb", False):
+            return SPLIT_SLICES
+        return None
+
+    def switch_axes(self) -> list[Image]:
+        """Apply the axes button's choice to the chosen image (see the module docstring); returns the new layers."""
+        layer = self.image_layer
+        choice = self.axes_choice(layer)
+        if choice == STACK_CHANNELS:
+            return [self._stack_channels(channel_group(layer, self.image_layers()))]
+        if choice == SPLIT_SLICES:
+            return self._split_slices(layer)
+        return []
+
+    def _stack_channels(self, group: list[Image]) -> Image:
+        """One Z stack of the channel layers ``group`` (lazily stacked, ``_layers.stacked_channels``), in their place
+        and with their pixel size (Z: 1.0 in the same unit, unknown); the channel layers go."""
+        first, layers = group[0], self.viewer.layers
+        stem = CHANNEL_LAYER_NAME.match(first.name)["stem"]
+        stack = Image(
+            stacked_channels([image_array(la) for la in group]),
+            name=stem,
+            scale=(1.0, *first.scale),
+            translate=(0.0, *first.translate),
+            axis_labels=("z", *first.axis_labels),
+            units=(first.units[0], *first.units),
+            metadata={**first.metadata, "axes": "ZYX"},
+            colormap="gray",
+        )
+        index = min(layers.index(la) for la in group)
+        for member in group:
+            layers.remove(member)
+        layers.insert(index, stack)
+        self.image_combo.setCurrentText(stack.name)
+        return stack
+
+    def _split_slices(self, layer: Image) -> list[Image]:
+        """Channel layers ``name [chK]`` of the stack ``layer``'s slices (views of its data), as the reader makes of
+        a file's channel axis, in its place; *Combine channel layers* is ticked."""
+        data, n = image_array(layer), spatial_shape(layer)[0]
+        index = self.viewer.layers.index(layer)
+        channels = self.viewer.add_image(
+            data,
+            channel_axis=0,
+            name=[f"{layer.name} [ch{k}]" for k in range(n)],
+            scale=tuple(layer.scale[1:]),
+            translate=tuple(layer.translate[1:]),
+            axis_labels=tuple(layer.axis_labels[1:]),
+            units=tuple(layer.units[1:]),
+            metadata={**layer.metadata, "axes": "CYX"},
+        )
+        self.viewer.layers.remove(layer)
+        for offset, channel in enumerate(channels):
+            self.viewer.layers.move(self.viewer.layers.index(channel), index + offset)
+        self.channels_check.setChecked(True)
+        self.image_combo.setCurrentText(channels[0].name)
+        return channels
+
+    def _axes_fix(self, layer, model_channels: int, lead: str = "") -> str:
+        """The pointer to the axes button (after ``lead``) when its other reading gives the model's channels, or
+        ``""``: for ``fit_problem`` and ``training_problem``."""
+        choice = self.axes_choice(layer)
+        if choice == STACK_CHANNELS and model_channels == 1 and self.channels_check.isChecked():
+            return f"{lead}if its channel layers are Z slices, click '{STACK_CHANNELS}'"
+        if choice == SPLIT_SLICES and spatial_shape(layer)[0] == model_channels:
+            return f"{lead}if its {model_channels} slices are channels, click '{SPLIT_SLICES}'"
+        return ""
 
     def training_pairs(self, image, labels) -> list[tuple]:
         """The chosen (image, labels) pair first, then with *Train on every painted image* the other painted pairs
@@ -242,6 +342,9 @@ class DataPanel(QGroupBox):
         self.channels_check.setText(
             f"Combine channel layers ({len(group)} channels)" if group else "Combine channel layers"
         )
+        choice = self.axes_choice(layer)
+        self.axes_button.setText(choice or "")
+        self.axes_button.setVisible(choice is not None)
 
 
 def _fill(combo: QComboBox, layers, preferred) -> None:

@@ -1,4 +1,5 @@
-"""The "Model" panel: what the current model is, Load / Save / Export buttons, and whether Train fine-tunes it.
+"""The "Model" panel: what the current model is, Load / Save / Export buttons, whether Train fine-tunes it, and the
+offer of an unsaved model to recover (``recovery.py``).
 
 The panel only asks for paths (file dialogs) and emits them; the composing widget owns the model and does the
 loading, saving and exporting. Main thread only."""
@@ -11,11 +12,13 @@ from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBox
 
 class ModelPanel(QGroupBox):
     """Shows the current model; ``load_requested``, ``save_requested`` and ``export_requested`` carry the path
-    the user chose."""
+    the user chose; ``recover_requested`` and ``discard_recovery_requested`` answer the recovery offer."""
 
     load_requested = Signal(str)
     save_requested = Signal(str)
     export_requested = Signal(str)
+    recover_requested = Signal()
+    discard_recovery_requested = Signal()
 
     def __init__(self, parent=None):
         super().__init__("Model", parent)
@@ -39,6 +42,20 @@ class ModelPanel(QGroupBox):
         self.finetune_check = QCheckBox("Train on from the current model (fine-tune)")
         self.finetune_check.setToolTip("Unchecked: Train starts a new network with the training settings")
         form.addRow(self.finetune_check)
+        recovery = QHBoxLayout()
+        self.recover_button = QPushButton()
+        self.recover_button.setToolTip(
+            "A model trained here that was not saved (napari closed or crashed): load it as the current model. "
+            "The next training replaces it."
+        )
+        self.discard_recovery_button = QPushButton("Discard")
+        self.discard_recovery_button.setToolTip("Delete the unsaved model")
+        recovery.addWidget(self.recover_button, 1)
+        recovery.addWidget(self.discard_recovery_button)
+        form.addRow(recovery)
+        self.recover_button.clicked.connect(self.recover_requested)
+        self.discard_recovery_button.clicked.connect(self.discard_recovery_requested)
+        self.show_recovery(None)
         self.load_button.clicked.connect(self._ask_load)
         self.save_button.clicked.connect(self._ask_save)
         self.export_button.clicked.connect(self._ask_export)
@@ -62,9 +79,17 @@ class ModelPanel(QGroupBox):
             f"{config['base_filters']} filters, {config['block']} blocks; classes: {classes}"
         )
 
+    def show_recovery(self, offer: str | None) -> None:
+        """Offer an unsaved model to recover (``offer``: the button's text, ``RecoveryOffer.describe``), or no
+        longer (None)."""
+        self.recover_button.setText(offer or "")
+        for button in (self.recover_button, self.discard_recovery_button):
+            button.setVisible(offer is not None)
+
     def set_idle(self, idle: bool, has_model: bool) -> None:
         """Enable the buttons that may run now: none of them while a worker runs."""
         self.load_button.setEnabled(idle)
+        self.recover_button.setEnabled(idle)
         self.save_button.setEnabled(idle and has_model)
         self.export_button.setEnabled(idle and has_model)
 

@@ -40,6 +40,7 @@ from .live_training import LiveTraining
 from .loss_plot import LossPlot
 from .model_panel import ModelPanel
 from .prediction_panel import PredictionPanel
+from .recovery import RecoveryFile
 from .remembered import SettingsMemory
 from .training_panel import TrainingPanel
 
@@ -89,6 +90,10 @@ class UNetWidget(QWidget):
         self._build_ui()
         self.memory = SettingsMemory(self)
         """The settings remembered between napari runs (``remembered``): restored now, written on changes."""
+        self.recovery = RecoveryFile(self)
+        """The unsaved model trained here, kept on disk (``recovery``); an earlier one is offered now."""
+        self.recovery.failed.connect(lambda message: show_warning(f"U-Net: {message}"))
+        self._offer_recovery()
         self._show_device()
         self._set_busy(None)
 
@@ -101,6 +106,8 @@ class UNetWidget(QWidget):
         self.model_panel.load_requested.connect(self.load_model)
         self.model_panel.save_requested.connect(self.save_model)
         self.model_panel.export_requested.connect(self.export_bioimageio)
+        self.model_panel.recover_requested.connect(self.recover_model)
+        self.model_panel.discard_recovery_requested.connect(self.discard_recovery)
         self.training = TrainingPanel()
         self.prediction = PredictionPanel()
         device_row = QFormLayout()
@@ -185,8 +192,33 @@ class UNetWidget(QWidget):
             return None
         self._model_origin = Path(written).name
         self._show_model()
+        if self.model is self.recovery.model:
+            self.discard_recovery()  # the model is safe in its file now
         show_info(f"U-Net: model saved to {written}")
         return Path(written)
+
+    def _offer_recovery(self) -> None:
+        offer = self.recovery.offer()
+        self.model_panel.show_recovery(offer.describe() if offer is not None else None)
+
+    def recover_model(self) -> None:
+        """Make the model of the recovery file the current one (button "Recover last unsaved model"); it stays
+        there until the model is saved."""
+        if self.busy:
+            return
+        try:
+            model, metadata = self.recovery.load()
+        except (OSError, ValueError) as e:  # ModelFileError is a ValueError
+            show_error(f"U-Net: cannot recover the unsaved model: {e}")
+            return
+        self.model_panel.show_recovery(None)
+        self.set_model(model, metadata, "recovered, not saved")
+        show_info("U-Net: the unsaved model is back; Save... keeps it")
+
+    def discard_recovery(self) -> None:
+        """Delete the recovery file and its offer (button "Discard"; done too when the model is saved)."""
+        self.recovery.discard()
+        self.model_panel.show_recovery(None)
 
     def export_bioimageio(self, path) -> None:
         """Write the current model as a BioImage.IO package at ``path`` (a zip) on a worker, with the chosen image
@@ -247,7 +279,13 @@ class UNetWidget(QWidget):
     def _set_busy(self, task: str | None) -> None:
         self._task = task
         idle = task is None
-        for button in (self.train_button, self.predict_button, self.segment_all_button, self.data.new_labels_button):
+        for button in (
+            self.train_button,
+            self.predict_button,
+            self.segment_all_button,
+            self.data.new_labels_button,
+            self.data.axes_button,  # it replaces layers a worker may be reading
+        ):
             button.setEnabled(idle)
         self.stop_button.setEnabled(not idle)
         self.model_panel.set_idle(idle, self.model is not None)
@@ -323,6 +361,7 @@ class UNetWidget(QWidget):
 
     def _on_finished(self) -> None:
         if self._task == "train" and self._run is not None:  # a prediction or export has no run to end
+            self.recovery.finish()
             self._run.end()
         if self._pbar is not None:
             self._pbar.close()
@@ -403,6 +442,8 @@ class UNetWidget(QWidget):
                     if self._stop.is_set():
                         message.trainer.request_stop()
                     run.ready(message)
+                    self.model_panel.show_recovery(None)  # this run's model replaces the one offered
+                    self.recovery.start(message.trainer, run.image.name)
                 finally:
                     self._resume.set()
             case Progress(event=event):
