@@ -448,9 +448,12 @@ def test_progress_bar_shows_only_on_long_runs():
 
 
 def _one_line_error(capsys) -> str:
+    """The error of a run: one line (after the notes a run may print first, such as what it skips)."""
     err = capsys.readouterr().err
-    _assert_one_line_error(err, "")
-    return err
+    lines = err.splitlines()
+    assert "Traceback" not in err and sum(line.startswith("napari-unet: error: ") for line in lines) == 1, err
+    assert lines[-1].startswith("napari-unet: error: "), err
+    return lines[-1]
 
 
 def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, model_file, image_file, capsys):
