@@ -303,7 +303,8 @@ def test_an_image_unlike_the_training_images_is_a_warning_and_both_outputs_hold_
     assert warnings[0].endswith("): paint a few strokes on it and train on") and "class 2" in warnings[0]
     assert "img_17_labels.tif" in captured.out  # predicted all the same
     for stem, unlike in (("img_01", False), ("img_17", True)):
-        records = [read_tiff_record(out / f"{stem}_{role}.tif") for role in ("labels", "probabilities")]
+        records = [read_tiff_record(out / f"{stem}_{role}.tif") for role in ROLES]
+        assert [record.pop("output") for record in records] == list(ROLES)  # the marker, then the same figures
         assert records[0] == records[1]
         domain = records[0]["domain"]
         assert domain["unlike"] is unlike and (domain["score"] > domain["threshold"]) is unlike

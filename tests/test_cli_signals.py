@@ -96,3 +96,24 @@ def test_sigkill_at_any_moment_leaves_a_loadable_model(pair):
     assert child.wait(timeout=180) == 0, stderr.read_text()
     load_model(out)
     assert [p.name for p in pair.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_sigterm_during_prediction_exits_143_and_leaves_no_scratch_files(tmp_path, make_model):
+    """SIGTERM ends ``predict`` as Ctrl-C does: exit code 143, one line, and the scratch memory maps it was
+    predicting into are removed (no hidden file left in the output folder)."""
+    from napari_unet.io import save_model, write_tiff
+
+    model = save_model(make_model(), tmp_path / "m.safetensors")
+    image = write_tiff(tmp_path / "im.tif", (np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "napari_unet.cli", "predict", "-m", str(model), str(image), "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "err", "w") as err:
+        child = subprocess.Popen([*argv, "--tile", "8", "8", "--device", "cpu"], stderr=err, env=env)  # slow
+    _wait_until(lambda: out.is_dir() and any(p.suffix == ".npy" for p in out.iterdir()), child, "prediction")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=120) == 143
+    err = (tmp_path / "err").read_text()
+    assert err.endswith("\nnapari-unet: error: interrupted (SIGTERM)\n") or err.startswith("napari-unet: error: int")
+    assert "Traceback" not in err and err.count("error") == 1, err
+    assert list(out.iterdir()) == []

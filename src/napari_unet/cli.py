@@ -13,7 +13,9 @@ builds the argparse parser from it. A command's ``run(args)`` returns the exit c
 reports user errors by raising :class:`CLIError` (or :class:`~napari_unet.io.ModelFileError`
 / :class:`~napari_unet.io.ImageFileError`): :func:`main` prints them as one line,
 ``napari-unet: error: ...``, and exits with 2; nothing ends in a traceback (set
-``NAPARI_UNET_DEBUG=1`` to see one for unexpected errors, which exit with 1).
+``NAPARI_UNET_DEBUG=1`` to see one for unexpected errors, which exit with 1). Ctrl-C and SIGTERM end a command
+with 130 and 143 (``finally`` blocks run: scratch and temporary files are removed); ``train`` then first stops
+after the current iteration and saves the model trained so far.
 """
 
 from __future__ import annotations

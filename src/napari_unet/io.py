@@ -11,7 +11,8 @@ Model files
     anything that is not a valid napari-unet safetensors file (a torch ``.pt`` pickle, a
     crafted pickle, a truncated or corrupt file) is refused with :class:`ModelFileError`.
     Writes are atomic (temporary file in the same folder, fsync, ``os.replace``), so a crash
-    mid-save leaves the previous file intact.
+    mid-save leaves the previous file intact; the temporary file is created exclusively under an unpredictable
+    name, and the ones killed processes left are removed by the next write (:func:`atomic_write`).
 
 TIFF images
     :func:`read_image` reads the first image series with tifffile (:func:`open_image`: the same
