@@ -387,9 +387,9 @@ def test_atomic_write_keeps_the_umask_mode(tmp_path):
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_on_the_next_save(tmp_path, make_model):
-    """What a process killed mid-write left (its temporary file, named with its host and process id) is removed by
-    the next write of the same file; a live process's, another host's, another file's, a link and a name of
-    another form stay."""
+    """What processes killed mid-write left (their temporary files, named with their host and process id) is
+    removed by the next write into the folder; a live process's, another host's, a link and a name of another form
+    stay. A folder is listed for this once per process."""
     import subprocess
     import sys
 
@@ -401,9 +401,9 @@ def test_stale_temporaries_of_dead_processes_are_removed_on_the_next_save(tmp_pa
         host = io._HOST
         entries = {
             "stale": f".m.safetensors.{host}.{dead.pid}.0123456789abcdef.tmp",
+            "stale of another file": f".n.tif.{host}.{dead.pid}.0123456789abcdef.tmp",
             "alive": f".m.safetensors.{host}.{alive.pid}.0123456789abcdef.tmp",
             "other host": f".m.safetensors.{host}x.{dead.pid}.0123456789abcdef.tmp",
-            "other file": f".n.safetensors.{host}.{dead.pid}.0123456789abcdef.tmp",
             "other form": f".m.safetensors.{host}.{dead.pid}.0123.tmp",
         }
         for name in entries.values():
@@ -412,9 +412,11 @@ def test_stale_temporaries_of_dead_processes_are_removed_on_the_next_save(tmp_pa
         link.symlink_to(tmp_path / "elsewhere")
         save_model(make_model(), target)
         left = {p.name for p in tmp_path.iterdir()}
-        assert entries["stale"] not in left
-        assert left == {"m.safetensors", link.name, *(v for k, v in entries.items() if k != "stale")}
-        assert io.remove_stale_temporaries(target) == []
+        assert left == {"m.safetensors", link.name, *(v for k, v in entries.items() if not k.startswith("stale"))}
+        (tmp_path / entries["stale"]).write_bytes(b"partial")
+        save_model(make_model(), target)  # the folder was cleaned once in this process: not listed again
+        assert (tmp_path / entries["stale"]).exists()
+        assert io.remove_stale_temporaries(tmp_path) == [tmp_path / entries["stale"]]
     finally:
         alive.kill()
         alive.wait(timeout=60)

@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -65,11 +66,12 @@ def atomic_write(path, write) -> Path:
     content or the complete new file, never a partial one. On any error the temporary file
     is removed and the error propagates. The temporary file gets an unpredictable name and is created
     exclusively (never through a symbolic link someone planted) before ``write`` fills it; its name holds this
-    host and process, so the temporary files that killed processes of this host left of ``path`` are removed
-    (:func:`remove_stale_temporaries`) before a new one is made.
+    host and process, so the first write of a process into a folder removes the temporary files that killed
+    processes of this host left there (:func:`remove_stale_temporaries`; once per folder, so writing thousands of
+    outputs into one folder lists it once).
     """
     path = Path(path)
-    remove_stale_temporaries(path)
+    _remove_stale_once(path.parent)
     tmp = _exclusive_temporary(path)
     try:
         write(tmp)
@@ -87,6 +89,11 @@ def atomic_write(path, write) -> Path:
 _TEMPORARY_SUFFIX = ".tmp"
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 _USER = os.getuid() if hasattr(os, "getuid") else 0  # Windows: no owners in st_uid (always 0)
+_TEMPORARY = re.compile(
+    r"\..+\." + re.escape(_HOST) + r"\.(?P<pid>[0-9]+)\.[0-9a-f]{16}" + re.escape(_TEMPORARY_SUFFIX)
+)
+_cleaned_folders: set[str] = set()
+_cleaned_lock = threading.Lock()
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -110,25 +117,30 @@ def _exclusive_temporary(path: Path) -> Path:
     raise FileExistsError(f"no free temporary name next to {path}")
 
 
-def remove_stale_temporaries(path) -> list[Path]:
-    """Remove the temporary files of ``path`` that :func:`atomic_write` calls of processes no longer alive on this
-    host left (a process killed mid-write); returns them.
+def _remove_stale_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    with _cleaned_lock:
+        if key in _cleaned_folders:
+            return
+        _cleaned_folders.add(key)
+    remove_stale_temporaries(folder)
 
-    Only regular files of the current user whose name is exactly ``.<name>.<this host>.<pid>.<16 hex>.tmp``
-    with ``pid`` not running are removed: another host's (a shared network folder), a live process's or
-    someone else's files stay.
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` calls of processes no longer alive on this host left in
+    ``folder`` (a process killed mid-write); returns them.
+
+    Only regular files of the current user whose name has exactly the form ``.<name>.<this host>.<pid>.<16
+    hex>.tmp`` with ``pid`` not running are removed: another host's (a shared network folder), a live process's,
+    someone else's, and any other file stay.
     """
     import psutil
 
-    path = Path(path)
-    pattern = re.compile(
-        re.escape(f".{path.name[:120]}.{_HOST}.") + r"(?P<pid>[0-9]+)\.[0-9a-f]{16}" + re.escape(_TEMPORARY_SUFFIX)
-    )
     removed = []
     with suppress(OSError):
-        with os.scandir(path.parent) as entries:
-            candidates = [(entry, pattern.fullmatch(entry.name)) for entry in entries]
-        for entry, match in candidates:
+        with os.scandir(folder) as entries:
+            found = [(entry, _TEMPORARY.fullmatch(entry.name)) for entry in entries if entry.name.startswith(".")]
+        for entry, match in found:
             if match is None or int(match["pid"]) == os.getpid() or psutil.pid_exists(int(match["pid"])):
                 continue
             with suppress(OSError):
