@@ -1,6 +1,7 @@
 """`napari-unet predict`: round trips and every bad-input case."""
 
 import io as stdio
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,12 +11,14 @@ import pytest
 import tifffile
 import torch
 
+from napari_unet import __version__
 from napari_unet.cli import main, output_stem, progress_bar
 from napari_unet.io import read_image, read_tiff_record, save_model, write_tiff
 from napari_unet.normalization import normalize_image
 from napari_unet.tiling import predict_tiled
 
 CLASS_IDS = [1, 3, 7]
+ROLES = ("labels", "probabilities")
 
 
 @pytest.fixture
@@ -54,11 +57,11 @@ def test_predict_round_trip(tmp_path, model_file, image_file, capsys):
     np.testing.assert_array_equal(labels, np.asarray(CLASS_IDS)[np.argmax(probabilities, axis=0)])
     captured = capsys.readouterr()
     assert "cells_labels.tif" in captured.out
-    # A model saved without a training profile (class ids only): no domain check, no warning, no record.
+    # A model saved without a training profile (class ids only): no domain check, no warning; the record holds
+    # only the output marker.
     assert "warning" not in captured.err
-    assert (
-        read_tiff_record(out / "cells_labels.tif") is None and read_tiff_record(out / "cells_probabilities.tif") is None
-    )
+    for role in ("labels", "probabilities"):
+        assert read_tiff_record(out / f"cells_{role}.tif") == {"output": role, "napari_unet_version": __version__}
 
 
 def test_predict_streams_probabilities_through_a_scratch_file(tmp_path, model_file, image_file, monkeypatch):
@@ -300,7 +303,8 @@ def test_an_image_unlike_the_training_images_is_a_warning_and_both_outputs_hold_
     assert warnings[0].endswith("): paint a few strokes on it and train on") and "class 2" in warnings[0]
     assert "img_17_labels.tif" in captured.out  # predicted all the same
     for stem, unlike in (("img_01", False), ("img_17", True)):
-        records = [read_tiff_record(out / f"{stem}_{role}.tif") for role in ("labels", "probabilities")]
+        records = [read_tiff_record(out / f"{stem}_{role}.tif") for role in ROLES]
+        assert [record.pop("output") for record in records] == list(ROLES)  # the marker, then the same figures
         assert records[0] == records[1]
         domain = records[0]["domain"]
         assert domain["unlike"] is unlike and (domain["score"] > domain["threshold"]) is unlike
@@ -442,3 +446,132 @@ def test_progress_bar_shows_only_on_long_runs():
     assert len(lines) == 2 and all(line.startswith("b.tif") and "tiles" in line for line in lines), lines
     assert re.search(r" 1/4 \[\d\d:\d\d<\d\d:\d\d", lines[0]), lines  # elapsed < time left
     assert " 4/4 " in lines[1] and "\r" not in stream.getvalue()
+
+
+def _one_line_error(capsys) -> str:
+    """The error of a run: one line (after the notes a run may print first, such as what it skips)."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "Traceback" not in err and sum(line.startswith("napari-unet: error: ") for line in lines) == 1, err
+    assert lines[-1].startswith("napari-unet: error: "), err
+    return lines[-1]
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, model_file, image_file, capsys):
+    """An existing file at an output path without napari-unet's output marker (the user's ground truth, saved by
+    napari or another tool, or not an image at all) is refused before any prediction, in one line naming it and
+    ``--overwrite``; --overwrite replaces it, and napari-unet's own outputs are replaced without asking."""
+    model_path, _ = model_file
+    image_path, _ = image_file
+    out = tmp_path / "out"
+    out.mkdir()
+    truth = write_tiff(out / "cells_labels.tif", np.ones((70, 90), np.uint8))  # like napari's Save: no marker
+    (out / "cells_probabilities.tif").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run = ["predict", "-m", str(model_path), str(image_path), "-o", str(out), "--no-test-time-flips"]
+    assert main(run) == 2
+    err = _one_line_error(capsys)
+    assert f"2 files at the output paths were not written by napari-unet: {truth}" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before anything was written
+    (out / "cells_probabilities.tif").unlink()
+    assert main(run) == 2
+    assert f"{truth} exists and was not written by napari-unet: not replaced (--overwrite replaces it)" in (
+        _one_line_error(capsys)
+    )
+    assert truth.read_bytes() == before["cells_labels.tif"]
+
+    assert main([*run, "--overwrite"]) == 0
+    assert read_tiff_record(truth)["output"] == "labels" and read_image(truth)[0].max() > 1
+    written = truth.stat().st_mtime_ns
+    assert main(run) == 0  # its own output: replaced without --overwrite
+    assert truth.stat().st_mtime_ns != written
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, model_file, capsys):
+    """``predict data/ -o data/`` next to a ground truth ``X_labels.tif`` (which is itself an input image of the
+    folder) would replace it with the labels of ``X.tif``: refused, with or without --overwrite; also when the
+    output path reaches an input another way (a hard link, the model file)."""
+    model_path, _ = model_file
+    data = tmp_path / "data"
+    data.mkdir()
+    image = (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)
+    write_tiff(data / "X.tif", image)
+    truth = write_tiff(data / "X_labels.tif", (image > 128).astype(np.uint8))
+    before = truth.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main(["predict", "-m", str(model_path), str(data), "-o", str(data), *extra]) == 2
+        err = _one_line_error(capsys)
+        assert f"the labels of {data / 'X.tif'} would replace {truth}, an input" in err and "--out" in err
+    assert truth.read_bytes() == before and sorted(p.name for p in data.iterdir()) == ["X.tif", "X_labels.tif"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(data / "X.tif", other / "Y_labels.tif")  # the same file as the input X.tif
+    write_tiff(other / "Y.tif", image)
+    argv = ["predict", "-m", str(model_path), str(data / "X.tif"), str(other / "Y.tif"), "-o", str(other)]
+    assert main([*argv, "--overwrite"]) == 2
+    assert f"would replace {data / 'X.tif'}, an input" in _one_line_error(capsys)
+    shutil.copy(model_path, other / "M_probabilities.tif")
+    write_tiff(other / "M.tif", image)
+    argv = ["predict", "-m", str(other / "M_probabilities.tif"), str(other / "M.tif"), "-o", str(other)]
+    assert main([*argv, "--overwrite"]) == 2
+    assert "an input" in _one_line_error(capsys)
+    np.testing.assert_array_equal(read_image(data / "X.tif")[0], image)
+
+
+def test_predicting_into_the_image_folder_again_leaves_its_outputs_out(tmp_path, model_file, capsys):
+    """The outputs of a first ``predict data/ -o data/`` are not inputs of the second (known by their marker, not
+    their name: a renamed output is left out too, an unmarked ``*_labels.tif`` is an image); --skip-existing
+    counts only outputs napari-unet wrote."""
+    model_path, _ = model_file
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        write_tiff(data / f"{name}.tif", (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
+    run = ["predict", "-m", str(model_path), str(data), "-o", str(data), "--no-test-time-flips"]
+    assert main(run) == 0
+    first = sorted(p.name for p in data.iterdir())
+    assert first == ["a.tif", "a_labels.tif", "a_probabilities.tif", "b.tif", "b_labels.tif", "b_probabilities.tif"]
+    shutil.copy(data / "a_labels.tif", data / "renamed.tif")
+    capsys.readouterr()
+    assert main(run) == 0
+    predicted = [line.split(" -> ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert predicted == [str(data / "a.tif"), str(data / "b.tif")]
+    assert sorted(p.name for p in data.iterdir()) == sorted([*first, "renamed.tif"])
+
+    assert main([*run, "--skip-existing"]) == 0
+    assert "skipping 2 image(s)" in capsys.readouterr().err
+    mine = write_tiff(data / "b_labels.tif", np.zeros((40, 50), np.uint8))  # the user's file, same name
+    named = ["predict", "-m", str(model_path), str(data / "a.tif"), str(data / "b.tif"), "-o", str(data)]
+    assert main([*named, "--skip-existing"]) == 2  # b is not done: its labels are not napari-unet's
+    assert f"{mine} exists and was not written by napari-unet" in _one_line_error(capsys)
+    assert main([*run, "--skip-existing", "--overwrite"]) == 2  # in the folder, that file is an image: an input
+    assert f"would replace {mine}, an input" in _one_line_error(capsys)
+    assert read_image(mine)[0].max() == 0
+    mine.unlink()
+
+    (data / "c_labels.tif").write_bytes((data / "a_labels.tif").read_bytes())  # marked: left out
+    user = write_tiff(data / "c_probabilities.tif", np.zeros((40, 50), np.uint8))  # unmarked: an image
+    assert main(["predict", "-m", str(model_path), str(data / "c_labels.tif"), "-o", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    assert main([*run, "--overwrite"]) == 0
+    predicted = [line.split(" -> ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert predicted == [str(data / "a.tif"), str(data / "b.tif"), str(user)]
+
+
+def test_scratch_and_probe_files_never_follow_a_planted_symlink(tmp_path, model_file, image_file):
+    """Symbolic links planted in the output folder at the names the scratch memory maps and the write probe had
+    (predictable: the stem, the role and the process id) pointing at someone else's files: those files are
+    untouched (the scratch and probe files get unpredictable names, created exclusively)."""
+    model_path, _ = model_file
+    image_path, _ = image_file
+    out, victims = tmp_path / "out", tmp_path / "victims"
+    out.mkdir()
+    victims.mkdir()
+    names = [f".napari-unet-write-test-{os.getpid()}", *(f".cells_{r}.{os.getpid()}.npy" for r in ROLES)]
+    for name in names:
+        (victims / name).write_bytes(b"precious")
+        (out / name).symlink_to(victims / name)
+    assert main(["predict", "-m", str(model_path), str(image_path), "-o", str(out), "--no-test-time-flips"]) == 0
+    assert all((victims / name).read_bytes() == b"precious" for name in names)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "cells_labels.tif", "cells_probabilities.tif"])

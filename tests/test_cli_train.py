@@ -1,8 +1,11 @@
 """`napari-unet train` and `napari-unet demo` from the command line: round trip and one-line errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from napari_unet.cli import main
 from napari_unet.devices import cpu_has_native_bfloat16
@@ -341,3 +344,86 @@ def test_train_normalization_choice_reaches_the_model(tmp_path):
     assert main([*common, "--out", str(tmp_path / "b.safetensors"), "--normalization", "dataset"]) == 0
     fixed = load_model(tmp_path / "b.safetensors")[1]["normalization"]
     assert fixed["method"] == "fixed" and fixed["from"] == "dataset" and len(fixed["high_values"]) == 1
+
+
+def _train_args(folder, out, *extra):
+    images = ["--images", str(folder / "img.tif"), "--labels", str(folder / "lab.tif")]
+    return ["train", *images, "--out", str(out), *extra]
+
+
+def test_a_bad_model_path_is_found_before_training(pair, capsys, monkeypatch):
+    """``--out`` naming an image or labels file (by any path: a hard link, ``..``), a folder, a file in a missing
+    folder or in one where no file can be created: one line, before any training (the trainer is never built),
+    and the inputs are untouched."""
+    import os
+
+    from napari_unet import training
+
+    folder, _, _ = pair
+    monkeypatch.setattr(training.Trainer, "__init__", lambda *a, **k: pytest.fail("training started"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    os.link(folder / "lab.tif", folder / "hard.safetensors")
+    (folder / "sub").mkdir()
+    cases = {
+        folder / "img.tif": f"--out {folder / 'img.tif'} is the input {folder / 'img.tif'}",
+        folder / "sub" / ".." / "lab.tif": f"is the input {folder / 'lab.tif'}",
+        folder / "hard.safetensors": f"is the input {folder / 'lab.tif'}",
+        folder / "sub": "is a folder",
+        folder / "missing" / "m.safetensors": f"output folder {folder / 'missing'} does not exist",
+        Path("/proc/m.safetensors"): "output folder /proc is not writable",
+    }
+    for out, message in cases.items():
+        assert main(_train_args(folder, out, *TINY)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("napari-unet: error: ") and err.count("\n") == 1 and message in err, (out, err)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--checkpoint-every", "-1"],
+        ["--checkpoint-every", "nan"],
+        ["--checkpoint-every", "inf"],
+        ["--checkpoint-every", "often"],
+        ["--time-budget", "nan"],
+        ["--time-budget", "0"],
+        ["--time-budget", "inf"],
+    ],
+)
+def test_bad_checkpoint_and_budget_options_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--images", "i.tif", "--labels", "l.tif", "--out", "m.safetensors", *bad])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert bad[0] in err and "Traceback" not in err
+
+
+def test_checkpoints_write_the_model_trained_so_far(pair, capsys, monkeypatch):
+    """With --checkpoint-every the model file is written during training (each a whole model, by the trainer's
+    atomic save), and once more at the end; 0 writes it only at the end. The signal handlers are as before."""
+    import signal
+
+    from napari_unet import training
+
+    folder, _, _ = pair
+    saves, real = [], training.Trainer.save
+
+    def recording(trainer, path):
+        real(trainer, path)
+        saves.append((trainer.iteration, load_model(path)[0]))
+
+    monkeypatch.setattr(training.Trainer, "save", recording)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    out = folder / "m.safetensors"
+    args = _train_args(folder, out, *TINY[2:], "--iterations", "40")
+    assert main([*args, "--checkpoint-every", "0.000001"]) == 0
+    assert [i for i, _ in saves] == list(range(1, 41))  # after each iteration, then the final save
+    assert capsys.readouterr().err.count("checkpoint at iteration") == 40
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    first, last = saves[0][1].state_dict(), saves[-1][1].state_dict()
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the weights trained so far, each time
+    saves.clear()
+    assert main([*args, "--checkpoint-every", "0"]) == 0
+    assert saves == [] and "checkpoint" not in capsys.readouterr().err
+    load_model(out)

@@ -350,3 +350,87 @@ def test_write_tiff_checks_arguments_and_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.tif"]
     assert read_image(path)[0].min() == 1
     assert os.path.getsize(path) > 0
+
+
+# ---------------------------------------------------------------------------------------
+# temporary files of atomic writes, output markers
+
+
+def test_atomic_write_creates_its_temporary_file_exclusively(tmp_path, make_model, monkeypatch):
+    """A symbolic link (or a file) planted at the temporary name a write draws is never opened: the write draws
+    another name, the planted link's target is untouched, and the planted entries stay as they were."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    target = tmp_path / "m.safetensors"
+    draws = iter(["0" * 16, "1" * 16, "2" * 16])
+    monkeypatch.setattr(io.secrets, "token_hex", lambda n: next(draws))
+    prefix = io._temporary_prefix(target)
+    (tmp_path / f"{prefix}{'0' * 16}.tmp").symlink_to(victim)
+    (tmp_path / f"{prefix}{'1' * 16}.tmp").write_bytes(b"someone's")
+    save_model(make_model(), target)
+    assert victim.read_bytes() == b"precious" and (tmp_path / f"{prefix}{'1' * 16}.tmp").read_bytes() == b"someone's"
+    assert (tmp_path / f"{prefix}{'0' * 16}.tmp").is_symlink()
+    load_model(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["victim", "m.safetensors", f"{prefix}{'0' * 16}.tmp", f"{prefix}{'1' * 16}.tmp"]
+    )
+
+
+def test_atomic_write_keeps_the_umask_mode(tmp_path):
+    """The temporary file (and so the written file) gets the mode an ordinary ``open`` gives, not 0600."""
+    umask = os.umask(0o022)
+    try:
+        path = write_tiff(tmp_path / "a.tif", np.zeros((4, 4), np.uint8))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_on_the_next_save(tmp_path, make_model):
+    """What processes killed mid-write left (their temporary files, named with their host and process id) is
+    removed by the next write into the folder; a live process's, another host's, a link and a name of another form
+    stay. A folder is listed for this once per process."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "m.safetensors"
+        host = io._HOST
+        entries = {
+            "stale": f".m.safetensors.{host}.{dead.pid}.0123456789abcdef.tmp",
+            "stale of another file": f".n.tif.{host}.{dead.pid}.0123456789abcdef.tmp",
+            "alive": f".m.safetensors.{host}.{alive.pid}.0123456789abcdef.tmp",
+            "other host": f".m.safetensors.{host}x.{dead.pid}.0123456789abcdef.tmp",
+            "other form": f".m.safetensors.{host}.{dead.pid}.0123.tmp",
+        }
+        for name in entries.values():
+            (tmp_path / name).write_bytes(b"partial")
+        link = tmp_path / f".m.safetensors.{host}.{dead.pid}.fedcba9876543210.tmp"
+        link.symlink_to(tmp_path / "elsewhere")
+        save_model(make_model(), target)
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"m.safetensors", link.name, *(v for k, v in entries.items() if not k.startswith("stale"))}
+        (tmp_path / entries["stale"]).write_bytes(b"partial")
+        save_model(make_model(), target)  # the folder was cleaned once in this process: not listed again
+        assert (tmp_path / entries["stale"]).exists()
+        assert io.remove_stale_temporaries(tmp_path) == [tmp_path / entries["stale"]]
+    finally:
+        alive.kill()
+        alive.wait(timeout=60)
+
+
+def test_output_marker(tmp_path):
+    """``write_tiff(output=role)`` marks a file as napari-unet's output (ImageJ and shaped TIFFs alike, next to a
+    record); any other file has no role, and a FIFO is not opened (it would wait for a writer)."""
+    labels = write_tiff(tmp_path / "l.tif", np.ones((8, 8), np.uint8), output="labels", record={"domain": {"a": 1}})
+    wide = write_tiff(tmp_path / "w.tif", np.ones((8, 8), np.int32), output="labels")  # no ImageJ int32: shaped
+    assert io.output_role(labels) == "labels" and io.output_role(wide) == "labels"
+    assert io.read_tiff_record(labels)["domain"] == {"a": 1}
+    assert io.output_role(write_tiff(tmp_path / "mine.tif", np.ones((8, 8), np.uint8))) is None
+    (tmp_path / "notes.tif").write_text("not a TIFF")
+    os.mkfifo(tmp_path / "fifo.tif")
+    for other in ("notes.tif", "fifo.tif", "missing.tif", "."):
+        assert io.output_role(tmp_path / other) is None

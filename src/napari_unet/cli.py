@@ -13,7 +13,9 @@ builds the argparse parser from it. A command's ``run(args)`` returns the exit c
 reports user errors by raising :class:`CLIError` (or :class:`~napari_unet.io.ModelFileError`
 / :class:`~napari_unet.io.ImageFileError`): :func:`main` prints them as one line,
 ``napari-unet: error: ...``, and exits with 2; nothing ends in a traceback (set
-``NAPARI_UNET_DEBUG=1`` to see one for unexpected errors, which exit with 1).
+``NAPARI_UNET_DEBUG=1`` to see one for unexpected errors, which exit with 1). Ctrl-C and SIGTERM end a command
+with 130 and 143 (``finally`` blocks run: scratch and temporary files are removed); ``train`` then first stops
+after the current iteration and saves the model trained so far.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -164,7 +169,13 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-existing",
         action="store_true",
-        help="skip images whose two outputs are already in the output folder (resume a batch)",
+        help="skip images whose two outputs napari-unet already wrote in the output folder (resume a batch)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files at the output paths that napari-unet did not write (refused by default; "
+        "its own earlier outputs are always replaced; an input is never replaced)",
     )
     parser.add_argument(
         "--keep-going",
@@ -225,6 +236,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = _bounded_number(text, float, "a number", 0.0)
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, at least 0, got {value}")
+    return value
+
+
 def _bounded_number(text: str, kind, what: str, minimum):
     try:
         value = kind(text)
@@ -243,13 +261,19 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _expand_folders(paths: list[Path]) -> list[Path]:
-    """Image paths, with each folder replaced by the TIFF files in it (sorted; not recursive)."""
+    """Image paths, with each folder replaced by the TIFF files in it (sorted; not recursive) except napari-unet's
+    own outputs (by the marker in their metadata, ``io.output_role``), so predicting into the folder of the images
+    and running again does not predict the outputs of the first run."""
+    from .io import output_role
+
     expanded = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_TIFF_SUFFIXES))
+            tiffs = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_TIFF_SUFFIXES))
+            found = [p for p in tiffs if output_role(p) is None]
             if not found:
-                raise CLIError(f"no TIFF images in folder {path}")
+                outputs = f" (only {len(tiffs)} napari-unet output(s))" if tiffs else ""
+                raise CLIError(f"no TIFF images in folder {path}{outputs}")
             expanded.extend(found)
         else:
             expanded.append(path)
@@ -283,16 +307,78 @@ def output_stem(path: Path) -> str:
     return path.stem
 
 
+OUTPUT_ROLES = ("labels", "probabilities")
+"""What ``predict`` writes of each image: ``<stem>_labels.tif`` and ``<stem>_probabilities.tif``."""
+
+
+def output_path(out: Path, stem: str, role: str) -> Path:
+    """Where ``predict`` writes the ``role`` output (one of :data:`OUTPUT_ROLES`) of the image ``stem``."""
+    return out / f"{stem}_{role}.tif"
+
+
 def _prepare_output_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"output folder {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".napari-unet-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
         raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
+    _check_writable(out)
+
+
+def _check_writable(folder: Path) -> None:
+    """CLIError unless a file can be created in ``folder``: a probe file with an unpredictable name, created
+    exclusively (``tempfile.mkstemp``: a file or symbolic link planted there is never opened), then removed."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".napari-unet-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CLIError(f"output folder {folder} is not writable: {e.strerror or e}") from None
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing file (the same for two paths of one file: links, ``..``, case), else
+    None."""
+    try:
+        info = path.stat()
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _check_outputs(jobs: list[tuple[Path, str]], out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Before any prediction: an output path that is one of ``inputs`` (the images, the model) is refused, always;
+    an existing file there that napari-unet did not write (no output marker, ``io.output_role``) is refused
+    unless ``overwrite``. Both say which file and why in one line."""
+    from .io import output_role
+
+    identities = {}
+    for path in inputs:
+        identities.setdefault(_file_identity(path), path)
+    identities.pop(None, None)
+    foreign = []
+    for image, stem in jobs:
+        for role in OUTPUT_ROLES:
+            target = output_path(out, stem, role)
+            same = identities.get(_file_identity(target))
+            if same is not None:
+                raise CLIError(
+                    f"the {role} of {image} would replace {same}, an input: napari-unet never writes over an "
+                    "input; choose another --out folder"
+                )
+            if not overwrite and target.exists() and output_role(target) is None:
+                foreign.append(str(target))
+    if len(foreign) == 1:
+        raise CLIError(
+            f"{foreign[0]} exists and was not written by napari-unet: not replaced (--overwrite replaces it)"
+        )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CLIError(
+            f"{len(foreign)} files at the output paths were not written by napari-unet: {shown}; not replaced "
+            "(--overwrite replaces them)"
+        )
 
 
 def model_input(array, info: dict, in_channels: int, path) -> tuple:
@@ -376,12 +462,13 @@ def _run_predict(args: argparse.Namespace) -> int:
         index, count = args.shard
         jobs = jobs[index::count]
     if args.skip_existing:
-        done = [
-            (p, s) for p, s in jobs if all((args.out / f"{s}_{k}.tif").is_file() for k in ("labels", "probabilities"))
-        ]
+        from .io import output_role
+
+        done = [(p, s) for p, s in jobs if all(output_role(output_path(args.out, s, r)) == r for r in OUTPUT_ROLES)]
         jobs = [job for job in jobs if job not in done]
         if done:
             print(f"skipping {len(done)} image(s) with outputs in {args.out}", file=sys.stderr, flush=True)
+    _check_outputs(jobs, args.out, [*images, args.model], args.overwrite)
 
     from .devices import resolve_device
     from .io import load_model
@@ -409,7 +496,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         started = time.monotonic()
         try:
             probabilities_path, labels_path, domain = _predict_file(
-                model, metadata, path, args.out / stem, settings, args.axes
+                model, metadata, path, args.out, stem, settings, args.axes
             )
         except (CLIError, ImageFileError) as e:
             if not args.keep_going:
@@ -426,18 +513,18 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_file(
-    model, metadata: dict, path: Path, prefix: Path, settings: PredictionSettings, axes: str | None = None
+    model, metadata: dict, path: Path, out: Path, stem: str, settings: PredictionSettings, axes: str | None = None
 ) -> tuple:
-    """Predict one image file (``axes``: ``--axes``, or None for the file's) into ``<prefix>_probabilities.tif`` and
-    ``<prefix>_labels.tif``; returns both paths and the image's ``domain.DomainCheck`` (None for a model without a
-    training profile)."""
+    """Predict one image file (``axes``: ``--axes``, or None for the file's) into ``out/<stem>_probabilities.tif``
+    and ``out/<stem>_labels.tif``; returns both paths and the image's ``domain.DomainCheck`` (None for a model
+    without a training profile)."""
     from .io import open_image
 
     with open_image(path, axes) as (lazy, info):  # tiles are read from the file as prediction needs them
         image, spatial_axes = model_input(lazy, info, model.in_channels, path)
         try:
             with progress_bar(path.name) as progress:
-                return _predict_to_files(model, metadata, image, prefix, spatial_axes, info, settings, progress)
+                return _predict_to_files(model, metadata, image, out, stem, spatial_axes, info, settings, progress)
         except ImageFileError:
             raise  # names the file already
         except ValueError as e:
@@ -445,22 +532,34 @@ def _predict_file(
 
 
 def _predict_to_files(
-    model, metadata: dict, image, prefix: Path, spatial_axes: str, info: dict, settings: PredictionSettings, progress
+    model,
+    metadata: dict,
+    image,
+    out: Path,
+    stem: str,
+    spatial_axes: str,
+    info: dict,
+    settings: PredictionSettings,
+    progress,
 ) -> tuple:
-    """Predict ``image`` (``predict.predict_image``), write ``<prefix>_probabilities.tif`` and
-    ``<prefix>_labels.tif``; returns both paths and the outputs' ``domain`` check, whose figures both files hold
-    in their metadata (``{"domain": DomainCheck.as_metadata()}``, ``io.read_tiff_record``).
+    """Predict ``image`` (``predict.predict_image``), write ``out/<stem>_probabilities.tif`` and
+    ``out/<stem>_labels.tif``; returns both paths and the outputs' ``domain`` check, whose figures both files hold
+    in their metadata (``{"domain": DomainCheck.as_metadata()}``, ``io.read_tiff_record``) next to the output
+    marker (``io.output_role``).
 
     The class probabilities (4 bytes per class and pixel, the largest array of a prediction) and the labels are
     predicted into hidden ``.npy`` memory maps next to the outputs instead of RAM, and the scratch files are deleted
-    afterwards, also when prediction fails.
+    afterwards, also when prediction fails. Their names are unpredictable and each is created exclusively
+    (``tempfile.mkstemp``) before it is mapped, so a symbolic link planted in the output folder is never followed.
     """
     import numpy as np
 
     scratch = []
 
     def scratch_file(role: str, shape: tuple, dtype) -> np.ndarray:
-        scratch.append(prefix.parent / f".{prefix.name}_{role}.{os.getpid()}.npy")
+        fd, name = tempfile.mkstemp(dir=out, prefix=f".{stem}_{role}.", suffix=".npy")
+        os.close(fd)
+        scratch.append(Path(name))
         return np.lib.format.open_memmap(scratch[-1], mode="w+", dtype=dtype, shape=shape)
 
     outputs = None
@@ -468,9 +567,10 @@ def _predict_to_files(
         outputs = predict_image(model, metadata, image, settings, out=scratch_file, progress=progress)
         domain = outputs.domain
         record = None if domain is None else {"domain": domain.as_metadata()}
+        probabilities = output_path(out, stem, "probabilities")
         return (
-            _write_output(Path(f"{prefix}_probabilities.tif"), outputs.probabilities, "C" + spatial_axes, info, record),
-            _write_output(Path(f"{prefix}_labels.tif"), outputs.labels, spatial_axes, info, record),
+            _write_output(probabilities, outputs.probabilities, "C" + spatial_axes, info, record, "probabilities"),
+            _write_output(output_path(out, stem, "labels"), outputs.labels, spatial_axes, info, record, "labels"),
             domain,
         )
     finally:
@@ -480,15 +580,17 @@ def _predict_to_files(
                 path.unlink(missing_ok=True)
 
 
-def _write_output(target: Path, data, axes: str, info: dict, record: dict | None = None) -> Path:
-    """Write one prediction output with the input's pixel size (when it has a unit) and ``record`` in its metadata;
-    CLIError if impossible."""
+def _write_output(target: Path, data, axes: str, info: dict, record: dict | None, role: str) -> Path:
+    """Write one prediction output with the input's pixel size (when it has a unit), ``record`` and the output
+    marker of ``role`` in its metadata; CLIError if impossible."""
     from .io import write_tiff
 
     try:
         if info["unit"]:
-            return write_tiff(target, data, axes=axes, scale=info["scale"], unit=info["unit"], record=record)
-        return write_tiff(target, data, axes=axes, record=record)
+            return write_tiff(
+                target, data, axes=axes, scale=info["scale"], unit=info["unit"], record=record, output=role
+            )
+        return write_tiff(target, data, axes=axes, record=record, output=role)
     except OSError as e:
         raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
 
@@ -519,7 +621,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="TIFF label images, one per image: 0 = unpainted, ids 1..K = classes (at least two painted)",
     )
     parser.add_argument(
-        "--out", "-o", required=True, type=Path, metavar="MODEL", help="model file to write (.safetensors)"
+        "--out",
+        "-o",
+        required=True,
+        type=Path,
+        metavar="MODEL",
+        help="model file to write (.safetensors); it holds the latest checkpoint while training runs",
     )
     _add_axes_argument(parser, "every --images file")
     parser.add_argument(
@@ -527,6 +634,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         metavar="SECONDS",
         help=f"training time (default {defaults.time_budget:g} s unless --iterations)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_float,
+        default=DEFAULT_CHECKPOINT_SECONDS,
+        metavar="SECONDS",
+        help="write the model trained so far to --out at this interval, atomically, so a killed run leaves a "
+        f"loadable model (default {DEFAULT_CHECKPOINT_SECONDS:g}; 0: only at the end). Ctrl-C or SIGTERM stop "
+        "training and save the model trained so far (exit code 130 or 143)",
     )
     parser.add_argument(
         "--iterations",
@@ -621,8 +737,7 @@ def _run_train(args: argparse.Namespace) -> int:
     missing = [str(p) for p in [*args.images, *args.labels] if not p.is_file()]
     if missing:
         raise CLIError(f"file not found: {', '.join(missing)}")
-    if args.out.parent and not args.out.parent.is_dir():
-        raise CLIError(f"output folder {args.out.parent} does not exist")
+    _check_model_path(args.out, [*args.images, *args.labels])
     from .io import load_model
 
     init = load_model(args.init) if args.init is not None else None  # its architecture wins over --depth/--filters
@@ -633,6 +748,48 @@ def _run_train(args: argparse.Namespace) -> int:
             [_read_training_pair(files, i, lab, in_channels, args.axes) for i, lab in zip(args.images, args.labels)],
             init,
         )
+
+
+def _check_model_path(out: Path, inputs: list[Path]) -> None:
+    """Before training: ``--out`` is not a folder nor another non-file, not one of ``inputs`` (the same file by
+    any path), and its folder exists and takes a new file (probed), so no training is lost to an unwritable
+    path."""
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a folder: give the model file's path, e.g. {out / 'model.safetensors'}")
+    if out.exists() and not out.is_file():
+        raise CLIError(f"--out {out} exists and is not a file")
+    identity = _file_identity(out)
+    same = next((p for p in inputs if identity is not None and _file_identity(p) == identity), None)
+    if same is not None:
+        raise CLIError(f"--out {out} is the input {same}: napari-unet never writes over an input")
+    folder = out.parent
+    if not folder.is_dir():
+        raise CLIError(f"output folder {folder} does not exist")
+    _check_writable(folder)
+
+
+DEFAULT_CHECKPOINT_SECONDS = 120.0
+"""``napari-unet train --checkpoint-every`` default: a killed run loses at most this much training."""
+
+
+class _Checkpoints:
+    """Writes the model trained so far to ``path`` (``Trainer.save``: atomic, so the file is always a whole model)
+    each ``interval`` seconds of training (0: never); a failed write is a warning and training goes on."""
+
+    def __init__(self, trainer, path: Path, interval: float):
+        self.trainer, self.path, self.interval = trainer, path, interval
+        self.last = time.monotonic()
+
+    def maybe_save(self) -> None:
+        if not self.interval or time.monotonic() - self.last < self.interval:
+            return
+        try:
+            self.trainer.save(self.path)
+        except OSError as e:
+            _warn(f"checkpoint to {self.path} failed: {e.strerror or e}; training goes on")
+        else:
+            print(f"checkpoint at iteration {self.trainer.iteration}: {self.path}", file=sys.stderr, flush=True)
+        self.last = time.monotonic()
 
 
 def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
@@ -682,6 +839,22 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         file=sys.stderr,
         flush=True,
     )
+    with _StopOnSignals(trainer) as stop:
+        code = _train(trainer, _Checkpoints(trainer, args.out, args.checkpoint_every), stop)
+        if trainer.iteration == 0 and code:
+            print("interrupted before the first iteration: nothing saved", file=sys.stderr, flush=True)
+            return code
+        try:
+            save_model(trainer.model, args.out, trainer.metadata)
+        except OSError as e:
+            raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
+    print(args.out, flush=True)
+    return stop.code or code
+
+
+def _train(trainer, checkpoints: _Checkpoints, stop: _StopOnSignals) -> int:
+    """Run ``trainer`` with a progress line each 5 s and checkpoints; returns 0, or the exit code of the signal
+    (Ctrl-C, SIGTERM) that ended it (the model trained so far is then the trainer's)."""
     events, last = trainer.run(), -float("inf")
     try:
         for event in events:
@@ -697,23 +870,87 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
                 )
             if event.done and event.reason == "not_finite":
                 if event.iteration == 0:
-                    raise CLIError(f"{event.message}: {args.out} not written")
+                    raise CLIError(f"{event.message}: {checkpoints.path} not written")
                 _warn(event.message)
-    except KeyboardInterrupt:
+            if not event.done:
+                checkpoints.maybe_save()
+    except KeyboardInterrupt as e:  # a second signal (or Ctrl-C where its handler could not be set)
         events.close()
         print(
             f"interrupted at iteration {trainer.iteration}: saving the model trained so far",
             file=sys.stderr,
             flush=True,
         )
+        return getattr(e, "code", _INTERRUPT_CODE)
     except ValueError as e:  # a device that cannot be used
         raise CLIError(str(e)) from None
+    if stop.code:
+        print(
+            f"stopped by {stop.name} at iteration {trainer.iteration}: saving the model trained so far",
+            file=sys.stderr,
+            flush=True,
+        )
+    return stop.code
+
+
+# --------------------------------------------------------------------------------------
+# signals
+
+_INTERRUPT_CODE = 128 + signal.SIGINT
+"""The exit code of a command that Ctrl-C ended (130), as shells report a process that SIGINT ended."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends a command: Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption, ``timeout``, ``kill``).
+    ``code`` is the exit code, ``128 + signal number`` (130, 143), as shells report a process the signal ended."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+@contextlib.contextmanager
+def _handling(handler, signals: tuple[int, ...]):
+    """``handler`` for ``signals`` inside the block, the previous handlers restored after it. Only in the main
+    thread (the only one Python runs handlers in), and never for a signal the parent process set to be ignored
+    (``nohup``, a shell's background job): that choice stands."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
     try:
-        save_model(trainer.model, args.out, trainer.metadata)
-    except OSError as e:
-        raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
-    print(args.out, flush=True)
-    return 0
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+class _StopOnSignals:
+    """For the duration of a training: the first Ctrl-C or SIGTERM asks the trainer to stop after its current
+    iteration (``Trainer.request_stop``; the model it leaves is then saved and the command exits with ``code``,
+    130 or 143), a second one raises :class:`Interrupted` at once."""
+
+    def __init__(self, trainer):
+        self.trainer, self.code, self.name = trainer, 0, None
+        self._handling = _handling(self._handle, (signal.SIGINT, signal.SIGTERM))
+
+    def _handle(self, signum, frame) -> None:
+        if self.code:
+            raise Interrupted(signum)
+        self.code, self.name = 128 + signum, signal.Signals(signum).name
+        self.trainer.request_stop()
+
+    def __enter__(self) -> _StopOnSignals:
+        self._handling.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._handling.__exit__(*exc_info)
 
 
 # --------------------------------------------------------------------------------------
@@ -869,9 +1106,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt files: our one-line error says it
     try:
-        return COMMANDS[args.command].run(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        with _handling(_raise_interrupted, (signal.SIGTERM,)):  # like Ctrl-C: `finally` blocks clean up
+            return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt as e:
+        return _fail(f"interrupted ({e.args[0] if e.args else 'SIGINT'})", getattr(e, "code", _INTERRUPT_CODE))
     except (CLIError, ModelFileError, ImageFileError) as e:
         return _fail(str(e), 2)
     except Exception as e:

@@ -92,8 +92,8 @@ def run_demo(
     settings = PredictionSettings(device=device)  # the defaults of `napari-unet predict`
     for path, truth_path in zip(paths["images"][1:], paths["truths"][1:]):
         predicted = predict_image(trainer.model, trainer.metadata, tifffile.imread(path), settings)
-        write_tiff(out / f"{path.stem}_probabilities.tif", predicted.probabilities, axes="CYX")
-        write_tiff(out / f"{path.stem}_labels.tif", predicted.labels, axes="YX")
+        write_tiff(out / f"{path.stem}_probabilities.tif", predicted.probabilities, axes="CYX", output="probabilities")
+        write_tiff(out / f"{path.stem}_labels.tif", predicted.labels, axes="YX", output="labels")
         scores[path.name] = dice(predicted.labels == NUCLEUS_ID, tifffile.imread(truth_path) > 0)
         log(f"{path.name}: Dice {scores[path.name]:.3f} (nucleus vs ground truth)")
     mean = float(np.mean(list(scores.values())))

@@ -11,7 +11,8 @@ Model files
     anything that is not a valid napari-unet safetensors file (a torch ``.pt`` pickle, a
     crafted pickle, a truncated or corrupt file) is refused with :class:`ModelFileError`.
     Writes are atomic (temporary file in the same folder, fsync, ``os.replace``), so a crash
-    mid-save leaves the previous file intact.
+    mid-save leaves the previous file intact; the temporary file is created exclusively under an unpredictable
+    name, and the ones killed processes left are removed by the next write (:func:`atomic_write`).
 
 TIFF images
     :func:`read_image` reads the first image series with tifffile (:func:`open_image`: the same
@@ -35,10 +36,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
+import re
+import secrets
+import socket
+import threading
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 
@@ -64,10 +69,15 @@ def atomic_write(path, write) -> Path:
 
     The temporary file is fsynced before ``os.replace``, so ``path`` holds either its previous
     content or the complete new file, never a partial one. On any error the temporary file
-    is removed and the error propagates.
+    is removed and the error propagates. The temporary file gets an unpredictable name and is created
+    exclusively (never through a symbolic link someone planted) before ``write`` fills it; its name holds this
+    host and process, so the first write of a process into a folder removes the temporary files that killed
+    processes of this host left there (:func:`remove_stale_temporaries`; once per folder, so writing thousands of
+    outputs into one folder lists it once).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    _remove_stale_once(path.parent)
+    tmp = _exclusive_temporary(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -79,6 +89,71 @@ def atomic_write(path, write) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+_TEMPORARY_SUFFIX = ".tmp"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+_USER = os.getuid() if hasattr(os, "getuid") else 0  # Windows: no owners in st_uid (always 0)
+_TEMPORARY = re.compile(
+    r"\..+\." + re.escape(_HOST) + r"\.(?P<pid>[0-9]+)\.[0-9a-f]{16}" + re.escape(_TEMPORARY_SUFFIX)
+)
+_cleaned_folders: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.<name>.<host>.<pid>.`` for this process's temporary files of ``path`` (the name shortened, so a long
+    one stays within the file name limit)."""
+    return f".{path.name[:120]}.{_HOST}.{os.getpid()}."
+
+
+def _exclusive_temporary(path: Path) -> Path:
+    """A new empty file next to ``path``, named ``.<name>.<host>.<pid>.<random>.tmp``: created with
+    ``O_CREAT | O_EXCL`` (and ``O_NOFOLLOW``), so an existing file or symbolic link is never opened; the mode
+    follows the umask, as an ``open`` would."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f"{_temporary_prefix(path)}{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue  # taken (by chance, or planted): another name
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def _remove_stale_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    with _cleaned_lock:
+        if key in _cleaned_folders:
+            return
+        _cleaned_folders.add(key)
+    remove_stale_temporaries(folder)
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` calls of processes no longer alive on this host left in
+    ``folder`` (a process killed mid-write); returns them.
+
+    Only regular files of the current user whose name has exactly the form ``.<name>.<this host>.<pid>.<16
+    hex>.tmp`` with ``pid`` not running are removed: another host's (a shared network folder), a live process's,
+    someone else's, and any other file stay.
+    """
+    import psutil
+
+    removed = []
+    with suppress(OSError):
+        with os.scandir(folder) as entries:
+            found = [(entry, _TEMPORARY.fullmatch(entry.name)) for entry in entries if entry.name.startswith(".")]
+        for entry, match in found:
+            if match is None or int(match["pid"]) == os.getpid() or psutil.pid_exists(int(match["pid"])):
+                continue
+            with suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if S_ISREG(info.st_mode) and info.st_uid == _USER:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -444,7 +519,7 @@ def _ome_scale(xml: str) -> tuple[dict, str | None]:
     return scale, _unit_name(pixels.get("PhysicalSizeXUnit", "µm"))
 
 
-def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="um", record=None) -> Path:
+def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="um", record=None, output=None) -> Path:
     """Write ``array`` to a TIFF file atomically; returns the path.
 
     ``axes`` uses the letters ``TZCYX`` (default ``YX``, ``ZYX`` or ``CZYX`` by
@@ -455,9 +530,17 @@ def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="
     JSON-serialisable dict (e.g. ``{"domain": ...}`` of ``napari-unet predict``), is stored
     as ``{"napari_unet": record}``: JSON text in the ImageJ ``Info`` property (Fiji: Image >
     Show Info), or a key of a shaped TIFF's description; :func:`read_tiff_record` reads it back.
+    ``output``, the role of a file napari-unet computed (``"labels"``, ``"probabilities"``), marks it as
+    napari-unet's output: the record then holds ``"output": output`` and the version
+    (:func:`output_role` reads it), which is how ``napari-unet predict`` tells its own files, which it may
+    replace, from the user's, which it never replaces unasked.
     """
     import tifffile
 
+    from . import __version__
+
+    if output is not None:
+        record = {**(record or {}), OUTPUT_KEY: str(output), "napari_unet_version": __version__}
     array = np.asarray(array)
     axes = axes or {2: "YX", 3: "ZYX", 4: "CZYX"}.get(array.ndim)
     if axes is None or len(axes) != array.ndim:
@@ -504,3 +587,22 @@ def read_tiff_record(path) -> dict | None:
             stored = tif.shaped_metadata[0].get(METADATA_KEY)
             return stored if isinstance(stored, dict) else None
     return None
+
+
+OUTPUT_KEY = "output"
+"""The key of a TIFF record (:func:`read_tiff_record`) that marks a file as napari-unet's output."""
+
+
+def output_role(path) -> str | None:
+    """The role (``"labels"``, ``"probabilities"``) of a TIFF that napari-unet wrote as an output
+    (``write_tiff(..., output=role)``), or None for any other file: the user's images and labels, a file
+    that is not a readable TIFF, a folder, a FIFO or device (never opened: reading one could wait forever), a
+    missing path."""
+    try:
+        if not Path(path).is_file():
+            return None
+        record = read_tiff_record(path)
+    except (ImageFileError, OSError):
+        return None
+    role = None if record is None else record.get(OUTPUT_KEY)
+    return role if isinstance(role, str) else None
