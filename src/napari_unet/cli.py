@@ -37,6 +37,7 @@ from .io import ImageFileError, ModelFileError
 from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from .predict import PredictionSettings, predict_image
 from .refine import AUTO
+from .training_settings import CHECKPOINT_SECONDS
 
 PROG = "napari-unet"
 
@@ -768,8 +769,7 @@ def _check_model_path(out: Path, inputs: list[Path]) -> None:
     _check_writable(folder)
 
 
-DEFAULT_CHECKPOINT_SECONDS = 120.0
-"""``napari-unet train --checkpoint-every`` default: a killed run loses at most this much training."""
+DEFAULT_CHECKPOINT_SECONDS = CHECKPOINT_SECONDS
 
 
 class _Checkpoints:

@@ -214,6 +214,9 @@ class TrainingSettings:
         check_recipe(self.normalization)
 
 
+CHECKPOINT_SECONDS = 120.0
+"""How often a long training writes the model trained so far (``napari-unet train --checkpoint-every``, the widget's
+recovery file): a killed run loses at most this much training."""
 MAX_LEARNING_RATE = 1.0
 """Largest peak learning rate accepted (Adam; the default is 2e-3)."""
 MAX_PATCH_SIZE = 4096

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from qtpy.QtCore import QObject, QTimer, Signal
 
+from ..training_settings import CHECKPOINT_SECONDS
 from .remembered import CONFIG_DIR_VARIABLE
 
 FILE_NAME = "recovery.safetensors"
-RECOVERY_INTERVAL = 120.0
-"""Seconds between writes of the recovery file while the widget trains."""
+RECOVERY_INTERVAL = CHECKPOINT_SECONDS
+"""Seconds between writes of the recovery file while the widget trains (the CLI's checkpoint interval)."""
 RECORD_KEY = "recovery"
 """The recovery file's metadata entry (when it was written, the iterations of that training run, the image); a
 recovered model drops it, so it never reaches a model file the user saves."""
