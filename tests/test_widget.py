@@ -41,6 +41,14 @@ def tiny(widget: UNetWidget, seconds: int = 3) -> UNetWidget:
     return widget
 
 
+def learns_the_square(widget: UNetWidget) -> UNetWidget:
+    """Tests that need a model that has learned the square train a fixed number of iterations (a time budget learns
+    less on a loaded machine); the budget is only a safety net."""
+    widget.training.form["iterations"].value = 300
+    widget.training.basic["time_budget"].value = 120
+    return widget
+
+
 @pytest.fixture
 def setup(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
@@ -81,8 +89,7 @@ def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
     viewer, widget = setup
     labels_before = viewer.layers["cells labels"].data.copy()
     widget.preview_interval = 0.5
-    widget.training.basic["time_budget"].value = 4
-    widget.train()
+    learns_the_square(widget).train()
     assert widget.busy and not widget.train_button.isEnabled() and widget.stop_button.isEnabled()
     wait_idle(qtbot, widget)
     assert widget.last_error is None
@@ -299,7 +306,7 @@ def test_an_image_unlike_the_training_images_is_a_notification_and_its_outputs_h
     from napari_unet.widgets import unet_widget
 
     viewer, widget = setup
-    widget.train()
+    learns_the_square(widget).train()
     wait_idle(qtbot, widget)
     assert widget.metadata["training_profile"]["images"][0]["class_fractions"]
     specks = viewer.layers["cells"].data.copy()
