@@ -130,16 +130,15 @@ def test_progress_and_stop():
     calls = []
     predict_tiled(model, image, tile_shape=16, batch_size=4, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(4, 16), (8, 16), (12, 16), (16, 16)]
-    polls = []
-
-    def stop_after_two():
-        polls.append(1)
-        return len(polls) > 2
-
     seen = []
     with pytest.raises(PredictionStopped):
         predict_tiled(
-            model, image, tile_shape=16, batch_size=4, progress=lambda d, t: seen.append(d), should_stop=stop_after_two
+            model,
+            image,
+            tile_shape=16,
+            batch_size=4,
+            progress=lambda d, t: seen.append(d),
+            should_stop=lambda: len(seen) >= 2,  # asked after the second batch
         )
     assert seen == [4, 8]
 
