@@ -17,10 +17,10 @@ import math
 INFERENCE_FLOATS_PER_VOXEL_AND_FILTER = 6
 """Measured peak of live float activations per input voxel and base filter in an inference pass (the skip
 connections of all levels, at most twice the first level's, and the tensors of the level being computed)."""
-TRAINING_FLOATS_PER_VOXEL_AND_FILTER = 24
+TRAINING_FLOATS_PER_VOXEL_AND_FILTER = 20
 """Peak floats of a training step per input voxel and base filter: the activations kept for the backward pass
 (every convolution, batch norm and activation output of every level, the concatenations) and the gradients of the
-largest of them; measured 19-22 on CPU for depths 2 and 4 (``tests/test_memory.py`` checks the bound)."""
+largest of them; measured 15 to 22 on CPU for depths 2 to 4 (``tests/test_memory.py`` checks the bound)."""
 PARAMETER_COPIES_IN_TRAINING = 5
 """Float copies of the parameters while training: weights, gradients, Adam's two moments, the weight average."""
 

@@ -1,0 +1,225 @@
+"""Memory: out-of-memory retries give the same result, budgets from the device's free memory, sizes beyond the
+device refused up front, and the estimates bound a measured peak."""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet import UNet, predict_tiled, tiling
+from napari_unet import memory as memory_module
+from napari_unet.memory import (
+    DeviceMemoryError,
+    OutOfMemoryRetry,
+    inference_bytes,
+    is_out_of_memory,
+    training_bytes,
+)
+from napari_unet.predict import PredictionSettings, predict_image
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+class _Shared(list):
+    """A list that model copies (``inference_copy`` deep-copies) share."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class OutOfMemoryAbove(UNet):
+    """A U-Net whose forward pass raises ``error`` when its input holds more than ``limit`` elements (as an
+    allocator would); ``sizes`` records the input sizes it was called with (shared by its inference copies)."""
+
+    def __init__(self, limit, error, sizes, **config):
+        super().__init__(**config)
+        self.limit, self.error, self.sizes = limit, error, sizes
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape))
+        if x.numel() > self.limit:
+            raise self.error
+        return super().forward(x)
+
+
+def _failing(make_model, limit, error=None):
+    """The tiny model of ``make_model`` and a copy of it with the same weights that fails above ``limit``."""
+    plain = make_model()
+    error = error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    failing = OutOfMemoryAbove(limit, error, _Shared(), **plain.config)
+    failing.load_state_dict(plain.state_dict())
+    return plain, failing.eval()
+
+
+def test_out_of_memory_retries_with_smaller_batches_then_tiles_and_says_so_once(make_model):
+    image = np.random.default_rng(0).random((100, 90)).astype(np.float32)
+    plain, failing = _failing(make_model, limit=0)
+    tile = failing.legal_input_shape(64)  # 64 px output tiles; inputs under 48x48 pixels fit
+    failing.limit = math.prod(plain.legal_input_shape(32)) + 1
+    expected = predict_tiled(plain, image, tile_shape=64, batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = predict_tiled(failing, image, tile_shape=64, batch_size=4)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    batches = [s[0] for s in failing.sizes]
+    assert failing.sizes[0][2:] == tile and batches[:3] == [4, 2, 1]  # batches halved first, then the tiles
+    passed = [i for i, s in enumerate(failing.sizes) if math.prod(s) <= failing.limit]
+    assert passed == list(range(passed[0], len(failing.sizes)))  # smaller and smaller until it fits, then no failure
+    retries = [w for w in caught if issubclass(w.category, OutOfMemoryRetry)]
+    assert len(retries) == 1
+    assert "in batches of 4" in str(retries[0].message) and "the same result" in str(retries[0].message)
+
+
+def test_cpu_allocator_errors_are_retried_too(make_model):
+    image = np.random.default_rng(1).random((70, 70)).astype(np.float32)
+    error = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried")
+    plain, failing = _failing(make_model, limit=0, error=error)
+    failing.limit = math.prod(plain.legal_input_shape(32))
+    with pytest.warns(OutOfMemoryRetry):
+        result = predict_tiled(failing, image, tile_shape=64, batch_size=1)
+    np.testing.assert_allclose(result, predict_tiled(plain, image), atol=1e-5)
+
+
+def test_out_of_memory_at_the_smallest_tile_names_the_options(make_model):
+    _, failing = _failing(make_model, limit=1)
+    with pytest.raises(DeviceMemoryError, match="--tile and --batch-size") as raised:
+        predict_tiled(failing, np.zeros((80, 80), np.float32), tile_shape=64, batch_size=2)
+    assert isinstance(raised.value, ValueError)  # the CLI's and the widget's one-line path
+    smallest = failing.legal_input_shape(failing.grid)
+    assert failing.sizes[-1] == (1, 1, *smallest)
+
+
+def test_other_errors_are_not_retried(make_model):
+    _, failing = _failing(make_model, limit=0, error=RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        predict_tiled(failing, np.zeros((40, 40), np.float32), batch_size=2)
+    assert len(failing.sizes) == 1
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GiB)"))
+
+
+def test_cuda_tile_budget_comes_from_the_gpu_free_memory(monkeypatch):
+    import psutil
+
+    free_gpu = 600 * 1024**2
+
+    class Plenty:
+        available = 512 * 1024**3
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Plenty)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gpu, 80 * 1024**3))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 100 * 1024**2)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    cuda = torch.device("cuda")
+    assert memory_module.available_bytes(cuda) == free_gpu + 100 * 1024**2
+    assert tiling.default_memory_bytes(cuda) == (free_gpu + 100 * 1024**2) // 2
+    assert tiling.default_memory_bytes("cpu") == tiling.DEFAULT_MEMORY_BYTES  # the host has plenty
+    model = UNet(base_filters=16, depth=3)
+    voxels = tiling.default_max_input_voxels(model, device=cuda)
+    assert voxels == (free_gpu + 100 * 1024**2) // 2 // (4 * memory_module.INFERENCE_FLOATS_PER_VOXEL_AND_FILTER * 16)
+    assert math.prod(tiling.plan_tiles(model, (8192, 8192), max_input_voxels=voxels).input_tile) <= voxels
+
+
+def test_chosen_sizes_beyond_the_device_are_refused_before_allocation(make_model, monkeypatch):
+    model = make_model()
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device=None: 64 * 1024**2)
+    copies = []
+    monkeypatch.setattr(type(model), "inference_copy", lambda self: copies.append(self))
+    image = np.zeros((2000, 2000), np.float32)
+    with pytest.raises(DeviceMemoryError, match="--tile or --batch-size") as raised:
+        predict_tiled(model, image, tile_shape=2000)
+    assert "free on cpu" in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(DeviceMemoryError, match="--refine-radius"):
+        predict_tiled(model, image, refine_radius=5000)
+    assert copies == []  # nothing was allocated for the network
+
+
+def test_cli_refuses_a_tile_beyond_the_memory_in_one_line(tmp_path, make_model, monkeypatch, capsys):
+    import tifffile
+
+    from napari_unet.cli import main
+    from napari_unet.io import save_model
+
+    save_model(make_model(), tmp_path / "m.safetensors", {"class_ids": [1, 2, 3]})
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((600, 600), np.uint8))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device=None: 16 * 1024**2)
+    args = ["predict", "-m", str(tmp_path / "m.safetensors"), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out")]
+    assert main([*args, "--tile", "600", "600", "--no-test-time-flips", "--refine-radius", "0"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--tile or --batch-size" in error[0]
+    assert not list((tmp_path / "out").glob("*.tif"))
+
+
+_MEASURE = """
+import math, resource, sys, torch
+from napari_unet import UNet
+torch.set_num_threads(1)
+mode, depth, base, size, batch = sys.argv[1], *map(int, sys.argv[2:])
+model = UNet(depth=depth, base_filters=base, n_classes=3)
+def step(shape, n):
+    x = torch.rand(n, 1, *shape)
+    if mode == "train":
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters())
+        model(x).logsumexp(1).mean().backward()
+        optimizer.step()
+    else:
+        with torch.inference_mode():
+            torch.softmax(model.inference_copy()(x), 1)
+step(model.legal_input_shape(8), 1)  # libraries loaded, kernels chosen
+with open("/proc/self/statm") as statm:  # resident now: the baseline
+    before = int(statm.read().split()[1]) * resource.getpagesize()
+step(model.legal_input_shape(size), batch)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+@pytest.mark.parametrize(("mode", "depth", "base", "size", "batch"), [("infer", 3, 8, 480, 2), ("train", 3, 8, 200, 2)])
+def test_estimates_bound_the_measured_peak(mode, depth, base, size, batch):
+    """The peak resident memory a forward (and backward) pass adds to the resident memory before it, measured in a
+    child process, lies within a factor 2 of the estimate."""
+    # glibc's fixed mmap threshold: tensors are mapped and unmapped, not kept in the heap once freed (a heap that
+    # grew earlier would hold this pass's tensors without the peak rising)
+    env = {**os.environ, "PYTHONPATH": SRC, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    args = [mode, str(depth), str(base), str(size), str(batch)]
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *args], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    measured = int(run.stdout.split()[-1])
+    model = UNet(depth=depth, base_filters=base, n_classes=3)
+    tile = model.legal_input_shape(size)
+    estimate = (training_bytes if mode == "train" else inference_bytes)(model, tile, batch)
+    assert estimate / 2 <= measured <= estimate * 2, (measured, estimate)
+
+
+def test_cli_says_once_that_it_predicted_with_smaller_tiles(tmp_path, make_model, monkeypatch, capsys):
+    import tifffile
+
+    from napari_unet import io
+    from napari_unet.cli import main
+
+    plain, failing = _failing(make_model, limit=0)
+    failing.limit = math.prod(plain.legal_input_shape(32))
+    metadata = {"class_ids": [1, 2, 3], "config": failing.config}
+    monkeypatch.setattr(io, "load_model", lambda path: (failing, metadata))
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # restored after the test
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    warnings.resetwarnings()  # Python's default: each distinct warning once
+    image = (np.random.default_rng(2).random((90, 90)) * 255).astype(np.uint8)
+    for name in ("a.tif", "b.tif"):
+        tifffile.imwrite(tmp_path / name, image)
+    args = ["predict", "-m", "m.safetensors", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "-o", str(tmp_path)]
+    assert main([*args, "--tile", "64", "64", "--no-test-time-flips", "--refine-radius", "0"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
+    assert len(lines) == 1 and lines[0].startswith("napari-unet: warning: out of memory on cpu")
+    labels = tifffile.imread(tmp_path / "a_labels.tif")
+    settings = PredictionSettings(tile_shape=(64, 64), test_time_flips=False, refine_radius=0)
+    expected = predict_image(plain, {"class_ids": [1, 2, 3]}, image, settings).labels
+    assert np.array_equal(labels, expected)  # the same segmentation as without the failures
