@@ -223,3 +223,88 @@ def test_cli_says_once_that_it_predicted_with_smaller_tiles(tmp_path, make_model
     settings = PredictionSettings(tile_shape=(64, 64), test_time_flips=False, refine_radius=0)
     expected = predict_image(plain, {"class_ids": [1, 2, 3]}, image, settings).labels
     assert np.array_equal(labels, expected)  # the same segmentation as without the failures
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+
+def _strokes(shape=(64, 64)):
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, shape).astype(np.float32)
+    image[:, shape[1] // 2 :] += 100
+    labels = np.zeros(shape, np.uint8)
+    labels[8:-8, 8:11], labels[8:-8, -12:-9] = 1, 2
+    return image, labels
+
+
+def _training_settings(**kwargs):
+    from napari_unet.training import TrainingSettings
+
+    tiny = dict(depth=1, base_filters=4, patch_size=32, batch_size=4, time_budget=None, device="cpu", cpu_threads=1)
+    return TrainingSettings(**{**tiny, "specks": 0.0, **kwargs})
+
+
+def _failing_training(monkeypatch, limit=None, after=None):
+    """Training forward passes (train mode) raise CUDA's out-of-memory error above ``limit`` input elements, or
+    from the ``after``-th pass on; returns the input shapes of the training passes."""
+    shapes = []
+    forward = UNet.forward
+
+    def failing(self, x):
+        if self.training:
+            shapes.append(tuple(x.shape))
+            if (limit is not None and x.numel() > limit) or (after is not None and len(shapes) > after):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return forward(self, x)
+
+    monkeypatch.setattr(UNet, "forward", failing)
+    return shapes
+
+
+def test_training_out_of_memory_halves_the_batch_then_the_patch(monkeypatch):
+    from napari_unet.training import Trainer
+
+    image, labels = _strokes()
+    trainer = Trainer(image, labels, _training_settings(iterations=4))
+    small = trainer.model.legal_input_shape(trainer.model.legal_output_shape(16))
+    shapes = _failing_training(monkeypatch, limit=math.prod(small))
+    with pytest.warns(OutOfMemoryRetry) as caught:
+        events = list(trainer.run())
+    assert events[-1].reason == "iterations" and events[-1].iteration == 4
+    assert [s[0] for s in shapes[:3]] == [4, 2, 1] and shapes[0][2:] == trainer.model.legal_input_shape(32)
+    assert all(s[2:] == small for s in shapes[-4:])  # the four iterations ran with the smaller patch
+    messages = [str(w.message) for w in caught]
+    assert "going on with batches of 2" in messages[0] and "going on with batches of 1" in messages[1]
+    assert all(np.isfinite(e.loss) for e in events)
+    assert trainer.metadata["training"]["history"][-1]["settings"]["batch_size"] == 1
+    assert tuple(trainer.metadata["training"]["input_shape"]) == small
+
+
+def test_training_out_of_memory_at_the_smallest_sizes_stops_and_keeps_the_model(monkeypatch, tmp_path):
+    from napari_unet.io import load_model
+    from napari_unet.training import Trainer
+
+    image, labels = _strokes()
+    trainer = Trainer(image, labels, _training_settings(iterations=50, batch_size=1, patch_size=8))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    _failing_training(monkeypatch, after=3)
+    with pytest.warns(OutOfMemoryRetry, match="training stopped after 3 iterations, the model trained so far is kept"):
+        events = list(trainer.run())
+    assert events[-1].done and events[-1].reason == "out_of_memory" and events[-1].iteration == 3
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # three steps were taken and kept
+    trainer.save(tmp_path / "m.safetensors")
+    model, metadata = load_model(tmp_path / "m.safetensors")
+    assert metadata["training"]["history"][-1]["stop_reason"] == "out_of_memory"
+
+
+def test_training_sizes_beyond_the_device_are_refused_before_the_first_step(monkeypatch):
+    from napari_unet.training import Trainer
+
+    image, labels = _strokes()
+    trainer = Trainer(image, labels, _training_settings(iterations=2, batch_size=64, patch_size=64, base_filters=8))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device=None: 32 * 1024**2)
+    shapes = _failing_training(monkeypatch)
+    with pytest.raises(DeviceMemoryError, match="--patch-size, --batch-size, --filters or --depth"):
+        next(trainer.run())
+    assert shapes == []
