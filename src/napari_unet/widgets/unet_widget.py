@@ -36,6 +36,7 @@ from .._workers import (
 from ..devices import DEVICE_CHOICES, default_cpu_threads, describe_device
 from ..predict import model_class_ids
 from .data_panel import DataPanel
+from .layer_watch import LayerWatch
 from .live_training import LiveTraining
 from .loss_plot import LossPlot
 from .model_panel import ModelPanel
@@ -81,6 +82,7 @@ class UNetWidget(QWidget):
         self._pbar = None
         self._window = None
         self._predict_sources: dict = {}
+        self._watch: LayerWatch | None = None
         self._relay = _Relay(self)
         self._relay.tiles.connect(self._on_tiles)
         self.last_error: str | None = None
@@ -261,6 +263,7 @@ class UNetWidget(QWidget):
         self._worker = worker
         self._pbar = progress(total=total, desc=description)
         worker.errored.connect(self._on_error)
+        worker.warned.connect(self._on_warned)
         worker.finished.connect(self._on_finished)
         worker.start()
 
@@ -321,7 +324,21 @@ class UNetWidget(QWidget):
         show_error(self.last_error)
         self.status_label.setText(self.last_error)
 
+    def _on_warned(self, warning: tuple) -> None:
+        """A warning from the worker (napari shows it as a notification): an out-of-memory retry is also the status."""
+        from ..memory import OutOfMemoryRetry
+
+        message, category = warning[0], warning[1]
+        if issubclass(category, OutOfMemoryRetry):
+            self.status_label.setText(f"U-Net: {message}")
+
     def _on_finished(self) -> None:
+        if self._task == "predict" and self._stop.is_set():
+            self.status_label.setText("Prediction stopped")
+            show_info("U-Net: prediction stopped; the images finished before it keep their outputs")
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._task == "train" and self._run is not None:  # a prediction or export has no run to end
             self._run.end()
         if self._pbar is not None:
@@ -372,6 +389,10 @@ class UNetWidget(QWidget):
         previews = self.training.preview_check.isChecked()
         self._run = run = LiveTraining(self.viewer, image, [lab for _, lab in pairs], previews=previews, parent=self)
         run.follow_view(settings.ndim)
+        images = list({id(im): im for im in [image, *(im for im, _ in pairs)]}.values())
+        self._watch = LayerWatch(
+            self.viewer, "training", images, [lab for _, lab in pairs], on_removed=run.source_removed
+        )
         worker = create_worker(
             train_steps,
             [self.data.input_image(im) for im, _ in pairs],
@@ -489,6 +510,7 @@ class UNetWidget(QWidget):
         self.last_error = None
         sources = list({id(la): la for la in (self.data.input_layers(layer)[0] for layer in layers)}.values())
         self._predict_sources = {layer.name: layer for layer in sources}
+        self._watch = LayerWatch(self.viewer, "prediction", sources)
         jobs = [PredictJob(layer.name, self.data.input_image(layer)) for layer in sources]
         worker = create_worker(
             predict_steps,
