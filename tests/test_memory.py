@@ -132,7 +132,7 @@ def test_chosen_sizes_beyond_the_device_are_refused_before_allocation(make_model
     copies = []
     monkeypatch.setattr(type(model), "inference_copy", lambda self: copies.append(self))
     image = np.zeros((2000, 2000), np.float32)
-    with pytest.raises(DeviceMemoryError, match="--tile or --batch-size") as raised:
+    with pytest.raises(DeviceMemoryError, match=r"--tile, --batch-size") as raised:
         predict_tiled(model, image, tile_shape=2000)
     assert "free on cpu" in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(DeviceMemoryError, match="--refine-radius"):
@@ -152,7 +152,7 @@ def test_cli_refuses_a_tile_beyond_the_memory_in_one_line(tmp_path, make_model, 
     args = ["predict", "-m", str(tmp_path / "m.safetensors"), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out")]
     assert main([*args, "--tile", "600", "600", "--no-test-time-flips", "--refine-radius", "0"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--tile or --batch-size" in error[0]
+    assert len(error) == 1 and "--tile, --batch-size" in error[0]
     assert not list((tmp_path / "out").glob("*.tif"))
 
 
@@ -189,10 +189,14 @@ def test_estimates_bound_the_measured_peak(mode, depth, base, size, batch):
     # grew earlier would hold this pass's tensors without the peak rising)
     env = {**os.environ, "PYTHONPATH": SRC, "MALLOC_MMAP_THRESHOLD_": "131072"}
     args = [mode, str(depth), str(base), str(size), str(batch)]
-    run = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *args], env=env, capture_output=True, text=True, timeout=120, check=True
-    )
-    measured = int(run.stdout.split()[-1])
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _MEASURE, *args], env=env, capture_output=True, text=True, timeout=120, check=True
+        )
+        for _ in range(2)
+    ]
+    # the smaller of two runs: resident memory only ever reads high (pages the kernel left mapped, huge pages)
+    measured = min(int(run.stdout.split()[0]) for run in runs)
     model = UNet(depth=depth, base_filters=base, n_classes=3)
     tile = model.legal_input_shape(size)
     estimate = (training_bytes if mode == "train" else inference_bytes)(model, tile, batch)
@@ -305,6 +309,6 @@ def test_training_sizes_beyond_the_device_are_refused_before_the_first_step(monk
     trainer = Trainer(image, labels, _training_settings(iterations=2, batch_size=64, patch_size=64, base_filters=8))
     monkeypatch.setattr(memory_module, "available_bytes", lambda device=None: 32 * 1024**2)
     shapes = _failing_training(monkeypatch)
-    with pytest.raises(DeviceMemoryError, match="--patch-size, --batch-size, --filters or --depth"):
+    with pytest.raises(DeviceMemoryError, match="--patch-size, --batch-size, --filters, --depth"):
         next(trainer.run())
     assert shapes == []

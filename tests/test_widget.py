@@ -671,3 +671,18 @@ def test_closing_the_viewer_during_a_long_prediction_ends_the_worker(make_napari
     viewer.close()
     assert not worker.is_running and not widget.busy
     assert time.monotonic() - closing < 3.0
+
+
+def test_training_sizes_beyond_the_memory_are_a_message_and_leave_no_empty_previews(setup, qtbot, monkeypatch):
+    from napari_unet import memory
+
+    viewer, widget = setup
+    widget.training.form["patch_size"].value = 512
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 8 * 1024**2)
+    count = len(notification_manager.records)
+    widget.train()
+    wait_idle(qtbot, widget)
+    errors = _messages(count, NotificationSeverity.ERROR)
+    assert errors and "training failed" in errors[-1] and "more than the 8.0 MiB free on cpu" in errors[-1]
+    assert "patch size" in errors[-1]
+    assert [la.name for la in viewer.layers] == ["cells", "cells labels"]

@@ -386,7 +386,7 @@ def _check_sizes(model, plan: TilePlan, batch_size: int, device, flips: bool, ch
             inference_bytes(model, plan.input_tile, batch_size, flips),
             device,
             f"tiles of {_size(plan.input_tile)} input pixels in batches of {batch_size}",
-            "choose a smaller --tile or --batch-size (or leave them out: sizes from the free memory)",
+            "choose a smaller tile or batch size (--tile, --batch-size), or leave them out: sizes from the free memory",
         )
 
 

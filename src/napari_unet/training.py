@@ -602,9 +602,10 @@ class Trainer:
         check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
             training_bytes(self.model, self.input_shape, s.batch_size),
             device,
-            f"training with batches of {s.batch_size} patches of {'x'.join(map(str, self.input_shape))} pixels, "
+            f"training with {_batches_in_words(s.batch_size, self.input_shape)}, "
             f"{self.model.config['base_filters']} filters, depth {self.model.config['depth']}",
-            "choose a smaller --patch-size, --batch-size, --filters or --depth",
+            "choose a smaller patch size, batch size, base filters or depth "
+            "(--patch-size, --batch-size, --filters, --depth)",
         )
         dtype = amp_dtype(device, s.cpu_bfloat16) if s.amp else None
         self._record = {

@@ -30,6 +30,7 @@ class LiveTraining(QObject):
         """Previews pushed to the output layers in this run."""
         self.preview_layers: list = []
         """The output layers previews go to (made or reused when the trainer is ready)."""
+        self._made: list = []  # those of them this run added
         self._dirty: set[int] = set()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -48,6 +49,7 @@ class LiveTraining(QObject):
         if self.previews and self.image in self.viewer.layers:
             shape = spatial_shape(self.image)
             probabilities = (len(trainer.class_ids), *shape)
+            before = {id(layer) for layer in self.viewer.layers}
             self.preview_layers = [
                 output_layer(self.viewer, self.image, "probabilities", probabilities, np.float32),
                 output_layer(
@@ -60,6 +62,15 @@ class LiveTraining(QObject):
                     class_names=trainer.class_names,
                 ),
             ]
+            self._made = [layer for layer in self.preview_layers if id(layer) not in before]
+
+    def failed(self) -> None:
+        """Training failed: preview layers this run added and never filled go (an earlier prediction's stay)."""
+        if self.previews_shown == 0:
+            for layer in self._made:
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+        self._made = []
 
     def source_removed(self, layer) -> None:
         """``layer`` left the viewer during the run: when it is the image previews go to, its preview layers go too

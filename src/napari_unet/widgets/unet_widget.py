@@ -321,6 +321,8 @@ class UNetWidget(QWidget):
     def _on_error(self, exc: Exception) -> None:
         what = {"train": "training", "predict": "prediction", "export": "export"}.get(self._task, "work")
         self.last_error = f"U-Net {what} failed: {exc}"
+        if self._task == "train" and self._run is not None:
+            self._run.failed()
         show_error(self.last_error)
         self.status_label.setText(self.last_error)
 
