@@ -686,3 +686,37 @@ def test_training_sizes_beyond_the_memory_are_a_message_and_leave_no_empty_previ
     assert errors and "training failed" in errors[-1] and "more than the 8.0 MiB free on cpu" in errors[-1]
     assert "patch size" in errors[-1]
     assert [la.name for la in viewer.layers] == ["cells", "cells labels"]
+
+
+def test_out_of_memory_while_predicting_is_retried_and_said(setup, qtbot):
+    import math
+
+    import torch
+
+    from napari_unet import UNet, predict_tiled
+    from napari_unet.normalization import normalize_image
+
+    class OutOfMemoryAbove(UNet):
+        limit = 0
+
+        def forward(self, x):
+            if x.numel() > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+            return super().forward(x)
+
+    viewer, widget = setup
+    torch.manual_seed(0)
+    model = OutOfMemoryAbove(n_classes=2, depth=1, base_filters=4).eval()
+    OutOfMemoryAbove.limit = math.prod(model.legal_input_shape(40))
+    widget.set_model(model, {"class_ids": [1, 2]}, "test")
+    widget.prediction.form["test_time_flips"].value = False
+    widget.prediction.form["refine_radius"].value = 0
+    widget.predict()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.last_warning.startswith("U-Net: out of memory on cpu")
+    plain = UNet(n_classes=2, depth=1, base_filters=4).eval()
+    plain.load_state_dict(model.state_dict())
+    image = normalize_image(viewer.layers["cells"].data, None)
+    expected = predict_tiled(plain, image).argmax(0) + 1
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data, expected)

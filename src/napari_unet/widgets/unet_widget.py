@@ -86,6 +86,8 @@ class UNetWidget(QWidget):
         self._relay = _Relay(self)
         self._relay.tiles.connect(self._on_tiles)
         self.last_error: str | None = None
+        self.last_warning: str | None = None
+        """The last out-of-memory retry of a worker (``memory.OutOfMemoryRetry``), also a napari notification."""
         self.preview_interval = PREVIEW_INTERVAL
         """Seconds between live previews while training."""
         self._build_ui()
@@ -332,7 +334,8 @@ class UNetWidget(QWidget):
 
         message, category = warning[0], warning[1]
         if issubclass(category, OutOfMemoryRetry):
-            self.status_label.setText(f"U-Net: {message}")
+            self.last_warning = f"U-Net: {message}"
+            self.status_label.setText(self.last_warning)
 
     def _on_finished(self) -> None:
         if self._task == "predict" and self._stop.is_set():
