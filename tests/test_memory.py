@@ -187,7 +187,8 @@ def test_estimates_bound_the_measured_peak(mode, depth, base, size, batch):
     child process, lies within a factor 2 of the estimate."""
     # glibc's fixed mmap threshold: tensors are mapped and unmapped, not kept in the heap once freed (a heap that
     # grew earlier would hold this pass's tensors without the peak rising)
-    env = {**os.environ, "PYTHONPATH": SRC, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    # a clean environment: what earlier tests (napari, Qt, torch) set in this process's does not reach the child
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": SRC, "MALLOC_MMAP_THRESHOLD_": "131072"}
     args = [mode, str(depth), str(base), str(size), str(batch)]
     runs = [
         subprocess.run(
