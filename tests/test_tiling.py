@@ -130,16 +130,15 @@ def test_progress_and_stop():
     calls = []
     predict_tiled(model, image, tile_shape=16, batch_size=4, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(4, 16), (8, 16), (12, 16), (16, 16)]
-    polls = []
-
-    def stop_after_two():
-        polls.append(1)
-        return len(polls) > 2
-
     seen = []
     with pytest.raises(PredictionStopped):
         predict_tiled(
-            model, image, tile_shape=16, batch_size=4, progress=lambda d, t: seen.append(d), should_stop=stop_after_two
+            model,
+            image,
+            tile_shape=16,
+            batch_size=4,
+            progress=lambda d, t: seen.append(d),
+            should_stop=lambda: len(seen) >= 2,  # asked after the second batch
         )
     assert seen == [4, 8]
 
@@ -183,3 +182,56 @@ def test_default_tiles_follow_the_memory_available(monkeypatch):
     assert np.prod(small.input_tile) < np.prod(big.input_tile)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(1))
     assert tiling.default_memory_bytes() == 256 * 1024**2
+
+
+def test_stop_takes_effect_within_a_flip_of_a_batch():
+    """A stop asked during the first of the 8 flipped passes of a batch ends the prediction in that pass (the
+    network polls it before every convolution), not after the batch."""
+    model = _model()
+    convolutions = []
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda *_: convolutions.append(1))
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    predict_tiled(model, image, tile_shape=64, test_time_flips=True)
+    per_pass = len(convolutions) // 8
+    convolutions.clear()
+    with pytest.raises(PredictionStopped, match="during a tile batch"):
+        predict_tiled(model, image, tile_shape=64, test_time_flips=True, should_stop=lambda: len(convolutions) >= 3)
+    assert len(convolutions) == 3 < per_pass
+
+
+def test_stop_takes_effect_between_refinement_bands():
+    from napari_unet.refine import band_rows, refine_probabilities
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(3), size=(2048, 600)).transpose(2, 0, 1).astype(np.float32)
+    image = rng.random((2048, 600)).astype(np.float32)
+    band, _ = band_rows(image.shape, 2, 2)
+    assert band < 2048 // 3  # several bands
+    polls = []
+    refined = probabilities.copy()
+    with pytest.raises(PredictionStopped, match="edge refinement"):
+        refine_probabilities(
+            refined, image, spatial_ndim=2, radius=2, out=refined, should_stop=lambda: polls.append(1) or len(polls) > 1
+        )
+    assert len(polls) == 2  # polled before the first band and stopped before the second
+    assert not np.array_equal(refined[:, :band], probabilities[:, :band])
+    assert np.array_equal(refined[:, band:], probabilities[:, band:])
+
+
+def test_stop_after_the_tiles_skips_the_refinement(monkeypatch):
+    from napari_unet import tiling
+
+    calls = []
+    monkeypatch.setattr(tiling, "refine_probabilities", lambda *a, **k: calls.append(1))
+    seen = []
+    with pytest.raises(PredictionStopped, match="before refinement"):
+        predict_tiled(
+            _model(),
+            np.zeros((40, 40), np.float32),
+            refine_radius=1,
+            progress=lambda d, t: seen.append(d),
+            should_stop=lambda: bool(seen),
+        )
+    assert calls == []

@@ -16,7 +16,7 @@ pytest.importorskip("pytestqt")
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
 from napari_unet._layers import output_role
-from napari_unet._workers import Progress
+from napari_unet._workers import ImageStarted, Progress
 from napari_unet.widgets import UNetWidget
 
 
@@ -549,3 +549,181 @@ def test_export_for_bioimageio_runs_on_a_worker(setup, qtbot, tmp_path):
     description = load_description(tmp_path / "cells.zip")
     assert isinstance(description, ModelDescr) and description.name == "cells"
     assert description.config.napari_unet["class_ids"] == widget.metadata["class_ids"]
+
+
+# --- layers renamed or removed while a run uses them; stop and close during prediction --------------------------
+
+
+def _outputs_without_source(viewer) -> list[str]:
+    names = {layer.name for layer in viewer.layers}
+    return [la.name for la in viewer.layers if output_role(la) and output_role(la)["source"] not in names]
+
+
+def _messages(start: int, severity=None) -> list[str]:
+    return [n.message for n in notification_manager.records[start:] if severity is None or n.severity == severity]
+
+
+def test_renaming_the_image_while_training_takes_its_previews_along(setup, qtbot):
+    viewer, widget = setup
+    widget.training.basic["time_budget"].value = 600
+    widget.preview_interval = 0.2
+    count = len(notification_manager.records)
+    widget.train()
+    qtbot.waitUntil(lambda: widget.previews_shown >= 1, timeout=30_000)
+    viewer.layers["cells"].name = "renamed"
+    shown = widget.previews_shown
+    qtbot.waitUntil(lambda: widget.previews_shown > shown + 1, timeout=30_000)
+    widget.stop()
+    wait_idle(qtbot, widget)
+    names = [la.name for la in viewer.layers]
+    assert "renamed probabilities" in names and "renamed segmentation" in names
+    assert not any(name.startswith("cells ") and name != "cells labels" for name in names)  # no orphan previews
+    assert output_role(viewer.layers["renamed segmentation"]) == {"role": "segmentation", "source": "renamed"}
+    assert any("'cells' was renamed 'renamed' during training" in m for m in _messages(count))
+    assert widget.model is not None and widget.last_error is None
+
+
+@pytest.mark.parametrize("removed", ["cells", "cells labels"])
+def test_removing_the_image_or_labels_while_training_keeps_training_and_says_so(setup, qtbot, removed):
+    viewer, widget = setup
+    widget.training.basic["time_budget"].value = 600
+    widget.preview_interval = 0.2
+    count = len(notification_manager.records)
+    widget.train()
+    qtbot.waitUntil(lambda: widget.previews_shown >= 1, timeout=30_000)
+    viewer.layers.remove(removed)
+    iteration = widget._trainer.iteration
+    qtbot.waitUntil(lambda: widget._trainer is not None and widget._trainer.iteration > iteration + 3, timeout=30_000)
+    widget.stop()
+    wait_idle(qtbot, widget)
+    warnings = _messages(count, NotificationSeverity.WARNING)
+    assert any(f"'{removed}' was removed during training" in m for m in warnings)
+    assert _outputs_without_source(viewer) == []
+    if removed == "cells":
+        assert [la.name for la in viewer.layers] == ["cells labels"]  # its previews went with it
+    assert widget.model is not None and widget.last_error is None and not widget.busy
+
+
+def test_renaming_or_removing_images_while_predicting(setup, qtbot):
+    viewer, widget = setup
+    widget.train()
+    wait_idle(qtbot, widget)
+    for layer in [la for la in viewer.layers if output_role(la)]:
+        viewer.layers.remove(layer)
+    viewer.add_image(blobs(seed=1)[0], name="other")
+    count = len(notification_manager.records)
+    widget.segment_all()
+
+    def change(message):
+        if isinstance(message, ImageStarted):
+            if message.name == "cells":
+                viewer.layers["cells"].name = "renamed"
+            else:
+                viewer.layers.remove("other")
+
+    widget._worker.yielded.connect(change)
+    wait_idle(qtbot, widget)
+    names = [la.name for la in viewer.layers]
+    assert names.count("renamed segmentation") == 1 and not any(n.startswith(("cells s", "cells p")) for n in names)
+    assert output_role(viewer.layers["renamed segmentation"])["source"] == "renamed"
+    assert not any(n.startswith("other") for n in names) and _outputs_without_source(viewer) == []
+    assert any("'other' was removed during prediction" in m for m in _messages(count, NotificationSeverity.WARNING))
+    assert widget.last_error is None
+
+
+def _long_prediction(viewer, widget, monkeypatch):
+    """A tiny model on a 2000 x 2000 image with flips: many seconds on a 2-core CPU. Returns a list that holds
+    the time the network began (the first tile read)."""
+    from napari_unet import UNet, tiling
+    from napari_unet.normalization import PERCENTILE_RECIPE
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    viewer.add_image(np.random.default_rng(0).random((2000, 2000), dtype=np.float32), name="large")
+    widget.data.image_combo.setCurrentText("large")
+    metadata = {"class_ids": [1, 2], "normalization": dict(PERCENTILE_RECIPE)}
+    widget.set_model(UNet(n_classes=2, depth=2, base_filters=8).eval(), metadata, "test")
+    widget.prediction.form["test_time_flips"].value = True
+    started, read_tile = [], tiling.read_tile
+    monkeypatch.setattr(tiling, "read_tile", lambda *a: started.append(time.monotonic()) or read_tile(*a))
+    widget.predict()
+    return started
+
+
+def test_stop_during_prediction_is_a_stop_within_a_second(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+    count = len(notification_manager.records)
+    started = _long_prediction(viewer, widget, monkeypatch)
+    qtbot.waitUntil(lambda: bool(started), timeout=60_000)
+    qtbot.wait(300)  # in the middle of the first (flipped) batch
+    asked = time.monotonic()
+    widget.stop()
+    wait_idle(qtbot, widget, timeout=10_000)
+    took = time.monotonic() - asked
+    assert took < 1.0, f"Stop took {took:.2f} s"
+    assert widget.last_error is None and not _messages(count, NotificationSeverity.ERROR)
+    assert widget.status_label.text() == "Prediction stopped"
+    assert "large segmentation" not in viewer.layers
+
+
+def test_closing_the_viewer_during_a_long_prediction_ends_the_worker(make_napari_viewer, qtbot, monkeypatch):
+    viewer = make_napari_viewer(show=True)
+    widget = tiny(UNetWidget(viewer))
+    viewer.window.add_dock_widget(widget)
+    started = _long_prediction(viewer, widget, monkeypatch)
+    qtbot.waitUntil(lambda: bool(started), timeout=60_000)
+    qtbot.wait(300)
+    worker = widget._worker
+    closing = time.monotonic()
+    viewer.close()
+    assert not worker.is_running and not widget.busy
+    assert time.monotonic() - closing < 3.0
+
+
+def test_training_sizes_beyond_the_memory_are_a_message_and_leave_no_empty_previews(setup, qtbot, monkeypatch):
+    from napari_unet import memory
+
+    viewer, widget = setup
+    widget.training.form["patch_size"].value = 512
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 8 * 1024**2)
+    count = len(notification_manager.records)
+    widget.train()
+    wait_idle(qtbot, widget)
+    errors = _messages(count, NotificationSeverity.ERROR)
+    assert errors and "training failed" in errors[-1] and "more than the 8.0 MiB free on cpu" in errors[-1]
+    assert "patch size" in errors[-1]
+    assert [la.name for la in viewer.layers] == ["cells", "cells labels"]
+
+
+def test_out_of_memory_while_predicting_is_retried_and_said(setup, qtbot):
+    import math
+
+    import torch
+
+    from napari_unet import UNet, predict_tiled
+    from napari_unet.normalization import normalize_image
+
+    class OutOfMemoryAbove(UNet):
+        limit = 0
+
+        def forward(self, x):
+            if x.numel() > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+            return super().forward(x)
+
+    viewer, widget = setup
+    torch.manual_seed(0)
+    model = OutOfMemoryAbove(n_classes=2, depth=1, base_filters=4).eval()
+    OutOfMemoryAbove.limit = math.prod(model.legal_input_shape(40))
+    widget.set_model(model, {"class_ids": [1, 2]}, "test")
+    widget.prediction.form["test_time_flips"].value = False
+    widget.prediction.form["refine_radius"].value = 0
+    widget.predict()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.last_warning.startswith("U-Net: out of memory on cpu")
+    plain = UNet(n_classes=2, depth=1, base_filters=4).eval()
+    plain.load_state_dict(model.state_dict())
+    image = normalize_image(viewer.layers["cells"].data, None)
+    expected = predict_tiled(plain, image).argmax(0) + 1
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data, expected)

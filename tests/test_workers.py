@@ -24,7 +24,6 @@ from napari_unet._workers import (
 )
 from napari_unet.io import lazy_image, write_tiff
 from napari_unet.predict import PredictionSettings, predict_image
-from napari_unet.tiling import PredictionStopped
 from napari_unet.training import Trainer, TrainingSettings
 
 
@@ -179,12 +178,23 @@ def test_predict_steps_carry_each_image_s_domain_check():
     assert results["same"].domain.score < results["specks"].domain.score
 
 
-def test_predict_steps_stop_at_the_next_tile_batch():
+def test_predict_steps_stop_is_an_end_not_an_error_even_within_a_flipped_pass():
+    """A stop set during the first network layer of a flip-averaged image ends the generator there: no result for
+    that image, no later image, no error."""
     torch.manual_seed(0)
     model = UNet(n_classes=2, depth=1, base_filters=4).eval()
     stop = threading.Event()
-    stop.set()
-    steps = predict_steps(model, {}, [PredictJob("a", _blobs()[0])], PredictionSettings(device="cpu"), stop=stop)
-    assert next(steps) == ImageStarted(0, 1, "a")
-    with pytest.raises(PredictionStopped):
+    layers = []
+
+    def set_stop(*_):
+        layers.append(1)
+        stop.set()
+
+    next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(set_stop)
+    jobs = [PredictJob("a", _blobs()[0]), PredictJob("b", _blobs()[0])]
+    settings = PredictionSettings(device="cpu", test_time_flips=True)
+    steps = predict_steps(model, {}, jobs, settings, stop=stop)
+    assert next(steps) == ImageStarted(0, 2, "a")
+    with pytest.raises(StopIteration) as ended:
         next(steps)
+    assert ended.value.value == 0 and len(layers) == 1  # stopped within the first of 8 flipped passes

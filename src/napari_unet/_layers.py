@@ -151,6 +151,24 @@ def find_output(viewer, source, role: str):
     return None
 
 
+def outputs_of(viewer, source_name: str) -> list:
+    """The napari-unet output layers of the image layer named ``source_name`` (by their marker)."""
+    return [layer for layer in viewer.layers if (output_role(layer) or {}).get("source") == source_name]
+
+
+def follow_rename(viewer, old: str, new: str) -> list:
+    """Make the output layers of the image once named ``old`` the outputs of ``new`` (their marker), renaming those
+    that still carry their default name ``"<old> <role>"``; returns them. Re-running then updates these layers
+    instead of adding a second set beside them."""
+    moved = outputs_of(viewer, old)
+    for layer in moved:
+        role = output_role(layer)["role"]
+        layer.metadata[META_KEY] = {"role": role, "source": new}
+        if layer.name == f"{old} {role}":
+            layer.name = f"{new} {role}"
+    return moved
+
+
 def output_layer(viewer, source, role, shape=None, dtype=None, *, data=None, class_ids=None, class_names=()):
     """Find or make the ``role`` output of ``source``; with ``data`` replace its data.
 

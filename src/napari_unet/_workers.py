@@ -249,11 +249,13 @@ def predict_steps(
     to ``arrays.IN_MEMORY_OUTPUT_BYTES`` and memory-mapped temporary files beyond (``arrays.output_array``: they
     become the widget's layers). ``progress(done, total)`` counts tiles within the current image. An image whose
     file cannot be read (a lazy layer over a corrupt TIFF) yields :class:`ImageFailed` and the others go on.
-    ``stop`` raises ``tiling.PredictionStopped`` at the next tile batch. Torch leaves the GUI thread a core, and
-    the device's cached memory is released at the end. Returns the number of images done.
+    Setting ``stop`` ends the generator within a network layer (``tiling.predict_tiled``), a refinement band or
+    between images: a stop, not an error (the image in progress yields nothing). Torch leaves the GUI thread a core,
+    and the device's cached memory is released at the end. Returns the number of images done.
     """
     from .devices import release_device_memory, resolve_device
     from .io import ImageFileError
+    from .tiling import PredictionStopped
 
     stop = stop or threading.Event()
     target = resolve_device(settings.device)
@@ -261,6 +263,8 @@ def predict_steps(
         with gui_friendly_threads():
             done = 0
             for index, job in enumerate(jobs):
+                if stop.is_set():
+                    break
                 yield ImageStarted(index, len(jobs), job.name)
                 try:
                     outputs = predict_image(
@@ -275,6 +279,8 @@ def predict_steps(
                 except ImageFileError as e:
                     yield ImageFailed(job.name, str(e))
                     continue
+                except PredictionStopped:
+                    break
                 done += 1
                 yield ImageDone(
                     PredictResult(job.name, outputs.probabilities, outputs.labels, outputs.uncertainty, outputs.domain)

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -1096,6 +1097,17 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """napari-unet's own warnings (``memory.OutOfMemoryRetry``: a prediction redone with smaller tiles) as one
+    :func:`_warn` line; the others as Python shows them."""
+    from .memory import OutOfMemoryRetry
+
+    if issubclass(category, OutOfMemoryRetry):
+        _warn(str(message))
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     return code
@@ -1105,6 +1117,7 @@ def main(argv=None) -> int:
     """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt files: our one-line error says it
+    warnings.showwarning = _show_warning  # each distinct warning once (Python's default filter), on one line
     try:
         with _handling(_raise_interrupted, (signal.SIGTERM,)):  # like Ctrl-C: `finally` blocks clean up
             return COMMANDS[args.command].run(args)

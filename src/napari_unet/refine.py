@@ -121,6 +121,14 @@ def guided_filter(guide: np.ndarray, sources: np.ndarray, radius: int, eps: floa
     return result
 
 
+def band_rows(spatial: tuple[int, ...], radius: int, spatial_ndim: int) -> tuple[int, int]:
+    """``(rows, halo)``: how :func:`refine_probabilities` cuts ``spatial`` (the first axis) into bands of about
+    ``_BAND_PIXELS`` pixels, each read with ``halo`` rows of context on either side (none in a stack, refined slice
+    by slice)."""
+    halo = 0 if len(spatial) > spatial_ndim else 2 * radius
+    return max(halo, 1, _BAND_PIXELS // max(1, int(np.prod(spatial[1:])))), halo
+
+
 def refine_probabilities(
     probabilities,
     image,
@@ -129,6 +137,7 @@ def refine_probabilities(
     radius: int = DEFAULT_RADIUS,
     eps: float = DEFAULT_EPS,
     out=None,
+    should_stop=None,
 ):
     """Snap class probabilities to the image's edges with a guided filter; returns ``out``.
 
@@ -151,6 +160,9 @@ def refine_probabilities(
     out : array-like, optional
         Where to write ``(n_classes, *spatial)`` float32; may be ``probabilities`` itself (refined in
         place). Default: a new array.
+    should_stop : callable, optional
+        Polled before every band; when it returns True, ``tiling.PredictionStopped`` is raised (``out`` is then
+        partly refined).
     """
     if (radius != AUTO and not (isinstance(radius, (int, np.integer)) and radius >= 0)) or eps <= 0:
         raise ValueError(f"refinement needs radius >= 0 (or 'auto') and eps > 0, got radius={radius}, eps={eps}")
@@ -171,12 +183,15 @@ def refine_probabilities(
 
     stacked = len(spatial) > spatial_ndim
     sizes = (1,) * stacked + (2 * radius + 1,) * spatial_ndim
-    halo = 0 if stacked else 2 * radius  # rows of context each band needs along the banded (first) axis
+    band, halo = band_rows(spatial, radius, spatial_ndim)  # halo: context rows each band needs along the first axis
     rows = spatial[0]
-    band = max(halo, 1, _BAND_PIXELS // max(1, int(np.prod(spatial[1:]))))
     channels = image.ndim > len(spatial)
     original_tail = None  # unrefined rows just before the band, when refining in place
     for start in range(0, rows, band):
+        if should_stop is not None and should_stop():
+            from .tiling import PredictionStopped
+
+            raise PredictionStopped(f"prediction stopped during the edge refinement, at row {start} of {rows}")
         stop = min(start + band, rows)
         low, high = max(start - halo, 0), min(stop + halo, rows)
         slab = np.array(probabilities[:, low:high], dtype=np.float32)

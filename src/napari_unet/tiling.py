@@ -22,20 +22,29 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .refine import DEFAULT_EPS, refine_probabilities
+from .devices import release_device_memory
+from .memory import (
+    INFERENCE_FLOATS_PER_VOXEL_AND_FILTER,
+    DeviceMemoryError,
+    OutOfMemoryRetry,
+    available_bytes,
+    check_fits,
+    inference_bytes,
+    is_out_of_memory,
+    refinement_bytes,
+)
+from .refine import AUTO, DEFAULT_EPS, refine_probabilities
 
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
-"""Activation memory a tile batch may use by default (it sets the default tile and batch size); less on a machine
+"""Activation memory a tile batch may use by default (it sets the default tile and batch size); less on a device
 with little free memory (:func:`default_memory_bytes`)."""
-
-_FLOATS_PER_INPUT_VOXEL_AND_FILTER = 6
-"""Measured peak of live float activations per input voxel and base filter in an inference pass."""
 
 
 class PredictionStopped(RuntimeError):
@@ -137,23 +146,42 @@ def plan_tiles(model, spatial_shape, tile_shape=None, max_input_voxels=None) -> 
     )
 
 
-def default_memory_bytes() -> int:
-    """``DEFAULT_MEMORY_BYTES``, or a quarter of the memory available now when that is less (at least 256 MiB),
-    so that the default tile batch leaves room for the rest of a small machine (napari, the outputs)."""
+def default_memory_bytes(device=None) -> int:
+    """``DEFAULT_MEMORY_BYTES``, or less when the device has little free memory (at least 256 MiB): a quarter of
+    the host's available memory on the CPU (and MPS, which shares it), so that the rest of a small machine (napari,
+    the outputs) keeps room; half of the GPU's free memory on CUDA (``memory.available_bytes``), where host RAM
+    says nothing about what fits."""
+    kind = "cpu" if device is None else getattr(device, "type", str(device).split(":")[0])
     try:
-        import psutil
-
-        available = int(psutil.virtual_memory().available)
-    except Exception:  # no psutil, or a platform it cannot read: the fixed default
+        available = available_bytes(device if kind == "cuda" else None)
+    except RuntimeError:  # a CUDA driver that cannot answer: the fixed default
+        available = None
+    if available is None:
         return DEFAULT_MEMORY_BYTES
-    return max(256 * 1024**2, min(DEFAULT_MEMORY_BYTES, available // 4))
+    share = available // 2 if kind == "cuda" else available // 4
+    return max(256 * 1024**2, min(DEFAULT_MEMORY_BYTES, share))
 
 
-def default_max_input_voxels(model, memory_bytes: int | None = None) -> int:
-    """Largest input tile (in voxels) whose activations fit ``memory_bytes`` (default: :func:`default_memory_bytes`)."""
-    memory_bytes = default_memory_bytes() if memory_bytes is None else memory_bytes
+def default_max_input_voxels(model, memory_bytes: int | None = None, device=None) -> int:
+    """Largest input tile (in voxels) whose activations fit ``memory_bytes`` (default: :func:`default_memory_bytes`
+    of ``device``)."""
+    memory_bytes = default_memory_bytes(device) if memory_bytes is None else memory_bytes
     base_filters = model.config["base_filters"]
-    return max(1, memory_bytes // (4 * _FLOATS_PER_INPUT_VOXEL_AND_FILTER * base_filters))
+    return max(1, memory_bytes // (4 * INFERENCE_FLOATS_PER_VOXEL_AND_FILTER * base_filters))
+
+
+def smaller_plan(model, plan: TilePlan) -> TilePlan | None:
+    """The plan with the output stride of its longest axis halved (on the ``2**depth`` grid), for a retry after an
+    out-of-memory error; None when no axis can be halved so that the input tile gets smaller (the smallest legal
+    tile). Tiles abut exactly whatever their size, so the prediction stays the same."""
+    voxels = math.prod(plan.input_tile)
+    for axis in sorted(range(len(plan.stride)), key=lambda a: -plan.stride[a]):
+        tile = list(plan.stride)
+        tile[axis] = max(model.grid, _round_up(tile[axis] // 2, model.grid))
+        smaller = plan_tiles(model, plan.stack_shape + plan.shape, tuple(tile))
+        if math.prod(smaller.input_tile) < voxels:
+            return smaller
+    return None
 
 
 def read_tile(image, plan: TilePlan, stack_index, origin, channel_axis: bool) -> np.ndarray:
@@ -262,12 +290,6 @@ def predict_tiled(
         spatial_shape = image_shape[1:]
     else:
         spatial_shape = image_shape
-    plan = plan_tiles(model, spatial_shape, tile_shape)
-    if out is None:
-        out = np.empty((model.n_classes, *spatial_shape), dtype=np.float32)
-    elif tuple(out.shape) != (model.n_classes, *spatial_shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(model.n_classes, *spatial_shape)}")
-
     if device is None:
         device = next(model.parameters()).device
     elif device == "auto":
@@ -275,40 +297,140 @@ def predict_tiled(
 
         device = resolve_device("auto")
     device = torch.device(device)
+    budget = default_max_input_voxels(model, device=device)
+    plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget)
+    chosen_batch = batch_size is not None
     if batch_size is None:
-        batch_size = max(1, default_max_input_voxels(model) // math.prod(plan.input_tile))
+        batch_size = max(1, budget // math.prod(plan.input_tile))
     batch_size = max(1, min(int(batch_size), len(plan)))
+    _check_sizes(model, plan, batch_size, device, test_time_flips, tile_shape is not None or chosen_batch)
+    if refine_radius != AUTO and refine_radius:  # "auto" is at most refine.MAX_AUTO_RADIUS
+        check_fits(
+            refinement_bytes(model.n_classes, spatial_shape, int(refine_radius), model.ndim),
+            "cpu",
+            f"the edge refinement with radius {refine_radius}",
+            "choose a smaller refinement radius (--refine-radius)",
+        )
+
+    if out is None:
+        out = np.empty((model.n_classes, *spatial_shape), dtype=np.float32)
+    elif tuple(out.shape) != (model.n_classes, *spatial_shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(model.n_classes, *spatial_shape)}")
 
     # Channels-last lets oneDNN/cuDNN pick faster convolution kernels; results are unchanged.
     memory_format = torch.channels_last if model.ndim == 2 else torch.channels_last_3d
     net = model.inference_copy().to(device, memory_format=memory_format)
-    transforms = flip_transforms(model.ndim) if test_time_flips else [((), False)]
-    total, done = len(plan), 0
-    tiles = plan.tiles()
-    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
-    with torch.inference_mode(), autocast:
-        while done < total:
-            if should_stop is not None and should_stop():
-                raise PredictionStopped(f"prediction stopped after {done} of {total} tiles")
-            batch = list(itertools.islice(tiles, batch_size))
-            inputs = np.stack([read_tile(image, plan, s, o, channel_axis) for s, o in batch])
-            inputs = torch.from_numpy(inputs).to(device, memory_format=memory_format)
-            total_probabilities = None
-            for transform in transforms:
-                logits = net(_apply(inputs, transform).contiguous(memory_format=memory_format))
-                p = _apply(torch.softmax(logits.float(), dim=1), transform, inverse=True)
-                total_probabilities = p if total_probabilities is None else total_probabilities + p
-            probabilities = (total_probabilities / len(transforms)).cpu().numpy()
-            for (stack_index, origin), tile in zip(batch, probabilities):
-                sizes = [min(s, n - o) for s, n, o in zip(plan.stride, plan.shape, origin)]
-                target = tuple(slice(o, o + size) for o, size in zip(origin, sizes))
-                crop = tuple(slice(0, size) for size in sizes)
-                out[(slice(None), *stack_index, *target)] = tile[(slice(None), *crop)]
-            done += len(batch)
-            if progress is not None:
-                progress(done, total)
+    if should_stop is not None:  # a stop takes effect within one layer, not after a whole (flipped) batch
+        for layer in net.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                layer.register_forward_pre_hook(lambda *_: _stop_if(should_stop, "during a tile batch"))
+    run = _TileRun(net, image, out, channel_axis, device, memory_format, progress, should_stop, amp, test_time_flips)
+    first, done = (plan.input_tile, batch_size), 0
+    while True:
+        try:
+            done = run.predict(plan, batch_size, done)
+            break
+        except Exception as error:  # only out-of-memory is retried, the rest raised again
+            if not is_out_of_memory(error):
+                raise
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # outside the except clause: the failed batch's tensors are gone with the traceback before memory is released
+        release_device_memory(device)
+        if batch_size > 1:
+            batch_size //= 2
+            continue
+        smaller = smaller_plan(model, plan)
+        if smaller is None:
+            raise DeviceMemoryError(
+                f"out of memory on {device} even with the smallest legal tiles ({_size(plan.input_tile)} input pixels) "
+                f"one per pass ({reason}); free memory on the device, predict on another (--device), or use a "
+                "smaller model: --tile and --batch-size cannot go lower"
+            )
+        plan, done = smaller, 0
+    if (plan.input_tile, batch_size) != first:
+        warnings.warn(
+            f"out of memory on {device} with tiles of {_size(first[0])} input pixels in batches of {first[1]}: "
+            f"predicted with tiles of {_size(plan.input_tile)} in batches of {batch_size} instead (the same result; "
+            f"--tile {' '.join(map(str, plan.stride))} --batch-size {batch_size} starts there)",
+            OutOfMemoryRetry,
+            stacklevel=2,
+        )
     if refine_radius:
-        if should_stop is not None and should_stop():
-            raise PredictionStopped(f"prediction stopped after {done} of {total} tiles, before refinement")
-        refine_probabilities(out, image, spatial_ndim=model.ndim, radius=refine_radius, eps=refine_eps, out=out)
+        _stop_if(should_stop, f"after {len(plan)} tiles, before refinement")
+        refine_probabilities(
+            out,
+            image,
+            spatial_ndim=model.ndim,
+            radius=refine_radius,
+            eps=refine_eps,
+            out=out,
+            should_stop=should_stop,
+        )
     return out
+
+
+def _size(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _stop_if(should_stop, when: str) -> None:
+    if should_stop is not None and should_stop():
+        raise PredictionStopped(f"prediction stopped {when}")
+
+
+def _check_sizes(model, plan: TilePlan, batch_size: int, device, flips: bool, chosen: bool) -> None:
+    """A :class:`~napari_unet.memory.DeviceMemoryError` before anything is allocated when tiles or a batch size the
+    caller chose need more memory than ``device`` has (the default sizes come from its free memory)."""
+    if chosen:
+        check_fits(
+            inference_bytes(model, plan.input_tile, batch_size, flips),
+            device,
+            f"tiles of {_size(plan.input_tile)} input pixels in batches of {batch_size}",
+            "choose a smaller tile or batch size (--tile, --batch-size), or leave them out: sizes from the free memory",
+        )
+
+
+@dataclass
+class _TileRun:
+    """The network pass over a tile plan, written into ``out``: run again with another plan or batch size after an
+    out-of-memory error (``predict_tiled``)."""
+
+    net: torch.nn.Module
+    image: object
+    out: object
+    channel_axis: bool
+    device: torch.device
+    memory_format: torch.memory_format
+    progress: Callable[[int, int], None] | None
+    should_stop: Callable[[], bool] | None
+    amp: bool
+    flips: bool
+
+    def predict(self, plan: TilePlan, batch_size: int, done: int) -> int:
+        """Predict the tiles of ``plan`` from the ``done``-th on, ``batch_size`` per pass; returns the tiles done."""
+        transforms = flip_transforms(self.net.ndim) if self.flips else [((), False)]
+        total = len(plan)
+        tiles = itertools.islice(plan.tiles(), done, None)
+        memory_format = self.memory_format
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and self.device.type == "cuda")
+        with torch.inference_mode(), autocast:
+            while done < total:
+                _stop_if(self.should_stop, f"after {done} of {total} tiles")
+                batch = list(itertools.islice(tiles, batch_size))
+                inputs = np.stack([read_tile(self.image, plan, s, o, self.channel_axis) for s, o in batch])
+                inputs = torch.from_numpy(inputs).to(self.device, memory_format=memory_format)
+                total_probabilities = None
+                for transform in transforms:
+                    logits = self.net(_apply(inputs, transform).contiguous(memory_format=memory_format))
+                    p = _apply(torch.softmax(logits.float(), dim=1), transform, inverse=True)
+                    total_probabilities = p if total_probabilities is None else total_probabilities + p
+                probabilities = (total_probabilities / len(transforms)).cpu().numpy()
+                for (stack_index, origin), tile in zip(batch, probabilities):
+                    sizes = [min(s, n - o) for s, n, o in zip(plan.stride, plan.shape, origin)]
+                    target = tuple(slice(o, o + size) for o, size in zip(origin, sizes))
+                    crop = tuple(slice(0, size) for size in sizes)
+                    self.out[(slice(None), *stack_index, *target)] = tile[(slice(None), *crop)]
+                done += len(batch)
+                if self.progress is not None:
+                    self.progress(done, total)
+        return done

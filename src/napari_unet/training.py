@@ -62,6 +62,7 @@ import dataclasses
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -72,7 +73,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from .augment import Augmenter, paste_mix
-from .devices import amp_dtype, default_cpu_threads, resolve_device
+from .devices import amp_dtype, default_cpu_threads, release_device_memory, resolve_device
 from .domain import (
     SAMPLE_TILE,
     SAMPLE_TILES,
@@ -86,6 +87,7 @@ from .domain import (
 )
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
+from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
 from .predict import predict_region
@@ -372,6 +374,8 @@ class Trainer:
         self.label_problems: list[tuple[int, str]] = []
         """``(image index, why)`` for each update from :meth:`update_labels_later` that was not used."""
         self._stop = threading.Event()
+        self._smaller: TrainingSettings | None = None
+        """Sizes after an out-of-memory step, for the batches built from then on (``_shrink_after_out_of_memory``)."""
         self._record: dict = {}
         self._average: AveragedModel | None = None
         """The weight average of the current run() once its averaging window has begun."""
@@ -604,6 +608,7 @@ class Trainer:
     def _numpy_batch(self) -> _Batch:
         """One training batch as numpy arrays, built on the prefetch thread: label updates waiting from
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
+        self._apply_smaller_sizes()
         changed = self._apply_pending()
         images, targets, weights = [], [], []
         for _ in range(self.settings.batch_size):
@@ -648,6 +653,14 @@ class Trainer:
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
         state = _RunState(learning_rate=s.learning_rate)
+        check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
+            training_bytes(self.model, self.input_shape, s.batch_size),
+            device,
+            f"training with {_batches_in_words(s.batch_size, self.input_shape)}, "
+            f"{self.model.config['base_filters']} filters, depth {self.model.config['depth']}",
+            "choose a smaller patch size, batch size, base filters or depth "
+            "(--patch-size, --batch-size, --filters, --depth)",
+        )
         dtype = amp_dtype(device, s.cpu_bfloat16) if s.amp else None
         self._record = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -693,18 +706,89 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tick = time.perf_counter()
-                batch = batches.get()
+                batch = self._next_batch(batches)
                 if batch.class_weights is not None:
                     weights = batch.class_weights.to(device)
-                tensors = self._to_device(batch, device)
-                state.data_time += time.perf_counter() - tick
-                loss = self._step(model, optimizer, scaler, dtype, tensors, weights, state, last_good)
+                try:
+                    tensors = self._to_device(batch, device)
+                    state.data_time += time.perf_counter() - tick
+                    loss = self._step(model, optimizer, scaler, dtype, tensors, weights, state, last_good)
+                except Exception as error:  # only out-of-memory goes on, with smaller sizes
+                    if not is_out_of_memory(error):
+                        raise
+                    loss = tensors = None
+                if loss is None:  # outside the except clause: the failed step's tensors are gone
+                    release_device_memory(device)
+                    if not self._shrink_after_out_of_memory(state):
+                        state.reason = "out_of_memory"
+                        return
+                    continue
                 if isinstance(loss, str):  # what was not finite; the step is undone
                     state.reason, state.message = "not_finite", _not_finite_message(state.iteration + 1, loss, lr)
                     return
                 state.iteration = self.iteration = state.iteration + 1
                 state.add_loss(loss)
                 yield TrainingEvent(state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, lr)
+
+    # --- out of memory: smaller batches, then smaller patches, then a stop that keeps the model -------------------
+
+    def _shrink_after_out_of_memory(self, state: _RunState) -> bool:
+        """After a step ran out of memory: halve the batch, or at one patch per batch the patch (to the next legal
+        size), for the batches built from now on, and say so (an ``OutOfMemoryRetry`` warning); False, with a
+        warning that training stops and keeps the model trained so far, when both are at their smallest."""
+        s = self._smaller or self.settings
+        wanted = self._wanted_shape(s)
+        what = _batches_in_words(*wanted)
+        if s.batch_size > 1:
+            smaller = dataclasses.replace(s, batch_size=s.batch_size // 2)
+        else:
+            output = self.model.legal_output_shape(
+                [max(1, o // 2) for o in self.model.legal_output_shape(s.patch_size)]
+            )
+            smaller = dataclasses.replace(s, patch_size=tuple(output))
+            if math.prod(self._wanted_shape(smaller)[1]) >= math.prod(wanted[1]):
+                warnings.warn(
+                    f"out of memory training with {what} (the smallest): training stopped after {state.iteration} "
+                    "iterations, the model trained so far is kept; free memory on the device, or train a smaller "
+                    "model (--filters, --depth)",
+                    OutOfMemoryRetry,
+                    stacklevel=2,
+                )
+                return False
+        new = self._wanted_shape(smaller)
+        warnings.warn(
+            f"out of memory training with {what}: going on with {_batches_in_words(*new)}",
+            OutOfMemoryRetry,
+            stacklevel=2,
+        )
+        self._smaller = smaller
+        return True
+
+    def _wanted_shape(self, settings: TrainingSettings) -> tuple[int, tuple[int, ...]]:
+        """``(batch size, input tile)`` of the batches ``settings`` make."""
+        return settings.batch_size, self.model.legal_input_shape(self.model.legal_output_shape(settings.patch_size))
+
+    def _apply_smaller_sizes(self) -> None:
+        """On the prefetch thread, before a batch is built: take the sizes ``_shrink_after_out_of_memory`` chose."""
+        smaller = self._smaller
+        if smaller is not None:
+            self.settings = smaller
+            self._plan_tiles()
+            sampler = self.sampler
+            sampler.input_shape, sampler.output_shape = self.input_shape, self.output_shape
+            sampler.halo = tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))
+            self._smaller = None
+
+    def _next_batch(self, batches: Prefetcher) -> _Batch:
+        """The next batch of the current sizes: those built before an out-of-memory shrink are dropped (new class
+        weights they brought go on with the batch returned)."""
+        class_weights = None
+        while True:
+            batch = batches.get()
+            if batch.class_weights is not None:
+                class_weights = batch.class_weights
+            if (batch.images.shape[0], batch.images.shape[2:]) == self._wanted_shape(self._smaller or self.settings):
+                return batch if class_weights is None else batch._replace(class_weights=class_weights)
 
     def _stop_reason(self, state: _RunState, elapsed: float) -> str | None:
         """Why training ends before the next iteration (a ``TrainingEvent.reason``), or None to go on."""
@@ -819,6 +903,10 @@ class Trainer:
         """Write the model training would leave now (as ``snapshot``) and its metadata (with the entries of
         ``extra`` added) with ``io.save_model`` (atomic); callable during training, from any thread."""
         save_model(self._leaving_model().cpu().eval(), path, {**self.metadata, **(extra or {})})
+
+
+def _batches_in_words(batch_size: int, input_tile: tuple[int, ...]) -> str:
+    return f"batches of {batch_size} patch{'es' * (batch_size != 1)} of {'x'.join(map(str, input_tile))} pixels"
 
 
 def train(

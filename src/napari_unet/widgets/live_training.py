@@ -28,6 +28,9 @@ class LiveTraining(QObject):
         """The running trainer, once the worker has built it."""
         self.previews_shown = 0
         """Previews pushed to the output layers in this run."""
+        self.preview_layers: list = []
+        """The output layers previews go to (made or reused when the trainer is ready)."""
+        self._made: list = []  # those of them this run added
         self._dirty: set[int] = set()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -45,16 +48,39 @@ class LiveTraining(QObject):
             self.send_labels()
         if self.previews and self.image in self.viewer.layers:
             shape = spatial_shape(self.image)
-            output_layer(self.viewer, self.image, "probabilities", (len(trainer.class_ids), *shape), np.float32)
-            output_layer(
-                self.viewer,
-                self.image,
-                "segmentation",
-                shape,
-                labels_dtype(trainer.class_ids),
-                class_ids=trainer.class_ids,
-                class_names=trainer.class_names,
-            )
+            probabilities = (len(trainer.class_ids), *shape)
+            before = {id(layer) for layer in self.viewer.layers}
+            self.preview_layers = [
+                output_layer(self.viewer, self.image, "probabilities", probabilities, np.float32),
+                output_layer(
+                    self.viewer,
+                    self.image,
+                    "segmentation",
+                    shape,
+                    labels_dtype(trainer.class_ids),
+                    class_ids=trainer.class_ids,
+                    class_names=trainer.class_names,
+                ),
+            ]
+            self._made = [layer for layer in self.preview_layers if id(layer) not in before]
+
+    def failed(self) -> None:
+        """Training failed: preview layers this run added and never filled go (an earlier prediction's stay)."""
+        if self.previews_shown == 0:
+            for layer in self._made:
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+        self._made = []
+
+    def source_removed(self, layer) -> None:
+        """``layer`` left the viewer during the run: when it is the image previews go to, its preview layers go too
+        (they would belong to no image) and no preview is shown any more; a labels layer sends no more strokes."""
+        if layer is self.image:
+            for preview in self.preview_layers:
+                if preview in self.viewer.layers:
+                    self.viewer.layers.remove(preview)
+            self.preview_layers = []
+            self.previews = False
 
     def labels_refused(self, message: LabelsRefused) -> None:
         name = self.labels[message.index].name if message.index < len(self.labels) else f"labels {message.index}"

@@ -36,6 +36,7 @@ from .._workers import (
 from ..devices import DEVICE_CHOICES, default_cpu_threads, describe_device
 from ..predict import model_class_ids
 from .data_panel import DataPanel
+from .layer_watch import LayerWatch
 from .live_training import LiveTraining
 from .loss_plot import LossPlot
 from .model_panel import ModelPanel
@@ -82,9 +83,12 @@ class UNetWidget(QWidget):
         self._pbar = None
         self._window = None
         self._predict_sources: dict = {}
+        self._watch: LayerWatch | None = None
         self._relay = _Relay(self)
         self._relay.tiles.connect(self._on_tiles)
         self.last_error: str | None = None
+        self.last_warning: str | None = None
+        """The last out-of-memory retry of a worker (``memory.OutOfMemoryRetry``), also a napari notification."""
         self.preview_interval = PREVIEW_INTERVAL
         """Seconds between live previews while training."""
         self._build_ui()
@@ -299,6 +303,7 @@ class UNetWidget(QWidget):
         self._worker = worker
         self._pbar = progress(total=total, desc=description)
         worker.errored.connect(self._on_error)
+        worker.warned.connect(self._on_warned)
         worker.finished.connect(self._on_finished)
         worker.start()
 
@@ -356,10 +361,27 @@ class UNetWidget(QWidget):
     def _on_error(self, exc: Exception) -> None:
         what = {"train": "training", "predict": "prediction", "export": "export"}.get(self._task, "work")
         self.last_error = f"U-Net {what} failed: {exc}"
+        if self._task == "train" and self._run is not None:
+            self._run.failed()
         show_error(self.last_error)
         self.status_label.setText(self.last_error)
 
+    def _on_warned(self, warning: tuple) -> None:
+        """A warning from the worker (napari shows it as a notification): an out-of-memory retry is also the status."""
+        from ..memory import OutOfMemoryRetry
+
+        message, category = warning[0], warning[1]
+        if issubclass(category, OutOfMemoryRetry):
+            self.last_warning = f"U-Net: {message}"
+            self.status_label.setText(self.last_warning)
+
     def _on_finished(self) -> None:
+        if self._task == "predict" and self._stop.is_set():
+            self.status_label.setText("Prediction stopped")
+            show_info("U-Net: prediction stopped; the images finished before it keep their outputs")
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._task == "train" and self._run is not None:  # a prediction or export has no run to end
             self.recovery.finish()
             self._run.end()
@@ -411,6 +433,10 @@ class UNetWidget(QWidget):
         previews = self.training.preview_check.isChecked()
         self._run = run = LiveTraining(self.viewer, image, [lab for _, lab in pairs], previews=previews, parent=self)
         run.follow_view(settings.ndim)
+        images = list({id(im): im for im in [image, *(im for im, _ in pairs)]}.values())
+        self._watch = LayerWatch(
+            self.viewer, "training", images, [lab for _, lab in pairs], on_removed=run.source_removed
+        )
         worker = create_worker(
             train_steps,
             [self.data.input_image(im) for im, _ in pairs],
@@ -532,6 +558,7 @@ class UNetWidget(QWidget):
         self.last_error = None
         sources = list({id(la): la for la in (self.data.input_layers(layer)[0] for layer in layers)}.values())
         self._predict_sources = {layer.name: layer for layer in sources}
+        self._watch = LayerWatch(self.viewer, "prediction", sources)
         jobs = [PredictJob(layer.name, self.data.input_image(layer)) for layer in sources]
         worker = create_worker(
             predict_steps,
