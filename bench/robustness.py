@@ -16,7 +16,8 @@ test image (float32, no clipping or requantization, fixed seeds, applied to the 
 - ``combined``: gradient, gamma 0.5, gain 0.4, offset and 2 % debris together.
 
 Floors (issue 17): under every perturbation napari-unet's Dice >= the forest's + 0.05 and at most 0.03 below its
-unperturbed Dice.
+unperturbed Dice. "warned": how many images of a condition the out-of-distribution check (``domain.py``) flags as
+unlike the training images (each image's Dice and check score are in the JSON).
 
     python bench/robustness.py [--budget 300] [--sets dsb isbi] [--set FIELD=VALUE ...] [--json OUT]
 """
@@ -162,18 +163,22 @@ def run(name, train_pairs, test_pairs, budget, threads, overrides, baseline: boo
     forest = fit_forest(images, strokes, threads) if baseline else None  # fitted once, scored on every condition
     for condition, test_images in sets.items():
         start = time.perf_counter()
-        labels = [predict_image(trainer.model, trainer.metadata, image, prediction).labels for image in test_images]
-        ours = [lab == PAINTED[1] for lab in labels]
+        outputs = [predict_image(trainer.model, trainer.metadata, image, prediction) for image in test_images]
+        scores = [dice(o.labels == PAINTED[1], t) for o, t in zip(outputs, truths)]
         row = {
-            "napari_unet": float(np.mean([dice(p, t) for p, t in zip(ours, truths)])),
+            "napari_unet": float(np.mean(scores)),
             "predict_s": time.perf_counter() - start,
+            "warned": sum(o.domain is not None and o.domain.unlike for o in outputs),
+            "per_image": [round(float(s), 4) for s in scores],
+            "domain_scores": [None if o.domain is None else round(o.domain.score, 3) for o in outputs],
         }
         if forest is not None:
             foreground = forest_foreground(forest)
             theirs = [p.argmax(0) == foreground for p in forest_probabilities(forest, test_images)]
             row["random_forest"] = float(np.mean([dice(p, t) for p, t in zip(theirs, truths)]))
         result["conditions"][condition] = row
-        print(name, condition, {k: round(v, 4) for k, v in row.items()}, flush=True)
+        summary = {k: round(v, 4) for k, v in row.items() if not isinstance(v, list)}
+        print(name, condition, summary, flush=True)
     return result
 
 
@@ -209,8 +214,8 @@ def main(argv=None):
         results.append(run(n, train_pairs, test_pairs, args.budget, args.threads, overrides, baseline, args.only))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"budget_s": args.budget, "threads": args.threads, "results": results}, indent=1))
-    print("\n| set | perturbation | napari-unet | forest | margin | drop |")
-    print("|---|---|---|---|---|---|")
+    print("\n| set | perturbation | napari-unet | forest | margin | drop | warned |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         clean = r["conditions"]["none"]["napari_unet"]
         for condition, row in r["conditions"].items():
@@ -219,7 +224,7 @@ def main(argv=None):
             forest = "" if forest is None else f"{forest:.3f}"
             print(
                 f"| {r['set']} | {condition} | {row['napari_unet']:.3f} | {forest} | {margin} "
-                f"| {row['napari_unet'] - clean:+.3f} |"
+                f"| {row['napari_unet'] - clean:+.3f} | {row['warned']}/{len(row['per_image'])} |"
             )
     print(f"\nresults written to {args.json}")
 
