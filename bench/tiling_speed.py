@@ -56,7 +56,9 @@ def main():
     pixels = args.size**2
 
     def ours():
-        return predict_tiled(model, image, device=device, amp=args.amp)
+        return predict_tiled(
+            model, image, device=device, precision="float16" if args.amp and device.type == "cuda" else "float32"
+        )
 
     def theirs():
         with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp and device.type == "cuda"):

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from .io import ImageFileError, ModelFileError
 from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
+from .precisions import PRECISIONS
 from .predict import PredictionSettings, predict_image
 from .refine import AUTO
 from .training_settings import CHECKPOINT_SECONDS
@@ -144,6 +145,14 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="tiles per forward pass (default: from memory)",
     )
     _add_device_argument(parser, defaults.device)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="what the network computes in: auto (float16 on a CUDA GPU, bfloat16 on a CPU where it measured "
+        "faster, else float32), float32, bfloat16 or float16; the probabilities are float32 in every case "
+        f"(default {defaults.precision})",
+    )
     parser.add_argument(
         "--test-time-flips",
         action=argparse.BooleanOptionalAction,
@@ -480,6 +489,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             device=args.device,
             tile_shape=tile,
             batch_size=args.batch_size,
+            precision=args.precision,
             test_time_flips=args.test_time_flips,
             refine_radius=args.refine_radius,
             refine_eps=args.refine_eps,

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import platform
+import time
 
 import torch
 
+from .precisions import PRECISIONS
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+BFLOAT16_MIN_SPEEDUP = 1.3
+"""Automatic precision runs a CPU in bfloat16 only when a bfloat16 convolution measured at least this much faster
+than float32 there (:func:`cpu_bfloat16_pays`): below it the precision lost is not worth the time saved."""
 
 
 def _mps_available() -> bool:
@@ -74,6 +81,76 @@ def cpu_has_native_bfloat16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def measure_cpu_bfloat16_speedup(repeats: int = 3) -> float:
+    """float32 time / bfloat16-autocast time of a small stack of 3x3 convolutions on this CPU (best of
+    ``repeats``; about a second), with torch's current thread count."""
+    convs = torch.nn.Sequential(*(torch.nn.Conv2d(c, 32, 3) for c in (16, 32, 32))).eval()
+    convs = convs.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 132, 132).contiguous(memory_format=torch.channels_last)
+
+    def best(dtype) -> float:
+        times = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            convs(x)  # oneDNN builds its kernels on the first call
+            for _ in range(repeats):
+                start = time.perf_counter()
+                convs(x)
+                times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(None) / best(torch.bfloat16)
+
+
+def cpu_bfloat16_pays() -> bool:
+    """Whether bfloat16 is worth it on this CPU: oneDNN runs it natively (:func:`cpu_has_native_bfloat16`) and a
+    short measurement (:func:`measure_cpu_bfloat16_speedup`, once per CPU model, torch version and thread count,
+    kept by ``machine_cache``) found it at least ``BFLOAT16_MIN_SPEEDUP`` times faster than float32. Native support
+    alone is not enough: some CPUs decode bfloat16 instructions at half the float32 rate."""
+    if not cpu_has_native_bfloat16():
+        return False
+    from .machine_cache import cached
+
+    key = f"cpu bfloat16 speedup | {cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return float(cached(key, measure_cpu_bfloat16_speedup)) >= BFLOAT16_MIN_SPEEDUP
+
+
+def prediction_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype a prediction runs the network in on ``device``, or None for float32.
+
+    ``precision`` is one of ``PRECISIONS``. "auto": float16 on CUDA, bfloat16 on a CPU where it pays
+    (:func:`cpu_bfloat16_pays`), float32 otherwise (MPS included). "bfloat16" and "float16" are honoured where
+    torch's autocast runs them (on a CPU without native support they are emulated: slower, same numbers);
+    reduced precision on MPS is refused (unreliable there). The probabilities are float32 whatever the precision:
+    the softmax runs on float32 logits.
+    """
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_bfloat16_pays():
+            return torch.bfloat16
+        return None
+    if device.type == "mps":
+        raise ValueError(f"precision {precision} is not supported on MPS; use float32 or auto")
+    return torch.bfloat16 if precision == "bfloat16" else torch.float16
 
 
 def amp_dtype(device, cpu_bfloat16: bool = False) -> torch.dtype | None:

@@ -24,6 +24,7 @@ import numpy as np
 from .class_ids import labels_dtype, segmentation_from_probabilities
 from .domain import DomainCheck, check_prediction
 from .normalization import normalized_view
+from .precisions import PRECISIONS
 from .refine import AUTO, DEFAULT_EPS, DEFAULT_RADIUS
 
 OutputFactory = Callable[[str, tuple, np.dtype], np.ndarray]
@@ -61,6 +62,15 @@ class PredictionSettings:
         None, "Batch size", "Tiles per forward pass; empty: as many as the memory budget allows.", min=1, max=256
     )
     """Tiles per forward pass; None: as many as the memory budget allows."""
+    precision: str = _setting(
+        "auto",
+        "Precision",
+        "What the network computes in: auto (float16 on a CUDA GPU, bfloat16 on a CPU where it measured faster, "
+        "else float32), float32, bfloat16 or float16.",
+        choices=[(name, name) for name in PRECISIONS],
+    )
+    """``devices.prediction_dtype``: the network's autocast precision on the chosen device (probabilities stay
+    float32)."""
     test_time_flips: bool = _setting(
         True,
         "Test-time flips",
@@ -102,6 +112,8 @@ class PredictionSettings:
             object.__setattr__(self, "tile_shape", _tile_sizes(self.tile_shape))
         if self.batch_size is not None and not (_is_int(self.batch_size) and self.batch_size >= 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("test_time_flips", "uncertainty"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -188,6 +200,7 @@ def predict_image(
         out=out("probabilities", (model.n_classes, *spatial), np.float32),
         progress=progress,
         should_stop=should_stop,
+        precision=settings.precision,
         test_time_flips=settings.test_time_flips,
         refine_radius=settings.refine_radius,
         refine_eps=settings.refine_eps,

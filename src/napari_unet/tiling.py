@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .devices import release_device_memory
+from .devices import prediction_dtype, release_device_memory
 from .memory import (
     INFERENCE_FLOATS_PER_VOXEL_AND_FILTER,
     DeviceMemoryError,
@@ -234,7 +234,7 @@ def predict_tiled(
     out=None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    amp: bool = False,
+    precision: str = "float32",
     test_time_flips: bool = False,
     refine_radius: int | str = 0,
     refine_eps: float = DEFAULT_EPS,
@@ -261,8 +261,11 @@ def predict_tiled(
         ``progress(done_tiles, total_tiles)``, called after every batch.
     should_stop : callable, optional
         Polled before every batch; when it returns True, :class:`PredictionStopped` is raised.
-    amp : bool
-        Run the network in float16 autocast on CUDA (probabilities are still float32).
+    precision : str
+        What the network runs in (``devices.prediction_dtype``): "float32" (default), "auto" (float16 on CUDA,
+        bfloat16 on a CPU where it pays), "bfloat16" or "float16" autocast. The softmax runs on float32 logits
+        and the probabilities are float32; tiles stay exact in every precision (a tiled pass equals a whole-image
+        pass in the same precision).
     test_time_flips : bool
         Average the probabilities over the mirror flips of the image (and, in 2D, its transpositions):
         8 network passes per tile in 2D and 3D (:func:`flip_transforms`), so 8 times slower. Tiles stay
@@ -324,7 +327,8 @@ def predict_tiled(
         for layer in net.modules():
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 layer.register_forward_pre_hook(lambda *_: _stop_if(should_stop, "during a tile batch"))
-    run = _TileRun(net, image, out, channel_axis, device, memory_format, progress, should_stop, amp, test_time_flips)
+    dtype = prediction_dtype(precision, device)
+    run = _TileRun(net, image, out, channel_axis, device, memory_format, progress, should_stop, dtype, test_time_flips)
     first, done = (plan.input_tile, batch_size), 0
     while True:
         try:
@@ -403,7 +407,7 @@ class _TileRun:
     memory_format: torch.memory_format
     progress: Callable[[int, int], None] | None
     should_stop: Callable[[], bool] | None
-    amp: bool
+    dtype: torch.dtype | None
     flips: bool
 
     def predict(self, plan: TilePlan, batch_size: int, done: int) -> int:
@@ -412,7 +416,8 @@ class _TileRun:
         total = len(plan)
         tiles = itertools.islice(plan.tiles(), done, None)
         memory_format = self.memory_format
-        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and self.device.type == "cuda")
+        enabled = self.dtype is not None
+        autocast = torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=enabled)
         with torch.inference_mode(), autocast:
             while done < total:
                 _stop_if(self.should_stop, f"after {done} of {total} tiles")
