@@ -68,14 +68,6 @@ class Augmenter:
         about 1), clipped at ``SPECK_TOP`` (4.0): half of them saturate, a plateau at exactly 4.0 that noise
         does not touch. Their rim blends into the image over 2 px (smoothstep of the distance). The labels
         under a speck are left as they are. 0: off.
-    dimming : float
-        Objects dimmer than on the painted images: with probability ``DIM_PROBABILITY`` a tile (channel) is
-        multiplied by ``exp(-u)``, ``u`` uniform in ``[0, dimming]``, after the gamma / scale / shift and before
-        the specks, which keep their values. Per-image normalization maps an image's upper percentile to 1, so
-        whatever raises that percentile above the objects (bright debris it cannot leave out, uneven
-        illumination, a few much brighter cells, a camera's non-linear response) leaves the objects of that image
-        at a fraction of the level they have on the painted images; this shows the network such images with the
-        debris that caused it. 0: off.
     noise : float
         Maximum noise level ``s`` (uniform in ``[0, noise]`` per tile and channel), Poisson-Gaussian: a
         fraction ``m`` (uniform in [0, 1]) of the variance grows with the signal, variance
@@ -101,7 +93,6 @@ class Augmenter:
         blur: float = 0.0,
         illumination: float = 0.0,
         specks: float = 0.0,
-        dimming: float = 0.0,
         noise: float = 0.0,
     ):
         self.rng = rng
@@ -112,7 +103,6 @@ class Augmenter:
         self.zoom_range = zoom_range
         self.gamma_range, self.scale_range, self.shift_range = gamma_range, scale_range, shift_range
         self.blur, self.illumination, self.specks, self.noise = blur, illumination, specks, noise
-        self.dimming = dimming
 
     def __call__(self, image: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None):
         """Return augmented ``(image, target, weight)``; target pixels moved in from outside become -1. A
@@ -177,8 +167,6 @@ class Augmenter:
         shift = float(self.rng.uniform(-self.shift_range, self.shift_range))
         image = np.sign(image) * np.abs(image) ** gamma
         image = (image * scale + shift).astype(np.float32, copy=False)
-        if self.dimming and self.rng.random() < DIM_PROBABILITY:
-            image = image * np.float32(np.exp(-self.rng.uniform(0.0, self.dimming)))
         saturated = self._add_specks(image) if self.specks and self.rng.random() < self.specks else None
         if self.noise:
             level = float(self.rng.uniform(0.0, self.noise))
@@ -255,8 +243,6 @@ SPECK_VALUE = (1.5, 6.5)
 """Range of a speck's value (normalized units) before it is clipped at ``SPECK_TOP``."""
 SPECK_TOP = 4.0
 """The saturation value of specks (normalized units): values drawn above it are clipped to it."""
-DIM_PROBABILITY = 0.5
-"""Fraction of tiles that ``dimming`` dims (the others keep the levels of the painted images)."""
 
 
 def paste_mix(images, targets, weights, rng: np.random.Generator, probability: float, region) -> None:

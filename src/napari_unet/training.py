@@ -484,7 +484,6 @@ class Trainer:
             blur=settings.blur,
             illumination=settings.illumination,
             specks=settings.specks,
-            dimming=settings.dimming,
             noise=settings.noise,
         )
         self._class_weights = self._compute_class_weights()

@@ -95,7 +95,7 @@ class TrainingSettings:
     rotations: bool = True
     elastic: bool = True
     intensity: bool = True
-    """Image-only intensity augmentation (the eight fields below; False: none of them, whatever their values)."""
+    """Image-only intensity augmentation (the seven fields below; False: none of them, whatever their values)."""
     gain_range: float = 0.07
     """Random gain of the normalized training tile, ``exp(+-gain_range)`` (``Augmenter.scale_range``); 0: off."""
     gamma_range: float = 0.1
@@ -113,10 +113,6 @@ class TrainingSettings:
     normalized units, half of them saturated, labels untouched (``Augmenter.specks``); 0: off. On by default: with
     debris on 0.5 % of a held-out image's pixels the network otherwise takes the specks for objects (DSB validation
     of the robustness benchmark, docs/benchmarks.md); illumination, blur and noise stay off (no gain measured)."""
-    dimming: float = 0.0
-    """Objects dimmer than on the painted images (what debris, uneven illumination or a non-linear response leave
-    after normalization): half of the training tiles are multiplied by ``exp(-u)``, ``u`` uniform in
-    ``[0, dimming]``, before the specks (``Augmenter.dimming``); 0: off."""
     blur: float = 0.0
     """Fraction of training tiles blurred in-plane by a Gaussian of 0.3-1.5 px (``Augmenter.blur``); 0: off."""
     noise: float = 0.0
@@ -265,7 +261,6 @@ _INTENSITY_AUGMENTATION = (
     ("offset_range", 1.0, "an offset range in normalized units"),
     ("illumination", 1.0, "a log-gain standard deviation"),
     ("specks", 1.0, "a probability"),
-    ("dimming", 3.0, "a log-gain range"),
     ("blur", 1.0, "a probability"),
     ("noise", 1.0, "a noise level in normalized units"),
 )
