@@ -38,7 +38,7 @@ def trained_model(name, train_pairs, iterations: int, threads: int, models: Path
         return load_model(path)
     images = [image for image, _ in train_pairs]
     strokes = [simulate_strokes(gt, PAINTED, seed=index) for index, (_, gt) in enumerate(train_pairs)]
-    trainer = train(images, strokes, iterations=iterations, device="cpu", cpu_threads=threads, seed=0)
+    trainer = train(images, strokes, iterations=iterations, time_budget=None, device="cpu", cpu_threads=threads, seed=0)
     models.mkdir(parents=True, exist_ok=True)
     trainer.save(path)
     return load_model(path)
