@@ -119,9 +119,13 @@ class TrainingEvent:
     reason: str | None = None
     """Why training ended, on the final event: "iterations" or "time_budget" (that budget is spent), "plateau"
     (``patience`` iterations without improvement), "stopped" (``request_stop`` or the generator closed) or
-    "not_finite" (the loss or the weights became NaN or infinite: that step was undone)."""
+    "not_finite" (the loss or the weights became NaN or infinite: that step was undone); a dataset training adds
+    "epochs" (all done) and "early_stop" (``patience`` epochs without a better validation mean IoU)."""
     message: str | None = None
     """On a final event whose reason needs explaining ("not_finite"): what happened and what the model keeps."""
+    validation: dict | None = None
+    """On the event that ends an epoch of a dataset training (``dataset_training.DatasetTrainer``): that epoch's
+    validation scores (``dataset_training.EpochScores`` as a dict)."""
 
 
 @dataclass
@@ -368,7 +372,11 @@ class Trainer:
             self._new_model(found, class_names)
         self._plan_tiles()
         self._prepare_pieces(images, labels, None if channel_axis is None else 0)
-        self._sample_profiles(images, channel_axis is not None)
+        self._sample_profiles(images, self.image_normalization, self._shapes, channel_axis is not None)
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What every trainer holds besides its data and model: the lock, label updates, the stop, the run record."""
         self._lock = threading.Lock()
         self._pending: dict[int, tuple | np.ndarray] = {}
         self.label_problems: list[tuple[int, str]] = []
@@ -380,6 +388,8 @@ class Trainer:
         self._average: AveragedModel | None = None
         """The weight average of the current run() once its averaging window has begun."""
         self.iteration = 0
+        self._first_iteration = 0
+        """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
 
     def _model_from_init(self, init: tuple[torch.nn.Module, dict], found: list[int]) -> None:
         """Take the model to fine-tune from ``init`` (a copy; the caller's stays untouched) with its class ids and
@@ -471,7 +481,13 @@ class Trainer:
             weights=weights if settings.border_weight else None,
             class_power=settings.class_sampling,
         )
-        self.augmenter = Augmenter(
+        self.augmenter = self._make_augmenter()
+        self._class_weights = self._compute_class_weights()
+
+    def _make_augmenter(self) -> Augmenter:
+        """The augmenter of ``settings``, drawing from the trainer's seeded generator."""
+        settings = self.settings
+        return Augmenter(
             self._rng,
             flips=settings.flips,
             rotations=settings.rotations,
@@ -486,14 +502,14 @@ class Trainer:
             specks=settings.specks,
             noise=settings.noise,
         )
-        self._class_weights = self._compute_class_weights()
 
-    def _sample_profiles(self, images: list, channels: bool) -> None:
+    def _sample_profiles(self, images: list, params: list[dict], shapes: list[tuple], channels: bool) -> None:
         """Read the sampled tiles of the training images for their profiles (``domain.py``), once: their normalized
         pixels give the intensity part now; each run's end predicts the same tiles for the class part
         (:meth:`_profile_classes`). As many tiles as a budget of about ``domain.TRAINING_STEPS`` training steps
         allows with the network's context (``domain.TRAINING_TILES`` at most), up to ``domain.SAMPLE_TILES`` per
-        image; images beyond one tile each are chosen evenly."""
+        image; images beyond one tile each are chosen evenly. ``params``: each image's normalization parameters,
+        ``shapes``: its spatial shape."""
         s, halo, grid = self.settings, self.model.halo, self.model.grid
         budget = max(TRAINING_MIN_PIXELS, TRAINING_STEPS * 3 * s.batch_size * math.prod(self.input_shape))
         tile = [SAMPLE_TILE] * len(halo)
@@ -506,8 +522,8 @@ class Trainer:
         tiles = min(SAMPLE_TILES, total // len(chosen))
         self._profile_samples = []
         for i in chosen:
-            view = NormalizedView(images[i], self.image_normalization[i])
-            regions = sample_regions(self._shapes[i], tiles)
+            view = NormalizedView(images[i], params[i])
+            regions = sample_regions(shapes[i], tiles)
             self._profile_samples.append((view, regions, sample_intensities(view, regions, channels)))
         self.image_profiles = [profile(values) for _, _, values in self._profile_samples]
         """The profiles of (some of) the training images: intensities, and once a run has ended the class
@@ -652,7 +668,7 @@ class Trainer:
         previous_threads = torch.get_num_threads()
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
-        state = _RunState(learning_rate=s.learning_rate)
+        state = _RunState(learning_rate=s.learning_rate, iteration=self._first_iteration)
         check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
             training_bytes(self.model, self.input_shape, s.batch_size),
             device,
