@@ -70,3 +70,23 @@ def test_a_broken_dataset_is_one_line(tmp_path, capsys):
     assert err.startswith("napari-unet: error:") and "cell1.png has no mask" in err and len(err.splitlines()) == 1
     assert main(["train", "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "or --dataset DIR" in capsys.readouterr().err
+
+
+def test_train_dataset_with_vgg16_encoder_weights(tmp_path, capsys):
+    import torch
+    from test_encoders import vgg16_features
+
+    features = vgg16_features()
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
+    make_plain(tmp_path / "data", count=3, suffix=".png", size=(40, 40))
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--dataset", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--depth", "1"]
+    args += ["--patch-size", "8", "--batch-size", "1", "--device", "cpu", "--block", "vgg16", "--filters", "64"]
+    assert main([*args, "--encoder-weights", str(tmp_path / "vgg16.pth"), "--freeze-encoder", "100"]) == 0
+    assert "encoder: 4 convolutions from" in capsys.readouterr().err
+    model, meta = load_model(out)
+    # grey images: VGG's first kernels averaged over RGB; the encoder stayed frozen (100 iterations > one epoch)
+    torch.testing.assert_close(model.encoder[0].layers[0].conv.weight, features[0].weight.mean(1, keepdim=True))
+    assert meta["training"]["history"][-1]["settings"]["freeze_encoder"] == 100
+    assert main([*args, "--filters", "32", "--encoder-weights", str(tmp_path / "vgg16.pth")]) == 2
+    assert "needs the 2D vgg16 layout" in capsys.readouterr().err

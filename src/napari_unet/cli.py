@@ -40,7 +40,7 @@ from .io import ImageFileError, ModelFileError
 from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from .predict import PredictionSettings, predict_image
 from .refine import AUTO
-from .training_settings import CHECKPOINT_SECONDS
+from .training_settings import BLOCKS, CHECKPOINT_SECONDS
 
 PROG = "napari-unet"
 
@@ -712,6 +712,26 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LR",
         help=f"peak Adam learning rate (default {defaults.learning_rate:g})",
     )
+    parser.add_argument(
+        "--block",
+        choices=BLOCKS,
+        help="convolution blocks: plain (2 per level, the paper), residual, vgg (3 per level), vgg16 (the VGG16 "
+        f"encoder: 2-2-3-3-3 convolutions at 1-2-4-8-8 x --filters, depth 4 at most) (default {defaults.block})",
+    )
+    parser.add_argument(
+        "--encoder-weights",
+        type=Path,
+        metavar="FILE",
+        help="start the encoder from a torchvision VGG16 state dict (torch.save(vgg16().state_dict(), FILE); read "
+        "as tensors only, nothing downloaded); needs --block vgg16 --filters 64",
+    )
+    parser.add_argument(
+        "--freeze-encoder",
+        type=int,
+        default=0,
+        metavar="ITER",
+        help="keep the encoder's weights fixed for the first ITER iterations: the decoder learns first (default 0)",
+    )
     parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
     parser.add_argument(
         "--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)"
@@ -820,6 +840,18 @@ def _check_model_path(out: Path, inputs: list[Path]) -> None:
 DEFAULT_CHECKPOINT_SECONDS = CHECKPOINT_SECONDS
 
 
+def _load_encoder(trainer, args: argparse.Namespace, init) -> None:
+    """``--encoder-weights`` into a new model (``encoders.load_vgg16``), said on stderr; ValueError as one line."""
+    if args.encoder_weights is None:
+        return
+    if init is not None:
+        raise ValueError("--encoder-weights starts a new model: not with --init or --resume")
+    from .encoders import load_vgg16
+
+    count = load_vgg16(trainer.model, args.encoder_weights)
+    print(f"encoder: {count} convolutions from {args.encoder_weights}", file=sys.stderr, flush=True)
+
+
 class _Checkpoints:
     """Writes the model trained so far to ``path`` (``Trainer.save``: atomic, so the file is always a whole model)
     each ``interval`` seconds of training (0: never); a failed write is a warning and training goes on."""
@@ -851,6 +883,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         "patch_size": args.patch_size,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
+        "block": args.block,
     }
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
@@ -863,6 +896,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             if args.time_budget is not None
             else (None if args.iterations else TrainingSettings.time_budget),
             border_weight=args.border_weight,
+            freeze_encoder=args.freeze_encoder,
             device=args.device,
             seed=args.seed,
             amp=not args.float32,
@@ -878,6 +912,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             init=init,
             channel_axis=0 if channels == {1} else None,
         )
+        _load_encoder(trainer, args, init)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(
@@ -983,12 +1018,14 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
         "patch_size": args.patch_size,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
+        "block": args.block,
     }
     try:
         settings = TrainingSettings(
             ndim=args.ndim,
             time_budget=args.time_budget,
             border_weight=args.border_weight,
+            freeze_encoder=args.freeze_encoder,
             device=args.device,
             seed=args.seed,
             amp=not args.float32,
@@ -1000,6 +1037,7 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
         trainer = DatasetTrainer(
             dataset, settings, epochs=args.epochs, patience=args.patience, init=init, resume=resume
         )
+        _load_encoder(trainer, args, init)
     except (ValueError, DatasetError) as e:
         raise CLIError(str(e)) from None
     names = ", ".join(f"{v} {n}" for v, n in zip(dataset.class_values, dataset.class_names))

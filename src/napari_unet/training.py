@@ -85,6 +85,7 @@ from .domain import (
     sample_regions,
     training_profile,
 )
+from .encoders import encoder_parameters
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
@@ -844,10 +845,15 @@ class Trainer:
             loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
             if scaler is not None:
                 scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if state.iteration < s.freeze_encoder:  # no gradient: Adam leaves the encoder as it is
+                for parameter in encoder_parameters(model):
+                    parameter.grad = None
+            if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             problem = last_good.problem(loss)
             if problem is not None:
