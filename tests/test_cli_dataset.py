@@ -22,7 +22,9 @@ def test_train_dataset_prints_epochs_keeps_best_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "validating on 2 (voc layout" in err and "classes 0 background, 1 nucleus" in err
     assert "epoch 1/2  val loss" in err and "epoch 2/2" in err and "nucleus IoU" in err and "best epoch" in err
+    assert "calibration: temperature" in err and "expected calibration error" in err
     model, meta = load_model(out)
+    assert model.temperature == meta["calibration"]["temperature"]
     assert meta["class_ids"] == [0, 1] and meta["dense_labels"] and meta["class_names"] == ["background", "nucleus"]
     record = meta["dataset_training"]
     assert [s["epoch"] for s in record["epochs"]] == [1, 2]

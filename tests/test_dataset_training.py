@@ -72,7 +72,9 @@ def test_void_pixels_are_unlabelled_targets(tmp_path):
 
 def test_early_stop_after_patience_epochs(tmp_path, monkeypatch):
     make_plain(tmp_path, count=4, suffix=".png")
-    trainer = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), TrainingSettings(**TINY), epochs=20, patience=2)
+    trainer = DatasetTrainer(
+        open_dataset(tmp_path, val_fraction=0.25), TrainingSettings(**TINY), epochs=20, patience=2, temperature="off"
+    )
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
     monkeypatch.setattr(
         "napari_unet.dataset_training.evaluate", lambda *a, **k: (1.0, [0.5, 0.5], [0.6, 0.6], next(scores))

@@ -257,6 +257,12 @@ def _bounded_number(text: str, kind, what: str, minimum):
     return value
 
 
+def _temperature(text: str) -> str | float:
+    if text in ("auto", "off"):
+        return text
+    return _positive_float(text)
+
+
 def _shard(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
@@ -655,6 +661,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="without val.txt: this seeded share of the images validates (at least one; 0: none) (default 0.1)",
     )
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default="auto",
+        metavar="auto|off|T",
+        help="softmax temperature stored in the model (calibrated probabilities): auto fits it on the validation "
+        "pixels of a --dataset (sparse strokes have none held out: off), off: none, a number: that one "
+        "(default auto)",
+    )
     dataset.add_argument(
         "--resume",
         action="store_true",
@@ -927,6 +942,8 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         if trainer.iteration == 0 and code:
             print("interrupted before the first iteration: nothing saved", file=sys.stderr, flush=True)
             return code
+        if args.temperature not in ("auto", "off"):
+            trainer.model.temperature = args.temperature
         try:
             save_model(trainer.model, args.out, trainer.metadata)
         except OSError as e:
@@ -1035,7 +1052,13 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
             **{k: v for k, v in architecture.items() if v is not None},
         )
         trainer = DatasetTrainer(
-            dataset, settings, epochs=args.epochs, patience=args.patience, init=init, resume=resume
+            dataset,
+            settings,
+            epochs=args.epochs,
+            patience=args.patience,
+            init=init,
+            resume=resume,
+            temperature=args.temperature,
         )
         _load_encoder(trainer, args, init)
     except (ValueError, DatasetError) as e:
@@ -1091,6 +1114,15 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
     if trainer.best_epoch is not None:
         print(
             f"best epoch {trainer.best_epoch}: validation mean IoU {trainer.best_mean_iou:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if trainer.calibration is not None:
+        c = trainer.calibration
+        print(
+            f"calibration: temperature {c['temperature']:.3f} on {c['pixels']} validation pixels: expected "
+            f"calibration error {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
+            f"{c['nll_after']:.4f}",
             file=sys.stderr,
             flush=True,
         )

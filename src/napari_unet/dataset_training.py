@@ -56,10 +56,13 @@ class EpochScores:
     seconds: float
 
 
-def evaluate(model, dataset: Dataset, samples: list[Sample], recipe: dict, device, dice_weight: float = 1.0):
+def evaluate(
+    model, dataset: Dataset, samples: list[Sample], recipe: dict, device, dice_weight: float = 1.0, collect=None
+):
     """``(val_loss, iou, dice, mean_iou)`` of ``model`` (eval mode) on the whole images ``samples``; each image is
     normalized with ``recipe`` and predicted with exact overlap-tile prediction. IoU and Dice are over all the
-    images' pixels together (void pixels left out), the loss is the mean over images."""
+    images' pixels together (void pixels left out), the loss is the mean over images. ``collect(log_probabilities,
+    targets)``, when given, gets each image's ``(K, *spatial)`` log-probabilities and class-index targets."""
     from .losses import masked_loss
     from .tiling import predict_tiled
 
@@ -79,6 +82,8 @@ def evaluate(model, dataset: Dataset, samples: list[Sample], recipe: dict, devic
         predicted += np.bincount(g, minlength=n)[:n]
         annotated += np.bincount(t, minlength=n)[:n]
         log_p = torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0)))
+        if collect is not None:
+            collect(log_p.numpy(), target)
         losses.append(float(masked_loss(log_p[None], torch.from_numpy(target)[None], dice_weight=dice_weight)))
     union = predicted + annotated - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -105,13 +110,19 @@ class DatasetTrainer(Trainer):
         patience: int | None = None,
         init: tuple[torch.nn.Module, dict] | None = None,
         resume: dict | None = None,
+        temperature: str | float = "auto",
     ):
         settings = settings or TrainingSettings(time_budget=None)
         if settings.border_weight:
             raise ValueError("border weights are for sparse strokes; a dense dataset trains without them")
         if epochs < 1 or (patience is not None and patience < 1):
             raise ValueError(f"epochs and patience must be at least 1, got {epochs} and {patience}")
+        if not (temperature in ("auto", "off") or (isinstance(temperature, (int, float)) and temperature > 0)):
+            raise ValueError(f"temperature must be auto, off or a number greater than 0, got {temperature!r}")
         self.settings, self.dataset, self.epochs, self.patience = settings, dataset, epochs, patience
+        self.temperature = temperature
+        self.calibration: dict | None = None
+        """What the last run's temperature does on the validation pixels (``calibration.calibrate``), or None."""
         self.in_channels = dataset.channels
         if init is not None:
             self._model_from_init(init, dataset.class_values)
@@ -228,10 +239,35 @@ class DatasetTrainer(Trainer):
             with self._lock:
                 self.model.load_state_dict(self._best_state)
             self._profile_classes(torch.device("cpu"))
+        self._calibrate()
         if self._history:
             self._history[-1].update(
                 epochs=copy.deepcopy(self.scores), best_epoch=self.best_epoch, best_mean_iou=self.metadata_best()
             )
+
+    def _calibrate(self) -> None:
+        """The softmax temperature of the model the run leaves: fitted on (a sample of) the validation pixels
+        ("auto"), given, or none ("off"); ECE and NLL before and after in ``calibration``."""
+        from .calibration import MAX_PIXELS, calibrate, sample_pixels
+
+        self.model.temperature = 1.0
+        self.calibration = None
+        if self.temperature == "off" or not self.dataset.val:
+            if self.temperature not in ("auto", "off"):
+                self.model.temperature = float(self.temperature)
+            return
+        rng, pixels = np.random.default_rng(self.settings.seed), []
+        limit = max(1, MAX_PIXELS // len(self.dataset.val))
+        model = self.model.inference_copy()
+        device = torch.device(self._record.get("device", "cpu"))
+        evaluate(
+            model.to(device), self.dataset, self.dataset.val, self.normalization, device,
+            collect=lambda log_p, target: pixels.append(sample_pixels(log_p, target, rng, limit)),
+        )  # fmt: skip
+        logits = np.concatenate([p[0] for p in pixels])
+        targets = np.concatenate([p[1] for p in pixels])
+        self.calibration = calibrate(logits, targets, self.temperature)
+        self.model.temperature = self.calibration["temperature"]
 
     def metadata_best(self) -> float | None:
         """The best validation mean IoU so far (None before the first validation)."""
@@ -245,6 +281,7 @@ class DatasetTrainer(Trainer):
         return {
             **super().metadata,
             "dense_labels": True,
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
             "dataset_training": {
                 "dataset": str(self.dataset.root),
                 "train_images": len(self.dataset.train),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -115,6 +116,10 @@ class UNet(nn.Module):
         Batch norm after every convolution (before the ReLU).
     dropout : float
         Dropout probability at the end of the contracting path (as in the paper).
+    temperature : float
+        The logits are divided by it (temperature scaling, Guo et al. 2017: calibrated probabilities); 1 while
+        training, then fitted on held-out pixels (``calibration.py``). Part of ``config``, so a model file keeps it
+        and every prediction path (tiles, previews, the BioImage.IO export's TorchScript) applies it.
     block : {"plain", "residual", "vgg", "vgg16"}
         "plain": two 3x3 convolutions per level (the paper); "residual": the same plus a 1x1 projected
         shortcut (Res-U-Net); "vgg": three 3x3 convolutions per level; "vgg16": the VGG16 encoder
@@ -133,6 +138,7 @@ class UNet(nn.Module):
         batch_norm: bool = True,
         dropout: float = 0.0,
         block: str = "plain",
+        temperature: float = 1.0,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -145,6 +151,8 @@ class UNet(nn.Module):
             raise ValueError(f"the vgg16 layout has {len(VGG16_LEVELS) - 1} poolings: depth 1 to 4, got {depth}")
         if in_channels < 1 or n_classes < 1 or base_filters < 1:
             raise ValueError("in_channels, n_classes and base_filters must be positive")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number greater than 0, got {temperature!r}")
         self.config = dict(
             in_channels=int(in_channels),
             n_classes=int(n_classes),
@@ -154,6 +162,7 @@ class UNet(nn.Module):
             batch_norm=bool(batch_norm),
             dropout=float(dropout),
             block=block,
+            temperature=float(temperature),
         )
         self.in_channels, self.n_classes, self.ndim, self.depth = in_channels, n_classes, ndim, depth
         self.convs_per_block = BLOCKS[block]
@@ -205,7 +214,20 @@ class UNet(nn.Module):
         for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
             x = up(x)
             x = block(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
-        return self.head(x)
+        logits = self.head(x)
+        temperature = self.config["temperature"]
+        return logits if temperature == 1.0 else logits / temperature
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature the logits are divided by (1: none; ``calibration.fit_temperature``)."""
+        return self.config["temperature"]
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be a finite number greater than 0, got {value!r}")
+        self.config["temperature"] = float(value)
 
     # --- size arithmetic -------------------------------------------------------------------------
 

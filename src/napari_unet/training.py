@@ -419,6 +419,7 @@ class Trainer:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.model = copy.deepcopy(model).cpu().train()
+        self.model.temperature = 1.0  # fitted to the weights it came with: training learns on plain logits
 
     def _new_model(self, found: list[int], class_names: Sequence[str] | dict[int, str] | None) -> None:
         """Build a new network for the painted ids ``found`` (at least two) as ``settings`` describes, with
