@@ -103,3 +103,20 @@ def test_resume_goes_on_from_the_checkpoint(tmp_path):
     # an initial model whose classes are not the dataset's values is refused
     with pytest.raises(ValueError, match="train a new model"):
         DatasetTrainer(dataset, TrainingSettings(**TINY), init=(model, {**meta, "class_ids": [1, 2]}))
+
+
+def test_trainer_with_dense_labels_in_memory():
+    """``Trainer(dense_labels=True)``: complete labels held in memory (the widget's "Labels are complete"): 0 is a
+    class, 255 no label."""
+    from napari_unet.training import Trainer
+
+    image = np.random.default_rng(0).normal(size=(48, 48)).astype(np.float32)
+    labels = np.zeros((48, 48), np.uint8)
+    labels[10:30, 10:30] = 1
+    labels[:, 40:] = 255
+    trainer = Trainer(image, labels, TrainingSettings(**TINY, iterations=2), dense_labels=True)
+    assert trainer.class_ids == [0, 1] and trainer.metadata["dense_labels"] is True
+    (target,), _ = trainer._target_pieces(labels)
+    np.testing.assert_array_equal(target == -1, labels == 255)
+    with pytest.raises(ValueError, match="label 0 means unpainted"):
+        Trainer(image, np.zeros((48, 48), np.uint8), TrainingSettings(**TINY, iterations=2))

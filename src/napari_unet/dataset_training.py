@@ -36,7 +36,7 @@ import torch
 from .datasets import Dataset, Sample
 from .normalization import dataset_recipe, image_params, normalize
 from .sampling import LazyPatchSampler
-from .training import Trainer, TrainingEvent, TrainingSettings
+from .training import DENSE_VOID, Trainer, TrainingEvent, TrainingSettings
 
 PROFILE_IMAGES = 4
 """Training images read up front for the model's training profile (``domain.py``)."""
@@ -124,6 +124,7 @@ class DatasetTrainer(Trainer):
         self.calibration: dict | None = None
         """What the last run's temperature does on the validation pixels (``calibration.calibrate``), or None."""
         self.in_channels = dataset.channels
+        self.dense_labels, self.unpainted = True, DENSE_VOID
         if init is not None:
             self._model_from_init(init, dataset.class_values)
             if self.class_ids != dataset.class_values:
@@ -275,12 +276,11 @@ class DatasetTrainer(Trainer):
 
     @property
     def metadata(self) -> dict:
-        """The model file's metadata, with ``dense_labels`` (its ``class_ids`` are mask values: 0 is a class) and
+        """The model file's metadata (with ``dense_labels``: its ``class_ids`` are mask values, 0 is a class), and
         ``dataset_training``: the dataset, the epochs scored, the best one and
         what a resumed run needs (``resume``)."""
         return {
             **super().metadata,
-            "dense_labels": True,
             **({"calibration": dict(self.calibration)} if self.calibration else {}),
             "dataset_training": {
                 "dataset": str(self.dataset.root),

@@ -3,7 +3,8 @@
 Label semantics (a napari Labels layer as it is): 0 = unpainted (weight zero in every loss term), painted
 ids 1..K are the classes, and they need not be contiguous ({1, 3} is fine). The id mapping is kept in the
 model metadata so predictions come back with the user's ids (class index ``i`` of the network is
-``metadata["class_ids"][i]``).
+``metadata["class_ids"][i]``). With ``dense_labels=True`` the labels are complete (an imported ground truth, a
+dataset's masks): 0 is a class and ``DENSE_VOID`` (255) is "no label" (``dataset_training.py`` trains this way).
 
 API
 ---
@@ -201,33 +202,38 @@ def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     return labels
 
 
-def painted_ids(labels: Sequence[np.ndarray]) -> list[int]:
-    """Sorted painted class ids (non-zero values) over all label arrays (read in slabs, so memory-mapped labels
-    larger than memory are fine)."""
+DENSE_VOID = 255
+"""With ``dense_labels`` (complete labels, e.g. a dataset's masks): the value that means "no label" (0 is a class)."""
+
+
+def painted_ids(labels: Sequence[np.ndarray], unpainted: int = 0) -> list[int]:
+    """Sorted painted class ids (values other than ``unpainted``) over all label arrays (read in slabs, so
+    memory-mapped labels larger than memory are fine)."""
     ids: set[int] = set()
     for lab in labels:
         for slab in slabs(lab):
-            ids.update(int(v) for v in np.unique(slab) if v != 0)
+            ids.update(int(v) for v in np.unique(slab) if v != unpainted)
     return sorted(ids)
 
 
-def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int], unpainted: int = 0) -> np.ndarray:
     """Map user ids to class indices 0..K-1 (int16; ``class_ids[k]`` -> ``k``, in whatever order the ids come, as
-    a model file may list them), unpainted (0) to -1. Unknown ids are a ValueError."""
+    a model file may list them), ``unpainted`` (0, or ``DENSE_VOID`` for dense labels) to -1. Unknown ids are a
+    ValueError."""
     ids = np.asarray(class_ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     ascending = ids[order]
     flat = labels.astype(np.int64, copy=False)
     index = np.clip(np.searchsorted(ascending, flat), 0, len(ids) - 1)
     known = ascending[index] == flat
-    unknown = ~known & (flat != 0)
+    unknown = ~known & (flat != unpainted)
     if unknown.any():
         extra = sorted(int(v) for v in np.unique(flat[unknown]))
         raise ValueError(f"labels hold class ids {extra} that the model does not know (it has {list(ids)})")
     return np.where(known, order[index], -1).astype(np.int16)
 
 
-def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None):
+def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None, unpainted: int = 0):
     """The images (channels first with ``channel_axis``; lazy arrays stay lazy), their labels as integer arrays and
     the sorted painted ids; ``ValueError`` for images and labels a ``settings.ndim``-D net cannot train on."""
     images, labels = _as_list(images, lazy=True), _as_list(labels)
@@ -247,9 +253,9 @@ def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: i
                 f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
                 + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes")
             )
-    found = painted_ids(labels)
+    found = painted_ids(labels, unpainted)
     if not found:
-        raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
+        raise ValueError(f"nothing is painted: paint at least two classes (label {unpainted} means unpainted)")
     return images, labels, found
 
 
@@ -363,9 +369,13 @@ class Trainer:
         init: tuple[torch.nn.Module, dict] | None = None,
         class_names: Sequence[str] | dict[int, str] | None = None,
         channel_axis: int | None = None,
+        dense_labels: bool = False,
     ):
         self.settings = settings = settings or TrainingSettings()
-        images, labels, found = _validated_pairs(images, labels, settings, channel_axis)
+        self.dense_labels = dense_labels
+        self.unpainted = DENSE_VOID if dense_labels else 0
+        """The label value that means "no label": 0 for strokes, ``DENSE_VOID`` (255) for complete labels."""
+        images, labels, found = _validated_pairs(images, labels, settings, channel_axis, self.unpainted)
         self.in_channels = 1 if channel_axis is None else images[0].shape[0]
         if init is not None:
             self._model_from_init(init, found)
@@ -558,11 +568,11 @@ class Trainer:
         border, stack = self.settings.border_weight, labels.ndim == self.image_ndim + 1
         targets, weights = [], []
         for plane in labels if stack else [labels]:
-            if stack and not plane.any():
+            if stack and not (plane != self.unpainted).any():
                 targets.append(np.broadcast_to(np.int16(-1), plane.shape))
                 weights.append(np.broadcast_to(np.float32(1.0), plane.shape) if border else None)
                 continue
-            target = targets_from_labels(plane, self.class_ids)
+            target = targets_from_labels(plane, self.class_ids, self.unpainted)
             targets.append(target)
             weights.append(border_weight_map(target) if border else None)
         return targets, (weights if border else None)
@@ -920,6 +930,7 @@ class Trainer:
             },
             "napari_unet_version": __version__,
             "training_profile": training_profile(self.image_profiles, self._earlier_profile),
+            **({"dense_labels": True} if self.dense_labels or 0 in self.class_ids else {}),  # 0 is a class
         }
 
     def save(self, path, extra: dict | None = None) -> None:

@@ -448,6 +448,7 @@ class UNetWidget(QWidget):
             preview_interval=self.preview_interval,
             stop=self._stop,
             resume=self._resume,
+            dense_labels=self.data.dense_check.isChecked(),
             _start_thread=False,
             _ignore_errors=True,
         )
