@@ -743,3 +743,21 @@ def test_labels_are_complete_option_trains_with_0_as_a_class(setup, qtbot):
     widget.train()
     wait_idle(qtbot, widget)
     assert widget.metadata["class_ids"] == [0, 1] and widget.metadata["dense_labels"] is True
+
+
+def test_train_from_a_dataset_folder_shows_validation_and_keeps_the_best_model(setup, qtbot, tmp_path):
+    from test_datasets import make_plain
+
+    viewer, widget = setup
+    make_plain(tmp_path, count=3, suffix=".png")
+    widget.train_dataset(tmp_path, epochs=2)
+    assert widget.busy and not widget.dataset_button.isEnabled()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.validation_text.startswith("Epoch 2: validation mean IoU")
+    assert widget.metadata["class_ids"] == [0, 1] and "dataset_training" in widget.metadata
+    assert widget.dataset_button.isEnabled()
+    (tmp_path / "masks" / "cell0.png").unlink()
+    widget.train_dataset(tmp_path)
+    wait_idle(qtbot, widget)
+    assert "cell0.png has no mask" in widget.last_error

@@ -153,6 +153,34 @@ def gui_friendly_threads():
         torch.set_num_threads(previous)
 
 
+def dataset_train_steps(
+    root,
+    settings,
+    *,
+    epochs: int = 50,
+    patience: int | None = None,
+    val_fraction: float = 0.1,
+    stop: threading.Event | None = None,
+) -> Iterator[TrainMessage]:
+    """Train on the annotated dataset in folder ``root`` (``dataset_training.DatasetTrainer``); a generator for a
+    napari worker: :class:`Ready` once the dataset is open and the model built, then :class:`Progress` per
+    iteration (the epoch's validation scores on ``event.validation``). Returns the trainer, whose model is the best
+    one validated. A dataset that cannot be trained on raises its one-line ``DatasetError`` (a ValueError).
+    Setting ``stop`` ends training within one iteration."""
+    from .dataset_training import DatasetTrainer
+    from .datasets import open_dataset
+
+    stop = stop or threading.Event()
+    dataset = open_dataset(root, val_fraction=val_fraction, seed=settings.seed, spatial_ndim=settings.ndim)
+    trainer = DatasetTrainer(dataset, settings, epochs=epochs, patience=patience)
+    yield Ready(trainer)
+    for event in trainer.run():
+        if stop.is_set():
+            trainer.request_stop()
+        yield Progress(event)
+    return trainer
+
+
 def train_steps(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
