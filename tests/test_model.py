@@ -22,8 +22,10 @@ def test_3d_unet_tile_depth3():
     assert model.halo == (44, 44, 44)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("block", ["plain", "residual", "vgg"])
+@pytest.mark.parametrize(
+    ("depth", "block"),
+    [(d, b) for d in (1, 2, 3, 4, 5) for b in ("plain", "residual", "vgg")] + [(d, "vgg16") for d in (1, 2, 3, 4)],
+)
 def test_legal_sizes_match_the_network(depth, block):
     model = UNet(depth=depth, base_filters=1, block=block, batch_norm=False).eval()
     smallest = model.legal_input_shape(1)
@@ -56,7 +58,7 @@ def test_legal_output_is_smallest_at_least_wanted():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("block", ["plain", "residual", "vgg"])
+@pytest.mark.parametrize("block", ["plain", "residual", "vgg", "vgg16"])
 def test_forward_shapes_and_fused_copy(ndim, block):
     model = UNet(in_channels=2, n_classes=3, ndim=ndim, depth=2, base_filters=4, block=block, dropout=0.1)
     # Give batch norm non-trivial statistics so folding is really tested.
@@ -88,7 +90,23 @@ def test_he_initialisation():
     assert abs(conv.weight.std().item() - (2 / fan_in) ** 0.5) < 0.2 * (2 / fan_in) ** 0.5
 
 
-@pytest.mark.parametrize("kwargs", [dict(ndim=4), dict(block="dense"), dict(depth=0), dict(n_classes=0)])
+def test_vgg16_layout():
+    """2-2-3-3-3 convolutions at 64-128-256-512-512 filters, four poolings, the decoder mirrored."""
+    model = UNet(in_channels=3, depth=4, base_filters=64, block="vgg16", batch_norm=False)
+    convs = [len(b.layers) for b in [*model.encoder, model.bottleneck]]
+    widths = [b.layers[0].conv.out_channels for b in [*model.encoder, model.bottleneck]]
+    assert convs == [2, 2, 3, 3, 3] and widths == [64, 128, 256, 512, 512]
+    assert [len(b.layers) for b in model.decoder] == [3, 3, 2, 2]
+    assert [(u.in_channels, u.out_channels) for u in model.upsample] == [(512, 512), (512, 256), (256, 128), (128, 64)]
+    # per side, c convolutions at scale 2**level lose c * 2**level pixels: encoder and decoder alike, and the bottom
+    side = 2 * 1 + 2 * 2 + 3 * 4 + 3 * 8
+    assert model.halo == (2 * side + 3 * 16,) * 2
+    assert model.output_shape(model.legal_input_shape(100)) == model.legal_output_shape(100)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(ndim=4), dict(block="dense"), dict(depth=0), dict(n_classes=0), dict(block="vgg16", depth=5)]
+)
 def test_bad_configuration(kwargs):
     with pytest.raises(ValueError):
         UNet(**kwargs)

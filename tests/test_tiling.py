@@ -46,7 +46,7 @@ def test_mirror_index_is_numpy_reflect(size, pad):
     assert np.array_equal(data[mirror_index(np.arange(-pad, size + pad), size)], expected)
 
 
-@pytest.mark.parametrize("block", ["plain", "residual", "vgg"])
+@pytest.mark.parametrize("block", ["plain", "residual", "vgg", "vgg16"])
 @pytest.mark.parametrize(
     "shape, tile",
     [((61, 97), 8), ((61, 97), 24), ((61, 97), None), ((7, 5), 8), ((1, 3), None), ((130, 33), 16)],

@@ -727,3 +727,37 @@ def test_out_of_memory_while_predicting_is_retried_and_said(setup, qtbot):
     image = normalize_image(viewer.layers["cells"].data, None)
     expected = predict_tiled(plain, image).argmax(0) + 1
     np.testing.assert_array_equal(viewer.layers["cells segmentation"].data, expected)
+
+
+def test_labels_are_complete_option_trains_with_0_as_a_class(setup, qtbot):
+    """A dense Labels layer (an imported ground truth): with the option, 0 is a class and the model's classes are
+    the layer's values, so its predictions come back with them."""
+    viewer, widget = setup
+    image, _ = blobs()
+    dense = np.zeros(image.shape, np.uint8)
+    dense[24:72, 24:72] = 1
+    dense[22:26, 22:74] = 255  # a band with no label
+    viewer.layers["cells labels"].data = dense
+    widget.data.dense_check.setChecked(True)
+    widget.training.form["iterations"].value = 5
+    widget.train()
+    wait_idle(qtbot, widget)
+    assert widget.metadata["class_ids"] == [0, 1] and widget.metadata["dense_labels"] is True
+
+
+def test_train_from_a_dataset_folder_shows_validation_and_keeps_the_best_model(setup, qtbot, tmp_path):
+    from test_datasets import make_plain
+
+    viewer, widget = setup
+    make_plain(tmp_path, count=3, suffix=".png")
+    widget.train_dataset(tmp_path, epochs=2)
+    assert widget.busy and not widget.dataset_button.isEnabled()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.validation_text.startswith("Epoch 2: validation mean IoU")
+    assert widget.metadata["class_ids"] == [0, 1] and "dataset_training" in widget.metadata
+    assert widget.dataset_button.isEnabled()
+    (tmp_path / "masks" / "cell0.png").unlink()
+    widget.train_dataset(tmp_path)
+    wait_idle(qtbot, widget)
+    assert "cell0.png has no mask" in widget.last_error

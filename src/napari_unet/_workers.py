@@ -153,6 +153,34 @@ def gui_friendly_threads():
         torch.set_num_threads(previous)
 
 
+def dataset_train_steps(
+    root,
+    settings,
+    *,
+    epochs: int = 50,
+    patience: int | None = None,
+    val_fraction: float = 0.1,
+    stop: threading.Event | None = None,
+) -> Iterator[TrainMessage]:
+    """Train on the annotated dataset in folder ``root`` (``dataset_training.DatasetTrainer``); a generator for a
+    napari worker: :class:`Ready` once the dataset is open and the model built, then :class:`Progress` per
+    iteration (the epoch's validation scores on ``event.validation``). Returns the trainer, whose model is the best
+    one validated. A dataset that cannot be trained on raises its one-line ``DatasetError`` (a ValueError).
+    Setting ``stop`` ends training within one iteration."""
+    from .dataset_training import DatasetTrainer
+    from .datasets import open_dataset
+
+    stop = stop or threading.Event()
+    dataset = open_dataset(root, val_fraction=val_fraction, seed=settings.seed, spatial_ndim=settings.ndim)
+    trainer = DatasetTrainer(dataset, settings, epochs=epochs, patience=patience)
+    yield Ready(trainer)
+    for event in trainer.run():
+        if stop.is_set():
+            trainer.request_stop()
+        yield Progress(event)
+    return trainer
+
+
 def train_steps(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
@@ -164,6 +192,7 @@ def train_steps(
     preview_interval: float = 3.0,
     stop: threading.Event | None = None,
     resume: threading.Event | None = None,
+    dense_labels: bool = False,
 ) -> Iterator[TrainMessage]:
     """Train on images (channels first when they have several) and their painted labels; a generator for a
     napari worker. Previews show the first image.
@@ -176,7 +205,8 @@ def train_steps(
     Setting ``stop`` ends training within one iteration (and interrupts a preview). ``class_names``
     maps painted ids to names (missing ids are called "class <id>"); a fine-tuned model keeps its own.
     With ``resume``, training waits after :class:`Ready` until it is set (at most 10 s): the GUI then makes
-    its preview layers while the worker leaves the CPU to it.
+    its preview layers while the worker leaves the CPU to it. ``dense_labels``: the labels are complete (0 is a
+    class, 255 no label), as ``Trainer(dense_labels=True)``.
     """
     from .tiling import PredictionStopped
     from .training import Trainer
@@ -189,7 +219,13 @@ def train_steps(
     image, shape = images[0], labels[0].shape  # what previews show
     channel_axis = 0 if image.ndim > len(shape) else None
     trainer = Trainer(
-        list(images), list(labels), settings, init=init, class_names=class_names, channel_axis=channel_axis
+        list(images),
+        list(labels),
+        settings,
+        init=init,
+        class_names=class_names,
+        channel_axis=channel_axis,
+        dense_labels=dense_labels,
     )
     # Previews normalize only the region they read, with the percentiles the trainer computed for this image.
     normalized = NormalizedView(image, trainer.image_normalization[0])

@@ -4,7 +4,9 @@
 [--batch-size N] [--device auto|cpu|cuda|mps] [--no-test-time-flips] [--refine-radius PX|auto]`` segments TIFF
 images with a saved model (an image that looks unlike the model's training images, ``domain.py``, gets a warning
 line on stderr, ``napari-unet: warning: ...``, and both outputs hold the figures in their metadata);
-``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels;
+``napari-unet train --images ... --labels ... --out MODEL`` trains one from sparse painted labels, and
+``napari-unet train --dataset DIR --out MODEL`` from a folder of annotated images (``datasets.py``, epochs validated
+and the best model kept: ``dataset_training.py``);
 ``napari-unet demo`` trains and predicts on the bundled sample images;
 ``napari-unet export-bioimageio --model MODEL --image IMG --out PACKAGE.zip`` writes a BioImage.IO model package.
 
@@ -39,7 +41,7 @@ from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from .precisions import PRECISIONS
 from .predict import PredictionSettings, predict_image
 from .refine import AUTO
-from .training_settings import CHECKPOINT_SECONDS
+from .training_settings import BLOCKS, CHECKPOINT_SECONDS
 
 PROG = "napari-unet"
 
@@ -262,6 +264,12 @@ def _bounded_number(text: str, kind, what: str, minimum):
     if not value >= minimum:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _temperature(text: str) -> str | float:
+    if text in ("auto", "off"):
+        return text
+    return _positive_float(text)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -619,7 +627,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images",
         nargs="+",
-        required=True,
         type=Path,
         metavar="IMG",
         help="TIFF images (2D, 3D stacks or volumes; with channels, e.g. RGB, all alike)",
@@ -627,10 +634,57 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         nargs="+",
-        required=True,
         type=Path,
         metavar="LAB",
         help="TIFF label images, one per image: 0 = unpainted, ids 1..K = classes (at least two painted)",
+    )
+    dataset = parser.add_argument_group(
+        "training from an annotated dataset (instead of --images/--labels)",
+        "dense masks: value k is class k (0 too), 255 is void; predictions come back with the masks' values",
+    )
+    dataset.add_argument(
+        "--dataset",
+        type=Path,
+        metavar="DIR",
+        help="a dataset folder: VOC layout (JPEGImages/ or images/, SegmentationClass/ palette PNGs, "
+        "ImageSets/Segmentation/train.txt and val.txt) or images/ + masks/ (or labels/) with matching names "
+        "(TIFF, PNG, JPEG; 2D or 3D); optional classes.txt, one class name per line in mask-value order",
+    )
+    dataset.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=DEFAULT_EPOCHS,
+        metavar="N",
+        help=f"epochs (one: as many patches as cover the training images once; default {DEFAULT_EPOCHS}); each "
+        "ends with a validation on the whole validation images, and --out holds the best model by mean IoU",
+    )
+    dataset.add_argument(
+        "--patience",
+        type=_positive_int,
+        metavar="EPOCHS",
+        help="stop after this many epochs without a better validation mean IoU (default: run every epoch)",
+    )
+    dataset.add_argument(
+        "--val-fraction",
+        type=_non_negative_float,
+        default=0.1,
+        metavar="F",
+        help="without val.txt: this seeded share of the images validates (at least one; 0: none) (default 0.1)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default="auto",
+        metavar="auto|off|T",
+        help="softmax temperature stored in the model (calibrated probabilities): auto fits it on the validation "
+        "pixels of a --dataset (sparse strokes have none held out: off), off: none, a number: that one "
+        "(default auto)",
+    )
+    dataset.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the last checkpoint (MODEL.last.safetensors beside --out, written each epoch and each "
+        "--checkpoint-every seconds; kept after the run, so --resume with more --epochs extends it)",
     )
     parser.add_argument(
         "--out",
@@ -682,6 +736,26 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         metavar="LR",
         help=f"peak Adam learning rate (default {defaults.learning_rate:g})",
+    )
+    parser.add_argument(
+        "--block",
+        choices=BLOCKS,
+        help="convolution blocks: plain (2 per level, the paper), residual, vgg (3 per level), vgg16 (the VGG16 "
+        f"encoder: 2-2-3-3-3 convolutions at 1-2-4-8-8 x --filters, depth 4 at most) (default {defaults.block})",
+    )
+    parser.add_argument(
+        "--encoder-weights",
+        type=Path,
+        metavar="FILE",
+        help="start the encoder from a torchvision VGG16 state dict (torch.save(vgg16().state_dict(), FILE); read "
+        "as tensors only, nothing downloaded); needs --block vgg16 --filters 64",
+    )
+    parser.add_argument(
+        "--freeze-encoder",
+        type=int,
+        default=0,
+        metavar="ITER",
+        help="keep the encoder's weights fixed for the first ITER iterations: the decoder learns first (default 0)",
     )
     parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
     parser.add_argument(
@@ -742,6 +816,14 @@ def _read_training_pair(
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.dataset is not None:
+        if args.images or args.labels:
+            raise CLIError("give --dataset or --images/--labels, not both")
+        return _run_train_dataset(args)
+    if not args.images or not args.labels:
+        raise CLIError("give --images and --labels (sparse strokes), or --dataset DIR (dense masks)")
+    if args.resume:
+        raise CLIError("--resume is for --dataset training; to go on from a model, use --init MODEL")
     if len(args.images) != len(args.labels):
         raise CLIError(
             f"got {len(args.images)} image(s) but {len(args.labels)} label file(s): give one labels file per image"
@@ -783,6 +865,18 @@ def _check_model_path(out: Path, inputs: list[Path]) -> None:
 DEFAULT_CHECKPOINT_SECONDS = CHECKPOINT_SECONDS
 
 
+def _load_encoder(trainer, args: argparse.Namespace, init) -> None:
+    """``--encoder-weights`` into a new model (``encoders.load_vgg16``), said on stderr; ValueError as one line."""
+    if args.encoder_weights is None:
+        return
+    if init is not None:
+        raise ValueError("--encoder-weights starts a new model: not with --init or --resume")
+    from .encoders import load_vgg16
+
+    count = load_vgg16(trainer.model, args.encoder_weights)
+    print(f"encoder: {count} convolutions from {args.encoder_weights}", file=sys.stderr, flush=True)
+
+
 class _Checkpoints:
     """Writes the model trained so far to ``path`` (``Trainer.save``: atomic, so the file is always a whole model)
     each ``interval`` seconds of training (0: never); a failed write is a warning and training goes on."""
@@ -814,6 +908,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         "patch_size": args.patch_size,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
+        "block": args.block,
     }
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
@@ -826,6 +921,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             if args.time_budget is not None
             else (None if args.iterations else TrainingSettings.time_budget),
             border_weight=args.border_weight,
+            freeze_encoder=args.freeze_encoder,
             device=args.device,
             seed=args.seed,
             amp=not args.float32,
@@ -841,6 +937,7 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             init=init,
             channel_axis=0 if channels == {1} else None,
         )
+        _load_encoder(trainer, args, init)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(
@@ -855,6 +952,8 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         if trainer.iteration == 0 and code:
             print("interrupted before the first iteration: nothing saved", file=sys.stderr, flush=True)
             return code
+        if args.temperature not in ("auto", "off"):
+            trainer.model.temperature = args.temperature
         try:
             save_model(trainer.model, args.out, trainer.metadata)
         except OSError as e:
@@ -863,12 +962,15 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
     return stop.code or code
 
 
-def _train(trainer, checkpoints: _Checkpoints, stop: _StopOnSignals) -> int:
-    """Run ``trainer`` with a progress line each 5 s and checkpoints; returns 0, or the exit code of the signal
-    (Ctrl-C, SIGTERM) that ended it (the model trained so far is then the trainer's)."""
+def _train(trainer, checkpoints: _Checkpoints, stop: _StopOnSignals, on_event=None) -> int:
+    """Run ``trainer`` with a progress line each 5 s and checkpoints (and ``on_event(event)`` for every event);
+    returns 0, or the exit code of the signal (Ctrl-C, SIGTERM) that ended it (the model trained so far is then the
+    trainer's)."""
     events, last = trainer.run(), -float("inf")
     try:
         for event in events:
+            if on_event is not None:
+                on_event(event)
             if event.iteration == 1 and not event.done:
                 record = trainer.run_record
                 print(f"on {record['device']}, {record['precision']}", file=sys.stderr, flush=True)
@@ -902,6 +1004,144 @@ def _train(trainer, checkpoints: _Checkpoints, stop: _StopOnSignals) -> int:
             flush=True,
         )
     return stop.code
+
+
+DEFAULT_EPOCHS = 50
+
+
+def last_checkpoint_path(out: Path) -> Path:
+    """Where ``train --dataset`` keeps the last model (and what ``--resume`` needs) beside the best one, ``out``."""
+    return out.with_name(f"{out.name.removesuffix('.safetensors')}.last.safetensors")
+
+
+def _run_train_dataset(args: argparse.Namespace) -> int:
+    """``train --dataset``: epochs over a dataset's training images, validated each epoch; --out holds the best
+    model (written whenever an epoch beats the best so far, and at the end), ``last_checkpoint_path`` the last."""
+    from .dataset_training import DatasetTrainer
+    from .datasets import DatasetError, open_dataset
+    from .devices import available_cores
+    from .io import load_model, save_model
+    from .training import TrainingSettings
+
+    if args.iterations is not None:
+        raise CLIError("--iterations is for --images/--labels training: a --dataset training counts --epochs")
+    _check_model_path(args.out, [])
+    last = last_checkpoint_path(args.out)
+    try:
+        dataset = open_dataset(args.dataset, val_fraction=args.val_fraction, seed=args.seed, spatial_ndim=args.ndim)
+    except DatasetError as e:
+        raise CLIError(str(e)) from None
+    init, resume = (load_model(args.init) if args.init is not None else None), None
+    if args.resume:
+        if not last.is_file():
+            raise CLIError(f"--resume: there is no checkpoint {last} to go on from")
+        init = load_model(last)
+        resume = init[1].get("dataset_training")
+        if not isinstance(resume, dict):
+            raise CLIError(f"--resume: {last} is not a checkpoint of a dataset training")
+    architecture = {
+        "depth": args.depth,
+        "base_filters": args.filters,
+        "patch_size": args.patch_size,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "block": args.block,
+    }
+    try:
+        settings = TrainingSettings(
+            ndim=args.ndim,
+            time_budget=args.time_budget,
+            border_weight=args.border_weight,
+            freeze_encoder=args.freeze_encoder,
+            device=args.device,
+            seed=args.seed,
+            amp=not args.float32,
+            cpu_bfloat16=args.cpu_bfloat16,
+            normalization=dict(NORMALIZATIONS[args.normalization]),
+            cpu_threads=available_cores(),
+            **{k: v for k, v in architecture.items() if v is not None},
+        )
+        trainer = DatasetTrainer(
+            dataset,
+            settings,
+            epochs=args.epochs,
+            patience=args.patience,
+            init=init,
+            resume=resume,
+            temperature=args.temperature,
+        )
+        _load_encoder(trainer, args, init)
+    except (ValueError, DatasetError) as e:
+        raise CLIError(str(e)) from None
+    names = ", ".join(f"{v} {n}" for v, n in zip(dataset.class_values, dataset.class_names))
+    print(
+        f"training a {settings.ndim}D U-Net on {len(dataset.train)} image(s), validating on {len(dataset.val)} "
+        f"({dataset.layout} layout, {dataset.channels} channel(s)); classes {names}; "
+        f"{trainer.epoch_iterations} iterations per epoch, tiles {trainer.input_shape} -> {trainer.output_shape}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def after_epoch(event) -> None:
+        scores = event.validation
+        if scores is None:
+            return
+        best = trainer.best_epoch == scores["epoch"]
+        per_class = "  ".join(
+            f"{name} IoU {_score(i)} Dice {_score(d)}"
+            for name, i, d in zip(dataset.class_names, scores["iou"], scores["dice"])
+        )
+        print(
+            f"epoch {scores['epoch']}/{args.epochs}  val loss {scores['val_loss']:.4f}  mean IoU "
+            f"{scores['mean_iou']:.4f}{'  (best)' if best else ''}  {per_class}",
+            file=sys.stderr,
+            flush=True,
+        )
+        for path in [last, args.out] if best else [last]:
+            try:
+                trainer.save(path)
+            except OSError as e:
+                _warn(f"checkpoint to {path} failed: {e.strerror or e}; training goes on")
+
+    start = trainer.iteration
+    with _StopOnSignals(trainer) as stop:
+        code = _train(trainer, _Checkpoints(trainer, last, args.checkpoint_every), stop, on_event=after_epoch)
+        if trainer.iteration == start and code:
+            print("interrupted before the first iteration: nothing saved", file=sys.stderr, flush=True)
+            return code
+        try:
+            if trainer.found_best or not dataset.val or trainer.best_epoch is None:
+                save_model(trainer.model, args.out, trainer.metadata)
+            else:
+                print(
+                    f"no epoch of this run beat epoch {trainer.best_epoch} (mean IoU {trainer.best_mean_iou:.4f}): "
+                    f"{args.out} keeps that model",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        except OSError as e:
+            raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
+    if trainer.best_epoch is not None:
+        print(
+            f"best epoch {trainer.best_epoch}: validation mean IoU {trainer.best_mean_iou:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if trainer.calibration is not None:
+        c = trainer.calibration
+        print(
+            f"calibration: temperature {c['temperature']:.3f} on {c['pixels']} validation pixels: expected "
+            f"calibration error {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
+            f"{c['nll_after']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(args.out, flush=True)
+    return stop.code or code
+
+
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # --------------------------------------------------------------------------------------
@@ -1066,7 +1306,7 @@ COMMANDS: dict[str, Command] = {
         run=_run_predict,
     ),
     "train": Command(
-        help="train a U-Net from sparse painted labels",
+        help="train a U-Net from sparse painted labels, or from an annotated dataset folder (--dataset)",
         add_arguments=_add_train_arguments,
         run=_run_train,
     ),

@@ -6,7 +6,8 @@ center-cropped to the decoder's size before concatenation. The network therefore
 smaller output tile, and an output pixel only sees real context: this is what makes overlap-tile
 prediction exact (see ``tiling.py``).
 
-Size arithmetic, per spatial axis, for depth ``d`` and ``c`` convolutions per block (c = 2 in the paper):
+Size arithmetic, per spatial axis, for depth ``d`` and ``c`` convolutions per block (c = 2 in the paper; the
+"vgg16" layout has its own count per level, and its sizes are found by following a size through the network):
 a legal input has size ``2**d * (b + 2c) + 2c * (2**d - 1)`` for an integer bottom size ``b``, and then the
 output has size ``2**d * b - 2c * (2**d - 1)``. Depth 4 with two convolutions per block gives
 572 -> 388 (the paper's tile) and a halo of 92 pixels per side.
@@ -15,14 +16,18 @@ output has size ``2**d * b - 2c * (2**d - 1)``. Depth 4 with two convolutions pe
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-BLOCKS = {"plain": 2, "residual": 2, "vgg": 3}
-"""Block kinds and the number of 3x3 convolutions each holds."""
+BLOCKS = {"plain": 2, "residual": 2, "vgg": 3, "vgg16": None}
+"""Block kinds and the number of 3x3 convolutions each holds (None: per level, ``VGG16_LEVELS``)."""
+VGG16_LEVELS = ((2, 1), (2, 2), (3, 4), (3, 8), (3, 8))
+"""The VGG16 layout (Simonyan & Zisserman 2015, configuration D) per level: convolutions, and filters in units of
+``base_filters`` (2-2-3-3-3 convolutions at 64-128-256-512-512 with the default 64); four poolings at most."""
 
 
 def _conv(ndim):
@@ -111,9 +116,16 @@ class UNet(nn.Module):
         Batch norm after every convolution (before the ReLU).
     dropout : float
         Dropout probability at the end of the contracting path (as in the paper).
-    block : {"plain", "residual", "vgg"}
+    temperature : float
+        The logits are divided by it (temperature scaling, Guo et al. 2017: calibrated probabilities); 1 while
+        training, then fitted on held-out pixels (``calibration.py``). Part of ``config``, so a model file keeps it
+        and every prediction path (tiles, previews, the BioImage.IO export's TorchScript) applies it.
+    block : {"plain", "residual", "vgg", "vgg16"}
         "plain": two 3x3 convolutions per level (the paper); "residual": the same plus a 1x1 projected
-        shortcut (Res-U-Net); "vgg": three 3x3 convolutions per level.
+        shortcut (Res-U-Net); "vgg": three 3x3 convolutions per level; "vgg16": the VGG16 encoder
+        (``VGG16_LEVELS``: 2-2-3-3-3 convolutions, filters 1-2-4-8-8 x ``base_filters``, so 64 gives VGG16's own;
+        depth 4 is the whole of it, less takes its first levels) with a decoder of the same convolutions per
+        level, all unpadded (``encoders.load_vgg16`` puts torchvision VGG16 weights into it).
     """
 
     def __init__(
@@ -126,6 +138,7 @@ class UNet(nn.Module):
         batch_norm: bool = True,
         dropout: float = 0.0,
         block: str = "plain",
+        temperature: float = 1.0,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -134,8 +147,12 @@ class UNet(nn.Module):
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        if block == "vgg16" and depth > len(VGG16_LEVELS) - 1:
+            raise ValueError(f"the vgg16 layout has {len(VGG16_LEVELS) - 1} poolings: depth 1 to 4, got {depth}")
         if in_channels < 1 or n_classes < 1 or base_filters < 1:
             raise ValueError("in_channels, n_classes and base_filters must be positive")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number greater than 0, got {temperature!r}")
         self.config = dict(
             in_channels=int(in_channels),
             n_classes=int(n_classes),
@@ -145,28 +162,38 @@ class UNet(nn.Module):
             batch_norm=bool(batch_norm),
             dropout=float(dropout),
             block=block,
+            temperature=float(temperature),
         )
         self.in_channels, self.n_classes, self.ndim, self.depth = in_channels, n_classes, ndim, depth
         self.convs_per_block = BLOCKS[block]
-        make_block = dict(convs=self.convs_per_block, batch_norm=batch_norm, residual=block == "residual")
-        widths = [base_filters * 2**level for level in range(depth + 1)]
+        if block == "vgg16":
+            self.level_convs = [c for c, _ in VGG16_LEVELS[: depth + 1]]
+            widths = [base_filters * f for _, f in VGG16_LEVELS[: depth + 1]]
+        else:
+            self.level_convs = [self.convs_per_block] * (depth + 1)
+            widths = [base_filters * 2**level for level in range(depth + 1)]
+        """3x3 convolutions per level, encoder and decoder alike (the last: the bottleneck)."""
+        make_block = dict(batch_norm=batch_norm, residual=block == "residual")
 
         self.encoder = nn.ModuleList()
         channels = in_channels
-        for width in widths[:-1]:
-            self.encoder.append(Block(ndim, channels, width, **make_block))
+        for width, convs in zip(widths[:-1], self.level_convs):
+            self.encoder.append(Block(ndim, channels, width, convs, **make_block))
             channels = width
         self.pool = (nn.MaxPool2d if ndim == 2 else nn.MaxPool3d)(2)
-        self.bottleneck = Block(ndim, channels, widths[-1], **make_block)
+        self.bottleneck = Block(ndim, channels, widths[-1], self.level_convs[-1], **make_block)
         self.dropout = (nn.Dropout2d if ndim == 2 else nn.Dropout3d)(dropout) if dropout > 0 else nn.Identity()
         transpose = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
-        for width in reversed(widths[:-1]):
-            self.upsample.append(transpose(2 * width, width, kernel_size=2, stride=2))
-            self.decoder.append(Block(ndim, 2 * width, width, **make_block))
+        for level in reversed(range(depth)):
+            width = widths[level]
+            self.upsample.append(transpose(widths[level + 1], width, kernel_size=2, stride=2))
+            self.decoder.append(Block(ndim, 2 * width, width, self.level_convs[level], **make_block))
         self.head = _conv(ndim)(widths[0], n_classes, kernel_size=1)
         self._he_init()
+        self._smallest_input = next(n for n in itertools.count(1) if self._size_through(n) is not None)
+        self._halo = (self._smallest_input - self._size_through(self._smallest_input)) // 2
 
     def _he_init(self):
         for module in self.modules():
@@ -187,7 +214,20 @@ class UNet(nn.Module):
         for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
             x = up(x)
             x = block(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
-        return self.head(x)
+        logits = self.head(x)
+        temperature = self.config["temperature"]
+        return logits if temperature == 1.0 else logits / temperature
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature the logits are divided by (1: none; ``calibration.fit_temperature``)."""
+        return self.config["temperature"]
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be a finite number greater than 0, got {value!r}")
+        self.config["temperature"] = float(value)
 
     # --- size arithmetic -------------------------------------------------------------------------
 
@@ -198,51 +238,52 @@ class UNet(nn.Module):
 
     @property
     def halo(self) -> tuple[int, ...]:
-        """Context lost per side, per spatial axis: ``c * (3 * 2**depth - 2)`` (92 for the paper's net)."""
-        return (self.convs_per_block * (3 * self.grid - 2),) * self.ndim
+        """Context lost per side, per spatial axis: ``c * (3 * 2**depth - 2)`` for ``c`` convolutions per level (92
+        for the paper's net)."""
+        return (self._halo,) * self.ndim
 
-    def _bottom_min(self) -> int:
-        # Smallest bottom size b >= 1 that gives a positive output size.
-        c2 = 2 * self.convs_per_block
-        return c2 * (self.grid - 1) // self.grid + 1
+    def _size_through(self, size: int) -> int | None:
+        """The output size of an input ``size`` on one axis, followed through every convolution, pooling and
+        up-convolution; None where it is not legal (a pooling of an odd size, or nothing left)."""
+        for convs in self.level_convs[:-1]:
+            size -= 2 * convs
+            if size <= 0 or size % 2:
+                return None
+            size //= 2
+        size -= 2 * self.level_convs[-1]
+        for convs in reversed(self.level_convs[:-1]):
+            if size <= 0:
+                return None
+            size = 2 * size - 2 * convs
+        return size if size > 0 else None
 
-    def _input_size(self, bottom: int) -> int:
-        c2 = 2 * self.convs_per_block
-        return self.grid * (bottom + c2) + c2 * (self.grid - 1)
-
-    def _output_size(self, bottom: int) -> int:
-        c2 = 2 * self.convs_per_block
-        return self.grid * bottom - c2 * (self.grid - 1)
-
-    def _bottom_of_input(self, size: int) -> float:
-        c2 = 2 * self.convs_per_block
-        return (size - c2 * (self.grid - 1)) / self.grid - c2
+    def _describe_blocks(self) -> str:
+        if self.config["block"] == "vgg16":
+            return "the vgg16 layout"
+        return f"{self.convs_per_block} convolutions per block"
 
     def output_shape(self, input_shape) -> tuple[int, ...]:
         """Output spatial shape for a legal input spatial shape; ``ValueError`` naming the nearest legal sizes."""
         input_shape = self._spatial(input_shape)
+        smallest, grid = self._smallest_input, self.grid
         out = []
         for size in input_shape:
-            bottom = self._bottom_of_input(size)
-            if bottom != int(bottom) or bottom < self._bottom_min():
-                lower = max(self._bottom_min(), math.floor(bottom))
-                upper = max(self._bottom_min(), math.ceil(bottom) if bottom != int(bottom) else int(bottom) + 1)
-                nearest = sorted({self._input_size(lower), self._input_size(upper)})
+            if size < smallest or (size - smallest) % grid:
+                lower = smallest + grid * max(0, (size - smallest) // grid)
+                nearest = sorted({lower, lower + grid if size > smallest else lower})
                 raise ValueError(
                     f"input size {size} is not legal for a depth-{self.depth} valid U-Net with "
-                    f"{self.convs_per_block} convolutions per block; nearest legal sizes: "
-                    f"{' and '.join(map(str, nearest))} (legal sizes are "
-                    f"{self._input_size(self._bottom_min())} + {self.grid}k)"
+                    f"{self._describe_blocks()}; nearest legal sizes: {' and '.join(map(str, nearest))} "
+                    f"(legal sizes are {smallest} + {grid}k)"
                 )
-            out.append(self._output_size(int(bottom)))
+            out.append(size - 2 * self._halo)
         return tuple(out)
 
     def legal_output_shape(self, min_output_shape) -> tuple[int, ...]:
         """Smallest legal output shape that is at least ``min_output_shape`` on every axis."""
         shape = self._spatial(min_output_shape)
-        c2 = 2 * self.convs_per_block
-        bottoms = [max(self._bottom_min(), -(-(s + c2 * (self.grid - 1)) // self.grid)) for s in shape]
-        return tuple(self._output_size(b) for b in bottoms)
+        smallest = self._smallest_input - 2 * self._halo
+        return tuple(smallest + self.grid * max(0, -(-(s - smallest) // self.grid)) for s in shape)
 
     def legal_input_shape(self, min_output_shape) -> tuple[int, ...]:
         """Smallest legal input shape whose output is at least ``min_output_shape`` on every axis."""

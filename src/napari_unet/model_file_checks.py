@@ -166,15 +166,19 @@ def checked_record(path: Path, header: dict) -> dict:
         raise ModelFileError(f"{path} describes an architecture this napari-unet cannot build: {e}") from None
     n_classes = config["n_classes"]
     class_ids = record.get("class_ids")
+    dense = record.get("dense_labels", False)
+    if not isinstance(dense, bool):
+        raise ModelFileError(f"{path} has an invalid dense_labels {_short(dense)} (true or false)")
+    lowest = 0 if dense else 1  # dense labels (a dataset's masks): 0 is a class
     if (
         not isinstance(class_ids, list)
         or len(class_ids) != n_classes
-        or not all(_is_int(i) and 1 <= i <= MAX_CLASS_ID for i in class_ids)
+        or not all(_is_int(i) and lowest <= i <= MAX_CLASS_ID for i in class_ids)
         or len(set(class_ids)) != len(class_ids)
     ):
         raise ModelFileError(
             f"{path} has invalid class_ids {_short(class_ids)} for {n_classes} classes "
-            f"(one unique id from 1 to {MAX_CLASS_ID} per class)"
+            f"(one unique id from {lowest} to {MAX_CLASS_ID} per class)"
         )
     names = record.get("class_names")
     if names is not None and (
@@ -223,6 +227,8 @@ def _checked_config(config: dict) -> dict:
         raise ValueError(f"batch_norm must be true or false, got {_short(config['batch_norm'])}")
     if not (_is_number(config["dropout"]) and 0.0 <= config["dropout"] < 1.0):
         raise ValueError(f"dropout must be a probability in [0, 1), got {_short(config['dropout'])}")
+    if not (_is_number(config["temperature"]) and config["temperature"] > 0):
+        raise ValueError(f"temperature must be a finite number greater than 0, got {_short(config['temperature'])}")
     if config["block"] not in BLOCKS:
         raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {_short(config['block'])}")
     return config

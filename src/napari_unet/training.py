@@ -3,7 +3,8 @@
 Label semantics (a napari Labels layer as it is): 0 = unpainted (weight zero in every loss term), painted
 ids 1..K are the classes, and they need not be contiguous ({1, 3} is fine). The id mapping is kept in the
 model metadata so predictions come back with the user's ids (class index ``i`` of the network is
-``metadata["class_ids"][i]``).
+``metadata["class_ids"][i]``). With ``dense_labels=True`` the labels are complete (an imported ground truth, a
+dataset's masks): 0 is a class and ``DENSE_VOID`` (255) is "no label" (``dataset_training.py`` trains this way).
 
 API
 ---
@@ -85,6 +86,7 @@ from .domain import (
     sample_regions,
     training_profile,
 )
+from .encoders import encoder_parameters
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
@@ -119,9 +121,13 @@ class TrainingEvent:
     reason: str | None = None
     """Why training ended, on the final event: "iterations" or "time_budget" (that budget is spent), "plateau"
     (``patience`` iterations without improvement), "stopped" (``request_stop`` or the generator closed) or
-    "not_finite" (the loss or the weights became NaN or infinite: that step was undone)."""
+    "not_finite" (the loss or the weights became NaN or infinite: that step was undone); a dataset training adds
+    "epochs" (all done) and "early_stop" (``patience`` epochs without a better validation mean IoU)."""
     message: str | None = None
     """On a final event whose reason needs explaining ("not_finite"): what happened and what the model keeps."""
+    validation: dict | None = None
+    """On the event that ends an epoch of a dataset training (``dataset_training.DatasetTrainer``): that epoch's
+    validation scores (``dataset_training.EpochScores`` as a dict)."""
 
 
 @dataclass
@@ -196,33 +202,38 @@ def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     return labels
 
 
-def painted_ids(labels: Sequence[np.ndarray]) -> list[int]:
-    """Sorted painted class ids (non-zero values) over all label arrays (read in slabs, so memory-mapped labels
-    larger than memory are fine)."""
+DENSE_VOID = 255
+"""With ``dense_labels`` (complete labels, e.g. a dataset's masks): the value that means "no label" (0 is a class)."""
+
+
+def painted_ids(labels: Sequence[np.ndarray], unpainted: int = 0) -> list[int]:
+    """Sorted painted class ids (values other than ``unpainted``) over all label arrays (read in slabs, so
+    memory-mapped labels larger than memory are fine)."""
     ids: set[int] = set()
     for lab in labels:
         for slab in slabs(lab):
-            ids.update(int(v) for v in np.unique(slab) if v != 0)
+            ids.update(int(v) for v in np.unique(slab) if v != unpainted)
     return sorted(ids)
 
 
-def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+def targets_from_labels(labels: np.ndarray, class_ids: Sequence[int], unpainted: int = 0) -> np.ndarray:
     """Map user ids to class indices 0..K-1 (int16; ``class_ids[k]`` -> ``k``, in whatever order the ids come, as
-    a model file may list them), unpainted (0) to -1. Unknown ids are a ValueError."""
+    a model file may list them), ``unpainted`` (0, or ``DENSE_VOID`` for dense labels) to -1. Unknown ids are a
+    ValueError."""
     ids = np.asarray(class_ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     ascending = ids[order]
     flat = labels.astype(np.int64, copy=False)
     index = np.clip(np.searchsorted(ascending, flat), 0, len(ids) - 1)
     known = ascending[index] == flat
-    unknown = ~known & (flat != 0)
+    unknown = ~known & (flat != unpainted)
     if unknown.any():
         extra = sorted(int(v) for v in np.unique(flat[unknown]))
         raise ValueError(f"labels hold class ids {extra} that the model does not know (it has {list(ids)})")
     return np.where(known, order[index], -1).astype(np.int16)
 
 
-def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None):
+def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: int | None, unpainted: int = 0):
     """The images (channels first with ``channel_axis``; lazy arrays stay lazy), their labels as integer arrays and
     the sorted painted ids; ``ValueError`` for images and labels a ``settings.ndim``-D net cannot train on."""
     images, labels = _as_list(images, lazy=True), _as_list(labels)
@@ -242,9 +253,9 @@ def _validated_pairs(images, labels, settings: TrainingSettings, channel_axis: i
                 f"image {i} has {lab.ndim} spatial dimensions; a {settings.ndim}D net needs "
                 + ("2D images or 3D stacks" if settings.ndim == 2 else "3D volumes")
             )
-    found = painted_ids(labels)
+    found = painted_ids(labels, unpainted)
     if not found:
-        raise ValueError("nothing is painted: paint at least two classes (label 0 means unpainted)")
+        raise ValueError(f"nothing is painted: paint at least two classes (label {unpainted} means unpainted)")
     return images, labels, found
 
 
@@ -358,9 +369,13 @@ class Trainer:
         init: tuple[torch.nn.Module, dict] | None = None,
         class_names: Sequence[str] | dict[int, str] | None = None,
         channel_axis: int | None = None,
+        dense_labels: bool = False,
     ):
         self.settings = settings = settings or TrainingSettings()
-        images, labels, found = _validated_pairs(images, labels, settings, channel_axis)
+        self.dense_labels = dense_labels
+        self.unpainted = DENSE_VOID if dense_labels else 0
+        """The label value that means "no label": 0 for strokes, ``DENSE_VOID`` (255) for complete labels."""
+        images, labels, found = _validated_pairs(images, labels, settings, channel_axis, self.unpainted)
         self.in_channels = 1 if channel_axis is None else images[0].shape[0]
         if init is not None:
             self._model_from_init(init, found)
@@ -368,7 +383,11 @@ class Trainer:
             self._new_model(found, class_names)
         self._plan_tiles()
         self._prepare_pieces(images, labels, None if channel_axis is None else 0)
-        self._sample_profiles(images, channel_axis is not None)
+        self._sample_profiles(images, self.image_normalization, self._shapes, channel_axis is not None)
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What every trainer holds besides its data and model: the lock, label updates, the stop, the run record."""
         self._lock = threading.Lock()
         self._pending: dict[int, tuple | np.ndarray] = {}
         self.label_problems: list[tuple[int, str]] = []
@@ -380,6 +399,8 @@ class Trainer:
         self._average: AveragedModel | None = None
         """The weight average of the current run() once its averaging window has begun."""
         self.iteration = 0
+        self._first_iteration = 0
+        """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
 
     def _model_from_init(self, init: tuple[torch.nn.Module, dict], found: list[int]) -> None:
         """Take the model to fine-tune from ``init`` (a copy; the caller's stays untouched) with its class ids and
@@ -408,6 +429,7 @@ class Trainer:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.model = copy.deepcopy(model).cpu().train()
+        self.model.temperature = 1.0  # fitted to the weights it came with: training learns on plain logits
 
     def _new_model(self, found: list[int], class_names: Sequence[str] | dict[int, str] | None) -> None:
         """Build a new network for the painted ids ``found`` (at least two) as ``settings`` describes, with
@@ -471,7 +493,13 @@ class Trainer:
             weights=weights if settings.border_weight else None,
             class_power=settings.class_sampling,
         )
-        self.augmenter = Augmenter(
+        self.augmenter = self._make_augmenter()
+        self._class_weights = self._compute_class_weights()
+
+    def _make_augmenter(self) -> Augmenter:
+        """The augmenter of ``settings``, drawing from the trainer's seeded generator."""
+        settings = self.settings
+        return Augmenter(
             self._rng,
             flips=settings.flips,
             rotations=settings.rotations,
@@ -486,14 +514,14 @@ class Trainer:
             specks=settings.specks,
             noise=settings.noise,
         )
-        self._class_weights = self._compute_class_weights()
 
-    def _sample_profiles(self, images: list, channels: bool) -> None:
+    def _sample_profiles(self, images: list, params: list[dict], shapes: list[tuple], channels: bool) -> None:
         """Read the sampled tiles of the training images for their profiles (``domain.py``), once: their normalized
         pixels give the intensity part now; each run's end predicts the same tiles for the class part
         (:meth:`_profile_classes`). As many tiles as a budget of about ``domain.TRAINING_STEPS`` training steps
         allows with the network's context (``domain.TRAINING_TILES`` at most), up to ``domain.SAMPLE_TILES`` per
-        image; images beyond one tile each are chosen evenly."""
+        image; images beyond one tile each are chosen evenly. ``params``: each image's normalization parameters,
+        ``shapes``: its spatial shape."""
         s, halo, grid = self.settings, self.model.halo, self.model.grid
         budget = max(TRAINING_MIN_PIXELS, TRAINING_STEPS * 3 * s.batch_size * math.prod(self.input_shape))
         tile = [SAMPLE_TILE] * len(halo)
@@ -506,8 +534,8 @@ class Trainer:
         tiles = min(SAMPLE_TILES, total // len(chosen))
         self._profile_samples = []
         for i in chosen:
-            view = NormalizedView(images[i], self.image_normalization[i])
-            regions = sample_regions(self._shapes[i], tiles)
+            view = NormalizedView(images[i], params[i])
+            regions = sample_regions(shapes[i], tiles)
             self._profile_samples.append((view, regions, sample_intensities(view, regions, channels)))
         self.image_profiles = [profile(values) for _, _, values in self._profile_samples]
         """The profiles of (some of) the training images: intensities, and once a run has ended the class
@@ -540,11 +568,11 @@ class Trainer:
         border, stack = self.settings.border_weight, labels.ndim == self.image_ndim + 1
         targets, weights = [], []
         for plane in labels if stack else [labels]:
-            if stack and not plane.any():
+            if stack and not (plane != self.unpainted).any():
                 targets.append(np.broadcast_to(np.int16(-1), plane.shape))
                 weights.append(np.broadcast_to(np.float32(1.0), plane.shape) if border else None)
                 continue
-            target = targets_from_labels(plane, self.class_ids)
+            target = targets_from_labels(plane, self.class_ids, self.unpainted)
             targets.append(target)
             weights.append(border_weight_map(target) if border else None)
         return targets, (weights if border else None)
@@ -652,7 +680,7 @@ class Trainer:
         previous_threads = torch.get_num_threads()
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
-        state = _RunState(learning_rate=s.learning_rate)
+        state = _RunState(learning_rate=s.learning_rate, iteration=self._first_iteration)
         check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
             training_bytes(self.model, self.input_shape, s.batch_size),
             device,
@@ -828,10 +856,15 @@ class Trainer:
             loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
             if scaler is not None:
                 scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if state.iteration < s.freeze_encoder:  # no gradient: Adam leaves the encoder as it is
+                for parameter in encoder_parameters(model):
+                    parameter.grad = None
+            if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             problem = last_good.problem(loss)
             if problem is not None:
@@ -897,6 +930,7 @@ class Trainer:
             },
             "napari_unet_version": __version__,
             "training_profile": training_profile(self.image_profiles, self._earlier_profile),
+            **({"dense_labels": True} if self.dense_labels or 0 in self.class_ids else {}),  # 0 is a class
         }
 
     def save(self, path, extra: dict | None = None) -> None:

@@ -35,9 +35,13 @@ class TrainingSettings:
             "tooltip": "Filters of the first level (doubling per level)",
         },
     )
-    block: str = field(default="plain", metadata={"label": "Blocks", "choices": ["plain", "residual", "vgg"]})
+    block: str = field(default="plain", metadata={"label": "Blocks", "choices": ["plain", "residual", "vgg", "vgg16"]})
     batch_norm: bool = True
     dropout: float = 0.0
+    freeze_encoder: int = 0
+    """Iterations at the start of a run during which the encoder and bottleneck weights stay fixed, so the decoder
+    learns first (on pretrained encoder weights, ``encoders.load_vgg16``); batch-norm statistics still follow the
+    data. 0: off."""
     patch_size: int | tuple[int, ...] = field(
         default=96,
         metadata={
@@ -221,7 +225,7 @@ MAX_LEARNING_RATE = 1.0
 """Largest peak learning rate accepted (Adam; the default is 2e-3)."""
 MAX_PATCH_SIZE = 4096
 """Largest output tile size per axis accepted."""
-BLOCKS = ("plain", "residual", "vgg")
+BLOCKS = ("plain", "residual", "vgg", "vgg16")
 """``model.BLOCKS``' names (not imported: that module imports torch)."""
 _INTEGERS = (
     ("depth", 1, 8),
@@ -231,6 +235,7 @@ _INTEGERS = (
     ("patience", 1, 2**63 - 1),
     ("seed", 0, 2**64 - 1),
     ("cpu_threads", 1, 65536),
+    ("freeze_encoder", 0, 2**63 - 1),
 )
 """Integer fields with their inclusive ranges."""
 _OPTIONAL = {"iterations", "patience", "seed", "cpu_threads"}

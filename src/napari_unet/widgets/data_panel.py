@@ -85,6 +85,12 @@ class DataPanel(QGroupBox):
         form.addRow("Classes", self.class_names_edit)
         form.addRow(self.new_labels_button)
         form.addRow(self.all_images_check)
+        self.dense_check = QCheckBox("Labels are complete (0 is a class)")
+        self.dense_check.setToolTip(
+            "The labels layer holds a class at every pixel (an imported ground truth, a corrected prediction): "
+            "0 is a class such as background, 255 means no label; predictions then come back with these values"
+        )
+        form.addRow(self.dense_check)
 
         self.image_combo.currentIndexChanged.connect(self._fill_labels)
         self.image_combo.currentIndexChanged.connect(self._update_channels_label)

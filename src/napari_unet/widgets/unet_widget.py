@@ -30,6 +30,7 @@ from .._workers import (
     Preview,
     Progress,
     Ready,
+    dataset_train_steps,
     predict_steps,
     train_steps,
 )
@@ -87,6 +88,8 @@ class UNetWidget(QWidget):
         self._relay = _Relay(self)
         self._relay.tiles.connect(self._on_tiles)
         self.last_error: str | None = None
+        self.validation_text = ""
+        """The last epoch's validation scores of a dataset training, as the status line showed them."""
         self.last_warning: str | None = None
         """The last out-of-memory retry of a worker (``memory.OutOfMemoryRetry``), also a napari notification."""
         self.preview_interval = PREVIEW_INTERVAL
@@ -142,6 +145,13 @@ class UNetWidget(QWidget):
         buttons.addWidget(self.stop_button, 0, 1)
         buttons.addWidget(self.predict_button, 1, 0)
         buttons.addWidget(self.segment_all_button, 1, 1)
+        self.dataset_button = QPushButton("Train from a dataset folder...")
+        self.dataset_button.setToolTip(
+            "Train on a folder of annotated images (VOC layout, or images/ + masks/; mask value k is class k, 255 no "
+            "label), epochs validated on held-out images; the best model by mean IoU is kept"
+        )
+        self.dataset_button.clicked.connect(self.choose_dataset)
+        buttons.addWidget(self.dataset_button, 2, 0, 1, 2)
         root.addLayout(buttons)
         self.status_label = QLabel("Idle")
         self.status_label.setWordWrap(True)
@@ -285,6 +295,7 @@ class UNetWidget(QWidget):
         idle = task is None
         for button in (
             self.train_button,
+            self.dataset_button,
             self.predict_button,
             self.segment_all_button,
             self.data.new_labels_button,
@@ -448,6 +459,7 @@ class UNetWidget(QWidget):
             preview_interval=self.preview_interval,
             stop=self._stop,
             resume=self._resume,
+            dense_labels=self.data.dense_check.isChecked(),
             _start_thread=False,
             _ignore_errors=True,
         )
@@ -458,6 +470,70 @@ class UNetWidget(QWidget):
         others = f" and {len(pairs) - 1} more image(s)" if len(pairs) > 1 else ""
         self.status_label.setText(f"Preparing training data ({image.name}{others})...")
         self._start("train", worker, int(settings.time_budget), f"U-Net training on {image.name}{others} (seconds)")
+
+    def choose_dataset(self) -> None:
+        """Ask for a dataset folder, then :meth:`train_dataset` on it (button "Train from a dataset folder...")."""
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self, "Dataset folder (images/ + masks/, or VOC)")
+        if folder:
+            self.train_dataset(folder)
+
+    def train_dataset(self, folder, epochs: int = 50, patience: int | None = 10) -> None:
+        """Train on the annotated dataset in ``folder`` on a worker (``_workers.dataset_train_steps``) with the
+        training form's settings (its time budget ends it early); each epoch's validation shows on the status line."""
+        from napari.qt.threading import create_worker
+
+        if self.busy:
+            return
+        try:
+            settings = self.training.settings(self.device_combo.currentText())
+        except ValueError as e:
+            show_error(f"U-Net: {e}")
+            return
+        self.last_error = None
+        self._run = None
+        worker = create_worker(
+            dataset_train_steps,
+            folder,
+            settings,
+            epochs=epochs,
+            patience=patience,
+            stop=self._stop,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_dataset_message)
+        worker.returned.connect(self._on_trained)
+        self.loss_plot.clear()
+        self.status_label.setText(f"Opening the dataset {folder}...")
+        self._start("train", worker, int(settings.time_budget), f"U-Net training on {Path(folder).name} (seconds)")
+
+    def _on_dataset_message(self, message) -> None:
+        match message:
+            case Ready(trainer=trainer):
+                self._freeze_gc()
+                if self._stop.is_set():
+                    trainer.request_stop()
+                d = trainer.dataset
+                self.status_label.setText(
+                    f"Training on {len(d.train)} image(s), validating on {len(d.val)}: "
+                    f"{trainer.epoch_iterations} iterations per epoch"
+                )
+            case Progress(event=event) if event.validation is not None:
+                v = event.validation
+                self.loss_plot.add(event.iteration, event.loss)
+                self.validation_text = (
+                    f"Epoch {v['epoch']}: validation mean IoU {v['mean_iou']:.3f}, loss {v['val_loss']:.4f}"
+                )
+                self.status_label.setText(self.validation_text)
+            case Progress(event=event) if event.done:
+                self._on_progress(event)
+            case Progress(event=event):
+                self.loss_plot.add(event.iteration, event.loss)
+                if self._pbar is not None:
+                    self._pbar.n = min(int(event.elapsed), self._pbar.total)
+                    self._pbar.update(0)
 
     def _on_train_message(self, message) -> None:
         run = self._run
