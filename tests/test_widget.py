@@ -457,7 +457,7 @@ def test_channel_layers_of_a_file_train_and_segment_as_one_image(make_napari_vie
     assert [la.name for la in viewer.layers] == ["a [ch0]", "a [ch1]", "b [ch0]", "b [ch1]"]
     viewer.add_image(rng.normal(100, 10, (96, 96)), name="grey")
     viewer.add_labels(blobs()[1], name="a labels")
-    widget = tiny(UNetWidget(viewer), seconds=5)
+    widget = learns_the_square(tiny(UNetWidget(viewer)))
     viewer.window.add_dock_widget(widget)
     try:
         widget.data.image_combo.setCurrentText("a [ch1]")
