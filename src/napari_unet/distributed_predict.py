@@ -210,7 +210,10 @@ def predict_volume(
     probabilities_path, labels_path = (Path(p) for p in outputs)
     decided = _resumable(probabilities_path, labels_path, run, overwrite)
     if decided is None:
-        decided = volume_settings(model, metadata, image, prediction_settings)
+        import dask
+
+        with dask.config.set(scheduler="threads"):  # read here, not through the cluster (a TIFF's view stays local)
+            decided = volume_settings(model, metadata, image, prediction_settings)
         record = {"run": run, "block_settings": _jsonable(asdict(decided))}
         _create_stores(
             model,
