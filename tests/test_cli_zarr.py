@@ -80,3 +80,22 @@ def test_napari_opens_the_stores_lazily(files, make_napari_viewer):
     assert tuple(labels.scale) == (0.5, 0.25)
     assert [layer.name for layer in probabilities] == ["img_probabilities [ch0]", "img_probabilities [ch1]"]
     assert all(isinstance(layer.data, da.Array) for layer in probabilities)
+
+
+def test_train_reads_an_ome_zarr_image_and_labels(tmp_path, capsys):
+    from ome_zarr.writer import write_image
+
+    from napari_unet.io import load_model
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((48, 48)) * 100).astype(np.uint8)
+    image[12:36, 12:36] += 120
+    labels = np.zeros((48, 48), np.uint8)
+    labels[2:4, 4:44], labels[23:25, 16:32] = 1, 3
+    write_image(image, str(tmp_path / "img.zarr"), axes="yx", scale_factors=())
+    write_image(labels, str(tmp_path / "img_labels.zarr"), axes="yx", scale_factors=())
+    tiny = ["--iterations", "2", "--depth", "1", "--filters", "4", "--patch-size", "16", "--device", "cpu"]
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--images", str(tmp_path / "img.zarr"), "--labels", str(tmp_path / "img_labels.zarr")]
+    assert main([*args, "--out", str(out), *tiny]) == 0
+    assert load_model(out)[1]["class_ids"] == [1, 3]

@@ -752,7 +752,9 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CLIError(
             f"got {len(args.images)} image(s) but {len(args.labels)} label file(s): give one labels file per image"
         )
-    missing = [str(p) for p in [*args.images, *args.labels] if not p.is_file()]
+    from .ome_zarr_io import is_zarr_path
+
+    missing = [str(p) for p in [*args.images, *args.labels] if not (p.is_file() or (p.is_dir() and is_zarr_path(p)))]
     if missing:
         raise CLIError(f"file not found: {', '.join(missing)}")
     _check_model_path(args.out, [*args.images, *args.labels])
