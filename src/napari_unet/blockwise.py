@@ -48,6 +48,7 @@ class BlockSettings:
     tile_shape: tuple[int, ...] | None = None
     batch_size: int | None = None
     device: str = "cpu"
+    """A device name (``PredictionSettings.device``: "auto", "cuda", ...), resolved by the process that predicts."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def predict_block(model, normalized, region: tuple[slice, ...], settings: BlockS
     ``NormalizedView`` or array, channels first for a multi-channel model), equal to that part of the whole-volume
     prediction with the same settings (module docstring). ``region`` need not start on the grid (the block is grown
     to it); the refinement's context is ``2 * settings.radius`` pixels on the tiled axes."""
+    from .devices import resolve_device
     from .tiling import predict_tiled
 
     channels = model.in_channels > 1
@@ -124,7 +126,7 @@ def predict_block(model, normalized, region: tuple[slice, ...], settings: BlockS
         normalized,
         tile_shape=settings.tile_shape,
         batch_size=settings.batch_size,
-        device=settings.device,
+        device=resolve_device(settings.device),
         test_time_flips=settings.flips,
         region=tuple(grown),
     )
@@ -168,7 +170,12 @@ def volume_settings(model, metadata: dict, image, prediction_settings) -> BlockS
         flips=prediction_settings.test_time_flips,
         tile_shape=prediction_settings.tile_shape,
         batch_size=prediction_settings.batch_size,
-        device=str(resolve_device(prediction_settings.device)),
+        device=prediction_settings.device,  # resolved where the blocks run (GPU workers, a login node without one)
     )
-    radius = resolve_radius(model, NormalizedView(image, params), prediction_settings.refine_radius, base)
+    try:  # the crops that an "auto" radius measures are predicted here
+        here = str(resolve_device(prediction_settings.device))
+    except ValueError:
+        here = "cpu"
+    measuring = BlockSettings(**{**base.__dict__, "device": here})
+    radius = resolve_radius(model, NormalizedView(image, params), prediction_settings.refine_radius, measuring)
     return BlockSettings(**{**base.__dict__, "radius": radius})

@@ -498,7 +498,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             refine_radius=args.refine_radius,
             refine_eps=args.refine_eps,
         )
-        resolve_device(settings.device)  # a device this machine lacks: an error before any work
+        if args.scheduler is None:  # the scheduler's workers resolve it themselves
+            resolve_device(settings.device)  # a device this machine lacks: an error before any work
     except ValueError as e:
         raise CLIError(str(e)) from None
     model, metadata = load_model(args.model)
