@@ -1,4 +1,5 @@
-"""Block-wise prediction of a synthetic OME-Zarr volume: in-process vs a Dask LocalCluster of 1 and 2 workers.
+"""Block-wise prediction of a synthetic OME-Zarr volume: in-process vs a Dask LocalCluster of 1 and 2 workers (not
+named distributed.py: run as a script, that name would shadow the distributed package).
 
 Writes a random uint8 ``Z x Y x X`` volume (``--gib`` of it on disk, chunks of the block) as OME-Zarr and a 3D
 model (``--network tiny``: depth 2, 4 filters; ``default``: the CLI's default architecture) into ``--folder`` (a
@@ -9,7 +10,7 @@ normalization pass and store creation included), blocks, and the peak resident m
 2-worker cluster: the scheduling overhead per task that each block pays on top of its prediction. One pass
 (``--no-test-time-flips``), no refinement: the network and the scheduling are what is measured.
 
-    python bench/distributed.py [--gib 4] [--block 128] [--network tiny|default] [--overhead]
+    python bench/distributed_blocks.py [--gib 4] [--block 128] [--network tiny|default] [--overhead]
 """
 
 from __future__ import annotations
