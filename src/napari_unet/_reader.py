@@ -1,4 +1,5 @@
-"""napari reader for TIFF files (``.tif``, ``.tiff``, ``.ome.tif``), built on :func:`napari_unet.io.read_image`.
+"""napari reader for TIFF files (``.tif``, ``.tiff``, ``.ome.tif``) and OME-Zarr stores (``.zarr`` folders, level 0
+of the multiscale image, always lazily: ``ome_zarr_io.open_ome_zarr``), built on :func:`napari_unet.io.read_image`.
 
 What it keeps from the file: the axes (a channel axis becomes one layer per channel, an RGB(A) uint8
 image an RGB layer; the spatial axes name the layer's ``axis_labels``, e.g. ``("z", "y", "x")``), and the pixel
@@ -36,9 +37,12 @@ LABELS_NAME = re.compile(r"label|mask|seg|annot|stroke", re.IGNORECASE)
 
 
 def napari_get_reader(path):
-    """Return :func:`read_tiff` when ``path`` (or every path of a list) is a TIFF file, else None."""
+    """Return :func:`read_tiff` when ``path`` (or every path of a list) is a TIFF file or an OME-Zarr store, else
+    None."""
+    from .ome_zarr_io import is_zarr_path
+
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    if not paths or not all(str(p).lower().endswith(TIFF_SUFFIXES) for p in paths):
+    if not paths or not all(str(p).lower().endswith(TIFF_SUFFIXES) or is_zarr_path(p) for p in paths):
         return None
     return read_tiff
 
@@ -88,7 +92,12 @@ def layer_geometry(info: dict) -> dict:
 
 
 def _read_lazily(path, nbytes: int, dtype) -> bool:
-    """``read_image``'s ``lazy`` rule: images over ``LAZY_READ_BYTES`` open as views of the file, labels never."""
+    """``read_image``'s ``lazy`` rule: images over ``LAZY_READ_BYTES`` open as views of the file, labels never;
+    OME-Zarr stores always (volumes that outgrow memory live there; labels too, read-only then)."""
+    from .ome_zarr_io import is_zarr_path
+
+    if is_zarr_path(path):
+        return True
     return nbytes > LAZY_READ_BYTES and not is_labels_file(path, dtype)
 
 
@@ -111,7 +120,7 @@ def _napari_unit(unit) -> str | None:
 
 def _layer_name(path) -> str:
     name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".ome.zarr", ".zarr"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

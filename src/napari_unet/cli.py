@@ -125,7 +125,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         type=Path,
         metavar="IMAGE",
-        help="TIFF images (2D, 3D stacks, with or without channels) or folders of them",
+        help="TIFF images or OME-Zarr stores (2D, 3D stacks, with or without channels) or folders of them",
     )
     parser.add_argument(
         "--model", "-m", required=True, type=Path, help="model file (.safetensors) saved by napari-unet"
@@ -204,6 +204,9 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="edges whose local intensity variance (normalized image) is well below EPS are smoothed over "
         f"(default {defaults.refine_eps})",
     )
+    from .cli_volume import add_arguments
+
+    add_arguments(parser)
 
 
 def _add_axes_argument(parser: argparse.ArgumentParser, which: str) -> None:
@@ -280,16 +283,22 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _expand_folders(paths: list[Path]) -> list[Path]:
-    """Image paths, with each folder replaced by the TIFF files in it (sorted; not recursive) except napari-unet's
-    own outputs (by the marker in their metadata, ``io.output_role``), so predicting into the folder of the images
-    and running again does not predict the outputs of the first run."""
+    """Image paths, with each folder (not an OME-Zarr store) replaced by the TIFF files and OME-Zarr stores in it
+    (sorted; not recursive) except napari-unet's own outputs (by the marker in their metadata, ``io.output_role``,
+    ``ome_zarr_io.output_store_role``), so predicting into the folder of the images and running again does not
+    predict the outputs of the first run."""
     from .io import output_role
+    from .ome_zarr_io import is_zarr_path, output_store_role
 
     expanded = []
     for path in paths:
-        if path.is_dir():
-            tiffs = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_TIFF_SUFFIXES))
-            found = [p for p in tiffs if output_role(p) is None]
+        if path.is_dir() and not is_zarr_path(path):
+            tiffs = sorted(
+                p
+                for p in path.iterdir()
+                if (p.is_file() and p.name.lower().endswith(_TIFF_SUFFIXES)) or (p.is_dir() and is_zarr_path(p))
+            )
+            found = [p for p in tiffs if output_role(p) is None and output_store_role(p) is None]
             if not found:
                 outputs = f" (only {len(tiffs)} napari-unet output(s))" if tiffs else ""
                 raise CLIError(f"no TIFF images in folder {path}{outputs}")
@@ -318,9 +327,9 @@ _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf")
 
 
 def output_stem(path: Path) -> str:
-    """File name without its TIFF suffix (``a.ome.tif`` -> ``a``)."""
+    """File name without its TIFF or zarr suffix (``a.ome.tif`` -> ``a``, ``b.ome.zarr`` -> ``b``)."""
     name = path.name
-    for suffix in _TIFF_SUFFIXES:
+    for suffix in (*_TIFF_SUFFIXES, ".ome.zarr", ".zarr"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -465,7 +474,10 @@ def _axes_hint(axes: str, shape, in_channels: int) -> str:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from . import cli_volume
+
     tile, images = _split_tile_and_images(args.tile, args.images)
+    args.block_sizes, images = cli_volume.block_sizes(args.block, images)
     if not images:
         raise CLIError("predict needs at least one IMAGE")
     missing = [str(p) for p in images if not p.exists()]
@@ -480,14 +492,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.shard is not None:
         index, count = args.shard
         jobs = jobs[index::count]
-    if args.skip_existing:
+    zarr_output = cli_volume.wanted(args, images)
+    if args.skip_existing and not zarr_output:
         from .io import output_role
 
         done = [(p, s) for p, s in jobs if all(output_role(output_path(args.out, s, r)) == r for r in OUTPUT_ROLES)]
         jobs = [job for job in jobs if job not in done]
         if done:
             print(f"skipping {len(done)} image(s) with outputs in {args.out}", file=sys.stderr, flush=True)
-    _check_outputs(jobs, args.out, [*images, args.model], args.overwrite)
+    if not zarr_output:
+        _check_outputs(jobs, args.out, [*images, args.model], args.overwrite)
 
     from .devices import resolve_device
     from .io import load_model
@@ -502,13 +516,16 @@ def _run_predict(args: argparse.Namespace) -> int:
             refine_radius=args.refine_radius,
             refine_eps=args.refine_eps,
         )
-        resolve_device(settings.device)  # a device this machine lacks: an error before any work
+        if args.scheduler is None:  # the scheduler's workers resolve it themselves
+            resolve_device(settings.device)  # a device this machine lacks: an error before any work
     except ValueError as e:
         raise CLIError(str(e)) from None
     model, metadata = load_model(args.model)
     config = metadata["config"]
     if tile is not None and len(tile) != config["ndim"]:
         raise CLIError(f"--tile needs {config['ndim']} sizes for this {config['ndim']}D model, got {len(tile)}")
+    if zarr_output:  # block by block into OME-Zarr stores, here or on a Dask cluster
+        return cli_volume.run(args, args.model, jobs, settings, [*images, args.model])
     _prepare_output_folder(args.out)
 
     failed = []
@@ -828,7 +845,9 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CLIError(
             f"got {len(args.images)} image(s) but {len(args.labels)} label file(s): give one labels file per image"
         )
-    missing = [str(p) for p in [*args.images, *args.labels] if not p.is_file()]
+    from .ome_zarr_io import is_zarr_path
+
+    missing = [str(p) for p in [*args.images, *args.labels] if not (p.is_file() or (p.is_dir() and is_zarr_path(p)))]
     if missing:
         raise CLIError(f"file not found: {', '.join(missing)}")
     _check_model_path(args.out, [*args.images, *args.labels])

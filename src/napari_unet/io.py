@@ -288,8 +288,17 @@ def read_image(path, lazy=None, axes=None):
     or more than one stack axis (e.g. time and Z). With ``lazy``, a function of the image's size in bytes and its
     dtype: where it returns True, the pixels are not read and ``array`` is :func:`lazy_image`'s view instead.
     With ``axes`` (:func:`parse_axes`, one letter per axis of ``array``), the image's axes are those, whatever the
-    file says; :class:`ImageFileError` when their number is not the image's.
+    file says; :class:`ImageFileError` when their number is not the image's. An OME-Zarr store (a ``.zarr``
+    folder, ``ome_zarr_io.open_ome_zarr``) is read the same way: level 0 of its multiscale image, axes and pixel
+    size from its metadata.
     """
+    if _is_zarr(path):
+        from .ome_zarr_io import open_ome_zarr
+
+        array, info = open_ome_zarr(path, axes)
+        if lazy is None or not lazy(math.prod(array.shape) * array.dtype.itemsize, array.dtype):
+            return np.asarray(array), info
+        return array, info
     with _open_series(path) as (tif, series):
         squeeze, info = _describe(path, tif, series, axes)
         if lazy is None or not lazy(math.prod(series.shape) * series.dtype.itemsize, series.dtype):
@@ -304,7 +313,8 @@ def open_image(path, axes=None):
     only what the slice covers. An uncompressed contiguous image is memory-mapped (any region is read
     directly, however the file is laid out in strips); otherwise the view goes through tifffile's zarr store
     (the strips/tiles the slice covers are decoded; one that cannot be decoded raises :class:`ImageFileError`).
-    The file stays open inside the ``with`` block. Same ``axes``, ``info`` and errors as :func:`read_image`.
+    The file stays open inside the ``with`` block. Same ``axes``, ``info`` and errors as :func:`read_image`; an
+    OME-Zarr store yields its level 0 as a dask array over its chunks.
     """
     array, info, close = _open_lazily(path, axes)
     try:
@@ -324,11 +334,22 @@ _LAZY_CHUNK_BYTES = 64 << 20
 
 
 def _open_lazily(path, axes=None) -> tuple:
-    """``(lazy array, info, close)`` for :func:`open_image` and :func:`lazy_image`."""
+    """``(lazy array, info, close)`` for :func:`open_image` and :func:`lazy_image` (an OME-Zarr store: its level 0,
+    nothing to close)."""
+    if _is_zarr(path):
+        from .ome_zarr_io import open_ome_zarr
+
+        return (*open_ome_zarr(path, axes), lambda: None)
     with _open_series(path) as (tif, series):
         squeeze, info = _describe(path, tif, series, axes)
         array, close = _lazy_view(path, tif, series)
     return array[squeeze], info, close
+
+
+def _is_zarr(path) -> bool:
+    from .ome_zarr_io import is_zarr_path
+
+    return is_zarr_path(path)
 
 
 def _lazy_view(path, tif, series) -> tuple:

@@ -37,7 +37,7 @@ _BAND_PIXELS = 1 << 18  # pixels per band: the band's classes twice, plus ~8 flo
 _SAMPLE_PIXELS = 1 << 22  # pixels (voxels: half as many) of the argmax that structure_width measures
 
 
-def _sample_crops(spatial: tuple[int, ...], spatial_ndim: int) -> list[tuple[slice, ...]]:
+def sample_crops(spatial: tuple[int, ...], spatial_ndim: int) -> list[tuple[slice, ...]]:
     """Index tuples of the spatial axes that :func:`structure_width` reads: a centred crop of at most
     ``_SAMPLE_PIXELS`` (2D) or half as many voxels (3D); in a stack (one axis more than the model's), up to 4
     evenly spaced slices, each cropped to a quarter of it."""
@@ -63,12 +63,19 @@ def structure_width(probabilities, spatial_ndim: int) -> float | None:
     In 3D the skeleton of a ball is a short segment off its centre, so balls read about 2 voxels narrow: the
     radius errs on the narrow side.
     """
+    spatial = tuple(probabilities.shape[1:])
+    crops = sample_crops(spatial, spatial_ndim)
+    return samples_width(np.asarray(probabilities[(slice(None), *crop)]) for crop in crops)
+
+
+def samples_width(samples) -> float | None:
+    """:func:`structure_width` of the probabilities of its sample crops (:func:`sample_crops`, in order), however
+    they were computed (``blockwise.resolve_radius`` predicts just those crops of a volume)."""
     from skimage.morphology import skeletonize
 
-    spatial = tuple(probabilities.shape[1:])
     widths: dict[int, list[np.ndarray]] = {}
-    for crop in _sample_crops(spatial, spatial_ndim):
-        classes = np.asarray(probabilities[(slice(None), *crop)]).argmax(axis=0)
+    for sample in samples:
+        classes = sample.argmax(axis=0)
         # a skeleton point counts only where its inscribed ball, and a pixel more, fits in the sample: a
         # structure cut by the sample's edge (the crop's or the image's) has its skeleton next to that edge
         room = np.full(classes.shape, np.inf)
@@ -92,7 +99,11 @@ def auto_radius(probabilities, spatial_ndim: int) -> int:
     """The guided-filter radius that fits the structures of ``probabilities``: the largest ``r`` whose window
     ``2 r + 1`` is at most ``(w + 1) / 2`` for the width ``w`` of :func:`structure_width`, i.e.
     ``(w - 1) // 4``, clipped to 1..``MAX_AUTO_RADIUS`` (1 when no width can be measured)."""
-    width = structure_width(probabilities, spatial_ndim)
+    return radius_for_width(structure_width(probabilities, spatial_ndim))
+
+
+def radius_for_width(width: float | None) -> int:
+    """:func:`auto_radius` of a measured structure width (None: nothing measured, radius 1)."""
     if width is None:
         return 1
     return int(np.clip(np.floor((width - 1) / 4), 1, MAX_AUTO_RADIUS))

@@ -20,6 +20,7 @@ is specific to this network and a few lines here (docs/benchmarks.md compares th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -72,6 +73,9 @@ class TilePlan:
     ``stack_shape`` holds the leading axes predicted slice by slice (a 2D model on a 3D stack);
     the remaining axes, ``shape``, are tiled. Tile ``k`` along an axis predicts the output pixels
     ``[k * stride, (k + 1) * stride)`` from the input pixels ``[k * stride - halo, k * stride - halo + input_tile)``.
+    A plan of a region of the image (``plan_tiles(region=...)``) counts those from ``offset`` (the region's start,
+    per spatial axis, stack axes first) and mirrors at the image's border, ``bounds`` (its tiled axes), not the
+    region's: the region's tiles are the image's, read with real context where the image has it.
     """
 
     stack_shape: tuple[int, ...]
@@ -80,6 +84,8 @@ class TilePlan:
     output_tile: tuple[int, ...]
     input_tile: tuple[int, ...]
     halo: tuple[int, ...]
+    offset: tuple[int, ...] = ()
+    bounds: tuple[int, ...] = ()
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -101,13 +107,17 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def plan_tiles(model, spatial_shape, tile_shape=None, max_input_voxels=None) -> TilePlan:
+def plan_tiles(model, spatial_shape, tile_shape=None, max_input_voxels=None, region=None) -> TilePlan:
     """Plan the tiles for an image of ``spatial_shape`` (without channels).
 
     ``tile_shape`` is the wanted output tile (rounded up to the ``2**depth`` grid). Without it, tiles are as
     large as ``max_input_voxels`` allows (larger tiles recompute less halo), spread evenly over the image.
+    ``region`` (one slice per spatial axis, steps of 1; tiled axes starting on the ``2**depth`` grid) plans only
+    the tiles of that part of the image, with its context read from the image (``blockwise.py``'s blocks).
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
+    if region is not None:
+        return _region_plan(model, spatial_shape, tile_shape, max_input_voxels, region)
     if len(spatial_shape) not in (model.ndim, model.ndim + 1):
         raise ValueError(
             f"a {model.ndim}D model predicts images with {model.ndim} or {model.ndim + 1} spatial axes, "
@@ -146,6 +156,21 @@ def plan_tiles(model, spatial_shape, tile_shape=None, max_input_voxels=None) -> 
     )
 
 
+def _region_plan(model, spatial_shape, tile_shape, max_input_voxels, region) -> TilePlan:
+    """:func:`plan_tiles` of ``region`` of an image of ``spatial_shape``."""
+    if len(region) != len(spatial_shape):
+        raise ValueError(f"region needs one slice per spatial axis of {spatial_shape}, got {region}")
+    bounds = [s.indices(n) for s, n in zip(region, spatial_shape)]
+    if any(step != 1 or stop <= start for start, stop, step in bounds):
+        raise ValueError(f"region {region} is empty or has steps within {spatial_shape}")
+    offset = tuple(start for start, _, _ in bounds)
+    if any(o % model.grid for o in offset[-model.ndim :]):
+        raise ValueError(f"region {region} does not start on the {model.grid}-pixel grid of the model")
+    extent = tuple(stop - start for start, stop, _ in bounds)
+    plan = plan_tiles(model, extent, tile_shape, max_input_voxels)
+    return dataclasses.replace(plan, offset=offset, bounds=spatial_shape[-model.ndim :])
+
+
 def default_memory_bytes(device=None) -> int:
     """``DEFAULT_MEMORY_BYTES``, or less when the device has little free memory (at least 256 MiB): a quarter of
     the host's available memory on the CPU (and MPS, which shares it), so that the rest of a small machine (napari,
@@ -180,7 +205,7 @@ def smaller_plan(model, plan: TilePlan) -> TilePlan | None:
         tile[axis] = max(model.grid, _round_up(tile[axis] // 2, model.grid))
         smaller = plan_tiles(model, plan.stack_shape + plan.shape, tuple(tile))
         if math.prod(smaller.input_tile) < voxels:
-            return smaller
+            return dataclasses.replace(smaller, offset=plan.offset, bounds=plan.bounds)
     return None
 
 
@@ -188,7 +213,11 @@ def read_tile(image, plan: TilePlan, stack_index, origin, channel_axis: bool) ->
     """Read one input tile ``(channels, *input_tile)`` as float32, mirroring only outside the image."""
     local = []
     slices = []
-    for o, h, size, n in zip(origin, plan.halo, plan.input_tile, plan.shape):
+    if plan.offset:  # a region's plan: its tiles' places in the image
+        lead = len(plan.stack_shape)
+        stack_index = tuple(i + o for i, o in zip(stack_index, plan.offset[:lead]))
+        origin = tuple(i + o for i, o in zip(origin, plan.offset[lead:]))
+    for o, h, size, n in zip(origin, plan.halo, plan.input_tile, plan.bounds or plan.shape):
         index = mirror_index(np.arange(o - h, o - h + size), n)
         low = int(index.min())
         slices.append(slice(low, int(index.max()) + 1))
@@ -238,6 +267,7 @@ def predict_tiled(
     test_time_flips: bool = False,
     refine_radius: int | str = 0,
     refine_eps: float = DEFAULT_EPS,
+    region: tuple[slice, ...] | None = None,
 ) -> np.ndarray:
     """Softmax probabilities of ``model`` over ``image`` by exact overlap-tile prediction.
 
@@ -278,6 +308,11 @@ def predict_tiled(
         band by band; exact, so tiled and whole-image results still agree); "auto" fits the window to the
         width of the predicted structures (:func:`napari_unet.refine.auto_radius`). 0 (the default) leaves the
         network's probabilities as they are.
+    region : tuple of slices, optional
+        Predict only this part of the image (one slice per spatial axis; the tiled axes start on the ``2**depth``
+        grid), with real context from the image around it and mirroring only at the image's border, so the result
+        equals that part of the whole-image prediction; ``out`` then has the region's shape. Not with
+        ``refine_radius`` (the refinement of a region needs context of its own: ``blockwise.predict_block``).
 
     Returns
     -------
@@ -301,7 +336,11 @@ def predict_tiled(
         device = resolve_device("auto")
     device = torch.device(device)
     budget = default_max_input_voxels(model, device=device)
-    plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget)
+    if region is not None and refine_radius:
+        raise ValueError("predict_tiled refines whole images only; refine a region with blockwise.predict_block")
+    plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget, region=region)
+    if region is not None:
+        spatial_shape = plan.stack_shape + plan.shape
     chosen_batch = batch_size is not None
     if batch_size is None:
         batch_size = max(1, budget // math.prod(plan.input_tile))

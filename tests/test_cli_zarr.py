@@ -1,0 +1,101 @@
+"""``napari-unet predict`` into OME-Zarr (cli_volume.py): equal to the TIFF outputs, in this process and with
+``--workers 2`` (a LocalCluster on 127.0.0.1), refusals in one line; napari opens the stores lazily."""
+
+import numpy as np
+import pytest
+
+from napari_unet.cli import main
+from napari_unet.io import read_image, save_model, write_tiff
+
+METADATA = {"class_ids": [1, 4], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
+
+
+@pytest.fixture
+def files(make_model, tmp_path):
+    from scipy import ndimage
+
+    model = make_model(n_classes=2)
+    save_model(model, tmp_path / "m.safetensors", METADATA)
+    rng = np.random.default_rng(1)
+    image = (ndimage.gaussian_filter(rng.random((75, 90)), 2) * 4000).astype(np.uint16)
+    write_tiff(tmp_path / "img.tif", image, scale=(0.5, 0.25), unit="um")
+    return tmp_path
+
+
+def _predict(files, out, *extra):
+    flags = ["--device", "cpu", "--no-test-time-flips", "--refine-radius", "1"]
+    return main(["predict", str(files / "img.tif"), "-m", str(files / "m.safetensors"), "-o", str(out), *flags, *extra])
+
+
+def test_zarr_outputs_equal_tiff_outputs(files, capsys):
+    assert _predict(files, files / "tif") == 0
+    assert _predict(files, files / "zarr", "--block", "32", "--out-format", "zarr", "--zarr-version", "0.5") == 0
+    assert "9 blocks predicted" in capsys.readouterr().out
+    for role in ("probabilities", "labels"):
+        expected, expected_info = read_image(files / "tif" / f"img_{role}.tif")
+        got, info = read_image(files / "zarr" / f"img_{role}.zarr")
+        assert np.abs(got.astype(np.float32) - expected).max() < 1e-5
+        assert info["scale"] == expected_info["scale"] == (0.5, 0.25) and info["unit"] == "um"
+    assert _predict(files, files / "zarr", "--block", "32", "--out-format", "zarr", "--zarr-version", "0.5") == 0
+    assert "0 blocks predicted, 9 were done before" in capsys.readouterr().out  # the same command again
+
+
+def test_workers_equal_in_process(files, capsys):
+    assert _predict(files, files / "here.zarr", "--block", "32", "40") == 0  # --out ending in .zarr: zarr
+    assert _predict(files, files / "cluster", "--block", "32", "40", "--workers", "2") == 0
+    captured = capsys.readouterr()
+    assert "Dask LocalCluster: 2 worker process(es)" in captured.err and "dashboard http://127.0.0.1:" in captured.err
+    for role in ("probabilities", "labels"):
+        here, _ = read_image(files / "here.zarr" / f"img_{role}.zarr")
+        there, _ = read_image(files / "cluster" / f"img_{role}.zarr")
+        np.testing.assert_array_equal(here, there)
+
+
+def test_refusals_are_one_line(files, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert _predict(files, files / "o", "--scheduler", f"tcp://127.0.0.1:{port}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"napari-unet: error: cannot reach the Dask scheduler at tcp://127.0.0.1:{port} within")
+    assert len(err.splitlines()) == 1
+    (files / "f" / "img_probabilities.zarr").mkdir(parents=True)  # someone else's folder
+    (files / "f" / "img_probabilities.zarr" / "data.txt").write_text("keep me")
+    assert _predict(files, files / "f", "--out-format", "zarr") == 2
+    assert "img_probabilities.zarr exists and is not a napari-unet probabilities output" in capsys.readouterr().err
+    assert (files / "f" / "img_probabilities.zarr" / "data.txt").read_text() == "keep me"
+    assert _predict(files, files / "g", "--out-format", "tif", "--workers", "2") == 2
+
+
+def test_napari_opens_the_stores_lazily(files, make_napari_viewer):
+    import dask.array as da
+
+    assert _predict(files, files / "z", "--out-format", "zarr", "--block", "32", "--pyramid", "1") == 0
+    viewer = make_napari_viewer()
+    [labels] = viewer.open(str(files / "z" / "img_labels.zarr"), plugin="napari-unet")
+    probabilities = viewer.open(str(files / "z" / "img_probabilities.zarr"), plugin="napari-unet")
+    assert labels.__class__.__name__ == "Labels" and isinstance(labels.data, da.Array)
+    assert tuple(labels.scale) == (0.5, 0.25)
+    assert [layer.name for layer in probabilities] == ["img_probabilities [ch0]", "img_probabilities [ch1]"]
+    assert all(isinstance(layer.data, da.Array) for layer in probabilities)
+
+
+def test_train_reads_an_ome_zarr_image_and_labels(tmp_path, capsys):
+    from ome_zarr.writer import write_image
+
+    from napari_unet.io import load_model
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((48, 48)) * 100).astype(np.uint8)
+    image[12:36, 12:36] += 120
+    labels = np.zeros((48, 48), np.uint8)
+    labels[2:4, 4:44], labels[23:25, 16:32] = 1, 3
+    write_image(image, str(tmp_path / "img.zarr"), axes="yx", scale_factors=())
+    write_image(labels, str(tmp_path / "img_labels.zarr"), axes="yx", scale_factors=())
+    tiny = ["--iterations", "2", "--depth", "1", "--filters", "4", "--patch-size", "16", "--device", "cpu"]
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--images", str(tmp_path / "img.zarr"), "--labels", str(tmp_path / "img_labels.zarr")]
+    assert main([*args, "--out", str(out), *tiny]) == 0
+    assert load_model(out)[1]["class_ids"] == [1, 3]

@@ -1,0 +1,195 @@
+"""Block-wise prediction into OME-Zarr, in this process and on a Dask LocalCluster of 2 worker processes on
+127.0.0.1 (distributed_predict.py): equal to the single-process prediction, resumable, fault tolerant."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from napari_unet.distributed_predict import (
+    ImageSource,
+    OutputRefused,
+    SchedulerUnreachable,
+    dask_client,
+    predict_volume,
+)
+from napari_unet.io import open_image, read_image, save_model, write_tiff
+from napari_unet.predict import PredictionSettings, predict_image
+
+METADATA = {"class_ids": [1, 2, 5], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
+
+
+def _image(shape, seed=0):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random(shape), 2.0)
+    return ((smooth > np.median(smooth)) * 1500 + rng.integers(0, 400, shape)).astype(np.uint16)
+
+
+def _ome_zarr(path, image, axes, scale, version="0.4"):
+    """An input image written by ome-zarr-py itself (not by napari-unet)."""
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_image
+
+    fmt = FormatV04() if version == "0.4" else FormatV05()
+    units = {a: "micrometer" for a in axes if a in "zyx"}
+    chunks = tuple(min(n, 16) for n in image.shape)
+    write_image(
+        image, str(path), fmt=fmt, axes=axes, scale=dict(zip(axes, scale)), axes_units=units,
+        scale_factors=(), storage_options={"chunks": chunks},
+    )  # fmt: skip
+    return path
+
+
+def _predict(model_path, image_path, out, settings, **kwargs):
+    with open_image(image_path) as (lazy, info):
+        spatial_axes = info["axes"]
+        source = ImageSource(str(image_path), None, 1)
+        return predict_volume(
+            model_path, source, lazy, info, spatial_axes,
+            (out / "img_probabilities.zarr", out / "img_labels.zarr"), settings, **kwargs,
+        )  # fmt: skip
+
+
+def _check_equal(result, expected):
+    probabilities, _ = read_image(result.probabilities)
+    labels, info = read_image(result.labels)
+    assert np.abs(probabilities - expected.probabilities).max() < 1e-5
+    np.testing.assert_array_equal(labels, expected.labels)
+    return info
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of 2 worker processes on 127.0.0.1 for this module's tests, stopped after them."""
+    with dask_client(workers=2, log=lambda line: None) as (client, threads):
+        client.wait_for_workers(2, timeout=120)
+        yield client, threads
+
+
+@pytest.fixture
+def model_file(make_model, tmp_path):
+    def make(**kwargs):
+        model = make_model(**kwargs)
+        return model, save_model(model, tmp_path / "model.safetensors", METADATA)
+
+    return make
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_in_process_equals_predict_image_and_keeps_metadata(model_file, tmp_path, version):
+    model, path = model_file()
+    image = _image((70, 93))
+    source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (0.5, 0.25), version)
+    settings = PredictionSettings(device="cpu", test_time_flips=True, refine_radius="auto")
+    result = _predict(path, source, tmp_path, settings, block=(32, 40), version=version, pyramid=1)
+    assert (result.predicted, result.skipped) == (9, 0)
+    info = _check_equal(result, predict_image(model, METADATA, image, settings))
+    assert info == {"axes": "YX", "channel_axis": None, "scale": (0.5, 0.25), "unit": "um"}
+    assert read_image(result.probabilities)[1]["axes"] == "CYX"
+    import zarr
+
+    level = zarr.open_group(str(result.labels))["0"]
+    assert level.chunks == (32, 40)  # one block per chunk: no two writers share one
+    assert "1" in zarr.open_group(str(result.labels))  # the pyramid level
+
+
+def test_probabilities_dtype_uint8(model_file, tmp_path):
+    model, path = model_file()
+    image = _image((40, 50))
+    write_tiff(tmp_path / "in.tif", image)
+    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    result = _predict(path, tmp_path / "in.tif", tmp_path, settings, block=(16, 16), probabilities_dtype="uint8")
+    expected = predict_image(model, METADATA, image, settings)
+    stored, _ = read_image(result.probabilities)
+    assert stored.dtype == np.uint8
+    assert np.abs(stored / 255.0 - expected.probabilities).max() <= 0.5 / 255 + 1e-6
+    np.testing.assert_array_equal(read_image(result.labels)[0], expected.labels)
+
+
+def test_interrupted_run_resumes_the_missing_blocks(model_file, tmp_path):
+    model, path = model_file()
+    image = _image((60, 70))
+    source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (1.0, 1.0))
+    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=1)
+
+    def stop_after_three(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _predict(path, source, tmp_path, settings, block=(16, 16), progress=stop_after_three)
+    seen = []
+    result = _predict(path, source, tmp_path, settings, block=(16, 16), progress=lambda d, t: seen.append((d, t)))
+    assert (result.predicted, result.skipped) == (20 - 3, 3)
+    assert seen[0] == (3, 20) and seen[-1] == (20, 20)
+    _check_equal(result, predict_image(model, METADATA, image, settings))
+    again = _predict(path, source, tmp_path, settings, block=(16, 16))
+    assert (again.predicted, again.skipped) == (0, 20)
+    other = _predict(path, source, tmp_path, PredictionSettings(device="cpu", test_time_flips=False), block=(16, 16))
+    assert other.predicted == 20  # other settings: a new run, not a resume
+
+
+def test_foreign_store_refused(model_file, tmp_path):
+    _, path = model_file()
+    source = _ome_zarr(tmp_path / "in.zarr", _image((30, 30)), "yx", (1.0, 1.0))
+    _ome_zarr(tmp_path / "img_labels.zarr", np.zeros((30, 30), np.uint8), "yx", (1.0, 1.0))
+    with pytest.raises(OutputRefused, match=r"img_labels\.zarr exists and is not a napari-unet labels output"):
+        _predict(path, source, tmp_path, PredictionSettings(device="cpu"))
+    assert read_image(tmp_path / "img_labels.zarr")[0].max() == 0  # untouched
+
+
+def test_scheduler_unreachable_is_one_line_within_the_timeout():
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with (
+        pytest.raises(
+            SchedulerUnreachable, match=f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port} within 2 s"
+        ),
+        dask_client(f"tcp://127.0.0.1:{port}", timeout=2),
+    ):
+        pass
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("ndim", "shape", "block", "flips", "radius"),
+    [(2, (70, 93), (32, 40), True, "auto"), (3, (21, 30, 27), (12, 16, 16), False, 1)],
+)
+def test_cluster_equals_single_process(cluster, model_file, tmp_path, ndim, shape, block, flips, radius):
+    client, threads = cluster
+    model, path = model_file(ndim=ndim)
+    image = _image(shape)
+    source = _ome_zarr(tmp_path / "in.zarr", image, "zyx"[-ndim:], (2.0, 0.5, 0.5)[-ndim:])
+    settings = PredictionSettings(device="cpu", test_time_flips=flips, refine_radius=radius)
+    result = _predict(path, source, tmp_path, settings, block=block, client=client, torch_threads=threads)
+    assert result.predicted > 4
+    _check_equal(result, predict_image(model, METADATA, image, settings))
+
+
+def test_worker_killed_mid_run_output_still_equal(cluster, model_file, tmp_path):
+    client, threads = cluster
+    model, path = model_file()
+    image = _image((96, 96))
+    source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (1.0, 1.0))
+    settings = PredictionSettings(device="cpu", test_time_flips=True, refine_radius=1)
+    pids = list(client.run(os.getpid).values())
+    killed = []
+
+    def kill_a_worker(done, total):
+        if done >= 2 and not killed:  # blocks still running and queued on both workers
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    result = _predict(path, source, tmp_path, settings, block=(16, 16), client=client, progress=kill_a_worker)
+    assert killed and result.predicted == 36
+    client.wait_for_workers(2, timeout=120)  # its nanny started a new worker process
+    assert pids[0] not in client.run(os.getpid).values()
+    _check_equal(result, predict_image(model, METADATA, image, settings))
