@@ -49,6 +49,8 @@ class BlockSettings:
     batch_size: int | None = None
     device: str = "cpu"
     """A device name (``PredictionSettings.device``: "auto", "cuda", ...), resolved by the process that predicts."""
+    precision: str = "float32"
+    """``PredictionSettings.precision``, resolved (``devices.prediction_dtype``) by the process that predicts."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def predict_block(model, normalized, region: tuple[slice, ...], settings: BlockS
         batch_size=settings.batch_size,
         device=resolve_device(settings.device),
         test_time_flips=settings.flips,
+        precision=settings.precision,
         region=tuple(grown),
     )
     if settings.radius:
@@ -171,6 +174,7 @@ def volume_settings(model, metadata: dict, image, prediction_settings) -> BlockS
         tile_shape=prediction_settings.tile_shape,
         batch_size=prediction_settings.batch_size,
         device=prediction_settings.device,  # resolved where the blocks run (GPU workers, a login node without one)
+        precision=prediction_settings.precision,
     )
     try:  # the crops that an "auto" radius measures are predicted here
         here = str(resolve_device(prediction_settings.device))
