@@ -916,12 +916,9 @@ class _Checkpoints:
         self.last = time.monotonic()
 
 
-def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
-    from .devices import available_cores
-    from .io import save_model
-    from .training import Trainer, TrainingSettings
-
-    architecture = {
+def _architecture(args: argparse.Namespace) -> dict:
+    """The network and optimizer fields of ``TrainingSettings`` that ``train``'s arguments set."""
+    return {
         "depth": args.depth,
         "base_filters": args.filters,
         "patch_size": args.patch_size,
@@ -929,6 +926,14 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         "learning_rate": args.learning_rate,
         "block": args.block,
     }
+
+
+def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
+    from .devices import available_cores
+    from .io import save_model
+    from .training import Trainer, TrainingSettings
+
+    architecture = _architecture(args)
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
         raise CLIError("some images have several channels and some one: train on images alike")
@@ -1058,14 +1063,7 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
         resume = init[1].get("dataset_training")
         if not isinstance(resume, dict):
             raise CLIError(f"--resume: {last} is not a checkpoint of a dataset training")
-    architecture = {
-        "depth": args.depth,
-        "base_filters": args.filters,
-        "patch_size": args.patch_size,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "block": args.block,
-    }
+    architecture = _architecture(args)
     try:
         settings = TrainingSettings(
             ndim=args.ndim,
