@@ -185,7 +185,7 @@ def test_training_tiles_are_predicted_as_the_whole_image_is(shape, tiles, calls,
     per plane) or tile by tile, the sampled tiles get the whole image's probabilities there."""
     import torch
 
-    import napari_unet.training as training
+    import napari_unet.predict as predict
     from napari_unet.model import UNet
     from napari_unet.predict import predict_region
     from napari_unet.tiling import predict_tiled
@@ -195,8 +195,8 @@ def test_training_tiles_are_predicted_as_the_whole_image_is(shape, tiles, calls,
     image = np.random.default_rng(0).random(shape).astype(np.float32)
     regions = sample_regions(shape, tiles)
     made = []
-    monkeypatch.setattr(training, "predict_region", lambda *args: made.append(args[2]) or predict_region(*args))
-    predicted = training._predicted_tiles(model, image, regions)
+    monkeypatch.setattr(predict, "predict_region", lambda *args: made.append(args[2]) or predict_region(*args))
+    predicted = predict.predict_regions(model, image, regions)
     assert len(made) == calls
     whole = predict_tiled(model, image)
     for got, region in zip(predicted, regions):
@@ -206,18 +206,18 @@ def test_training_tiles_are_predicted_as_the_whole_image_is(shape, tiles, calls,
 def test_the_profile_costs_a_bounded_prediction_at_the_end_of_a_run(monkeypatch):
     """Many training images: the run's end predicts at most the budget's input pixels (about two training steps,
     at least ``TRAINING_MIN_PIXELS``) with their context, spread over evenly chosen images."""
-    import napari_unet.training as training
+    import napari_unet.predict as predict
     from napari_unet.predict import region_with_context
 
     read = []
-    real = training.predict_region
+    real = predict.predict_region
 
     def counting(model, normalized, region, **kwargs):
         crop, _ = region_with_context(region, normalized.shape, model.halo, model.grid)
         read.append(math.prod(s.stop - s.start for s in crop))
         return real(model, normalized, region, **kwargs)
 
-    monkeypatch.setattr(training, "predict_region", counting)
+    monkeypatch.setattr(predict, "predict_region", counting)
     pairs = [cells(seed, (96, 96))[:2] for seed in range(40)]
     trainer = train(
         [p[0] for p in pairs],
@@ -301,7 +301,7 @@ def test_fires_on_bright_saturated_debris(trained, fraction):
     assert "cell" in check.reason and "training" in check.reason  # names the class and the figures
     record = check.as_metadata()
     assert record["unlike"] is True and record["score"] == round(check.score, 3) and record["reason"] == check.reason
-    assert set(record["terms"]) == {"class_level", "class_fraction"}
+    assert set(record["terms"]) == {"class_level", "class_fraction", "stability", "entropy"}
     message = check.message("img_17")
     assert message.startswith("'img_17' looks unlike the training images (")
     assert message.endswith("): paint a few strokes on it and train on")
@@ -329,7 +329,10 @@ def test_models_without_a_profile_get_no_check(trained, tmp_path):
         "nonsense",
         nan,
     ):
-        assert check_prediction({"training_profile": broken}, np.zeros((8, 8), np.float32), np.zeros((2, 8, 8))) is None
+        unused = lambda image, regions: pytest.fail("a model without a usable profile predicts nothing")  # noqa: E731
+        metadata = {"training_profile": broken}
+        image, probabilities = np.zeros((8, 8), np.float32), np.full((2, 8, 8), 0.5, np.float32)
+        assert check_prediction(metadata, image, probabilities, unused, halo=(4, 4), grid=2) is None
 
 
 def _trained_profile(medians, fractions):
@@ -433,6 +436,83 @@ def test_the_check_reads_the_view_prediction_normalizes(trained):
     view = normalized_view(image, metadata["normalization"])
     assert view.params == image_params(image, metadata["normalization"])  # the image's own values
     probabilities = np.stack([np.full(image.shape, 0.3), np.full(image.shape, 0.7)]).astype(np.float32)
-    first = check_prediction(metadata, view, probabilities)
-    second = check_prediction(metadata, normalized_view(image * 2.0, metadata["normalization"]), probabilities)
+
+    def predicted(image, regions):  # the same probabilities whatever the image
+        return [probabilities[(slice(None), *region)] for region in regions]
+
+    first = check_prediction(metadata, view, probabilities, predicted, halo=(4, 4), grid=2)
+    doubled = normalized_view(image * 2.0, metadata["normalization"])
+    second = check_prediction(metadata, doubled, probabilities, predicted, halo=(4, 4), grid=2)
     assert first.profile["intensity"] == second.profile["intensity"]
+
+
+# --- stability under a gain, and the entropy ------------------------------------------------------------------
+
+
+def _disc_probabilities(radius, shape=(64, 64), centre=(32, 32)):
+    """Two-class probabilities of a disc (class 1) on background (class 0), confident."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    disc = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    return np.stack([np.where(disc, 0.05, 0.95), np.where(disc, 0.95, 0.05)]).astype(np.float32)
+
+
+def test_stability_leaves_boundary_moves_out_and_counts_whole_objects():
+    base = [_disc_probabilities(10)]
+    grown = [_disc_probabilities(11)]  # the boundary moves by a pixel: nothing counts
+    assert domain.stability(base, [grown, base]) == [0, 0]
+    gone = [_disc_probabilities(0, centre=(-50, -50))]  # the disc vanishes: its inside counts, for both classes
+    changed = domain.stability(base, [base, gone])
+    inner = int((np.hypot(*np.mgrid[-32:32, -32:32]) <= 10 - domain.STABILITY_BAND - 1).sum())
+    assert changed[0] == changed[1] and inner <= changed[0] < math.pi * 10**2
+
+
+def test_the_stability_and_entropy_terms_and_their_reasons():
+    training = _trained_profile([0.05, 0.8], [0.8, 0.2])  # training entropy 0.1
+    image = _image([0.05, 0.8], [0.8, 0.2])
+    image["stability"] = {"gain": 1.5, "pixels": 10000, "fractions": [0.8, 0.2], "changed": [300, 300]}
+    check = compare(image, training, ["background", "nucleus"])
+    assert check.terms["stability"] == pytest.approx(300 / 2000 / domain.STABILITY_TOLERANCE)
+    assert check.terms["entropy"] == 0.0 and not check.unlike  # as sure as the training images
+    image["stability"]["changed"] = [900, 900]
+    image["entropy"] = 0.2
+    check = compare(image, training, ["background", "nucleus"])
+    assert check.terms["entropy"] == pytest.approx(0.1 / (0.5 * 0.1))
+    assert check.unlike and check.score == pytest.approx(math.hypot(900 / 2000 / 0.3, 2.0))
+    assert "45% of the nucleus pixels change class when the image is 1.5x brighter or darker" in check.reason
+    assert "mean uncertainty 0.20 (training at most 0.10)" in check.reason
+
+
+def _threshold_model(image, regions):
+    """A network that calls a pixel "object" above 0.5 in normalized units (a sharp sigmoid)."""
+    out = []
+    for region in regions:
+        x = np.asarray(image[region], dtype=np.float32)
+        p = 1.0 / (1.0 + np.exp(-(x - 0.5) * 40.0))
+        out.append(np.stack([1 - p, p]).astype(np.float32))
+    return out
+
+
+def test_objects_dimmed_to_where_the_network_decides_are_caught_by_the_stability_term():
+    """A synthetic shift: discs at 1.0 on 0.05 train the threshold network; the same discs at 0.35 (what bright
+    debris or a gamma leaves after normalization) are missed, confidently, and neither their class statistics nor
+    the entropy say so; 1.5x brighter they come back, and the check fires on that."""
+    yy, xx = np.mgrid[:256, :256]
+    discs = np.zeros((256, 256), bool)
+    for y in range(24, 256, 48):
+        for x in range(24, 256, 48):
+            discs |= (yy - y) ** 2 + (xx - x) ** 2 <= 100
+    clean = np.where(discs, 1.0, 0.05).astype(np.float32)
+    regions = sample_regions(clean.shape)
+    values = domain.sample_intensities(clean, regions)
+    probabilities = np.concatenate([p.reshape(2, -1) for p in _threshold_model(clean, regions)], axis=1)
+    metadata = {"training_profile": training_profile([profile(values, probabilities)]), "class_names": ["bg", "disc"]}
+
+    def check(image):
+        (predicted,) = _threshold_model(image, [(slice(None), slice(None))])
+        return check_prediction(metadata, image, predicted, _threshold_model, halo=(8, 8), grid=4, one_pass=True)
+
+    same = check(clean)
+    assert not same.unlike and same.terms["stability"] == 0.0
+    dimmed = check(np.where(discs, 0.35, 0.05).astype(np.float32))
+    assert dimmed.unlike and dimmed.terms["stability"] > 1.0 and dimmed.terms["entropy"] < 0.5
+    assert "disc pixels change class" in dimmed.reason

@@ -84,6 +84,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 PROFILE_VERSION = 1
 QUANTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -122,10 +123,34 @@ GAP_FLOOR = 0.2
 """Smallest gap between class medians (normalized units) the class-level term divides by."""
 FRACTION_LOGIT = 2.5
 """One tolerance of the class-fraction term: log-odds of a class's fraction outside the training range."""
+SCORE_GROUPS = (("class_level", "class_fraction"), ("stability", "entropy"))
+"""Kinds of terms that add up (root sum of squares) into one score; the check's score is the larger group's."""
 REASON_TERM = 0.5
 """The reason names each kind of term at least this large (else the largest one)."""
 FRACTION_CLIP = 1e-3
 """Fractions are clipped to ``[FRACTION_CLIP, 1 - FRACTION_CLIP]`` before their log-odds."""
+STABILITY_GAIN = 1.5
+"""The sampled tiles are also predicted this many times brighter and darker (normalized intensities x and /)."""
+STABILITY_TOLERANCE = 0.3
+"""One tolerance of the stability term: this share of a class's pixels changes class under ``STABILITY_GAIN``."""
+STABILITY_BAND = 2
+"""Pixels this close (in-plane, pixels) to a class boundary of the one-pass prediction are left out of the stability
+count: a gain moves a boundary by a pixel or two on any image."""
+STABILITY_TILES = 1
+"""Tiles of the stability sample (:func:`stability_regions`): one, in the middle of the image (of its middle plane
+in a stack); a tile's context costs more than the tile, so one large tile holds the most pixels for its cost."""
+STABILITY_PIXELS = 1 << 17
+"""Input pixels (with context) of the stability sample at most, per version of the image."""
+STABILITY_MIN_PIXELS = 1 << 16
+"""Input pixels of the stability sample at least, per version (a whole image up to 256 x 256)."""
+STABILITY_SHARE = 0.1
+"""The stability sample reads this share of the image's pixels per version, within the two bounds above."""
+ENTROPY_RATIO = 1.5
+"""One tolerance of the entropy term: the image's mean entropy at this multiple of the training images' highest (the
+term is 0 up to the training images' highest)."""
+ENTROPY_FLOOR = 0.05
+"""The training images' highest mean entropy counts as at least this much (a model sure of every training pixel
+would otherwise call any hesitation unlike)."""
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -188,6 +213,31 @@ def sample_probabilities(probabilities, regions: Sequence[tuple[slice, ...]]) ->
     return np.concatenate(parts, axis=1)
 
 
+def stability(base: Sequence[np.ndarray], shifted: Sequence[Sequence[np.ndarray]]) -> list[int]:
+    """Per class, how many sampled pixels away from its boundaries change class when the image changes in gain.
+
+    ``base``: the one-pass probabilities ``(n_classes, *region)`` of each sampled region; ``shifted``: the same
+    regions predicted from the image x ``STABILITY_GAIN`` and / ``STABILITY_GAIN`` (any number of such versions).
+    A pixel counts for class ``k`` where it enters or leaves ``k`` in a shifted version and lies more than
+    ``STABILITY_BAND`` pixels (in-plane) from a boundary of the base's classes; per class the largest count over the
+    versions. Models learn a boundary at no exact intensity, so a gain moves boundaries by a pixel or two on any
+    image; whole objects that appear or vanish under a 1.5x change say the image's classes sit at the intensity
+    where the network decides between them: dimmed objects, a brightened background.
+    """
+    n_classes = int(base[0].shape[0]) if len(base) else 0
+    counts = np.zeros((max(1, len(shifted)), n_classes), np.int64)
+    for r, probabilities in enumerate(base):
+        winner = np.argmax(probabilities, axis=0)
+        size = (1,) * (winner.ndim - 2) + (2 * STABILITY_BAND + 1,) * min(2, winner.ndim)
+        inside = ndimage.grey_dilation(winner, size=size) == ndimage.grey_erosion(winner, size=size)
+        for v, version in enumerate(shifted):
+            other = np.argmax(version[r], axis=0)
+            moved = inside & (other != winner)
+            for classes in (winner[moved], other[moved]):  # the class a pixel leaves and the one it joins
+                counts[v] += np.bincount(classes, minlength=n_classes)
+    return [int(c) for c in counts.max(axis=0)]
+
+
 # --- profiles --------------------------------------------------------------------------------------------------
 
 
@@ -197,7 +247,7 @@ def _rounded(values) -> list[float]:
 
 def profile(values: np.ndarray, probabilities: np.ndarray | None = None) -> dict:
     """The profile of one image from its sampled normalized pixels ``values`` ``(C, N)`` and, once predicted, the
-    class probabilities ``(n_classes, N)`` of the same pixels (see the module docstring).
+    one-pass class probabilities ``(n_classes, N)`` of the same pixels (see the module docstring).
 
     Returns ``{"pixels", "intensity"}`` (``intensity``: per channel the ``QUANTILES``) and, with
     ``probabilities``, ``"class_fractions"`` (per class), ``"class_intensity"`` (per class: None or per channel
@@ -221,10 +271,17 @@ def profile(values: np.ndarray, probabilities: np.ndarray | None = None) -> dict
         else None
         for k in range(n_classes)
     ]
-    p = np.clip(probabilities, 1e-7, 1.0)
-    entropy = -(p * np.log(p)).sum(axis=0) / math.log(n_classes) if n_classes > 1 else np.zeros(winner.shape)
-    record["entropy"] = round(float(entropy.mean()), 4)
+    record["entropy"] = _mean_entropy(probabilities)
     return record
+
+
+def _mean_entropy(probabilities: np.ndarray) -> float:
+    """The mean normalized entropy of ``(n_classes, N)`` probabilities, rounded to 4 digits."""
+    n_classes = probabilities.shape[0]
+    if n_classes < 2:
+        return 0.0
+    p = np.clip(probabilities, 1e-7, 1.0)
+    return round(float((-(p * np.log(p)).sum(axis=0) / math.log(n_classes)).mean()), 4)
 
 
 def image_profile(normalized, probabilities=None, *, channels: bool = False, tiles: int = SAMPLE_TILES) -> dict:
@@ -322,8 +379,10 @@ def _usable(training: dict, n_classes: int, n_channels: int) -> list[dict]:
         except (KeyError, TypeError, ValueError, IndexError):
             continue
         numbers = fractions + [v for m in medians if m is not None for v in m]
+        entropy = entry.get("entropy")
+        entropy = float(entropy) if isinstance(entropy, (int, float)) and math.isfinite(entropy) else None
         if all(math.isfinite(v) for v in numbers):
-            usable.append({"fractions": fractions, "medians": medians})
+            usable.append({"fractions": fractions, "medians": medians, "entropy": entropy})
     return usable
 
 
@@ -382,6 +441,31 @@ def _level_findings(image: dict, usable: list[dict], names: list[str], n_channel
     return findings
 
 
+def _stability_findings(image: dict, usable: list[dict], names: list[str]) -> list[_Finding]:
+    record = image.get("stability")
+    if not isinstance(record, dict):
+        return []
+    pixels, findings = int(record["pixels"]), []
+    for k, changed in enumerate(record["changed"]):
+        trained = float(np.mean([u["fractions"][k] for u in usable]))
+        area = max(float(record["fractions"][k]) * pixels, trained * pixels, MIN_CLASS_PIXELS)
+        share = changed / area
+        gain = record["gain"]
+        text = f"{share:.0%} of the {names[k]} pixels change class when the image is {gain:g}x brighter or darker"
+        findings.append(_Finding(share / STABILITY_TOLERANCE, "stability", text))
+    return findings
+
+
+def _entropy_findings(image: dict, usable: list[dict]) -> list[_Finding]:
+    trained = [u["entropy"] for u in usable if u["entropy"] is not None]
+    if not trained or not isinstance(image.get("entropy"), (int, float)):
+        return []
+    highest = max(trained)
+    tolerance = (ENTROPY_RATIO - 1.0) * max(highest, ENTROPY_FLOOR)
+    text = f"mean uncertainty {image['entropy']:.2f} (training at most {highest:.2f})"
+    return [_Finding(max(0.0, float(image["entropy"]) - highest) / tolerance, "entropy", text)]
+
+
 def compare(image: dict, training: dict, class_names: Sequence[str] | None = None) -> DomainCheck | None:
     """Score the :func:`profile` ``image`` (with its class part) against a :func:`training_profile`.
 
@@ -398,24 +482,88 @@ def compare(image: dict, training: dict, class_names: Sequence[str] | None = Non
     names = [str(n) for n in class_names or []]
     names = names + [f"class {k + 1}" for k in range(len(names), n_classes)] if len(names) < n_classes else names
     findings = _fraction_findings(image, usable, names) + _level_findings(image, usable, names, n_channels)
+    findings += _stability_findings(image, usable, names) + _entropy_findings(image, usable)
     top: dict[str, _Finding] = {}
     for f in findings:
         if f.kind not in top or f.term > top[f.kind].term:
             top[f.kind] = f
     terms = {kind: f.term for kind, f in top.items()}
-    score = math.hypot(*terms.values()) if terms else 0.0
+    score = max(math.hypot(*(terms.get(kind, 0.0) for kind in group)) for group in SCORE_GROUPS)
     ranked = sorted(top.values(), key=lambda f: -f.term)
     shown = [f.text for f in ranked if f.term >= REASON_TERM] or [f.text for f in ranked[:1]]
     return DomainCheck(float(score), THRESHOLD, score > THRESHOLD, "; ".join(shown), terms, image)
 
 
-def check_prediction(metadata: dict, normalized, probabilities, *, channels: bool = False) -> DomainCheck | None:
-    """The check ``predict.predict_image`` runs on each image: the profile of ``normalized`` (the image as the
-    model's recipe normalized it, channels first when ``channels``) and its ``probabilities`` compared with
-    ``metadata["training_profile"]``. None when the model has no usable training profile (nothing is read then).
+class Scaled:
+    """A normalized image (or a view of one) whose values read multiplied by ``gain``: the brighter and darker
+    versions of :func:`check_prediction`."""
+
+    def __init__(self, normalized, gain: float):
+        self._normalized, self._gain = normalized, np.float32(gain)
+        self.shape, self.ndim = tuple(normalized.shape), len(normalized.shape)
+
+    def __getitem__(self, key):
+        return np.asarray(self._normalized[key], dtype=np.float32) * self._gain
+
+
+def stability_regions(spatial_shape: Sequence[int], halo: Sequence[int], grid: int) -> list[tuple[slice, ...]]:
+    """Where :func:`check_prediction` predicts the image three times (as it is, brighter, darker): up to
+    ``STABILITY_TILES`` tiles spread as :func:`sample_regions` spreads them, as large as a budget of input pixels
+    (with the network's in-plane ``halo`` and pooling ``grid``) allows: ``STABILITY_SHARE`` of the image, at least
+    ``STABILITY_MIN_PIXELS`` (a few objects make a noisy count) and at most ``STABILITY_PIXELS`` per version."""
+    shape = tuple(int(n) for n in spatial_shape)
+    budget = int(min(STABILITY_PIXELS, max(STABILITY_MIN_PIXELS, STABILITY_SHARE * math.prod(shape))))
+    reach = 2 * max(int(h) for h in list(halo)[-2:]) + int(grid)
+    tiles = int(min(STABILITY_TILES, max(1, budget // (SAMPLE_TILE + reach) ** 2)))
+    side = max(SAMPLE_TILE, math.isqrt(budget // tiles) - reach)
+    return sample_regions(shape, tiles, side)
+
+
+def check_prediction(
+    metadata: dict,
+    normalized,
+    probabilities,
+    predict_regions,
+    *,
+    halo: Sequence[int],
+    grid: int,
+    channels: bool = False,
+    one_pass: bool = False,
+) -> DomainCheck | None:
+    """The check ``predict.predict_image`` runs on each image, compared with ``metadata["training_profile"]``;
+    None when the model has no usable training profile (nothing is read or predicted then).
+
+    ``normalized`` is the image as the model's recipe normalized it (channels first when ``channels``),
+    ``probabilities`` ``(n_classes, *spatial)`` its prediction. The :func:`profile` holds the intensities and the
+    class part of ``probabilities`` at :func:`sample_regions`; the entropy and the :func:`stability` come from
+    one-pass predictions (no flips, no refinement, as the training profiles hold them) at
+    :func:`stability_regions` (``halo``, ``grid``: the network's): ``predict_regions(image, regions)`` gives them,
+    with the network's context, for ``normalized`` (unless ``one_pass``: ``probabilities`` are one pass already)
+    and its :class:`Scaled` versions x and / ``STABILITY_GAIN``.
     """
     training = metadata.get("training_profile") if isinstance(metadata, dict) else None
     if not isinstance(training, dict) or training.get("version") != PROFILE_VERSION:
         return None
     names = metadata.get("class_names") or [f"class {i}" for i in metadata.get("class_ids") or []]
-    return compare(image_profile(normalized, probabilities, channels=channels), training, names)
+    n_classes = int(probabilities.shape[0])
+    regions = sample_regions(tuple(probabilities.shape[1:]))
+    values = sample_intensities(normalized, regions, channels)
+    if not _usable(training, n_classes, values.shape[0]):
+        return None  # nothing to compare with: predict nothing more
+    record = profile(values, sample_probabilities(probabilities, regions))
+    checked = stability_regions(tuple(probabilities.shape[1:]), halo, grid)
+    if one_pass:
+        base = [np.asarray(probabilities[(slice(None), *region)], dtype=np.float32) for region in checked]
+    else:
+        base = predict_regions(normalized, checked)
+    shifted = [predict_regions(Scaled(normalized, g), checked) for g in (STABILITY_GAIN, 1.0 / STABILITY_GAIN)]
+    sampled = np.concatenate([p.reshape(n_classes, -1) for p in base], axis=1)
+    winner = np.argmax(sampled, axis=0)
+    record["entropy"] = _mean_entropy(sampled)
+    record["stability"] = {
+        "gain": STABILITY_GAIN,
+        "pixels": int(winner.size),
+        "fractions": _rounded(np.bincount(winner, minlength=n_classes) / winner.size),
+        "changed": stability(base, shifted),
+    }
+    return compare(record, training, names)

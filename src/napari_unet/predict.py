@@ -14,6 +14,7 @@ No Qt or napari here, and torch is imported only when something is predicted.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -191,12 +192,13 @@ def predict_image(
     normalized = normalized_view(image, metadata.get("normalization"), channel_axis=channel_axis)
     spatial = tuple(normalized.shape[1:] if channel_axis == 0 else normalized.shape)
     class_ids = model_class_ids(model, metadata)
+    device = resolve_device(settings.device)
     probabilities = predict_tiled(
         model,
         normalized,
         tile_shape=settings.tile_shape,
         batch_size=settings.batch_size,
-        device=resolve_device(settings.device),
+        device=device,
         out=out("probabilities", (model.n_classes, *spatial), np.float32),
         progress=progress,
         should_stop=should_stop,
@@ -211,7 +213,16 @@ def predict_image(
     uncertainty = None
     if settings.uncertainty:
         uncertainty = normalized_entropy(probabilities, out=out("uncertainty", spatial, np.float32))
-    domain = check_prediction(metadata, normalized, probabilities, channels=channel_axis == 0)
+    domain = check_prediction(
+        metadata,
+        normalized,
+        probabilities,
+        functools.partial(predict_regions, model, device=device, precision=settings.precision),
+        halo=model.halo,
+        grid=model.grid,
+        channels=channel_axis == 0,
+        one_pass=not settings.test_time_flips and settings.refine_radius == 0,
+    )
     return PredictionOutputs(probabilities, labels, uncertainty, domain)
 
 
@@ -250,7 +261,9 @@ def region_with_context(region: tuple[slice, ...], shape: tuple[int, ...], halo:
     return tuple(crop), tuple(inner)
 
 
-def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, should_stop=None) -> np.ndarray:
+def predict_region(
+    model, normalized: np.ndarray, region: tuple[slice, ...], *, should_stop=None, device=None, precision="float32"
+) -> np.ndarray:
     """Probabilities ``(n_classes, *region shape)`` of ``model`` for ``region`` of a normalized image.
 
     ``normalized`` is the whole (normalized) image, channels first for a multi-channel model; ``region``
@@ -263,5 +276,31 @@ def predict_region(model, normalized: np.ndarray, region: tuple[slice, ...], *, 
     channels = (slice(None),) if model.in_channels > 1 else ()
     crop, inner = region_with_context(region, normalized.shape[len(channels) :], model.halo, model.grid)
     patch = np.ascontiguousarray(normalized[channels + crop])
-    probabilities = predict_tiled(model, patch, should_stop=should_stop)
+    probabilities = predict_tiled(model, patch, should_stop=should_stop, device=device, precision=precision)
     return np.ascontiguousarray(probabilities[(slice(None), *inner)])
+
+
+def predict_regions(model, normalized, regions: Sequence[tuple[slice, ...]], **options) -> list[np.ndarray]:
+    """:func:`predict_region` of each of ``regions`` (``domain.sample_regions``: tiles of the last two axes, one
+    plane thick in a stack), computed per plane as whichever reads fewer input pixels: every tile with its context,
+    or the whole plane once (the same probabilities either way). ``options``: ``device``, ``precision``."""
+    spatial = tuple(normalized.shape[1:] if model.in_channels > 1 else normalized.shape)
+    halo, grid, ndim = model.halo, model.grid, len(model.halo)
+
+    def cost(region):
+        return math.prod(min(n, s.stop - s.start + 2 * h + grid) for s, h, n in zip(region[-ndim:], halo, spatial))
+
+    planes: dict[tuple, list[int]] = {}
+    for k, region in enumerate(regions):
+        planes.setdefault(tuple((s.start, s.stop) for s in region[:-2]), []).append(k)
+    out: list[np.ndarray] = [np.empty(0)] * len(regions)
+    for indices in planes.values():
+        whole = (*regions[indices[0]][:-2], slice(0, spatial[-2]), slice(0, spatial[-1]))
+        if cost(whole) < sum(cost(regions[k]) for k in indices):
+            plane = predict_region(model, normalized, whole, **options)
+            for k in indices:
+                out[k] = plane[(slice(None), *(slice(None),) * (len(whole) - 2), regions[k][-2], regions[k][-1])]
+        else:
+            for k in indices:
+                out[k] = predict_region(model, normalized, regions[k], **options)
+    return out

@@ -92,7 +92,7 @@ from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
-from .predict import predict_region
+from .predict import predict_regions
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -274,32 +274,6 @@ class _NormalizedSlice:
             plane = self._stack[:, self._z] if self._channels else self._stack[self._z]
             self.array = normalize(np.asarray(plane), self._params)
         return self.array[key]
-
-
-def _predicted_tiles(model: UNet, view, regions: list[tuple[slice, ...]]) -> list[np.ndarray]:
-    """``predict.predict_region`` of each of ``regions`` (``domain.sample_regions``: tiles of the last two axes,
-    one plane thick in a stack), computed per plane as whichever reads fewer input pixels: every tile with its
-    context, or the whole plane once."""
-    spatial = tuple(view.shape[1:] if model.in_channels > 1 else view.shape)
-    halo, grid, ndim = model.halo, model.grid, len(model.halo)
-
-    def cost(region):
-        return math.prod(min(n, s.stop - s.start + 2 * h + grid) for s, h, n in zip(region[-ndim:], halo, spatial))
-
-    planes: dict[tuple, list[int]] = {}
-    for k, region in enumerate(regions):
-        planes.setdefault(tuple((s.start, s.stop) for s in region[:-2]), []).append(k)
-    out: list[np.ndarray] = [np.empty(0)] * len(regions)
-    for indices in planes.values():
-        whole = (*regions[indices[0]][:-2], slice(0, spatial[-2]), slice(0, spatial[-1]))
-        if cost(whole) < sum(cost(regions[k]) for k in indices):
-            plane = predict_region(model, view, whole)
-            for k in indices:
-                out[k] = plane[(slice(None), *(slice(None),) * (len(whole) - 2), regions[k][-2], regions[k][-1])]
-        else:
-            for k in indices:
-                out[k] = predict_region(model, view, regions[k])
-    return out
 
 
 @torch.no_grad()
@@ -548,7 +522,7 @@ class Trainer:
         model = self.model.inference_copy().to(device)
         profiles = []
         for view, regions, values in self._profile_samples:
-            sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in _predicted_tiles(model, view, regions)], 1)
+            sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in predict_regions(model, view, regions)], 1)
             profiles.append(profile(values, sampled))
         self.image_profiles = profiles
 
