@@ -141,16 +141,23 @@ def random_forest(train_images, strokes, test_images, threads: int) -> dict:
     return result
 
 
+def train_strokes(train_images, strokes, budget: float, threads: int, overrides: dict):
+    """napari-unet's default training on the strokes (CPU, ``threads`` threads, seed 0, ``budget`` seconds):
+    the trained ``Trainer``."""
+    from napari_unet.training import train
+
+    settings = {"time_budget": budget, "device": "cpu", "cpu_threads": threads, "seed": 0, **overrides}
+    return train(train_images, strokes, **settings)
+
+
 def napari_unet(train_images, strokes, test_images, budget: float, threads: int, overrides: dict) -> dict:
     import torch
 
     from napari_unet.normalization import normalize_image
     from napari_unet.predict import PredictionSettings, predict_image
-    from napari_unet.training import train
 
     start = time.perf_counter()
-    settings = {"time_budget": budget, "device": "cpu", "cpu_threads": threads, "seed": 0, **overrides}
-    trainer = train(train_images, strokes, **settings)
+    trainer = train_strokes(train_images, strokes, budget, threads, overrides)
     train_time = time.perf_counter() - start
     record = trainer.metadata["training"]["history"][-1]
     torch.set_num_threads(threads)

@@ -80,6 +80,8 @@ def saved(tmp_path, make_model):
         (lambda r: r["config"].update(dropout=math.nan), "dropout must be a probability"),
         (lambda r: r["config"].update(dropout=1.0), "dropout must be a probability"),
         (lambda r: r["config"].update(block="magic"), "cannot build.*block"),
+        (lambda r: r["config"].update(temperature=0), "temperature must be a finite number greater than 0"),
+        (lambda r: r["config"].update(temperature=math.inf), "temperature must be a finite number greater than 0"),
         (lambda r: r["config"].update(kernel=5), "cannot build.*kernel"),
         (lambda r: r.update(config=[1, 2]), "missing format or config"),
         (lambda r: r.update(format_version="1"), "format version"),
@@ -129,6 +131,23 @@ def test_a_model_whose_config_omits_defaults_loads_with_them(saved, tmp_path, ma
     path = _rewrite(saved, tmp_path / "short.safetensors", lambda r: [r["config"].pop(k) for k in ("dropout", "block")])
     model, metadata = load_model(path)
     assert model.config == make_model().config and metadata["config"]["block"] == "plain"
+
+
+def test_a_file_from_before_temperature_scaling_loads_uncalibrated(tmp_path, make_model):
+    """Format version 1 files written before ``temperature`` joined the config (and before the ``calibration``
+    record) still load, at temperature 1: the key is optional, so no format version bump is needed to read them."""
+    model = make_model()
+    model.temperature = 2.0
+    saved = save_model(model, tmp_path / "calibrated.safetensors", {"calibration": {"temperature": 2.0}})
+    old = _rewrite(
+        saved, tmp_path / "old.safetensors", lambda r: [r["config"].pop("temperature"), r.pop("calibration")]
+    )
+    loaded, metadata = load_model(old)
+    assert loaded.temperature == 1.0 and "calibration" not in metadata
+    assert load_model(saved)[0].temperature == 2.0
+    x = torch.rand(1, 1, *loaded.legal_input_shape((8, 8)))
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), load_model(saved)[0].eval()(x) * 2.0, atol=1e-5)
 
 
 def test_a_tensor_table_unlike_the_config_is_refused_before_reading(saved, tmp_path):
