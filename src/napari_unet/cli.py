@@ -916,9 +916,13 @@ class _Checkpoints:
         self.last = time.monotonic()
 
 
-def _architecture(args: argparse.Namespace) -> dict:
-    """The network and optimizer fields of ``TrainingSettings`` that ``train``'s arguments set."""
-    return {
+def _training_settings(args: argparse.Namespace, **fields):
+    """The ``TrainingSettings`` that ``train``'s arguments set (stroke and dataset training alike), with ``fields``
+    (what differs between the two) on top; ``ValueError`` for a value out of range."""
+    from .devices import available_cores
+    from .training_settings import TrainingSettings
+
+    architecture = {
         "depth": args.depth,
         "base_filters": args.filters,
         "patch_size": args.patch_size,
@@ -926,33 +930,35 @@ def _architecture(args: argparse.Namespace) -> dict:
         "learning_rate": args.learning_rate,
         "block": args.block,
     }
+    return TrainingSettings(
+        ndim=args.ndim,
+        border_weight=args.border_weight,
+        freeze_encoder=args.freeze_encoder,
+        device=args.device,
+        seed=args.seed,
+        amp=not args.float32,
+        cpu_bfloat16=args.cpu_bfloat16,
+        normalization=dict(NORMALIZATIONS[args.normalization]),
+        cpu_threads=available_cores(),  # headless: no interface to keep responsive
+        **{k: v for k, v in architecture.items() if v is not None},
+        **fields,
+    )
 
 
 def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
-    from .devices import available_cores
     from .io import save_model
     from .training import Trainer, TrainingSettings
 
-    architecture = _architecture(args)
     channels = {image.ndim - lab.ndim for image, lab in pairs}  # 1: channels first, 0: one channel
     if len(channels) > 1:
         raise CLIError("some images have several channels and some one: train on images alike")
     try:
-        settings = TrainingSettings(
-            ndim=args.ndim,
+        settings = _training_settings(
+            args,
             iterations=args.iterations or TrainingSettings.iterations,
             time_budget=args.time_budget
             if args.time_budget is not None
             else (None if args.iterations else TrainingSettings.time_budget),
-            border_weight=args.border_weight,
-            freeze_encoder=args.freeze_encoder,
-            device=args.device,
-            seed=args.seed,
-            amp=not args.float32,
-            cpu_bfloat16=args.cpu_bfloat16,
-            normalization=dict(NORMALIZATIONS[args.normalization]),
-            cpu_threads=available_cores(),  # headless: no interface to keep responsive
-            **{k: v for k, v in architecture.items() if v is not None},
         )
         trainer = Trainer(
             [p[0] for p in pairs],
@@ -1043,9 +1049,7 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
     model (written whenever an epoch beats the best so far, and at the end), ``last_checkpoint_path`` the last."""
     from .dataset_training import DatasetTrainer
     from .datasets import DatasetError, open_dataset
-    from .devices import available_cores
     from .io import load_model, save_model
-    from .training import TrainingSettings
 
     if args.iterations is not None:
         raise CLIError("--iterations is for --images/--labels training: a --dataset training counts --epochs")
@@ -1063,21 +1067,8 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
         resume = init[1].get("dataset_training")
         if not isinstance(resume, dict):
             raise CLIError(f"--resume: {last} is not a checkpoint of a dataset training")
-    architecture = _architecture(args)
     try:
-        settings = TrainingSettings(
-            ndim=args.ndim,
-            time_budget=args.time_budget,
-            border_weight=args.border_weight,
-            freeze_encoder=args.freeze_encoder,
-            device=args.device,
-            seed=args.seed,
-            amp=not args.float32,
-            cpu_bfloat16=args.cpu_bfloat16,
-            normalization=dict(NORMALIZATIONS[args.normalization]),
-            cpu_threads=available_cores(),
-            **{k: v for k, v in architecture.items() if v is not None},
-        )
+        settings = _training_settings(args, time_budget=args.time_budget)
         trainer = DatasetTrainer(
             dataset,
             settings,
