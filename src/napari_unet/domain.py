@@ -566,11 +566,9 @@ def check_prediction(
         return None
     names = metadata.get("class_names") or [f"class {i}" for i in metadata.get("class_ids") or []]
     n_classes = int(probabilities.shape[0])
-    regions = sample_regions(tuple(probabilities.shape[1:]))
-    values = sample_intensities(normalized, regions, channels)
-    if not _usable(training, n_classes, values.shape[0]):
+    record = image_profile(normalized, probabilities, channels=channels)
+    if not _usable(training, n_classes, len(record["intensity"])):
         return None  # nothing to compare with: predict nothing more
-    record = profile(values, sample_probabilities(probabilities, regions))
     checked = stability_regions(tuple(probabilities.shape[1:]), halo, grid)
     if one_pass:
         base = [np.asarray(probabilities[(slice(None), *region)], dtype=np.float32) for region in checked]
