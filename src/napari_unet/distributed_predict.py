@@ -41,9 +41,9 @@ DONE_ARRAY = "napari_unet_blocks"
 """The array of the labels store that marks each block done (1) or not (0)."""
 PROBABILITY_DTYPES = ("float32", "float16", "uint8")
 """How the probabilities may be stored: float32 as predicted; float16 or uint8 (``round(255 p)``) to save space."""
-NORMALIZATION_TASK_PIXELS = 1 << 27
-"""Pixels one normalization task of :class:`ClusterSlabs` counts (128 Mi: a few seconds of reading, a few per
-cent of a worker's memory per slab it holds at a time)."""
+NORMALIZATION_TASK_PIXELS = 1 << 24
+"""Pixels one normalization task of :class:`ClusterSlabs` counts (16 Mi, a 128³ block: a second or two of work,
+so that even a volume of a few hundred million voxels spreads over the workers; a task holds one slab at a time)."""
 SCHEDULER_TIMEOUT = 10.0
 """Seconds to wait for a scheduler given by address before giving up (:class:`SchedulerUnreachable`)."""
 
