@@ -174,6 +174,37 @@ def test_cluster_equals_single_process(cluster, model_file, tmp_path, ndim, shap
     _check_equal(result, predict_image(model, METADATA, image, settings))
 
 
+def test_the_cluster_counts_the_robust_normalization_exactly(cluster, model_file, tmp_path, monkeypatch):
+    """The whole volume's robust percentiles (area opening of every plane) are counted by the workers, each reading
+    the source, and equal those of the volume in memory."""
+    from distributed import get_task_stream
+
+    import napari_unet.distributed_predict as distributed_predict
+    import napari_unet.normalization as normalization
+    from napari_unet.normalization import percentile_params, robust_params
+    from napari_unet.ome_zarr_io import store_record
+
+    client, threads = cluster
+    model, _ = model_file(ndim=3)
+    robust = {**METADATA, "normalization": {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": 20}}
+    path = save_model(model, tmp_path / "robust.safetensors", robust)
+    image = _image((24, 30, 27))
+    image[::3, 5:7, 5:7] = 9000  # bright specks of 4 px in every third plane: the robust upper value ignores them
+    source = _ome_zarr(tmp_path / "in.zarr", image, "zyx", (2.0, 0.5, 0.5))
+    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 30 * 27 * 2)  # slabs of 2 planes
+    monkeypatch.setattr(distributed_predict, "NORMALIZATION_TASK_PIXELS", 30 * 27 * 4)  # 2 slabs a task
+    with get_task_stream(client) as stream:
+        result = _predict(path, source, tmp_path, settings, block=(12, 16, 16), client=client)
+    counted = [t for t in stream.data if str(t["key"]).startswith("_counted_slabs")]
+    assert len(counted) >= 2 * 6  # the plain and the opened histograms, 6 tasks of 4 planes each
+    _check_equal(result, predict_image(model, robust, image, settings))
+    stored = store_record(result.labels)["block_settings"]["params"]
+    wanted = robust_params(image, speck_area=20)
+    assert stored["high_values"] == wanted["high_values"] < percentile_params(image)["high_values"]
+    assert stored["low_values"] == wanted["low_values"]
+
+
 def test_worker_killed_mid_run_output_still_equal(cluster, model_file, tmp_path):
     client, threads = cluster
     model, path = model_file()

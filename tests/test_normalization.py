@@ -241,6 +241,36 @@ def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, monke
     assert np.isfinite(robust_params(with_nan)["high_values"]).all()
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_lazy_parameters_counted_elsewhere_equal_those_counted_here(dtype, monkeypatch):
+    """``reduce_slabs`` through a mapper, as ``distributed_predict.ClusterSlabs`` runs it on a cluster (what it is
+    given pickled, the slabs in another order): the same parameters as in memory, NaN pixels included."""
+    import functools
+    import pickle
+
+    import dask.array as da
+
+    import napari_unet.normalization as normalization
+    from napari_unet.normalization import percentile_params, robust_params
+
+    slabs_counted = []
+
+    def mapper(function, combine, values, bounds):
+        function, combine, values = pickle.loads(pickle.dumps((function, combine, values)))
+        slabs_counted.extend(bounds)
+        return functools.reduce(combine, [function(values, b) for b in reversed(bounds)])
+
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 3000)
+    image, _ = _nuclei(2, (4 * 60, 70), debris=0.01)
+    image = (image.astype(np.float64) * (200 if dtype == "uint16" else 1)).astype(dtype).reshape(4, 60, 70)
+    if dtype == "float32":
+        image[1, 3, 4] = np.nan
+    lazy = da.from_array(image, chunks=(1, 60, 70))
+    assert robust_params(lazy, mapper=mapper) == robust_params(image)
+    assert percentile_params(lazy, mapper=mapper) == percentile_params(image)
+    assert len(slabs_counted) >= 4  # the mapper counted them (float percentiles are selected here, unmapped)
+
+
 def test_a_dataset_recipe_fixes_the_mapping_from_the_training_images():
     from napari_unet.normalization import dataset_recipe
 

@@ -158,15 +158,16 @@ def resolve_radius(model, normalized, radius, settings: BlockSettings) -> int:
     return radius_for_width(samples_width(samples))
 
 
-def volume_settings(model, metadata: dict, image, prediction_settings) -> BlockSettings:
+def volume_settings(model, metadata: dict, image, prediction_settings, mapper=None) -> BlockSettings:
     """:class:`BlockSettings` for ``image`` (raw, channels first for a multi-channel model) from a model file's
-    ``metadata`` and ``predict.PredictionSettings``: the whole volume's normalization parameters (streamed, exact)
-    and the refinement radius resolved; what a single-process ``predict_image`` of it would use."""
+    ``metadata`` and ``predict.PredictionSettings``: the whole volume's normalization parameters (streamed, exact;
+    ``mapper``: where its slabs are counted, ``normalization.reduce_slabs``) and the refinement radius resolved;
+    what a single-process ``predict_image`` of it would use."""
     from .devices import resolve_device
     from .normalization import image_params
 
     channel_axis = 0 if model.in_channels > 1 else None
-    params = image_params(image, metadata.get("normalization"), channel_axis)
+    params = image_params(image, metadata.get("normalization"), channel_axis, mapper)
     base = BlockSettings(
         params=params,
         eps=prediction_settings.refine_eps,

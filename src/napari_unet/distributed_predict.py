@@ -10,6 +10,11 @@ here schedules.
 
 - The model travels once per worker: its safetensors bytes are scattered to every worker (``broadcast=True``),
   loaded there by ``io.load_model`` (all its checks) and kept per worker process (``_MODELS``).
+- The whole volume's normalization is counted on the cluster too: the histograms of its slabs of planes (and of
+  their area openings for the robust recipe), in tasks of ``NORMALIZATION_TASK_PIXELS`` read by the workers from
+  the image's source (:class:`ClusterSlabs`, :class:`SourceArray`); exact, so the parameters equal a
+  single-process prediction's. A float volume's percentiles are selected by this process (streamed, several
+  passes: ``normalization._selected_percentiles``).
 - Every block's output chunks are written whole (idempotent: a task run twice writes the same bytes), then the
   block is marked done in a small array of the labels store (``napari_unet_blocks``, one chunk per block).
 - Resumable: the stores' attributes hold the run (image, model digest, settings, block size) and the settings
@@ -36,6 +41,9 @@ DONE_ARRAY = "napari_unet_blocks"
 """The array of the labels store that marks each block done (1) or not (0)."""
 PROBABILITY_DTYPES = ("float32", "float16", "uint8")
 """How the probabilities may be stored: float32 as predicted; float16 or uint8 (``round(255 p)``) to save space."""
+NORMALIZATION_TASK_PIXELS = 1 << 24
+"""Pixels one normalization task of :class:`ClusterSlabs` counts (16 Mi, a 128³ block: a second or two of work,
+so that even a volume of a few hundred million voxels spreads over the workers; a task holds one slab at a time)."""
 SCHEDULER_TIMEOUT = 10.0
 """Seconds to wait for a scheduler given by address before giving up (:class:`SchedulerUnreachable`)."""
 
@@ -109,6 +117,62 @@ def _image(source: ImageSource):
     if source not in _IMAGES:
         _IMAGES[source] = source.open()
     return _IMAGES[source]
+
+
+@dataclass(frozen=True)
+class SourceArray:
+    """The image of ``source`` as a lazy array that pickles as its source: read wherever it is indexed (the first
+    read in a process opens the source, once: ``_image``)."""
+
+    source: ImageSource
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key):
+        return np.asarray(_image(self.source)[key])
+
+
+def _counted_slabs(function, combine, values, bounds: list[tuple[int, int]]):
+    """One normalization task: ``function`` of each of ``bounds``' slabs, combined (``normalization.reduce_slabs``)."""
+    import functools
+
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):  # a lazy image read inside a task: never through the cluster
+        return functools.reduce(combine, (function(values, b) for b in bounds))
+
+
+class ClusterSlabs:
+    """A ``normalization.reduce_slabs`` mapper that counts the slabs on ``client``'s cluster: tasks of about
+    ``NORMALIZATION_TASK_PIXELS`` pixels (consecutive slabs), combined here as they complete (retried by Dask
+    where a worker dies)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __call__(self, function, combine, values, bounds: list[tuple[int, int]]):
+        import math
+
+        from distributed import as_completed
+
+        plane = math.prod(tuple(values.shape)[1:])
+        per_task = max(1, NORMALIZATION_TASK_PIXELS // max(1, plane * (bounds[0][1] - bounds[0][0])))
+        groups = [bounds[i : i + per_task] for i in range(0, len(bounds), per_task)]
+        futures = self.client.map(
+            _counted_slabs, *zip(*[(function, combine, values, g) for g in groups]), pure=False, retries=2
+        )
+        result = None
+        try:
+            for future in as_completed(futures):
+                part = future.result()
+                result = part if result is None else combine(result, part)
+        finally:
+            self.client.cancel(futures)
+        return result
 
 
 def stored_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -213,7 +277,11 @@ def predict_volume(
         import dask
 
         with dask.config.set(scheduler="threads"):  # read here, not through the cluster (a TIFF's view stays local)
-            decided = volume_settings(model, metadata, image, prediction_settings)
+            if client is None:
+                decided = volume_settings(model, metadata, image, prediction_settings)
+            else:  # the slabs counted by the workers, each reading the source
+                lazy = SourceArray(source, tuple(image.shape), np.dtype(image.dtype))
+                decided = volume_settings(model, metadata, lazy, prediction_settings, ClusterSlabs(client))
         record = {"run": run, "block_settings": _jsonable(asdict(decided))}
         _create_stores(
             model,

@@ -26,6 +26,7 @@ file must normalize exactly as the same image in memory does (the CLI and the wi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -51,7 +52,7 @@ _OPENING_LEVELS = 1024
 """Grey levels of the image the area opening sees when it has more than 8 bits (its cost grows with the levels)."""
 
 
-def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
+def percentile_params(image, low=1.0, high=99.8, channel_axis=None, mapper=None) -> dict:
     """Percentile normalization parameters of a whole image.
 
     Parameters
@@ -62,6 +63,8 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
         Percentiles (0-100) that :func:`normalize` maps to 0 and 1.
     channel_axis : int, optional
         When given, percentiles are computed separately for each channel along this axis.
+    mapper : callable, optional
+        Where the slabs of a lazy integer image are counted (:func:`reduce_slabs`); None: here, one by one.
 
     Returns
     -------
@@ -85,7 +88,7 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
         channels = [image[before + (c,)] for c in range(image.shape[channel_axis])]
     low_values, high_values = [], []
     for channel in channels:
-        lo, hi = _finite_percentiles(channel, low, high)
+        lo, hi = _finite_percentiles(channel, low, high, mapper)
         low_values.append(lo)
         high_values.append(hi)
     return {
@@ -98,7 +101,7 @@ def percentile_params(image, low=1.0, high=99.8, channel_axis=None) -> dict:
     }
 
 
-def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis=None) -> dict:
+def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis=None, mapper=None) -> dict:
     """Percentile parameters that small bright artifacts cannot move: ``low`` is the ``low`` percentile of the image,
     ``high`` the ``high`` percentile of the image after an area opening (plane by plane, the last two axes) that
     flattens every bright component smaller than ``speck_area`` pixels (debris, hot pixels, saturated specks,
@@ -115,17 +118,17 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     removed. The opening is scikit-image's (``area_opening``), on ``_OPENING_LEVELS`` grey levels for images of more
     than 8 bits (between the image's finite extremes); the percentiles are this module's own, streamed for lazy
     arrays (a 2D image in bands of rows with ``speck_area`` rows of context, so that each band equals the
-    whole-image opening). Returns
-    :func:`percentile_params`'s dict with ``method`` "robust" and ``speck_area``.
+    whole-image opening; the opened planes' grey levels counted in one pass, by ``mapper`` where given:
+    :func:`reduce_slabs`). Returns :func:`percentile_params`'s dict with ``method`` "robust" and ``speck_area``.
     """
     if not (isinstance(speck_area, int) and speck_area >= 0):
         raise ValueError(f"speck_area must be an integer >= 0 (pixels), got {speck_area!r}")
-    params = percentile_params(image, low, high, channel_axis)
+    params = percentile_params(image, low, high, channel_axis, mapper)
     if speck_area > 1:
         channels = _channels(image if is_lazy(image) else np.asarray(image), params["channel_axis"])
         for c, channel in enumerate(channels):
             lo, plain = params["low_values"][c], params["high_values"][c]
-            opened = _finite_percentiles(_without_specks(channel, speck_area), high, high)[1]
+            opened = _opened_percentile(channel, speck_area, high, mapper)
             if opened - lo >= EMPTIED_FRACTION * (plain - lo):
                 params["high_values"][c] = opened
     return {**params, "method": "robust", "speck_area": speck_area}
@@ -151,21 +154,60 @@ def _open_planes(array: np.ndarray, area: int, extremes: tuple[float, float] | N
     if array.dtype == np.uint8:
         return _area_opening(array, area)
     values = array.astype(np.float64)
+    lo, step = _quantization(extremes if extremes is not None else _extremes(values))
+    opened = _opened_levels(values, area, lo, step)
+    return np.where(opened != _NOT_FINITE, opened.astype(np.float64) * step + lo, values)
+
+
+_NOT_FINITE = np.uint16(65535)
+"""The level :func:`_opened_levels` gives a pixel that is not finite (never one of the ``_OPENING_LEVELS``)."""
+
+
+def _quantization(extremes: tuple[float, float]) -> tuple[float, float]:
+    """``(lo, step)``: level ``k`` of the area opening stands for ``k * step + lo``."""
+    lo, hi = extremes
+    return lo, (hi - lo) / (_OPENING_LEVELS - 1) or 1.0
+
+
+def _opened_levels(values: np.ndarray, area: int, lo: float, step: float) -> np.ndarray:
+    """The area opening of each plane of ``values`` (float64) on its ``_OPENING_LEVELS`` levels (uint16; the
+    non-finite pixels are the lowest level for the opening and ``_NOT_FINITE`` in the result)."""
     finite = np.isfinite(values)
-    lo, hi = extremes if extremes is not None else _extremes(values)
-    step = (hi - lo) / (_OPENING_LEVELS - 1) or 1.0
     levels = np.where(finite, np.clip(np.round((values - lo) / step), 0, _OPENING_LEVELS - 1), 0).astype(np.uint16)
-    return np.where(finite, _area_opening(levels, area).astype(np.float64) * step + lo, values)
+    return np.where(finite, _area_opening(levels, area), _NOT_FINITE).astype(np.uint16)
 
 
-def _extremes(values) -> tuple[float, float]:
-    """The finite minimum and maximum of an array (numpy or lazy, read in slabs); (0, 1) when none is finite."""
-    smallest, largest = math.inf, -math.inf
-    parts = _finite_slabs(values) if is_lazy(values) else [np.asarray(values, np.float64)[np.isfinite(values)]]
-    for finite in parts:
-        if finite.size:
-            smallest, largest = min(smallest, float(finite.min())), max(largest, float(finite.max()))
+def _opened_percentile(channel, area: int, q: float, mapper=None) -> float:
+    """The ``q`` percentile of ``channel`` after the plane-wise area opening (finite pixels only). Of a lazy array
+    it is taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where given), which
+    gives the same value as ``np.percentile`` of the opened image in memory."""
+    if not is_lazy(channel):
+        return _finite_percentiles(_without_specks(channel, area), q, q)[1]
+    if np.dtype(channel.dtype) in (np.uint8, np.bool_):
+        return _histogram_percentiles(_OpenedSlabs(channel, area, None), q, q, mapper)[1]
+    lo, step = _quantization(_extremes(channel, mapper))
+    levels = _OpenedSlabs(channel, area, (lo, step))
+    return _histogram_percentiles(levels, q, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step))[1]
+
+
+def _extremes(values, mapper=None) -> tuple[float, float]:
+    """The finite minimum and maximum of an array (numpy, or lazy: read in slabs, through ``mapper`` where given,
+    :func:`reduce_slabs`); (0, 1) when none is finite."""
+    if is_lazy(values):
+        smallest, largest = reduce_slabs(_slab_extremes, _wider, values, mapper)
+    else:
+        smallest, largest = _slab_extremes(np.asarray(values), (0, len(values)))
     return (smallest, largest) if smallest <= largest else (0.0, 1.0)
+
+
+def _slab_extremes(values, bounds: tuple[int, int]) -> tuple[float, float]:
+    finite = np.asarray(values[bounds[0] : bounds[1]], np.float64).ravel()
+    finite = finite[np.isfinite(finite)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (math.inf, -math.inf)
+
+
+def _wider(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return min(a[0], b[0]), max(a[1], b[1])
 
 
 def _area_opening(array: np.ndarray, area: int) -> np.ndarray:
@@ -175,32 +217,36 @@ def _area_opening(array: np.ndarray, area: int) -> np.ndarray:
     return np.stack([area_opening(plane, area_threshold=area) for plane in planes]).reshape(array.shape)
 
 
-def _without_specks(channel, area: int):
-    """``channel`` with its small bright components flattened: in memory at once, or a lazy view read in slabs."""
+def _without_specks(channel: np.ndarray, area: int) -> np.ndarray:
+    """``channel`` (in memory) with its small bright components flattened."""
     extremes = None if np.dtype(channel.dtype) in (np.uint8, np.bool_) else _extremes(channel)  # None: not quantized
-    if not is_lazy(channel):
-        return _open_planes(channel, area, extremes)
-    return _OpenedSlabs(channel, area, extremes)
+    return _open_planes(channel, area, extremes)
 
 
 class _OpenedSlabs:
     """A lazy array's plane-wise area opening, read along the first axis as :func:`slabs` does: the slices of a
     stack are opened one by one; a 2D image is read in bands of rows with ``area`` rows of context on each side (a
     component of fewer than ``area`` pixels spans fewer rows), so every band equals that part of the whole-image
-    opening (images of more than 8 bits quantized with the whole image's ``extremes``)."""
+    opening. 8-bit and boolean images (``quantization`` None) give the opened image; images of more than 8 bits its
+    levels (``_opened_levels``, with the whole image's ``quantization``: ``(lo, step)``)."""
 
-    def __init__(self, source, area: int, extremes):
-        self.source, self.area, self.extremes = source, area, extremes
+    def __init__(self, source, area: int, quantization: tuple[float, float] | None):
+        self.source, self.area, self.quantization = source, area, quantization
         self.shape = tuple(source.shape)
-        self.dtype = np.dtype(np.uint8) if extremes is None else np.dtype(np.float64)  # what _open_planes gives
+        self.dtype = np.dtype(np.uint8) if quantization is None else np.dtype(np.uint16)
         self.ndim = len(self.shape)
+
+    def _opened(self, array: np.ndarray) -> np.ndarray:
+        if self.quantization is None:
+            return _open_planes(array, self.area)
+        return _opened_levels(array.astype(np.float64), self.area, *self.quantization)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         start, stop, _ = key.indices(self.shape[0])
         if self.ndim != 2:
-            return _open_planes(np.asarray(self.source[start:stop]), self.area, self.extremes)
+            return self._opened(np.asarray(self.source[start:stop]))
         lo, hi = max(0, start - self.area), min(self.shape[0], stop + self.area)
-        return _open_planes(np.asarray(self.source[lo:hi]), self.area, self.extremes)[start - lo : stop - lo]
+        return self._opened(np.asarray(self.source[lo:hi]))[start - lo : stop - lo]
 
 
 def is_lazy(image) -> bool:
@@ -211,30 +257,61 @@ def is_lazy(image) -> bool:
 _SLAB_PIXELS = 1 << 20  # 8 MiB of histogram indices per slab
 
 
+def slab_bounds(shape) -> list[tuple[int, int]]:
+    """``(start, stop)`` along the first axis of the slabs of an array of ``shape`` (about ``_SLAB_PIXELS`` pixels
+    each, at least one plane)."""
+    step = max(1, _SLAB_PIXELS // max(1, math.prod(tuple(shape)[1:])))
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
 def slabs(values):
     """An array (numpy, memory map or lazy) read as numpy arrays, a slab of the first axis (about
     ``_SLAB_PIXELS`` pixels) at a time."""
-    shape = tuple(values.shape)
-    step = max(1, _SLAB_PIXELS // max(1, math.prod(shape[1:])))
-    for start in range(0, shape[0], step):
-        yield np.asarray(values[start : start + step])
+    for start, stop in slab_bounds(values.shape):
+        yield np.asarray(values[start:stop])
 
 
-def _histogram_percentiles(values, low: float, high: float) -> tuple[float, float]:
+def reduce_slabs(function, combine, values, mapper=None):
+    """``function(values, (start, stop))`` of every slab of ``values`` (:func:`slab_bounds`) combined with
+    ``combine(a, b)`` (associative and commutative: histograms are added, extremes widened). ``mapper``, when given,
+    is called as ``mapper(function, combine, values, bounds)`` and returns the combined result computed elsewhere
+    (``distributed_predict.ClusterSlabs``: on a Dask cluster's workers); ``function``, ``combine`` and ``values``
+    are then pickled. None: here, one slab after another."""
+    bounds = slab_bounds(values.shape)
+    if mapper is not None:
+        return mapper(function, combine, values, bounds)
+    return functools.reduce(combine, (function(values, b) for b in bounds))
+
+
+def _slab_counts(values, bounds: tuple[int, int], offset: int, size: int) -> np.ndarray:
+    """Histogram (one bin per integer value, from ``offset``) of one slab of an integer array."""
+    indices = np.asarray(values[bounds[0] : bounds[1]]).astype(np.int64).ravel()
+    indices -= offset
+    return np.bincount(indices, minlength=size)
+
+
+def _histogram_percentiles(
+    values, low: float, high: float, mapper=None, exclude: int | None = None, scale: tuple[float, float] | None = None
+) -> tuple[float, float]:
     """Exact linear-interpolation percentiles (``np.percentile``'s) of an 8/16-bit integer lazy array,
-    from a histogram accumulated over slabs of the first axis."""
+    from a histogram accumulated over slabs of the first axis (:func:`reduce_slabs`, through ``mapper`` where
+    given). ``exclude``: a value left out (not counted); ``scale``: ``(lo, step)``, the values stand for
+    ``value * step + lo`` (opened levels, :func:`_opened_percentile`); (0, 1) when nothing is counted."""
     dtype = np.dtype(values.dtype)
     offset = int(np.iinfo(dtype).min)
-    counts = np.zeros(1 << (8 * dtype.itemsize), np.int64)
-    for slab in slabs(values):
-        indices = slab.astype(np.int64).ravel()
-        indices -= offset
-        counts += np.bincount(indices, minlength=counts.size)
+    count = functools.partial(_slab_counts, offset=offset, size=1 << (8 * dtype.itemsize))
+    counts = reduce_slabs(count, np.add, values, mapper)
+    if exclude is not None:
+        counts[exclude - offset] = 0
     cumulative = np.cumsum(counts)
     last = int(cumulative[-1]) - 1
+    if last < 0:
+        return 0.0, 1.0
+    lo, step = scale or (0.0, 1.0)
 
     def order_statistic(k: int) -> float:
-        return float(np.searchsorted(cumulative, k, side="right") + offset)
+        value = int(np.searchsorted(cumulative, k, side="right") + offset)
+        return float(value) if scale is None else float(np.float64(value) * step + lo)
 
     result = []
     for q in (low, high):
@@ -346,13 +423,16 @@ def _selected_percentiles(values, low: float, high: float) -> tuple[float, float
     return result[0], result[1]
 
 
-def _finite_percentiles(values, low: float, high: float) -> tuple[float, float]:
+def _finite_percentiles(values, low: float, high: float, mapper=None) -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of the finite values: of a lazy 8/16-bit integer array from its histogram
+    (through ``mapper`` where given), of another lazy array by streamed exact selection here (``mapper`` unused),
+    of a numpy array by ``np.percentile``."""
     dtype = np.dtype(values.dtype)
     if np.issubdtype(dtype, np.complexfloating):
         raise ValueError("complex images are not supported")
     if is_lazy(values):
         if np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2:
-            return _histogram_percentiles(values, low, high)
+            return _histogram_percentiles(values, low, high, mapper)
         return _selected_percentiles(values, low, high)
     values = np.asarray(values).ravel()
     if np.issubdtype(values.dtype, np.floating):
@@ -403,8 +483,9 @@ def normalize(image, params: dict) -> np.ndarray:
     return out
 
 
-def image_params(image, recipe: dict | None = None, channel_axis=None) -> dict:
-    """The normalization parameters of ``image`` under a model's recipe (see :func:`normalize_image`)."""
+def image_params(image, recipe: dict | None = None, channel_axis=None, mapper=None) -> dict:
+    """The normalization parameters of ``image`` under a model's recipe (see :func:`normalize_image`); ``mapper``:
+    where the slabs of a lazy image are counted (:func:`reduce_slabs`)."""
     recipe = DEFAULT_RECIPE if recipe is None else recipe
     method = recipe.get("method", "percentile")
     if method == "none":
@@ -413,9 +494,9 @@ def image_params(image, recipe: dict | None = None, channel_axis=None) -> dict:
         return {**recipe, "channel_axis": None if channel_axis is None else channel_axis % len(image.shape)}
     low, high = recipe.get("low", DEFAULT_RECIPE["low"]), recipe.get("high", DEFAULT_RECIPE["high"])
     if method == "percentile":
-        return percentile_params(image, low=low, high=high, channel_axis=channel_axis)
+        return percentile_params(image, low=low, high=high, channel_axis=channel_axis, mapper=mapper)
     if method in ("robust", "dataset"):  # "dataset" before training has fixed it: each image its own robust values
-        return robust_params(image, low, high, recipe.get("speck_area", SPECK_AREA), channel_axis)
+        return robust_params(image, low, high, recipe.get("speck_area", SPECK_AREA), channel_axis, mapper)
     raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
 
 
