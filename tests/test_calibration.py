@@ -3,6 +3,8 @@ the temperature, and every prediction path applies it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -92,9 +94,9 @@ def test_dataset_training_fits_and_stores_the_temperature(tmp_path):
     trainer.save(tmp_path / "m.safetensors")
     model, meta = load_model(tmp_path / "m.safetensors")
     assert model.temperature == c["temperature"] and meta["calibration"]["ece_before"] == c["ece_before"]
-    off = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), settings, epochs=1, temperature="off")
+    off = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), replace(settings, temperature="off"), epochs=1)
     list(off.run())
     assert off.model.temperature == 1.0 and off.calibration is None
-    given = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), settings, epochs=1, temperature=1.7)
+    given = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), replace(settings, temperature=1.7), epochs=1)
     list(given.run())
     assert given.model.temperature == 1.7 and given.calibration["temperature"] == 1.7

@@ -87,12 +87,13 @@ from .domain import (
     training_profile,
 )
 from .encoders import encoder_parameters
+from .holdout import MIN_PIXELS, held_out
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
-from .predict import predict_regions
+from .predict import predict_region, predict_regions
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -372,6 +373,9 @@ class Trainer:
         self._record: dict = {}
         self._average: AveragedModel | None = None
         """The weight average of the current run() once its averaging window has begun."""
+        self.calibration: dict | None = None
+        """What the last run's fitted or given temperature does on its held-out pixels (``calibration.calibrate``:
+        temperature, pixel count, NLL and expected calibration error before and after), or None (none fitted)."""
         self.iteration = 0
         self._first_iteration = 0
         """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
@@ -457,7 +461,9 @@ class Trainer:
             self.normalization = dataset_recipe(images, self.normalization, channels)
         self.image_normalization = [image_params(img, self.normalization, channels) for img in images]
         """The normalization parameters (percentile values) of each image, computed once over the whole image."""
-        targets, weights = zip(*[self._target_pieces(lab) for lab in labels])
+        targets, weights, self._held = zip(*[self._target_pieces(i, lab) for i, lab in enumerate(labels)])
+        self._held = list(self._held)
+        """Per image, per piece: the flat indices and class indices of its held-out painted pixels (or None)."""
         self.sampler = PatchSampler(
             [self._image_pieces(img, params, channels) for img, params in zip(images, self.image_normalization)],
             targets,
@@ -536,20 +542,27 @@ class Trainer:
             return [normalize(np.asarray(image), params)]
         return [_NormalizedSlice(image, z, params, channels is not None) for z in range(image.shape[-3])]
 
-    def _target_pieces(self, labels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Class-index targets (and border weights when on) per piece of one labels array; the slices of a stack
-        without strokes share one constant view (nothing to sample there, nothing held)."""
+    def _target_pieces(self, index: int, labels: np.ndarray) -> tuple[list, list | None, list]:
+        """Class-index targets (and border weights when on) per piece of labels array ``index``, without the
+        pixels held out for the temperature fit (``holdout.held_out``), and those pixels per piece (flat indices
+        and class indices, or None); the slices of a stack without strokes share one constant view (nothing to
+        sample there, nothing held)."""
         border, stack = self.settings.border_weight, labels.ndim == self.image_ndim + 1
-        targets, weights = [], []
-        for plane in labels if stack else [labels]:
+        share = self.settings.calibration_holdout if self.settings.temperature == "auto" else 0.0
+        targets, weights, held = [], [], []
+        for z, plane in enumerate(labels if stack else [labels]):
             if stack and not (plane != self.unpainted).any():
                 targets.append(np.broadcast_to(np.int16(-1), plane.shape))
                 weights.append(np.broadcast_to(np.float32(1.0), plane.shape) if border else None)
+                held.append(None)
                 continue
             target = targets_from_labels(plane, self.class_ids, self.unpainted)
+            kept_out = held_out(target, share, (self.settings.seed or 0, index, z))
+            held.append((np.flatnonzero(kept_out), target[kept_out]) if kept_out.any() else None)
+            target[kept_out] = -1
             targets.append(target)
             weights.append(border_weight_map(target) if border else None)
-        return targets, (weights if border else None)
+        return targets, (weights if border else None), held
 
     def _compute_class_weights(self) -> torch.Tensor:
         counts = self.sampler.class_counts(len(self.class_ids))
@@ -582,7 +595,7 @@ class Trainer:
         labels = integer_labels(labels)
         if labels.shape != self._shapes[index]:
             raise ValueError(f"labels shape {labels.shape} does not match image {index} shape {self._shapes[index]}")
-        return self._target_pieces(labels)
+        return self._target_pieces(index, labels)
 
     def _apply_pending(self) -> bool:
         with self._lock:
@@ -595,7 +608,8 @@ class Trainer:
                 except ValueError as e:
                     self.label_problems.append((index, str(e)))
                     continue
-            self.sampler.set_targets(index, *update)
+            targets, weights, self._held[index] = update
+            self.sampler.set_targets(index, targets, weights)
             changed = True
         if changed:
             self._class_weights = self._compute_class_weights()
@@ -860,7 +874,7 @@ class Trainer:
         averaged = 0 if average is None else int(average.n_averaged)
         del average  # on a GPU, released before the cache is emptied
         if state.reason is not None and state.iteration > 0:  # ended (not by an error) with new weights
-            self._profile_classes(device)
+            self._settle(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
@@ -873,6 +887,59 @@ class Trainer:
             stop_reason=state.reason or "error",
         )
         self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
+
+    def _settle(self, device: torch.device) -> None:
+        """After a run that changed the weights: the temperature (:meth:`_calibrate`), then the class part of the
+        training profile, predicted with that temperature as every later prediction will be."""
+        self._calibrate(device)
+        self._profile_classes(device)
+
+    def _calibrate(self, device: torch.device) -> None:
+        """The softmax temperature of the model the run leaves (``settings.temperature``): fitted on the held-out
+        pixels ("auto"; where there are too few, none), given (a number), or none ("off"); ``calibration`` says
+        what it does on the held-out pixels."""
+        from .calibration import calibrate
+
+        chosen = self.settings.temperature
+        self.model.temperature = 1.0
+        self.calibration = None
+        pixels = None if chosen == "off" else self._held_out_pixels(device)
+        if pixels is not None:
+            self.calibration = calibrate(*pixels, chosen)
+            self.model.temperature = self.calibration["temperature"]
+        elif chosen != "auto" and chosen != "off":
+            self.model.temperature = float(chosen)
+
+    def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(logits, targets)`` of (a seeded sample of ``calibration.MAX_PIXELS`` of) the painted pixels held out of
+        training, predicted one pass (``predict.predict_region`` over their bounding box in each piece), or None
+        where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
+        from .calibration import MAX_PIXELS
+
+        model = self.model.inference_copy().to(device)
+        logits, targets = [], []
+        for index, pieces in enumerate(self._held):
+            for j, held in enumerate(pieces):
+                if held is None:
+                    continue
+                flat, classes = held
+                piece = self.sampler.image_piece(index, j)
+                shape = piece.shape[piece.ndim - self.image_ndim :]
+                region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in np.unravel_index(flat, shape))
+                box = tuple(s.stop - s.start for s in region)
+                inside = np.ravel_multi_index(
+                    tuple(c - s.start for c, s in zip(np.unravel_index(flat, shape), region)), box
+                )
+                probabilities = predict_region(model, piece, region, device=device).reshape(len(self.class_ids), -1)
+                logits.append(np.log(np.clip(probabilities[:, inside].T, 1e-8, 1.0)))
+                targets.append(classes.astype(np.int64))
+        if not targets or sum(map(len, targets)) < MIN_PIXELS or np.unique(np.concatenate(targets)).size < 2:
+            return None
+        logits, targets = np.concatenate(logits), np.concatenate(targets)
+        if len(targets) > MAX_PIXELS:
+            chosen = np.sort(np.random.default_rng(self.settings.seed).choice(len(targets), MAX_PIXELS, replace=False))
+            logits, targets = logits[chosen], targets[chosen]
+        return logits, targets
 
     def _leaving_model(self) -> UNet:
         """A copy of the model training would leave now: the weight average once the averaging window has
@@ -904,6 +971,7 @@ class Trainer:
             },
             "napari_unet_version": __version__,
             "training_profile": training_profile(self.image_profiles, self._earlier_profile),
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
             **({"dense_labels": True} if self.dense_labels or 0 in self.class_ids else {}),  # 0 is a class
         }
 
