@@ -56,13 +56,10 @@ class EpochScores:
     seconds: float
 
 
-def evaluate(
-    model, dataset: Dataset, samples: list[Sample], recipe: dict, device, dice_weight: float = 1.0, collect=None
-):
+def evaluate(model, dataset: Dataset, samples: list[Sample], recipe: dict, device, dice_weight: float = 1.0):
     """``(val_loss, iou, dice, mean_iou)`` of ``model`` (eval mode) on the whole images ``samples``; each image is
     normalized with ``recipe`` and predicted with exact overlap-tile prediction. IoU and Dice are over all the
-    images' pixels together (void pixels left out), the loss is the mean over images. ``collect(log_probabilities,
-    targets)``, when given, gets each image's ``(K, *spatial)`` log-probabilities and class-index targets."""
+    images' pixels together (void pixels left out), the loss is the mean over images."""
     from .losses import masked_loss
     from .tiling import predict_tiled
 
@@ -82,8 +79,6 @@ def evaluate(
         predicted += np.bincount(g, minlength=n)[:n]
         annotated += np.bincount(t, minlength=n)[:n]
         log_p = torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0)))
-        if collect is not None:
-            collect(log_p.numpy(), target)
         losses.append(float(masked_loss(log_p[None], torch.from_numpy(target)[None], dice_weight=dice_weight)))
     union = predicted + annotated - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -244,19 +239,24 @@ class DatasetTrainer(Trainer):
 
     def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
         """``(logits, targets)`` of a seeded sample of the validation images' labelled pixels
-        (``calibration.MAX_PIXELS`` over all of them), predicted as :func:`evaluate` does; None without validation
-        images."""
-        from .calibration import MAX_PIXELS, sample_pixels
+        (``calibration.MAX_PIXELS`` over all of them): ``(F, N, K)`` logits of the test-time flip passes of each
+        whole image (``calibration.flip_logits``); None without validation images."""
+        from .calibration import MAX_PIXELS, flip_logits, sample_indices
 
         if not self.dataset.val:
             return None
-        rng, pixels = np.random.default_rng(self.settings.seed), []
+        rng, logits, targets = np.random.default_rng(self.settings.seed), [], []
         limit = max(1, MAX_PIXELS // len(self.dataset.val))
-        evaluate(
-            self.model.inference_copy().to(device), self.dataset, self.dataset.val, self.normalization, device,
-            collect=lambda log_p, target: pixels.append(sample_pixels(log_p, target, rng, limit)),
-        )  # fmt: skip
-        return np.concatenate([p[0] for p in pixels]), np.concatenate([p[1] for p in pixels])
+        model = self.model.inference_copy().to(device)
+        channels = 0 if self.in_channels > 1 else None
+        for sample in self.dataset.val:
+            image = self.dataset.read_image(sample)
+            target = self.dataset.index_mask(sample)
+            indices = sample_indices(target, rng, limit)
+            normalized = normalize(image, image_params(image, self.normalization, channels))
+            logits.append(flip_logits(model, normalized, indices, device=device))
+            targets.append(target.ravel()[indices].astype(np.int64))
+        return np.concatenate(logits, axis=1), np.concatenate(targets)
 
     def metadata_best(self) -> float | None:
         """The best validation mean IoU so far (None before the first validation)."""

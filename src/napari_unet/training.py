@@ -93,7 +93,7 @@ from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
-from .predict import predict_region, predict_regions
+from .predict import predict_regions, region_with_context
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -912,34 +912,35 @@ class Trainer:
 
     def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
         """``(logits, targets)`` of (a seeded sample of ``calibration.MAX_PIXELS`` of) the painted pixels held out of
-        training, predicted one pass (``predict.predict_region`` over their bounding box in each piece), or None
-        where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
-        from .calibration import MAX_PIXELS
+        training: ``(F, N, K)`` logits of the test-time flip passes (``calibration.flip_logits``) of the bounding
+        box of each piece's held-out pixels with its context; None where there are fewer than
+        ``holdout.MIN_PIXELS`` of them or they hold one class."""
+        from .calibration import MAX_PIXELS, flip_logits
 
+        held = [(i, j, h) for i, pieces in enumerate(self._held) for j, h in enumerate(pieces) if h is not None]
+        total = sum(len(h[0]) for _, _, h in held)
+        if total < MIN_PIXELS or np.unique(np.concatenate([h[1] for _, _, h in held] or [[]])).size < 2:
+            return None
+        rng = np.random.default_rng(self.settings.seed)
         model = self.model.inference_copy().to(device)
         logits, targets = [], []
-        for index, pieces in enumerate(self._held):
-            for j, held in enumerate(pieces):
-                if held is None:
-                    continue
-                flat, classes = held
-                piece = self.sampler.image_piece(index, j)
-                shape = piece.shape[piece.ndim - self.image_ndim :]
-                region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in np.unravel_index(flat, shape))
-                box = tuple(s.stop - s.start for s in region)
-                inside = np.ravel_multi_index(
-                    tuple(c - s.start for c, s in zip(np.unravel_index(flat, shape), region)), box
-                )
-                probabilities = predict_region(model, piece, region, device=device).reshape(len(self.class_ids), -1)
-                logits.append(np.log(np.clip(probabilities[:, inside].T, 1e-8, 1.0)))
-                targets.append(classes.astype(np.int64))
-        if not targets or sum(map(len, targets)) < MIN_PIXELS or np.unique(np.concatenate(targets)).size < 2:
-            return None
-        logits, targets = np.concatenate(logits), np.concatenate(targets)
-        if len(targets) > MAX_PIXELS:
-            chosen = np.sort(np.random.default_rng(self.settings.seed).choice(len(targets), MAX_PIXELS, replace=False))
-            logits, targets = logits[chosen], targets[chosen]
-        return logits, targets
+        for index, j, (flat, classes) in held:
+            if total > MAX_PIXELS:  # each piece its share of the sample
+                keep = np.sort(rng.choice(len(flat), max(1, len(flat) * MAX_PIXELS // total), replace=False))
+                flat, classes = flat[keep], classes[keep]
+            piece = self.sampler.image_piece(index, j)
+            channels = piece.ndim - self.image_ndim
+            shape = piece.shape[channels:]
+            coordinates = np.unravel_index(flat, shape)
+            region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coordinates)
+            crop, _ = region_with_context(region, shape, model.halo, model.grid)
+            patch = np.asarray(piece[(slice(None),) * channels + crop])
+            inside = np.ravel_multi_index(
+                tuple(c - s.start for c, s in zip(coordinates, crop)), tuple(s.stop - s.start for s in crop)
+            )
+            logits.append(flip_logits(model, patch, inside, device=device))
+            targets.append(classes.astype(np.int64))
+        return np.concatenate(logits, axis=1), np.concatenate(targets)
 
     def _leaving_model(self) -> UNet:
         """A copy of the model training would leave now: the weight average once the averaging window has
