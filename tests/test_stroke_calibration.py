@@ -129,3 +129,19 @@ def test_cli_train_reports_the_calibration_of_held_out_strokes(tmp_path, capsys)
     assert main([*common, *tiny, "--calibration-holdout", "0"]) == 0
     assert "calibration: no temperature fitted (fewer than 64 held-out painted pixels" in capsys.readouterr().err
     assert load_model(out)[0].temperature == 1.0
+
+
+def test_held_out_pixels_are_predicted_block_by_block_where_that_reads_less():
+    from napari_unet.model import UNet
+    from napari_unet.training import _held_out_regions
+
+    model = UNet(depth=2, base_filters=4)
+    shape = (2048, 2048)
+    far_apart = np.ravel_multi_index((np.array([10, 11, 1500, 2000]), np.array([10, 12, 40, 2000])), shape)
+    groups = _held_out_regions(far_apart, shape, model)
+    assert sorted(len(which) for _, which in groups) == [1, 1, 2]  # three blocks, each with its context
+    assert sorted(np.concatenate([which for _, which in groups]).tolist()) == [0, 1, 2, 3]
+    yy, xx = np.mgrid[0:100:3, 0:100:3]
+    close = np.ravel_multi_index((yy.ravel(), xx.ravel()), shape)
+    ((coordinates, which),) = _held_out_regions(close, shape, model)  # one box reads less than 16 blocks
+    assert len(which) == close.size and coordinates[0].max() == 99

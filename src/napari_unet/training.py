@@ -87,7 +87,7 @@ from .domain import (
     training_profile,
 )
 from .encoders import encoder_parameters
-from .holdout import MIN_PIXELS, held_out
+from .holdout import BLOCK, MIN_PIXELS, held_out
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
@@ -912,10 +912,10 @@ class Trainer:
 
     def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
         """``(logits, targets)`` of (a seeded sample of ``calibration.MAX_PIXELS`` of) the painted pixels held out of
-        training: ``(F, N, K)`` logits of the test-time flip passes (``calibration.flip_logits``) of the bounding
-        box of each piece's held-out pixels with its context; None where there are fewer than
-        ``holdout.MIN_PIXELS`` of them or they hold one class."""
-        from .calibration import MAX_PIXELS, flip_logits
+        training: ``(F, N, K)`` logits of the test-time flip passes (``calibration.flip_logits``), each piece's
+        held-out blocks predicted with their context, or their bounding box where that reads fewer pixels; None
+        where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
+        from .calibration import MAX_PIXELS
 
         held = [(i, j, h) for i, pieces in enumerate(self._held) for j, h in enumerate(pieces) if h is not None]
         total = sum(len(h[0]) for _, _, h in held)
@@ -929,17 +929,9 @@ class Trainer:
                 keep = np.sort(rng.choice(len(flat), max(1, len(flat) * MAX_PIXELS // total), replace=False))
                 flat, classes = flat[keep], classes[keep]
             piece = self.sampler.image_piece(index, j)
-            channels = piece.ndim - self.image_ndim
-            shape = piece.shape[channels:]
-            coordinates = np.unravel_index(flat, shape)
-            region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coordinates)
-            crop, _ = region_with_context(region, shape, model.halo, model.grid)
-            patch = np.asarray(piece[(slice(None),) * channels + crop])
-            inside = np.ravel_multi_index(
-                tuple(c - s.start for c, s in zip(coordinates, crop)), tuple(s.stop - s.start for s in crop)
-            )
-            logits.append(flip_logits(model, patch, inside, device=device))
-            targets.append(classes.astype(np.int64))
+            for coordinates, chosen in _held_out_regions(flat, piece.shape[piece.ndim - self.image_ndim :], model):
+                logits.append(_region_flip_logits(model, piece, coordinates, device))
+                targets.append(classes[chosen].astype(np.int64))
         return np.concatenate(logits, axis=1), np.concatenate(targets)
 
     def _leaving_model(self) -> UNet:
@@ -980,6 +972,37 @@ class Trainer:
         """Write the model training would leave now (as ``snapshot``) and its metadata (with the entries of
         ``extra`` added) with ``io.save_model`` (atomic); callable during training, from any thread."""
         save_model(self._leaving_model().cpu().eval(), path, {**self.metadata, **(extra or {})})
+
+
+def _held_out_regions(flat: np.ndarray, shape: tuple[int, ...], model):
+    """The held-out pixels ``flat`` of a piece of ``shape`` in groups to predict: one per ``holdout.BLOCK`` block, or
+    all of them at once where their bounding box with its context reads fewer pixels; ``(coordinates, which)``
+    each (``which`` indexes ``flat``)."""
+    coordinates = np.unravel_index(flat, shape)
+
+    def cost(low, high):
+        return math.prod(min(n, hi - lo + 2 * h + model.grid) for lo, hi, h, n in zip(low, high, model.halo, shape))
+
+    blocks = np.stack([c // BLOCK for c in coordinates], 1)
+    keys, which = np.unique(blocks, axis=0, return_inverse=True)
+    whole = cost([c.min() for c in coordinates], [c.max() + 1 for c in coordinates])
+    if whole <= sum(cost(k * BLOCK, (k + 1) * BLOCK) for k in keys):
+        return [(coordinates, np.arange(len(flat)))]
+    groups = [np.flatnonzero(which.ravel() == k) for k in range(len(keys))]
+    return [(tuple(c[g] for c in coordinates), g) for g in groups]
+
+
+def _region_flip_logits(model, piece, coordinates: tuple[np.ndarray, ...], device) -> np.ndarray:
+    """``calibration.flip_logits`` at ``coordinates`` of ``piece``, predicted from their bounding box and its context
+    (the crop ``predict.region_with_context`` reads: mirrored only at the piece's border)."""
+    from .calibration import flip_logits
+
+    channels = piece.ndim - len(coordinates)
+    region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coordinates)
+    crop, _ = region_with_context(region, piece.shape[channels:], model.halo, model.grid)
+    patch = np.asarray(piece[(slice(None),) * channels + crop])
+    inside = np.ravel_multi_index(tuple(c - s.start for c, s in zip(coordinates, crop)), patch.shape[channels:])
+    return flip_logits(model, patch, inside, device=device)
 
 
 def _batches_in_words(batch_size: int, input_tile: tuple[int, ...]) -> str:
