@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from napari_unet.cli import main
-from napari_unet.holdout import BLOCK, held_out
+from napari_unet.holdout import BLOCK, MIN_PIXELS, held_out
 from napari_unet.io import load_model
 from napari_unet.training import Trainer, TrainingSettings
 
@@ -145,3 +145,20 @@ def test_held_out_pixels_are_predicted_block_by_block_where_that_reads_less():
     close = np.ravel_multi_index((yy.ravel(), xx.ravel()), shape)
     ((coordinates, which),) = _held_out_regions(close, shape, model)  # one box reads less than 16 blocks
     assert len(which) == close.size and coordinates[0].max() == 99
+
+
+def test_the_prediction_of_held_out_blocks_is_bounded(monkeypatch):
+    """Past ``PREDICTED_PIXELS`` a seeded choice of the held-out blocks is predicted: fewer pixels, still a fit."""
+    import napari_unet.training as training
+
+    image, labels = _image_and_labels()
+    monkeypatch.setattr(training, "PREDICTED_PIXELS", 1)  # one block's context
+    trainer = Trainer([image], [labels], TrainingSettings(**TINY, calibration_holdout=0.3))
+    held = sum(len(h[0]) for h in trainer._held[0] if h is not None)
+    list(trainer.run())
+    assert trainer.calibration is None or trainer.calibration["pixels"] < held
+    trainer = Trainer([image], [labels], TrainingSettings(**TINY, calibration_holdout=0.3))
+    block = (BLOCK + 2 * trainer.model.halo[0] + trainer.model.grid) ** 2
+    monkeypatch.setattr(training, "PREDICTED_PIXELS", 3 * block)  # three blocks with their context
+    list(trainer.run())
+    assert MIN_PIXELS <= trainer.calibration["pixels"] < held

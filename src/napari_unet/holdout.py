@@ -23,6 +23,9 @@ BLOCK = 32
 """Side of the blocks that are held out or not (pixels per spatial axis)."""
 MIN_PIXELS = 64
 """Fewer held-out pixels than this (or held-out pixels of only one class) fit no temperature."""
+PREDICTED_PIXELS = 1 << 20
+"""Input pixels per flip pass that predicting the held-out blocks may read at a run's end (a seeded choice of the
+blocks when they need more): tens of thousands of held-out pixels, plenty for one parameter, in seconds."""
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 

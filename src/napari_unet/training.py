@@ -87,7 +87,7 @@ from .domain import (
     training_profile,
 )
 from .encoders import encoder_parameters
-from .holdout import BLOCK, MIN_PIXELS, held_out
+from .holdout import BLOCK, MIN_PIXELS, PREDICTED_PIXELS, held_out
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
@@ -911,27 +911,41 @@ class Trainer:
             self.model.temperature = float(chosen)
 
     def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(logits, targets)`` of (a seeded sample of ``calibration.MAX_PIXELS`` of) the painted pixels held out of
-        training: ``(F, N, K)`` logits of the test-time flip passes (``calibration.flip_logits``), each piece's
-        held-out blocks predicted with their context, or their bounding box where that reads fewer pixels; None
+        """``(logits, targets)`` of the painted pixels held out of training: ``(F, N, K)`` logits of the test-time
+        flip passes (``calibration.flip_logits``) of a seeded choice of the held-out blocks, as many as
+        ``holdout.PREDICTED_PIXELS`` input pixels per pass allow (so a run's end stays short on any image), each
+        piece's chosen blocks predicted with their context or, where that reads less, their bounding box; None
         where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
-        from .calibration import MAX_PIXELS
-
         held = [(i, j, h) for i, pieces in enumerate(self._held) for j, h in enumerate(pieces) if h is not None]
-        total = sum(len(h[0]) for _, _, h in held)
-        if total < MIN_PIXELS or np.unique(np.concatenate([h[1] for _, _, h in held] or [[]])).size < 2:
-            return None
-        rng = np.random.default_rng(self.settings.seed)
         model = self.model.inference_copy().to(device)
-        logits, targets = [], []
-        for index, j, (flat, classes) in held:
-            if total > MAX_PIXELS:  # each piece its share of the sample
-                keep = np.sort(rng.choice(len(flat), max(1, len(flat) * MAX_PIXELS // total), replace=False))
-                flat, classes = flat[keep], classes[keep]
+        candidates = []
+        for index, j, (flat, _) in held:
             piece = self.sampler.image_piece(index, j)
-            for coordinates, chosen in _held_out_regions(flat, piece.shape[piece.ndim - self.image_ndim :], model):
+            shape = piece.shape[piece.ndim - self.image_ndim :]
+            keys = np.stack([c // BLOCK for c in np.unravel_index(flat, shape)], 1)
+            inverse = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+            cost = math.prod(min(n, BLOCK + 2 * h + model.grid) for n, h in zip(shape, model.halo))
+            candidates += [(index, j, np.flatnonzero(inverse == k), cost) for k in range(inverse.max() + 1)]
+        chosen: dict[tuple[int, int], list[np.ndarray]] = {}
+        spent = 0
+        for k in np.random.default_rng(self.settings.seed).permutation(len(candidates)):
+            index, j, which, cost = candidates[k]
+            if spent and spent + cost > PREDICTED_PIXELS:
+                break
+            chosen.setdefault((index, j), []).append(which)
+            spent += cost
+        pieces = {(i, j): h for i, j, h in held}
+        selected = [(key, np.sort(np.concatenate(parts))) for key, parts in chosen.items()]
+        classes = np.concatenate([pieces[key][1][which] for key, which in selected] or [np.empty(0, np.int16)])
+        if classes.size < MIN_PIXELS or np.unique(classes).size < 2:
+            return None
+        logits, targets = [], []
+        for (index, j), which in selected:
+            flat, labels = pieces[index, j][0][which], pieces[index, j][1][which]
+            piece = self.sampler.image_piece(index, j)
+            for coordinates, part in _held_out_regions(flat, piece.shape[piece.ndim - self.image_ndim :], model):
                 logits.append(_region_flip_logits(model, piece, coordinates, device))
-                targets.append(classes[chosen].astype(np.int64))
+                targets.append(labels[part].astype(np.int64))
         return np.concatenate(logits, axis=1), np.concatenate(targets)
 
     def _leaving_model(self) -> UNet:
