@@ -20,18 +20,23 @@ other in an order that alternates between the sets:
   normalization, and predicted with ``monai.inferers.sliding_window_inference`` (256 x 256 windows, overlap 0.25,
   Gaussian blending);
 - ``napari_unet_strokes``: for reference, napari-unet's sparse-stroke model (``quality.train_strokes`` on
-  ``quality_strokes.simulate_strokes`` strokes of the same training images), predicted by default.
+  ``quality_strokes.simulate_strokes`` strokes of the same training images), predicted by default; its temperature
+  is fitted on the held-out share of the strokes (``TrainingSettings.calibration_holdout``);
+- ``napari_unet_strokes_all`` (only when named in ``--contenders``): the same with ``temperature="off"``, every
+  stroke training: what holding strokes out costs.
 
 Every row reports train and predict seconds and the expected calibration error of its probabilities on the test
 pixels; napari-unet's rows also with their temperature reset to 1 (``ece_uncalibrated``), so the effect of the
 fitted temperature is measured on images that neither training nor the fit saw.
 
     python bench/dense.py [--budget 300] [--sets dsb isbi] [--threads 2] [--data DIR] [--json OUT]
+        [--contenders napari_unet_dense monai_basicunet napari_unet_strokes napari_unet_strokes_all]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import sys
@@ -95,17 +100,19 @@ def scores(probabilities, truths) -> dict:
     }
 
 
-def predict_napari_unet(model, metadata, images) -> tuple[list, float]:
+def predict_napari_unet(model, metadata, images, **options) -> tuple[list, float]:
+    """``predict_image`` with the default ``PredictionSettings`` (``options`` replace fields) on each image."""
     from napari_unet.predict import PredictionSettings, predict_image
 
     start = time.perf_counter()
-    settings = PredictionSettings(device="cpu")
+    settings = PredictionSettings(device="cpu", **options)
     probabilities = [np.asarray(predict_image(model, metadata, im, settings).probabilities) for im in images]
     return probabilities, time.perf_counter() - start
 
 
 def scored_napari_unet(model, metadata, test_images, truths, foreground: int) -> dict:
-    """Default prediction scored, once with the model's temperature and once with it reset to 1."""
+    """Default prediction scored, once with the model's temperature and once with it reset to 1; and without the
+    edge refinement (``*_unrefined``: flips only)."""
     probabilities, predict_s = predict_napari_unet(model, metadata, test_images)
     order = [1 - foreground, foreground]
     result = {
@@ -117,19 +124,27 @@ def scored_napari_unet(model, metadata, test_images, truths, foreground: int) ->
     plain.temperature = 1.0
     probabilities, _ = predict_napari_unet(plain, metadata, test_images)
     result["ece_uncalibrated"] = scores([p[order] for p in probabilities], truths)["ece"]
+    probabilities, _ = predict_napari_unet(model, metadata, test_images, refine_radius=0)
+    unrefined = scores([p[order] for p in probabilities], truths)
+    result.update({f"{k}_unrefined": unrefined[k] for k in ("dice_mean", "dice_pooled", "ece")})
     return result
 
 
-def napari_unet_dense(train_pairs, test_pairs, budget: float, threads: int, workdir: Path) -> dict:
-    """``napari-unet train --dataset`` with its defaults and ``--time-budget budget``."""
+def napari_unet_dense(
+    train_pairs, test_pairs, budget: float, threads: int, workdir: Path, overrides: dict | None = None
+) -> dict:
+    """``napari-unet train --dataset`` with its defaults (``overrides``: ``TrainingSettings`` fields, and ``epochs``)
+    and ``--time-budget budget``."""
     from napari_unet.dataset_training import DatasetTrainer
     from napari_unet.datasets import open_dataset
     from napari_unet.training import TrainingSettings
 
     dataset = open_dataset(write_dataset(train_pairs, workdir / "dataset"), val_fraction=0.1, seed=0, spatial_ndim=2)
     start = time.perf_counter()
-    settings = TrainingSettings(ndim=2, time_budget=budget, device="cpu", seed=0, cpu_threads=threads)
-    trainer = DatasetTrainer(dataset, settings, epochs=50, temperature="auto")
+    overrides = dict(overrides or {})
+    epochs = overrides.pop("epochs", 50)
+    settings = TrainingSettings(ndim=2, time_budget=budget, device="cpu", seed=0, cpu_threads=threads, **overrides)
+    trainer = DatasetTrainer(dataset, settings, epochs=epochs)
     for _ in trainer.run():
         pass
     train_s = time.perf_counter() - start
@@ -147,12 +162,15 @@ def napari_unet_dense(train_pairs, test_pairs, budget: float, threads: int, work
     return result
 
 
-def napari_unet_strokes(train_pairs, test_pairs, budget: float, threads: int, workdir: Path) -> dict:
-    """``bench/quality.py``'s sparse-stroke training on strokes simulated from the same training masks."""
+def napari_unet_strokes(
+    train_pairs, test_pairs, budget: float, threads: int, workdir: Path, overrides: dict | None = None
+) -> dict:
+    """``bench/quality.py``'s sparse-stroke training on strokes simulated from the same training masks (defaults:
+    the temperature fitted on the held-out share of the strokes)."""
     images = [image for image, _ in train_pairs]
     strokes = [simulate_strokes(gt, PAINTED, seed=index) for index, (_, gt) in enumerate(train_pairs)]
     start = time.perf_counter()
-    trainer = train_strokes(images, strokes, budget, threads, {})
+    trainer = train_strokes(images, strokes, budget, threads, overrides or {})
     result = {"train_s": time.perf_counter() - start, "painted_pixels": int(sum((s > 0).sum() for s in strokes))}
     result["iterations"] = trainer.metadata["training"]["history"][-1]["iterations"]
     result["validation_calibration"] = getattr(trainer, "calibration", None)
@@ -206,10 +224,17 @@ def monai_basicunet(train_pairs, test_pairs, budget: float, threads: int, workdi
     return result
 
 
+def napari_unet_strokes_all(train_pairs, test_pairs, budget: float, threads: int, workdir: Path) -> dict:
+    """The same stroke training with ``temperature="off"``: every painted pixel trains, none is held out (what the
+    held-out share costs)."""
+    return napari_unet_strokes(train_pairs, test_pairs, budget, threads, workdir, {"temperature": "off"})
+
+
 CONTENDERS = {
     "napari_unet_dense": napari_unet_dense,
     "monai_basicunet": monai_basicunet,
     "napari_unet_strokes": napari_unet_strokes,
+    "napari_unet_strokes_all": napari_unet_strokes_all,
 }
 
 
@@ -221,11 +246,23 @@ def main(argv=None):
     parser.add_argument("--sets", nargs="+", default=["dsb", "isbi"], choices=["dsb", "isbi"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS)[:3], choices=list(CONTENDERS))
+    parser.add_argument(
+        "--dense-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a TrainingSettings field (or epochs) of napari_unet_dense, VALUE as a Python literal (repeatable); "
+        "with --budget 0 the dense run has no time budget (fixed epochs)",
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "dense.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaders = {"dsb": load_dsb, "isbi": load_isbi}
-    names = list(CONTENDERS)
+    if not args.budget and args.contenders != ["napari_unet_dense"]:
+        parser.error("--budget 0 (fixed epochs) is for --contenders napari_unet_dense alone")
+    dense_overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.dense_set)}
+    names = list(args.contenders)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for turn, name in enumerate(args.sets):
@@ -235,7 +272,9 @@ def main(argv=None):
             for method in order:
                 workdir = Path(tmp, name, method)
                 workdir.mkdir(parents=True)
-                result[method] = CONTENDERS[method](train_pairs, test_pairs, args.budget, args.threads, workdir)
+                options = {"overrides": dense_overrides} if method == "napari_unet_dense" else {}
+                budget = args.budget or None
+                result[method] = CONTENDERS[method](train_pairs, test_pairs, budget, args.threads, workdir, **options)
                 print(name, method, result[method], flush=True)
             results.append(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +292,8 @@ def main(argv=None):
                 f"| {'' if t is None else f'{t:.3f}'} | {m['iterations']} | {m['train_s']:.0f} | {m['predict_s']:.1f} |"
             )
     for r in results:
+        if not {"napari_unet_dense", "monai_basicunet"} <= set(r):
+            continue
         margin = r["napari_unet_dense"]["dice_mean"] - r["monai_basicunet"]["dice_mean"]
         d = r["napari_unet_dense"]
         print(

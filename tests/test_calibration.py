@@ -3,13 +3,22 @@ the temperature, and every prediction path applies it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from test_datasets import make_plain
 
 from napari_unet.bioimageio_export import _Probabilities, grid_shift
-from napari_unet.calibration import calibrate, expected_calibration_error, fit_temperature, nll, softmax
+from napari_unet.calibration import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    flip_logits,
+    nll,
+    softmax,
+)
 from napari_unet.dataset_training import DatasetTrainer
 from napari_unet.datasets import open_dataset
 from napari_unet.io import load_model, save_model
@@ -39,6 +48,32 @@ def test_fit_recovers_the_temperature_and_lowers_nll_and_ece(scale):
     assert nll(logits, targets, temperature) <= nll(logits, targets, temperature * 1.1)
     fixed = calibrate(logits, targets, 2.0)
     assert fixed["temperature"] == 2.0
+
+
+def test_the_fit_goes_through_the_average_of_the_flip_passes():
+    """Passes that disagree (as test-time flips do) are softer on average than each one: fitted through their mean,
+    the temperature is lower than the one a single pass asks for, and the mean's NLL is the lower one with it."""
+    logits, targets = miscalibrated(1.0, n=20000)
+    rng = np.random.default_rng(3)
+    passes = np.stack([3.0 * (logits + rng.normal(0, 1.5, logits.shape)) for _ in range(8)])
+    through, single = fit_temperature(passes, targets), fit_temperature(passes[0], targets)
+    assert through < single
+    assert nll(passes, targets, through) < nll(passes, targets, single)
+    result = calibrate(passes, targets)
+    assert result["passes"] == 8 and result["nll_after"] < result["nll_before"]
+
+
+def test_flip_logits_are_the_passes_that_test_time_flips_average():
+    model = _model(1.0)
+    yy, xx = np.mgrid[:61, :70]
+    image = (3 * np.sin(yy / 5.0) * np.cos(xx / 3.0) + yy / 10.0).astype(np.float32)
+    indices = np.arange(0, image.size, 7)
+    passes = flip_logits(model, image, indices)
+    assert passes.shape == (8, indices.size, 3)
+    averaged = predict_tiled(model, image, test_time_flips=True).reshape(3, -1)[:, indices].T
+    np.testing.assert_allclose(softmax(passes), averaged, atol=1e-5)
+    (one,) = flip_logits(model, image, indices, flips=False)
+    np.testing.assert_allclose(np.exp(one), predict_tiled(model, image).reshape(3, -1)[:, indices].T, atol=1e-6)
 
 
 def test_ece_of_a_calibrated_and_an_overconfident_predictor():
@@ -92,9 +127,9 @@ def test_dataset_training_fits_and_stores_the_temperature(tmp_path):
     trainer.save(tmp_path / "m.safetensors")
     model, meta = load_model(tmp_path / "m.safetensors")
     assert model.temperature == c["temperature"] and meta["calibration"]["ece_before"] == c["ece_before"]
-    off = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), settings, epochs=1, temperature="off")
+    off = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), replace(settings, temperature="off"), epochs=1)
     list(off.run())
     assert off.model.temperature == 1.0 and off.calibration is None
-    given = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), settings, epochs=1, temperature=1.7)
+    given = DatasetTrainer(open_dataset(tmp_path, val_fraction=0.25), replace(settings, temperature=1.7), epochs=1)
     list(given.run())
     assert given.model.temperature == 1.7 and given.calibration["temperature"] == 1.7

@@ -73,7 +73,7 @@ def test_void_pixels_are_unlabelled_targets(tmp_path):
 def test_early_stop_after_patience_epochs(tmp_path, monkeypatch):
     make_plain(tmp_path, count=4, suffix=".png")
     trainer = DatasetTrainer(
-        open_dataset(tmp_path, val_fraction=0.25), TrainingSettings(**TINY), epochs=20, patience=2, temperature="off"
+        open_dataset(tmp_path, val_fraction=0.25), TrainingSettings(**TINY, temperature="off"), epochs=20, patience=2
     )
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
     monkeypatch.setattr(
@@ -116,7 +116,11 @@ def test_trainer_with_dense_labels_in_memory():
     labels[:, 40:] = 255
     trainer = Trainer(image, labels, TrainingSettings(**TINY, iterations=2), dense_labels=True)
     assert trainer.class_ids == [0, 1] and trainer.metadata["dense_labels"] is True
-    (target,), _ = trainer._target_pieces(labels)
-    np.testing.assert_array_equal(target == -1, labels == 255)
+    (target,), _, (held,) = trainer._target_pieces(0, labels)
+    kept_out = np.zeros(labels.shape, bool)
+    if held is not None:  # blocks held out for the temperature fit (``holdout.py``) are not trained on either
+        kept_out.ravel()[held[0]] = True
+        np.testing.assert_array_equal(held[1], (labels.ravel()[held[0]] == 1).astype(np.int16))
+    np.testing.assert_array_equal(target == -1, (labels == 255) | kept_out)
     with pytest.raises(ValueError, match="label 0 means unpainted"):
         Trainer(image, np.zeros((48, 48), np.uint8), TrainingSettings(**TINY, iterations=2))

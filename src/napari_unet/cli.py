@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from .holdout import MIN_PIXELS as MIN_HELD_OUT
 from .io import ImageFileError, ModelFileError
 from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from .precisions import PRECISIONS
@@ -694,8 +695,16 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="auto|off|T",
         help="softmax temperature stored in the model (calibrated probabilities): auto fits it on the validation "
-        "pixels of a --dataset (sparse strokes have none held out: off), off: none, a number: that one "
-        "(default auto)",
+        "pixels of a --dataset, or on the --calibration-holdout share of the painted pixels, which training then does "
+        "not use; off: none; a number: that one (default auto)",
+    )
+    parser.add_argument(
+        "--calibration-holdout",
+        type=_non_negative_float,
+        default=defaults.calibration_holdout,
+        metavar="F",
+        help="with --temperature auto and strokes: this share of the painted pixels (whole blocks of 32 px) is held "
+        f"out of training to fit the temperature; 0: none (default {defaults.calibration_holdout})",
     )
     dataset.add_argument(
         "--resume",
@@ -940,6 +949,8 @@ def _training_settings(args: argparse.Namespace, **fields):
         cpu_bfloat16=args.cpu_bfloat16,
         normalization=dict(NORMALIZATIONS[args.normalization]),
         cpu_threads=available_cores(),  # headless: no interface to keep responsive
+        temperature=args.temperature,
+        calibration_holdout=args.calibration_holdout,
         **{k: v for k, v in architecture.items() if v is not None},
         **fields,
     )
@@ -982,14 +993,34 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
         if trainer.iteration == 0 and code:
             print("interrupted before the first iteration: nothing saved", file=sys.stderr, flush=True)
             return code
-        if args.temperature not in ("auto", "off"):
-            trainer.model.temperature = args.temperature
         try:
             save_model(trainer.model, args.out, trainer.metadata)
         except OSError as e:
             raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
+    why = f"fewer than {MIN_HELD_OUT} held-out painted pixels of two classes"
+    _print_calibration(trainer, "held-out painted pixels", why)
     print(args.out, flush=True)
     return stop.code or code
+
+
+def _print_calibration(trainer, held_out: str, none_because: str) -> None:
+    """The training summary's calibration line: the temperature and the expected calibration error before and
+    after it on the ``held_out`` pixels, or that none was fitted and why."""
+    c = trainer.calibration
+    if c is not None:
+        print(
+            f"calibration: temperature {c['temperature']:.3f} on {c['pixels']} {held_out}: expected "
+            f"calibration error {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
+            f"{c['nll_after']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif trainer.settings.temperature == "auto" and trainer.iteration > 0:
+        print(
+            f"calibration: no temperature fitted ({none_because})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _train(trainer, checkpoints: _Checkpoints, stop: _StopOnSignals, on_event=None) -> int:
@@ -1076,7 +1107,6 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
             patience=args.patience,
             init=init,
             resume=resume,
-            temperature=args.temperature,
         )
         _load_encoder(trainer, args, init)
     except (ValueError, DatasetError) as e:
@@ -1135,15 +1165,7 @@ def _run_train_dataset(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    if trainer.calibration is not None:
-        c = trainer.calibration
-        print(
-            f"calibration: temperature {c['temperature']:.3f} on {c['pixels']} validation pixels: expected "
-            f"calibration error {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
-            f"{c['nll_after']:.4f}",
-            file=sys.stderr,
-            flush=True,
-        )
+    _print_calibration(trainer, "validation pixels", "no validation images")
     print(args.out, flush=True)
     return stop.code or code
 

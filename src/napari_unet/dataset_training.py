@@ -56,13 +56,10 @@ class EpochScores:
     seconds: float
 
 
-def evaluate(
-    model, dataset: Dataset, samples: list[Sample], recipe: dict, device, dice_weight: float = 1.0, collect=None
-):
+def evaluate(model, dataset: Dataset, samples: list[Sample], recipe: dict, device, dice_weight: float = 1.0):
     """``(val_loss, iou, dice, mean_iou)`` of ``model`` (eval mode) on the whole images ``samples``; each image is
     normalized with ``recipe`` and predicted with exact overlap-tile prediction. IoU and Dice are over all the
-    images' pixels together (void pixels left out), the loss is the mean over images. ``collect(log_probabilities,
-    targets)``, when given, gets each image's ``(K, *spatial)`` log-probabilities and class-index targets."""
+    images' pixels together (void pixels left out), the loss is the mean over images."""
     from .losses import masked_loss
     from .tiling import predict_tiled
 
@@ -82,8 +79,6 @@ def evaluate(
         predicted += np.bincount(g, minlength=n)[:n]
         annotated += np.bincount(t, minlength=n)[:n]
         log_p = torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0)))
-        if collect is not None:
-            collect(log_p.numpy(), target)
         losses.append(float(masked_loss(log_p[None], torch.from_numpy(target)[None], dice_weight=dice_weight)))
     union = predicted + annotated - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -110,19 +105,13 @@ class DatasetTrainer(Trainer):
         patience: int | None = None,
         init: tuple[torch.nn.Module, dict] | None = None,
         resume: dict | None = None,
-        temperature: str | float = "auto",
     ):
         settings = settings or TrainingSettings(time_budget=None)
         if settings.border_weight:
             raise ValueError("border weights are for sparse strokes; a dense dataset trains without them")
         if epochs < 1 or (patience is not None and patience < 1):
             raise ValueError(f"epochs and patience must be at least 1, got {epochs} and {patience}")
-        if not (temperature in ("auto", "off") or (isinstance(temperature, (int, float)) and temperature > 0)):
-            raise ValueError(f"temperature must be auto, off or a number greater than 0, got {temperature!r}")
         self.settings, self.dataset, self.epochs, self.patience = settings, dataset, epochs, patience
-        self.temperature = temperature
-        self.calibration: dict | None = None
-        """What the last run's temperature does on the validation pixels (``calibration.calibrate``), or None."""
         self.in_channels = dataset.channels
         self.dense_labels, self.unpainted = True, DENSE_VOID
         if init is not None:
@@ -206,7 +195,7 @@ class DatasetTrainer(Trainer):
         self._best_state = None
         for event in super().run():
             if event.done:
-                self._keep_best()
+                self._record_epochs()
             elif event.iteration % self.epoch_iterations == 0 and self.dataset.val:
                 event = dataclasses.replace(event, validation=self._validate(event.iteration))
             yield event
@@ -234,41 +223,40 @@ class DatasetTrainer(Trainer):
             self._since_best += 1
         return self.scores[-1]
 
-    def _keep_best(self) -> None:
-        """After a run: the best weights it validated become the model (and the training profile follows)."""
+    def _settle(self, device: torch.device) -> None:
+        """After a run: the best weights it validated become the model, then its temperature (fitted on the
+        validation pixels) and training profile follow (``Trainer._settle``)."""
         if self._best_state is not None:
             with self._lock:
                 self.model.load_state_dict(self._best_state)
-            self._profile_classes(torch.device("cpu"))
-        self._calibrate()
+        super()._settle(device)
+
+    def _record_epochs(self) -> None:
         if self._history:
             self._history[-1].update(
                 epochs=copy.deepcopy(self.scores), best_epoch=self.best_epoch, best_mean_iou=self.metadata_best()
             )
 
-    def _calibrate(self) -> None:
-        """The softmax temperature of the model the run leaves: fitted on (a sample of) the validation pixels
-        ("auto"), given, or none ("off"); ECE and NLL before and after in ``calibration``."""
-        from .calibration import MAX_PIXELS, calibrate, sample_pixels
+    def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(logits, targets)`` of a seeded sample of the validation images' labelled pixels
+        (``calibration.MAX_PIXELS`` over all of them): ``(F, N, K)`` logits of the test-time flip passes of each
+        whole image (``calibration.flip_logits``); None without validation images."""
+        from .calibration import MAX_PIXELS, flip_logits, sample_indices
 
-        self.model.temperature = 1.0
-        self.calibration = None
-        if self.temperature == "off" or not self.dataset.val:
-            if self.temperature not in ("auto", "off"):
-                self.model.temperature = float(self.temperature)
-            return
-        rng, pixels = np.random.default_rng(self.settings.seed), []
+        if not self.dataset.val:
+            return None
+        rng, logits, targets = np.random.default_rng(self.settings.seed), [], []
         limit = max(1, MAX_PIXELS // len(self.dataset.val))
-        model = self.model.inference_copy()
-        device = torch.device(self._record.get("device", "cpu"))
-        evaluate(
-            model.to(device), self.dataset, self.dataset.val, self.normalization, device,
-            collect=lambda log_p, target: pixels.append(sample_pixels(log_p, target, rng, limit)),
-        )  # fmt: skip
-        logits = np.concatenate([p[0] for p in pixels])
-        targets = np.concatenate([p[1] for p in pixels])
-        self.calibration = calibrate(logits, targets, self.temperature)
-        self.model.temperature = self.calibration["temperature"]
+        model = self.model.inference_copy().to(device)
+        channels = 0 if self.in_channels > 1 else None
+        for sample in self.dataset.val:
+            image = self.dataset.read_image(sample)
+            target = self.dataset.index_mask(sample)
+            indices = sample_indices(target, rng, limit)
+            normalized = normalize(image, image_params(image, self.normalization, channels))
+            logits.append(flip_logits(model, normalized, indices, device=device))
+            targets.append(target.ravel()[indices].astype(np.int64))
+        return np.concatenate(logits, axis=1), np.concatenate(targets)
 
     def metadata_best(self) -> float | None:
         """The best validation mean IoU so far (None before the first validation)."""
@@ -281,7 +269,6 @@ class DatasetTrainer(Trainer):
         what a resumed run needs (``resume``)."""
         return {
             **super().metadata,
-            **({"calibration": dict(self.calibration)} if self.calibration else {}),
             "dataset_training": {
                 "dataset": str(self.dataset.root),
                 "train_images": len(self.dataset.train),

@@ -82,6 +82,10 @@ class PatchSampler:
         self._painted[index] = painted
         self._table = None
 
+    def image_piece(self, index: int, piece: int):
+        """Piece ``piece`` of image ``index`` as the sampler reads it (normalized, channels first if any)."""
+        return self._images[index][piece]
+
     def _count_table(self) -> tuple[list[tuple[int, int]], np.ndarray]:
         """(image, piece) keys and their painted counts per class (rows: pieces, columns: classes)."""
         if self._table is None:

@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -264,7 +264,7 @@ def predict_tiled(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "float32",
-    test_time_flips: bool = False,
+    test_time_flips: bool | Sequence[tuple] = False,
     refine_radius: int | str = 0,
     refine_eps: float = DEFAULT_EPS,
     region: tuple[slice, ...] | None = None,
@@ -296,12 +296,13 @@ def predict_tiled(
         bfloat16 on a CPU where it pays), "bfloat16" or "float16" autocast. The softmax runs on float32 logits
         and the probabilities are float32; tiles stay exact in every precision (a tiled pass equals a whole-image
         pass in the same precision).
-    test_time_flips : bool
+    test_time_flips : bool or sequence
         Average the probabilities over the mirror flips of the image (and, in 2D, its transpositions):
         8 network passes per tile in 2D and 3D (:func:`flip_transforms`), so 8 times slower. Tiles stay
         exact: the result equals the average of whole-image passes over the flipped reflect-padded image,
         because a legal input tile has an even length at every pooling level and so pools the same pixel
-        pairs whichever end it is read from.
+        pairs whichever end it is read from. A list of some of :func:`flip_transforms` averages those only
+        (``calibration.flip_logits`` predicts each pass on its own).
     refine_radius, refine_eps : int or "auto", float
         When ``refine_radius`` is not 0, the assembled probabilities are snapped to the image's edges by
         :func:`napari_unet.refine.refine_probabilities` (a guided filter with ``image`` as the guide, read
@@ -447,11 +448,14 @@ class _TileRun:
     progress: Callable[[int, int], None] | None
     should_stop: Callable[[], bool] | None
     dtype: torch.dtype | None
-    flips: bool
+    flips: bool | Sequence[tuple]
 
     def predict(self, plan: TilePlan, batch_size: int, done: int) -> int:
         """Predict the tiles of ``plan`` from the ``done``-th on, ``batch_size`` per pass; returns the tiles done."""
-        transforms = flip_transforms(self.net.ndim) if self.flips else [((), False)]
+        if self.flips is True:
+            transforms = flip_transforms(self.net.ndim)
+        else:
+            transforms = list(self.flips) if self.flips else [((), False)]
         total = len(plan)
         tiles = itertools.islice(plan.tiles(), done, None)
         memory_format = self.memory_format

@@ -87,12 +87,13 @@ from .domain import (
     training_profile,
 )
 from .encoders import encoder_parameters
+from .holdout import BLOCK, MIN_PIXELS, PREDICTED_PIXELS, held_out
 from .io import save_model
 from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
-from .predict import predict_regions
+from .predict import predict_regions, region_with_context
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -372,6 +373,9 @@ class Trainer:
         self._record: dict = {}
         self._average: AveragedModel | None = None
         """The weight average of the current run() once its averaging window has begun."""
+        self.calibration: dict | None = None
+        """What the last run's fitted or given temperature does on its held-out pixels (``calibration.calibrate``:
+        temperature, pixel count, NLL and expected calibration error before and after), or None (none fitted)."""
         self.iteration = 0
         self._first_iteration = 0
         """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
@@ -457,7 +461,9 @@ class Trainer:
             self.normalization = dataset_recipe(images, self.normalization, channels)
         self.image_normalization = [image_params(img, self.normalization, channels) for img in images]
         """The normalization parameters (percentile values) of each image, computed once over the whole image."""
-        targets, weights = zip(*[self._target_pieces(lab) for lab in labels])
+        targets, weights, self._held = zip(*[self._target_pieces(i, lab) for i, lab in enumerate(labels)])
+        self._held = list(self._held)
+        """Per image, per piece: the flat indices and class indices of its held-out painted pixels (or None)."""
         self.sampler = PatchSampler(
             [self._image_pieces(img, params, channels) for img, params in zip(images, self.image_normalization)],
             targets,
@@ -536,20 +542,27 @@ class Trainer:
             return [normalize(np.asarray(image), params)]
         return [_NormalizedSlice(image, z, params, channels is not None) for z in range(image.shape[-3])]
 
-    def _target_pieces(self, labels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Class-index targets (and border weights when on) per piece of one labels array; the slices of a stack
-        without strokes share one constant view (nothing to sample there, nothing held)."""
+    def _target_pieces(self, index: int, labels: np.ndarray) -> tuple[list, list | None, list]:
+        """Class-index targets (and border weights when on) per piece of labels array ``index``, without the
+        pixels held out for the temperature fit (``holdout.held_out``), and those pixels per piece (flat indices
+        and class indices, or None); the slices of a stack without strokes share one constant view (nothing to
+        sample there, nothing held)."""
         border, stack = self.settings.border_weight, labels.ndim == self.image_ndim + 1
-        targets, weights = [], []
-        for plane in labels if stack else [labels]:
+        share = self.settings.calibration_holdout if self.settings.temperature == "auto" else 0.0
+        targets, weights, held = [], [], []
+        for z, plane in enumerate(labels if stack else [labels]):
             if stack and not (plane != self.unpainted).any():
                 targets.append(np.broadcast_to(np.int16(-1), plane.shape))
                 weights.append(np.broadcast_to(np.float32(1.0), plane.shape) if border else None)
+                held.append(None)
                 continue
             target = targets_from_labels(plane, self.class_ids, self.unpainted)
+            kept_out = held_out(target, share, (self.settings.seed or 0, index, z))
+            held.append((np.flatnonzero(kept_out), target[kept_out]) if kept_out.any() else None)
+            target[kept_out] = -1
             targets.append(target)
             weights.append(border_weight_map(target) if border else None)
-        return targets, (weights if border else None)
+        return targets, (weights if border else None), held
 
     def _compute_class_weights(self) -> torch.Tensor:
         counts = self.sampler.class_counts(len(self.class_ids))
@@ -582,7 +595,7 @@ class Trainer:
         labels = integer_labels(labels)
         if labels.shape != self._shapes[index]:
             raise ValueError(f"labels shape {labels.shape} does not match image {index} shape {self._shapes[index]}")
-        return self._target_pieces(labels)
+        return self._target_pieces(index, labels)
 
     def _apply_pending(self) -> bool:
         with self._lock:
@@ -595,7 +608,8 @@ class Trainer:
                 except ValueError as e:
                     self.label_problems.append((index, str(e)))
                     continue
-            self.sampler.set_targets(index, *update)
+            targets, weights, self._held[index] = update
+            self.sampler.set_targets(index, targets, weights)
             changed = True
         if changed:
             self._class_weights = self._compute_class_weights()
@@ -860,7 +874,7 @@ class Trainer:
         averaged = 0 if average is None else int(average.n_averaged)
         del average  # on a GPU, released before the cache is emptied
         if state.reason is not None and state.iteration > 0:  # ended (not by an error) with new weights
-            self._profile_classes(device)
+            self._settle(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.set_num_threads(previous_threads)
@@ -873,6 +887,66 @@ class Trainer:
             stop_reason=state.reason or "error",
         )
         self._history.append({**self._record, "settings": dataclasses.asdict(self.settings)})
+
+    def _settle(self, device: torch.device) -> None:
+        """After a run that changed the weights: the temperature (:meth:`_calibrate`), then the class part of the
+        training profile, predicted with that temperature as every later prediction will be."""
+        self._calibrate(device)
+        self._profile_classes(device)
+
+    def _calibrate(self, device: torch.device) -> None:
+        """The softmax temperature of the model the run leaves (``settings.temperature``): fitted on the held-out
+        pixels ("auto"; where there are too few, none), given (a number), or none ("off"); ``calibration`` says
+        what it does on the held-out pixels."""
+        from .calibration import calibrate
+
+        chosen = self.settings.temperature
+        self.model.temperature = 1.0
+        self.calibration = None
+        pixels = None if chosen == "off" else self._held_out_pixels(device)
+        if pixels is not None:
+            self.calibration = calibrate(*pixels, chosen)
+            self.model.temperature = self.calibration["temperature"]
+        elif chosen != "auto" and chosen != "off":
+            self.model.temperature = float(chosen)
+
+    def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(logits, targets)`` of the painted pixels held out of training: ``(F, N, K)`` logits of the test-time
+        flip passes (``calibration.flip_logits``) of a seeded choice of the held-out blocks, as many as
+        ``holdout.PREDICTED_PIXELS`` input pixels per pass allow (so a run's end stays short on any image), each
+        piece's chosen blocks predicted with their context or, where that reads less, their bounding box; None
+        where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
+        held = [(i, j, h) for i, pieces in enumerate(self._held) for j, h in enumerate(pieces) if h is not None]
+        model = self.model.inference_copy().to(device)
+        candidates = []
+        for index, j, (flat, _) in held:
+            piece = self.sampler.image_piece(index, j)
+            shape = piece.shape[piece.ndim - self.image_ndim :]
+            keys = np.stack([c // BLOCK for c in np.unravel_index(flat, shape)], 1)
+            inverse = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+            cost = math.prod(min(n, BLOCK + 2 * h + model.grid) for n, h in zip(shape, model.halo))
+            candidates += [(index, j, np.flatnonzero(inverse == k), cost) for k in range(inverse.max() + 1)]
+        chosen: dict[tuple[int, int], list[np.ndarray]] = {}
+        spent = 0
+        for k in np.random.default_rng(self.settings.seed).permutation(len(candidates)):
+            index, j, which, cost = candidates[k]
+            if spent and spent + cost > PREDICTED_PIXELS:
+                break
+            chosen.setdefault((index, j), []).append(which)
+            spent += cost
+        pieces = {(i, j): h for i, j, h in held}
+        selected = [(key, np.sort(np.concatenate(parts))) for key, parts in chosen.items()]
+        classes = np.concatenate([pieces[key][1][which] for key, which in selected] or [np.empty(0, np.int16)])
+        if classes.size < MIN_PIXELS or np.unique(classes).size < 2:
+            return None
+        logits, targets = [], []
+        for (index, j), which in selected:
+            flat, labels = pieces[index, j][0][which], pieces[index, j][1][which]
+            piece = self.sampler.image_piece(index, j)
+            for coordinates, part in _held_out_regions(flat, piece.shape[piece.ndim - self.image_ndim :], model):
+                logits.append(_region_flip_logits(model, piece, coordinates, device))
+                targets.append(labels[part].astype(np.int64))
+        return np.concatenate(logits, axis=1), np.concatenate(targets)
 
     def _leaving_model(self) -> UNet:
         """A copy of the model training would leave now: the weight average once the averaging window has
@@ -904,6 +978,7 @@ class Trainer:
             },
             "napari_unet_version": __version__,
             "training_profile": training_profile(self.image_profiles, self._earlier_profile),
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
             **({"dense_labels": True} if self.dense_labels or 0 in self.class_ids else {}),  # 0 is a class
         }
 
@@ -911,6 +986,37 @@ class Trainer:
         """Write the model training would leave now (as ``snapshot``) and its metadata (with the entries of
         ``extra`` added) with ``io.save_model`` (atomic); callable during training, from any thread."""
         save_model(self._leaving_model().cpu().eval(), path, {**self.metadata, **(extra or {})})
+
+
+def _held_out_regions(flat: np.ndarray, shape: tuple[int, ...], model):
+    """The held-out pixels ``flat`` of a piece of ``shape`` in groups to predict: one per ``holdout.BLOCK`` block, or
+    all of them at once where their bounding box with its context reads fewer pixels; ``(coordinates, which)``
+    each (``which`` indexes ``flat``)."""
+    coordinates = np.unravel_index(flat, shape)
+
+    def cost(low, high):
+        return math.prod(min(n, hi - lo + 2 * h + model.grid) for lo, hi, h, n in zip(low, high, model.halo, shape))
+
+    blocks = np.stack([c // BLOCK for c in coordinates], 1)
+    keys, which = np.unique(blocks, axis=0, return_inverse=True)
+    whole = cost([c.min() for c in coordinates], [c.max() + 1 for c in coordinates])
+    if whole <= sum(cost(k * BLOCK, (k + 1) * BLOCK) for k in keys):
+        return [(coordinates, np.arange(len(flat)))]
+    groups = [np.flatnonzero(which.ravel() == k) for k in range(len(keys))]
+    return [(tuple(c[g] for c in coordinates), g) for g in groups]
+
+
+def _region_flip_logits(model, piece, coordinates: tuple[np.ndarray, ...], device) -> np.ndarray:
+    """``calibration.flip_logits`` at ``coordinates`` of ``piece``, predicted from their bounding box and its context
+    (the crop ``predict.region_with_context`` reads: mirrored only at the piece's border)."""
+    from .calibration import flip_logits
+
+    channels = piece.ndim - len(coordinates)
+    region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coordinates)
+    crop, _ = region_with_context(region, piece.shape[channels:], model.halo, model.grid)
+    patch = np.asarray(piece[(slice(None),) * channels + crop])
+    inside = np.ravel_multi_index(tuple(c - s.start for c, s in zip(coordinates, crop)), patch.shape[channels:])
+    return flip_logits(model, patch, inside, device=device)
 
 
 def _batches_in_words(batch_size: int, input_tile: tuple[int, ...]) -> str:

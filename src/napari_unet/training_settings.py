@@ -140,6 +140,13 @@ class TrainingSettings:
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
+    temperature: str | float = "auto"
+    """The softmax temperature the trained model keeps (``calibration.py``): "auto" fits it when the run ends on
+    labelled pixels training did not use (a dataset's validation images; for strokes the ``calibration_holdout``
+    share of the painted pixels), "off" keeps 1, a number is that temperature."""
+    calibration_holdout: float = 0.1
+    """With ``temperature="auto"`` and strokes: the share of painted pixels held out of training for the
+    temperature fit, as whole blocks of one class (``holdout.py``); 0: none held out, no temperature fitted."""
     normalization: dict = field(
         default_factory=lambda: dict(DEFAULT_RECIPE),
         metadata={
@@ -213,6 +220,8 @@ class TrainingSettings:
             value = getattr(self, name)
             if not (_is_number(value) and 0.0 <= value <= top):
                 raise ValueError(f"{name} is {what} in [0, {top:g}], got {value!r}")
+        if not (self.temperature in ("auto", "off") or (_is_number(self.temperature) and self.temperature > 0)):
+            raise ValueError(f"temperature must be auto, off or a number greater than 0, got {self.temperature!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a name such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         check_recipe(self.normalization)
@@ -247,6 +256,7 @@ _FRACTIONS = (
     ("class_balance", 1.0, "a class weight power"),
     ("class_sampling", 1.0, "a sampling power"),
     ("dice_weight", 100.0, "a loss weight"),
+    ("calibration_holdout", 0.5, "a share of the painted pixels"),
 )
 """Other real fields with their largest value."""
 

@@ -77,6 +77,7 @@ class ModelPanel(QGroupBox):
         self.model_label.setText(
             f"Model ({origin}): {config['ndim']}D, depth {config['depth']}, "
             f"{config['base_filters']} filters, {config['block']} blocks; classes: {classes}"
+            + _calibration_text(model, metadata)
         )
 
     def show_recovery(self, offer: str | None) -> None:
@@ -113,3 +114,15 @@ class ModelPanel(QGroupBox):
         )
         if path:
             self.export_requested.emit(path if path.endswith(".zip") else f"{path}.zip")
+
+
+def _calibration_text(model, metadata: dict) -> str:
+    """The model's softmax temperature and what it did to the expected calibration error of the pixels it was
+    fitted on (``metadata["calibration"]``), or "" for an uncalibrated model."""
+    fit = metadata.get("calibration")
+    if isinstance(fit, dict) and all(isinstance(fit.get(k), (int, float)) for k in ("ece_before", "ece_after")):
+        return (
+            f"; probabilities calibrated: temperature {model.temperature:.2f}, calibration error "
+            f"{fit['ece_before']:.3f} -> {fit['ece_after']:.3f} on held-out pixels"
+        )
+    return "" if model.temperature == 1.0 else f"; softmax temperature {model.temperature:.2f}"
