@@ -126,8 +126,8 @@ def test_cli_train_reports_the_calibration_of_held_out_strokes(tmp_path, capsys)
     assert "calibration: temperature" in err and "held-out painted pixels: expected calibration error" in err
     model, meta = load_model(out)
     assert model.temperature == meta["calibration"]["temperature"]
-    assert main([*common, *tiny, "--calibration-holdout", "0"]) == 0
-    assert "calibration: no temperature fitted (fewer than 64 held-out painted pixels" in capsys.readouterr().err
+    assert main([*common, *tiny]) == 0  # by default no stroke is held out
+    assert "calibration: no temperature fitted (no strokes held out for it" in capsys.readouterr().err
     assert load_model(out)[0].temperature == 1.0
 
 

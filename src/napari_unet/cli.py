@@ -997,7 +997,11 @@ def _train_and_save(args: argparse.Namespace, pairs: list[tuple], init) -> int:
             save_model(trainer.model, args.out, trainer.metadata)
         except OSError as e:
             raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
-    why = f"fewer than {MIN_HELD_OUT} held-out painted pixels of two classes"
+    why = (
+        f"fewer than {MIN_HELD_OUT} held-out painted pixels of two classes"
+        if trainer.settings.calibration_holdout
+        else "no strokes held out for it: --calibration-holdout 0.1 holds out a tenth"
+    )
     _print_calibration(trainer, "held-out painted pixels", why)
     print(args.out, flush=True)
     return stop.code or code

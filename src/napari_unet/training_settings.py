@@ -144,9 +144,11 @@ class TrainingSettings:
     """The softmax temperature the trained model keeps (``calibration.py``): "auto" fits it when the run ends on
     labelled pixels training did not use (a dataset's validation images; for strokes the ``calibration_holdout``
     share of the painted pixels), "off" keeps 1, a number is that temperature."""
-    calibration_holdout: float = 0.1
+    calibration_holdout: float = 0.0
     """With ``temperature="auto"`` and strokes: the share of painted pixels held out of training for the
-    temperature fit, as whole blocks of one class (``holdout.py``); 0: none held out, no temperature fitted."""
+    temperature fit, as whole blocks of one class (``holdout.py``), e.g. 0.1; 0 (default): none held out, no
+    temperature fitted. Off by default: holding out a tenth of the strokes cost ISBI membranes 0.032 Dice in the
+    300 s benchmark (DSB nuclei +0.005; docs/benchmarks.md), more than the calibration gains are worth."""
     normalization: dict = field(
         default_factory=lambda: dict(DEFAULT_RECIPE),
         metadata={
