@@ -48,6 +48,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).parent))
+import quality
 from quality import PAINTED, dice, train_strokes
 from quality_strokes import simulate_strokes
 
@@ -56,20 +57,13 @@ CROP, WINDOW, BATCH = 128, 256, 4
 
 
 def load_dsb(data: Path):
-    folder = data / "dsb2018_nuclei_subset"
-    names = sorted(p.name for p in (folder / "images").glob("*.tif"))
-    pairs = [
-        (tifffile.imread(folder / "images" / n), (tifffile.imread(folder / "labels" / n) > 0).astype(np.uint8))
-        for n in names
-    ]
-    return pairs[:30], pairs[-20:]
+    """The first 30 DSB images to train (dense), the last 20 to test."""
+    return quality.load_dsb(data, train_count=30)
 
 
 def load_isbi(data: Path):
-    folder = data / "isbi2012_em_membranes"
-    read = lambda kind, i: tifffile.imread(folder / kind / f"{i}.tif")  # noqa: E731
-    pairs = [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(30)]
-    return pairs[:20], pairs[20:]
+    """ISBI slices 0-19 to train (dense), 20-29 to test."""
+    return quality.load_isbi(data, train_count=20)
 
 
 def write_dataset(pairs, root: Path) -> Path:

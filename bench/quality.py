@@ -39,22 +39,25 @@ DEFAULT_DATA = Path("/work/shared/data")
 PAINTED = {0: 1, 1: 2}  # ground truth background -> painted id 1, foreground -> painted id 2
 
 
-def load_isbi(data: Path):
+def load_isbi(data: Path, train_count: int = 5):
+    """ISBI 2012 (image, membrane mask) pairs: slices ``0..train_count-1`` to train, 20-29 to test."""
     folder = data / "isbi2012_em_membranes"
     read = lambda kind, i: tifffile.imread(folder / kind / f"{i}.tif")  # noqa: E731
-    train = [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(5)]
+    train = [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(train_count)]
     test = [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(20, 30)]
     return train, test
 
 
-def load_dsb(data: Path):
+def load_dsb(data: Path, train_count: int = 10):
+    """DSB 2018 (image, nucleus mask) pairs in sorted file order: the first ``train_count`` to train, the last 20 to
+    test."""
     folder = data / "dsb2018_nuclei_subset"
     names = sorted(p.name for p in (folder / "images").glob("*.tif"))
     pairs = [
         (tifffile.imread(folder / "images" / n), (tifffile.imread(folder / "labels" / n) > 0).astype(np.uint8))
         for n in names
     ]
-    return pairs[:10], pairs[-20:]
+    return pairs[:train_count], pairs[-20:]
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:

@@ -918,10 +918,10 @@ class Trainer:
         where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
         held = [(i, j, h) for i, pieces in enumerate(self._held) for j, h in enumerate(pieces) if h is not None]
         model = self.model.inference_copy().to(device)
+        shapes = {(i, j): self._piece_shape(i, j) for i, j, _ in held}
         candidates = []
         for index, j, (flat, _) in held:
-            piece = self.sampler.image_piece(index, j)
-            shape = piece.shape[piece.ndim - self.image_ndim :]
+            shape = shapes[index, j]
             keys = np.stack([c // BLOCK for c in np.unravel_index(flat, shape)], 1)
             inverse = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
             cost = math.prod(min(n, BLOCK + 2 * h + model.grid) for n, h in zip(shape, model.halo))
@@ -943,10 +943,15 @@ class Trainer:
         for (index, j), which in selected:
             flat, labels = pieces[index, j][0][which], pieces[index, j][1][which]
             piece = self.sampler.image_piece(index, j)
-            for coordinates, part in _held_out_regions(flat, piece.shape[piece.ndim - self.image_ndim :], model):
+            for coordinates, part in _held_out_regions(flat, shapes[index, j], model):
                 logits.append(_region_flip_logits(model, piece, coordinates, device))
                 targets.append(labels[part].astype(np.int64))
         return np.concatenate(logits, axis=1), np.concatenate(targets)
+
+    def _piece_shape(self, index: int, piece: int) -> tuple[int, ...]:
+        """The spatial shape of piece ``piece`` of image ``index`` (its channels left out)."""
+        array = self.sampler.image_piece(index, piece)
+        return tuple(array.shape[array.ndim - self.image_ndim :])
 
     def _leaving_model(self) -> UNet:
         """A copy of the model training would leave now: the weight average once the averaging window has
