@@ -3,6 +3,7 @@ the temperature, and every prediction path applies it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -12,11 +13,13 @@ from test_datasets import make_plain
 
 from napari_unet.bioimageio_export import _Probabilities, grid_shift
 from napari_unet.calibration import (
+    FlipPasses,
     calibrate,
     expected_calibration_error,
     fit_temperature,
-    flip_logits,
+    held_out_patch,
     nll,
+    sample_window,
     softmax,
 )
 from napari_unet.dataset_training import DatasetTrainer
@@ -63,17 +66,70 @@ def test_the_fit_goes_through_the_average_of_the_flip_passes():
     assert result["passes"] == 8 and result["nll_after"] < result["nll_before"]
 
 
-def test_flip_logits_are_the_passes_that_test_time_flips_average():
+def _wavy(shape=(61, 70)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (3 * np.sin(yy / 5.0) * np.cos(xx / 3.0) + yy / 10.0).astype(np.float32)
+
+
+def _every(step: int, shape) -> tuple[np.ndarray, ...]:
+    return np.unravel_index(np.arange(0, int(np.prod(shape)), step), shape)
+
+
+@pytest.mark.parametrize("radius", [0, 2, "auto"])
+def test_held_out_pixels_are_what_the_default_prediction_returns(radius):
+    """At any temperature, a patch's held-out pixels get the probabilities that ``predict_tiled`` with test-time
+    flips and the edge refinement gives a model of that temperature (pixels all over the image: the patch is it)."""
+    image = _wavy()
+    coordinates = _every(7, image.shape)
+    patch = held_out_patch(_model(1.0), image, coordinates, radius=radius)
+    assert patch.passes.shape == (8, 3, *image.shape) and patch.radius == (2 if radius == 2 else patch.radius)
+    for temperature in (1.0, 2.5):
+        whole = predict_tiled(_model(temperature), image, test_time_flips=True, refine_radius=radius)
+        np.testing.assert_allclose(patch.probabilities(temperature), whole[(slice(None), *coordinates)].T, atol=1e-5)
+    (one,) = held_out_patch(_model(1.0), image, coordinates, flips=False, radius=0).passes
+    np.testing.assert_allclose(np.exp(one), predict_tiled(_model(1.0), image), atol=1e-6)
+
+
+def test_a_patch_inside_the_image_carries_the_context_the_refinement_reads():
+    """Pixels in the middle of a larger image: the patch is their box grown by the refinement's reach and the
+    network's context, and its unflipped, refined probabilities there equal the whole image's."""
+    image = _wavy((150, 160))
     model = _model(1.0)
-    yy, xx = np.mgrid[:61, :70]
-    image = (3 * np.sin(yy / 5.0) * np.cos(xx / 3.0) + yy / 10.0).astype(np.float32)
-    indices = np.arange(0, image.size, 7)
-    passes = flip_logits(model, image, indices)
-    assert passes.shape == (8, indices.size, 3)
-    averaged = predict_tiled(model, image, test_time_flips=True).reshape(3, -1)[:, indices].T
-    np.testing.assert_allclose(softmax(passes), averaged, atol=1e-5)
-    (one,) = flip_logits(model, image, indices, flips=False)
-    np.testing.assert_allclose(np.exp(one), predict_tiled(model, image).reshape(3, -1)[:, indices].T, atol=1e-6)
+    coordinates = tuple(c + 60 for c in _every(3, (20, 25)))
+    patch = held_out_patch(model, image, coordinates, flips=False, radius=3)
+    assert patch.passes.shape[2] < image.shape[0] and patch.passes.shape[3] < image.shape[1]
+    whole = predict_tiled(model, image, refine_radius=3)
+    np.testing.assert_allclose(patch.probabilities(), whole[(slice(None), *coordinates)].T, atol=1e-5)
+
+
+def test_the_fit_goes_through_the_refinement():
+    """An overconfident prediction whose edge lies 3 pixels off the image's: the refinement moves it towards the
+    image's edge, so the refined probabilities need another temperature than the raw ones, and the one fitted
+    through the refinement gives them the lower NLL."""
+    x = np.broadcast_to(np.arange(64, dtype=np.float32), (48, 64))
+    guide = (x >= 30).astype(np.float32)
+    logit = 6.0 * np.tanh((x - 33) / 2.0)
+    passes = np.stack([-logit, logit])[None] / 2  # (F=1, K=2, Y, X) log-probabilities up to a constant
+    targets = (x >= 30).astype(np.int64).ravel()
+    indices = np.arange(x.size)
+    refined = FlipPasses(passes, guide, 3, 0.01, 2, indices)
+    unrefined = FlipPasses(passes, guide, 0, 0.01, 2, indices)
+    through, before = fit_temperature([refined], targets), fit_temperature([unrefined], targets)
+    assert abs(math.log(through / before)) > 0.1
+    assert nll([refined], targets, through) < nll([refined], targets, before)
+    result = calibrate([refined], targets)
+    assert result["refined"] and result["passes"] == 1 and result["nll_after"] < result["nll_before"]
+    assert not calibrate([unrefined], targets)["refined"]
+
+
+def test_sample_window_is_bounded_contiguous_and_seeded():
+    shape = (300, 200)
+    window = sample_window(shape, 6000, np.random.default_rng(0))
+    sides = [w.stop - w.start for w in window]
+    assert np.prod(sides) <= 6000 and all(w.start >= 0 and w.stop <= n for w, n in zip(window, shape))
+    assert sides[0] > sides[1]  # the image's aspect ratio
+    assert window == sample_window(shape, 6000, np.random.default_rng(0))
+    assert sample_window(shape, 10**6, np.random.default_rng(0)) == (slice(0, 300), slice(0, 200))
 
 
 def test_ece_of_a_calibrated_and_an_overconfident_predictor():

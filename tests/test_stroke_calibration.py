@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_unet.calibration import REFINEMENT_REACH
 from napari_unet.cli import main
 from napari_unet.holdout import BLOCK, MIN_PIXELS, held_out
 from napari_unet.io import load_model
@@ -158,7 +159,7 @@ def test_the_prediction_of_held_out_blocks_is_bounded(monkeypatch):
     list(trainer.run())
     assert trainer.calibration is None or trainer.calibration["pixels"] < held
     trainer = Trainer([image], [labels], TrainingSettings(**TINY, calibration_holdout=0.3))
-    block = (BLOCK + 2 * trainer.model.halo[0] + trainer.model.grid) ** 2
+    block = (BLOCK + 2 * (trainer.model.halo[0] + REFINEMENT_REACH) + trainer.model.grid) ** 2
     monkeypatch.setattr(training, "PREDICTED_PIXELS", 3 * block)  # three blocks with their context
     list(trainer.run())
     assert MIN_PIXELS <= trainer.calibration["pixels"] < held

@@ -237,26 +237,28 @@ class DatasetTrainer(Trainer):
                 epochs=copy.deepcopy(self.scores), best_epoch=self.best_epoch, best_mean_iou=self.metadata_best()
             )
 
-    def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(logits, targets)`` of a seeded sample of the validation images' labelled pixels
-        (``calibration.MAX_PIXELS`` over all of them): ``(F, N, K)`` logits of the test-time flip passes of each
-        whole image (``calibration.flip_logits``); None without validation images."""
-        from .calibration import MAX_PIXELS, flip_logits, sample_indices
+    def _held_out_pixels(self, device: torch.device) -> tuple[list, np.ndarray] | None:
+        """``(patches, targets)`` of the validation images' labelled pixels as a default prediction gives them
+        (``calibration.held_out_patch``: test-time flips, edge refinement): each whole image, or a seeded window of
+        ``calibration.MAX_PIXELS`` over the validation images' count of a larger one; None without validation
+        images."""
+        from .calibration import MAX_PIXELS, held_out_patch, sample_window
 
-        if not self.dataset.val:
-            return None
-        rng, logits, targets = np.random.default_rng(self.settings.seed), [], []
-        limit = max(1, MAX_PIXELS // len(self.dataset.val))
+        rng, patches, targets = np.random.default_rng(self.settings.seed), [], []
+        limit = max(1, MAX_PIXELS // max(1, len(self.dataset.val)))
         model = self.model.inference_copy().to(device)
         channels = 0 if self.in_channels > 1 else None
         for sample in self.dataset.val:
             image = self.dataset.read_image(sample)
             target = self.dataset.index_mask(sample)
-            indices = sample_indices(target, rng, limit)
+            window = sample_window(target.shape, limit, rng)
+            coordinates = tuple(c + w.start for c, w in zip(np.nonzero(target[window] >= 0), window))
+            if not coordinates[0].size:
+                continue
             normalized = normalize(image, image_params(image, self.normalization, channels))
-            logits.append(flip_logits(model, normalized, indices, device=device))
-            targets.append(target.ravel()[indices].astype(np.int64))
-        return np.concatenate(logits, axis=1), np.concatenate(targets)
+            patches.append(held_out_patch(model, normalized, coordinates, device=device))
+            targets.append(target[coordinates].astype(np.int64))
+        return (patches, np.concatenate(targets)) if patches else None
 
     def metadata_best(self) -> float | None:
         """The best validation mean IoU so far (None before the first validation)."""

@@ -74,6 +74,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from .augment import Augmenter, paste_mix
+from .calibration import REFINEMENT_REACH, held_out_patch
 from .devices import amp_dtype, default_cpu_threads, release_device_memory, resolve_device
 from .domain import (
     SAMPLE_TILE,
@@ -93,7 +94,7 @@ from .losses import border_weight_map, class_weights, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
-from .predict import predict_regions, region_with_context
+from .predict import predict_regions
 from .prefetch import Prefetcher
 from .sampling import PatchSampler
 from .training_settings import TrainingSettings
@@ -910,9 +911,10 @@ class Trainer:
         elif chosen != "auto" and chosen != "off":
             self.model.temperature = float(chosen)
 
-    def _held_out_pixels(self, device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(logits, targets)`` of the painted pixels held out of training: ``(F, N, K)`` logits of the test-time
-        flip passes (``calibration.flip_logits``) of a seeded choice of the held-out blocks, as many as
+    def _held_out_pixels(self, device: torch.device) -> tuple[list, np.ndarray] | None:
+        """``(patches, targets)`` of the painted pixels held out of training: the test-time flip passes and edge
+        refinement of a default prediction (``calibration.held_out_patch``) of a seeded choice of the held-out
+        blocks, as many as
         ``holdout.PREDICTED_PIXELS`` input pixels per pass allow (so a run's end stays short on any image), each
         piece's chosen blocks predicted with their context or, where that reads less, their bounding box; None
         where there are fewer than ``holdout.MIN_PIXELS`` of them or they hold one class."""
@@ -924,7 +926,7 @@ class Trainer:
             shape = shapes[index, j]
             keys = np.stack([c // BLOCK for c in np.unravel_index(flat, shape)], 1)
             inverse = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
-            cost = math.prod(min(n, BLOCK + 2 * h + model.grid) for n, h in zip(shape, model.halo))
+            cost = math.prod(min(n, BLOCK + 2 * (h + REFINEMENT_REACH) + model.grid) for n, h in zip(shape, model.halo))
             candidates += [(index, j, np.flatnonzero(inverse == k), cost) for k in range(inverse.max() + 1)]
         chosen: dict[tuple[int, int], list[np.ndarray]] = {}
         spent = 0
@@ -939,14 +941,14 @@ class Trainer:
         classes = np.concatenate([pieces[key][1][which] for key, which in selected] or [np.empty(0, np.int16)])
         if classes.size < MIN_PIXELS or np.unique(classes).size < 2:
             return None
-        logits, targets = [], []
+        patches, targets = [], []
         for (index, j), which in selected:
             flat, labels = pieces[index, j][0][which], pieces[index, j][1][which]
             piece = self.sampler.image_piece(index, j)
             for coordinates, part in _held_out_regions(flat, shapes[index, j], model):
-                logits.append(_region_flip_logits(model, piece, coordinates, device))
+                patches.append(held_out_patch(model, piece, coordinates, device=device))
                 targets.append(labels[part].astype(np.int64))
-        return np.concatenate(logits, axis=1), np.concatenate(targets)
+        return patches, np.concatenate(targets)
 
     def _piece_shape(self, index: int, piece: int) -> tuple[int, ...]:
         """The spatial shape of piece ``piece`` of image ``index`` (its channels left out)."""
@@ -1000,7 +1002,8 @@ def _held_out_regions(flat: np.ndarray, shape: tuple[int, ...], model):
     coordinates = np.unravel_index(flat, shape)
 
     def cost(low, high):
-        return math.prod(min(n, hi - lo + 2 * h + model.grid) for lo, hi, h, n in zip(low, high, model.halo, shape))
+        reach = [2 * (h + REFINEMENT_REACH) + model.grid for h in model.halo]
+        return math.prod(min(n, hi - lo + r) for lo, hi, r, n in zip(low, high, reach, shape))
 
     blocks = np.stack([c // BLOCK for c in coordinates], 1)
     keys, which = np.unique(blocks, axis=0, return_inverse=True)
@@ -1009,19 +1012,6 @@ def _held_out_regions(flat: np.ndarray, shape: tuple[int, ...], model):
         return [(coordinates, np.arange(len(flat)))]
     groups = [np.flatnonzero(which.ravel() == k) for k in range(len(keys))]
     return [(tuple(c[g] for c in coordinates), g) for g in groups]
-
-
-def _region_flip_logits(model, piece, coordinates: tuple[np.ndarray, ...], device) -> np.ndarray:
-    """``calibration.flip_logits`` at ``coordinates`` of ``piece``, predicted from their bounding box and its context
-    (the crop ``predict.region_with_context`` reads: mirrored only at the piece's border)."""
-    from .calibration import flip_logits
-
-    channels = piece.ndim - len(coordinates)
-    region = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coordinates)
-    crop, _ = region_with_context(region, piece.shape[channels:], model.halo, model.grid)
-    patch = np.asarray(piece[(slice(None),) * channels + crop])
-    inside = np.ravel_multi_index(tuple(c - s.start for c, s in zip(coordinates, crop)), patch.shape[channels:])
-    return flip_logits(model, patch, inside, device=device)
 
 
 def _batches_in_words(batch_size: int, input_tile: tuple[int, ...]) -> str:
