@@ -48,6 +48,7 @@ def _composed(model, metadata, image, settings):
         test_time_flips=settings.test_time_flips,
         refine_radius=settings.refine_radius,
         refine_eps=settings.refine_eps,
+        tile_tuning=settings.tile_tuning,
     )
     class_ids = metadata.get("class_ids") or list(range(1, model.n_classes + 1))
     labels = segmentation_from_probabilities(probabilities, class_ids)

@@ -51,6 +51,8 @@ class BlockSettings:
     """A device name (``PredictionSettings.device``: "auto", "cuda", ...), resolved by the process that predicts."""
     precision: str = "float32"
     """``PredictionSettings.precision``, resolved (``devices.prediction_dtype``) by the process that predicts."""
+    tile_tuning: bool = False
+    """``PredictionSettings.tile_tuning``: measured where the blocks run (each machine keeps its own)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def predict_block(model, normalized, region: tuple[slice, ...], settings: BlockS
         test_time_flips=settings.flips,
         precision=settings.precision,
         region=tuple(grown),
+        tile_tuning=settings.tile_tuning,
     )
     if settings.radius:
         guide = np.asarray(normalized[((slice(None),) if channels else ()) + tuple(grown)], np.float32)
@@ -176,6 +179,7 @@ def volume_settings(model, metadata: dict, image, prediction_settings, mapper=No
         batch_size=prediction_settings.batch_size,
         device=prediction_settings.device,  # resolved where the blocks run (GPU workers, a login node without one)
         precision=prediction_settings.precision,
+        tile_tuning=prediction_settings.tile_tuning,
     )
     try:  # the crops that an "auto" radius measures are predicted here
         here = str(resolve_device(prediction_settings.device))

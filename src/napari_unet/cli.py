@@ -157,6 +157,13 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.precision})",
     )
     parser.add_argument(
+        "--tile-tuning",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.tile_tuning,
+        help="without --tile: on first use on this machine, time a few tile sizes for the model and use the "
+        "fastest, kept per machine (default: on; --no-tile-tuning: the largest tiles the memory budget allows)",
+    )
+    parser.add_argument(
         "--test-time-flips",
         action=argparse.BooleanOptionalAction,
         default=defaults.test_time_flips,
@@ -513,6 +520,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             tile_shape=tile,
             batch_size=args.batch_size,
             precision=args.precision,
+            tile_tuning=args.tile_tuning,
             test_time_flips=args.test_time_flips,
             refine_radius=args.refine_radius,
             refine_eps=args.refine_eps,

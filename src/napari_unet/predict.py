@@ -63,6 +63,14 @@ class PredictionSettings:
         None, "Batch size", "Tiles per forward pass; empty: as many as the memory budget allows.", min=1, max=256
     )
     """Tiles per forward pass; None: as many as the memory budget allows."""
+    tile_tuning: bool = _setting(
+        True,
+        "Tune tiles",
+        "Without a tile size: on first use on this machine, time a few tile sizes for the network and use the "
+        "fastest (kept per machine); off: the largest tiles the memory budget allows.",
+    )
+    """``tiling.predict_tiled(tile_tuning=...)``: tiles from measurement (``tile_tuning.tuned_tile``) when no
+    ``tile_shape`` is given."""
     precision: str = _setting(
         "auto",
         "Precision",
@@ -115,7 +123,7 @@ class PredictionSettings:
             raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("test_time_flips", "uncertainty"):
+        for name in ("tile_tuning", "test_time_flips", "uncertainty"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.refine_radius != AUTO and not (_is_int(self.refine_radius) and self.refine_radius >= 0):
@@ -206,6 +214,7 @@ def predict_image(
         test_time_flips=settings.test_time_flips,
         refine_radius=settings.refine_radius,
         refine_eps=settings.refine_eps,
+        tile_tuning=settings.tile_tuning,
     )
     labels = segmentation_from_probabilities(
         probabilities, class_ids, out=out("labels", spatial, labels_dtype(class_ids))

@@ -268,6 +268,7 @@ def predict_tiled(
     refine_radius: int | str = 0,
     refine_eps: float = DEFAULT_EPS,
     region: tuple[slice, ...] | None = None,
+    tile_tuning: bool = False,
 ) -> np.ndarray:
     """Softmax probabilities of ``model`` over ``image`` by exact overlap-tile prediction.
 
@@ -302,7 +303,7 @@ def predict_tiled(
         exact: the result equals the average of whole-image passes over the flipped reflect-padded image,
         because a legal input tile has an even length at every pooling level and so pools the same pixel
         pairs whichever end it is read from. A list of some of :func:`flip_transforms` averages those only
-        (``calibration.flip_logits`` predicts each pass on its own).
+        (``calibration.held_out_patch`` predicts each pass on its own).
     refine_radius, refine_eps : int or "auto", float
         When ``refine_radius`` is not 0, the assembled probabilities are snapped to the image's edges by
         :func:`napari_unet.refine.refine_probabilities` (a guided filter with ``image`` as the guide, read
@@ -314,6 +315,10 @@ def predict_tiled(
         grid), with real context from the image around it and mirroring only at the image's border, so the result
         equals that part of the whole-image prediction; ``out`` then has the region's shape. Not with
         ``refine_radius`` (the refinement of a region needs context of its own: ``blockwise.predict_block``).
+    tile_tuning : bool
+        Without ``tile_shape``: tiles no larger than the fastest one measured for this network on this device
+        (``tile_tuning.tuned_tile``: timed on first use, kept per machine), in its batch size unless ``batch_size``
+        is given; False: as large as the memory budget allows. Speed only: the result is the same.
 
     Returns
     -------
@@ -339,12 +344,21 @@ def predict_tiled(
     budget = default_max_input_voxels(model, device=device)
     if region is not None and refine_radius:
         raise ValueError("predict_tiled refines whole images only; refine a region with blockwise.predict_block")
+    # Channels-last lets oneDNN/cuDNN pick faster convolution kernels; results are unchanged.
+    memory_format = torch.channels_last if model.ndim == 2 else torch.channels_last_3d
+    dtype = prediction_dtype(precision, device)
+    net, tuned_batch = None, None  # the network is copied once the sizes are known to fit, unless tuning needs it
+    if tile_tuning and tile_shape is None:
+        from .tile_tuning import tuned_tile
+
+        net = model.inference_copy().to(device, memory_format=memory_format)
+        budget, tuned_batch = tuned_tile(net, device, dtype, budget)
     plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget, region=region)
     if region is not None:
         spatial_shape = plan.stack_shape + plan.shape
     chosen_batch = batch_size is not None
     if batch_size is None:
-        batch_size = max(1, budget // math.prod(plan.input_tile))
+        batch_size = tuned_batch or max(1, budget // math.prod(plan.input_tile))
     batch_size = max(1, min(int(batch_size), len(plan)))
     _check_sizes(model, plan, batch_size, device, test_time_flips, tile_shape is not None or chosen_batch)
     if refine_radius != AUTO and refine_radius:  # "auto" is at most refine.MAX_AUTO_RADIUS
@@ -360,14 +374,12 @@ def predict_tiled(
     elif tuple(out.shape) != (model.n_classes, *spatial_shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(model.n_classes, *spatial_shape)}")
 
-    # Channels-last lets oneDNN/cuDNN pick faster convolution kernels; results are unchanged.
-    memory_format = torch.channels_last if model.ndim == 2 else torch.channels_last_3d
-    net = model.inference_copy().to(device, memory_format=memory_format)
+    if net is None:
+        net = model.inference_copy().to(device, memory_format=memory_format)
     if should_stop is not None:  # a stop takes effect within one layer, not after a whole (flipped) batch
         for layer in net.modules():
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 layer.register_forward_pre_hook(lambda *_: _stop_if(should_stop, "during a tile batch"))
-    dtype = prediction_dtype(precision, device)
     run = _TileRun(net, image, out, channel_axis, device, memory_format, progress, should_stop, dtype, test_time_flips)
     first, done = (plan.input_tile, batch_size), 0
     while True:

@@ -10,10 +10,11 @@ from qtpy.QtWidgets import QGroupBox, QVBoxLayout
 from ..predict import PredictionSettings
 from .settings_form import SettingsForm
 
-LEFT_OUT = ("device", "tile_shape", "batch_size", "refine_eps")
+LEFT_OUT = ("device", "tile_shape", "batch_size", "tile_tuning", "refine_eps")
 """Prediction settings not in this form: the device is the composing widget's (one for training and prediction);
-tile and batch size change speed and memory, not the result, and the edge threshold is an expert's knob, so they
-are the command line's (``napari-unet predict --tile/--batch-size/--refine-eps``) and keep their defaults here."""
+tile and batch size and the tile tuning change speed and memory, not the result, and the edge threshold is an
+expert's knob, so they are the command line's (``napari-unet predict --tile/--batch-size/--no-tile-tuning/
+--refine-eps``) and keep their defaults here."""
 
 
 class PredictionPanel(QGroupBox):
