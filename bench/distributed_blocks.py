@@ -15,10 +15,12 @@ time, setup (normalization pass over the whole volume and store creation, up to 
 seconds per block after it, the peak resident memory of the process that called ``predict_volume`` (for
 ``in_process`` it predicted the blocks) and of each worker process (``client.run``). ``--overhead`` times no-op
 tasks on a fresh 2-worker cluster: the scheduling cost per task that a block pays on top of its prediction.
+``--setup-only`` times the normalization pass alone (``blockwise.volume_settings``, what the setup is made of) in
+each mode: in this process, or counted by the workers of a fresh cluster (``distributed_predict.ClusterSlabs``).
 One JSON object per mode is printed and appended to ``--json``.
 
     python bench/distributed_blocks.py --folder F --gib 1 --modes in_process,1,2 [--network tiny|default]
-        [--block 128] [--overhead] [--json results.jsonl] [--delete-volume]
+        [--block 128] [--overhead] [--setup-only] [--json results.jsonl] [--delete-volume]
 """
 
 from __future__ import annotations
@@ -151,6 +153,43 @@ def _predict(image_path: Path, model_path: Path, out: Path, block: int, workers:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _setup(image_path: Path, model_path: Path, workers: int | None) -> dict:
+    """The normalization pass over the volume (``volume_settings``) here or on a fresh cluster of ``workers``."""
+    import numpy as np
+
+    from napari_unet.blockwise import volume_settings
+    from napari_unet.distributed_predict import ClusterSlabs, ImageSource, SourceArray, dask_client
+    from napari_unet.io import load_model, open_image
+    from napari_unet.normalization import chunk_shape
+    from napari_unet.predict import PredictionSettings
+
+    model, metadata = load_model(model_path)
+    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    with open_image(image_path) as (lazy, _):
+        if workers is None:
+            started = time.perf_counter()
+            decided = volume_settings(model, metadata, lazy, settings)
+            seconds = time.perf_counter() - started
+            return {
+                "setup_seconds": round(seconds, 1),
+                "params": decided.params,
+                "caller_peak_rss_mib": round(_peak_rss_mib()),
+            }
+        source = SourceArray(ImageSource(str(image_path), None, 1), lazy.shape, np.dtype(lazy.dtype), chunk_shape(lazy))
+        with dask_client(workers=workers, log=lambda line: None) as (client, _):
+            client.wait_for_workers(workers)
+            started = time.perf_counter()
+            decided = volume_settings(model, metadata, source, settings, ClusterSlabs(client))
+            seconds = time.perf_counter() - started
+            usage = client.run(resource.getrusage, resource.RUSAGE_SELF)
+        return {
+            "setup_seconds": round(seconds, 1),
+            "params": decided.params,
+            "caller_peak_rss_mib": round(_peak_rss_mib()),
+            "worker_peak_rss_mib": sorted(round(u.ru_maxrss / 1024) for u in usage.values()),
+        }
+
+
 def _overhead(tasks: int) -> dict:
     """Milliseconds per no-op task on a fresh 2-worker LocalCluster (after a warm-up), one ``submit`` each, as
     ``distributed_predict`` submits its blocks."""
@@ -180,6 +219,7 @@ def main() -> None:
     parser.add_argument("--overhead", type=int, default=0, metavar="TASKS", help="also time TASKS no-op tasks")
     parser.add_argument("--json", type=Path, help="append each result here (one JSON object per line)")
     parser.add_argument("--delete-volume", action="store_true")
+    parser.add_argument("--setup-only", action="store_true", help="time the normalization pass alone in each mode")
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     image_path = _volume(args.folder, args.gib, args.block)
@@ -201,7 +241,12 @@ def main() -> None:
     for mode in args.modes.split(","):
         workers = None if mode == "in_process" else int(mode)
         out = args.folder / f"out-{mode}"
-        result = _in_fresh_process(_predict, image_path, model_path, out, args.block, workers, args.probabilities_dtype)
+        if args.setup_only:
+            result = {"setup_only": True, **_in_fresh_process(_setup, image_path, model_path, workers)}
+        else:
+            result = _in_fresh_process(
+                _predict, image_path, model_path, out, args.block, workers, args.probabilities_dtype
+            )
         results.append({**common, "mode": mode, **result, "load_after": round(os.getloadavg()[0], 2)})
         print(json.dumps(results[-1]), flush=True)
     if args.overhead:

@@ -100,6 +100,42 @@ def test_streamed_percentiles_of_a_lazy_image_equal_numpys(dtype, monkeypatch):
         assert streamed["low_values"] == [expected[0]] and streamed["high_values"] == [expected[1]]
 
 
+def test_a_chunked_image_is_counted_in_parts_of_whole_chunks(tmp_path, monkeypatch):
+    """A chunked volume (zarr) is read in blocks of whole chunks, each chunk once (not once per plane, which read a
+    128-plane chunk 128 times), the parts covering it exactly; the percentiles are numpy's. Chunks larger than a
+    part are read in planes of them."""
+    import math
+
+    import zarr
+
+    import napari_unet.normalization as normalization
+    from napari_unet.normalization import part_bounds
+
+    shape, chunks = (40, 50, 60), (16, 16, 16)
+    image = np.random.default_rng(2).integers(0, 4000, shape).astype(np.uint16)
+    stored = zarr.create_array(str(tmp_path / "v.zarr"), shape=shape, chunks=chunks, dtype=np.uint16)
+    stored[...] = image
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 16 * 16 * 20)  # parts of two chunks
+    parts = part_bounds(stored)
+    covered = np.zeros(shape, np.int64)
+    for part in parts:
+        covered[part] += 1
+        assert math.prod(s.stop - s.start for s in part) <= 16 * 16 * 40
+        for s, c, n in zip(part, chunks, shape):
+            assert s.start % c == 0 and (s.stop % c == 0 or s.stop == n)  # whole chunks
+    assert (covered == 1).all() and len(parts) < 40  # fewer parts than planes
+    for low, high in [(1.0, 99.8), (0.0, 100.0)]:
+        params = percentile_params(stored, low, high)
+        assert [params["low_values"][0], params["high_values"][0]] == list(np.percentile(image, [low, high]))
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 16 * 16 * 4)  # a chunk is larger than a part
+    planes = part_bounds(stored)
+    assert {p[0].stop - p[0].start for p in planes} == {8}  # 8 planes of 16 x 16: the budget
+    assert all(
+        p[1].stop - p[1].start == p[2].stop - p[2].start == 16 for p in planes if p[1].stop < 50 and p[2].stop < 60
+    )
+    assert percentile_params(stored)["high_values"] == [np.percentile(image, 99.8)]
+
+
 def _other_type_images():
     rng = np.random.default_rng(3)
     shape = (9, 70, 50)

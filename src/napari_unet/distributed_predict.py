@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .blockwise import BlockPlan, BlockSettings, plan_blocks, predict_block, volume_settings
+from .normalization import chunk_shape
 
 DONE_ARRAY = "napari_unet_blocks"
 """The array of the labels store that marks each block done (1) or not (0)."""
@@ -127,6 +128,8 @@ class SourceArray:
     source: ImageSource
     shape: tuple[int, ...]
     dtype: np.dtype
+    chunks: tuple[int, ...] | None = None
+    """The source's chunk shape (``normalization.chunk_shape``): the parts the normalization reads follow it."""
 
     @property
     def ndim(self) -> int:
@@ -136,8 +139,8 @@ class SourceArray:
         return np.asarray(_image(self.source)[key])
 
 
-def _counted_slabs(function, combine, values, bounds: list[tuple[int, int]]):
-    """One normalization task: ``function`` of each of ``bounds``' slabs, combined (``normalization.reduce_slabs``)."""
+def _counted_slabs(function, combine, values, bounds: list[tuple[slice, ...]]):
+    """One normalization task: ``function`` of each of ``bounds``' parts, combined (``normalization.reduce_slabs``)."""
     import functools
 
     import dask
@@ -147,20 +150,21 @@ def _counted_slabs(function, combine, values, bounds: list[tuple[int, int]]):
 
 
 class ClusterSlabs:
-    """A ``normalization.reduce_slabs`` mapper that counts the slabs on ``client``'s cluster: tasks of about
-    ``NORMALIZATION_TASK_PIXELS`` pixels (consecutive slabs), combined here as they complete (retried by Dask
-    where a worker dies)."""
+    """A ``normalization.reduce_slabs`` mapper that counts the parts on ``client``'s cluster: tasks of about
+    ``NORMALIZATION_TASK_PIXELS`` pixels (consecutive parts: slabs, or blocks of whole chunks), combined here as they
+    complete (retried by Dask where a worker dies)."""
 
     def __init__(self, client):
         self.client = client
 
-    def __call__(self, function, combine, values, bounds: list[tuple[int, int]]):
+    def __call__(self, function, combine, values, bounds: list[tuple[slice, ...]]):
         import math
 
         from distributed import as_completed
 
-        plane = math.prod(tuple(values.shape)[1:])
-        per_task = max(1, NORMALIZATION_TASK_PIXELS // max(1, plane * (bounds[0][1] - bounds[0][0])))
+        shape = tuple(values.shape)
+        first = math.prod(s.stop - s.start for s in bounds[0]) * math.prod(shape[len(bounds[0]) :])
+        per_task = max(1, NORMALIZATION_TASK_PIXELS // max(1, first))
         groups = [bounds[i : i + per_task] for i in range(0, len(bounds), per_task)]
         futures = self.client.map(
             _counted_slabs, *zip(*[(function, combine, values, g) for g in groups]), pure=False, retries=2
@@ -280,7 +284,7 @@ def predict_volume(
             if client is None:
                 decided = volume_settings(model, metadata, image, prediction_settings)
             else:  # the slabs counted by the workers, each reading the source
-                lazy = SourceArray(source, tuple(image.shape), np.dtype(image.dtype))
+                lazy = SourceArray(source, tuple(image.shape), np.dtype(image.dtype), chunk_shape(image))
                 decided = volume_settings(model, metadata, lazy, prediction_settings, ClusterSlabs(client))
         record = {"run": run, "block_settings": _jsonable(asdict(decided))}
         _create_stores(

@@ -27,6 +27,7 @@ file must normalize exactly as the same image in memory does (the CLI and the wi
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -196,12 +197,12 @@ def _extremes(values, mapper=None) -> tuple[float, float]:
     if is_lazy(values):
         smallest, largest = reduce_slabs(_slab_extremes, _wider, values, mapper)
     else:
-        smallest, largest = _slab_extremes(np.asarray(values), (0, len(values)))
+        smallest, largest = _slab_extremes(np.asarray(values), (slice(None),))
     return (smallest, largest) if smallest <= largest else (0.0, 1.0)
 
 
-def _slab_extremes(values, bounds: tuple[int, int]) -> tuple[float, float]:
-    finite = np.asarray(values[bounds[0] : bounds[1]], np.float64).ravel()
+def _slab_extremes(values, bounds: tuple[slice, ...]) -> tuple[float, float]:
+    finite = np.asarray(values[bounds], np.float64).ravel()
     finite = finite[np.isfinite(finite)]
     return (float(finite.min()), float(finite.max())) if finite.size else (math.inf, -math.inf)
 
@@ -241,7 +242,8 @@ class _OpenedSlabs:
             return _open_planes(array, self.area)
         return _opened_levels(array.astype(np.float64), self.area, *self.quantization)
 
-    def __getitem__(self, key: slice) -> np.ndarray:
+    def __getitem__(self, key: slice | tuple[slice]) -> np.ndarray:
+        (key,) = key if isinstance(key, tuple) else (key,)  # a part of reduce_slabs: one slice of the first axis
         start, stop, _ = key.indices(self.shape[0])
         if self.ndim != 2:
             return self._opened(np.asarray(self.source[start:stop]))
@@ -271,23 +273,62 @@ def slabs(values):
         yield np.asarray(values[start:stop])
 
 
+_PART_SLABS = 2  # a part of a chunked array holds at most this many slabs' pixels (a 128³ chunk is 2 slabs)
+
+
+def chunk_shape(values) -> tuple[int, ...] | None:
+    """The chunk shape of a chunked array (zarr: ``chunks``; dask: the first chunk's size on each axis), None for
+    other arrays."""
+    chunks = getattr(values, "chunks", None)
+    if chunks is None or len(chunks) != len(tuple(values.shape)):
+        return None
+    sizes = tuple(int(c[0]) if isinstance(c, tuple) else int(c) for c in chunks)
+    return sizes if all(s > 0 for s in sizes) else None
+
+
+def part_bounds(values) -> list[tuple[slice, ...]]:
+    """Index tuples that cover ``values`` once, as :func:`reduce_slabs` reads it: for a chunked array of two or more
+    axes (:func:`chunk_shape`), blocks of whole chunks of at most ``_PART_SLABS`` slabs' pixels (grown along the last
+    axes first), so that every chunk is read and decompressed once, not once per plane (a chunk larger than that:
+    in planes of it); otherwise the slabs of :func:`slab_bounds`."""
+    shape = tuple(int(n) for n in values.shape)
+    chunks = chunk_shape(values)
+    if chunks is None or len(shape) < 2:
+        return [(slice(a, b),) for a, b in slab_bounds(shape)]
+    budget = _PART_SLABS * _SLAB_PIXELS
+    block = [min(c, n) for c, n in zip(chunks, shape)]
+    if math.prod(block) > budget:  # chunks larger than a part: planes of them along the first axis
+        block[0] = max(1, budget // math.prod(block[1:]))
+    unit = list(block)  # what a part grows by: whole chunks (planes of one, where a chunk is larger than a part)
+    for axis in reversed(range(len(shape))):
+        fits = budget // (math.prod(block) // block[axis])
+        block[axis] = max(block[axis], min(shape[axis], fits // unit[axis] * unit[axis]))
+    starts = itertools.product(*(range(0, n, b) for n, b in zip(shape, block)))
+    return [tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, block, shape)) for origin in starts]
+
+
 def reduce_slabs(function, combine, values, mapper=None):
-    """``function(values, (start, stop))`` of every slab of ``values`` (:func:`slab_bounds`) combined with
+    """``function(values, bounds)`` of every part of ``values`` (:func:`part_bounds`: index tuples) combined with
     ``combine(a, b)`` (associative and commutative: histograms are added, extremes widened). ``mapper``, when given,
     is called as ``mapper(function, combine, values, bounds)`` and returns the combined result computed elsewhere
     (``distributed_predict.ClusterSlabs``: on a Dask cluster's workers); ``function``, ``combine`` and ``values``
-    are then pickled. None: here, one slab after another."""
-    bounds = slab_bounds(values.shape)
+    are then pickled. None: here, one part after another."""
+    bounds = part_bounds(values)
     if mapper is not None:
         return mapper(function, combine, values, bounds)
     return functools.reduce(combine, (function(values, b) for b in bounds))
 
 
-def _slab_counts(values, bounds: tuple[int, int], offset: int, size: int) -> np.ndarray:
-    """Histogram (one bin per integer value, from ``offset``) of one slab of an integer array."""
-    indices = np.asarray(values[bounds[0] : bounds[1]]).astype(np.int64).ravel()
-    indices -= offset
-    return np.bincount(indices, minlength=size)
+def _slab_counts(values, bounds: tuple[slice, ...], offset: int, size: int) -> np.ndarray:
+    """Histogram (one bin per integer value, from ``offset``) of one part of an integer array, counted
+    ``_SLAB_PIXELS`` at a time (the int64 indices of a whole part would take 8 bytes a pixel)."""
+    flat = np.asarray(values[bounds]).ravel()
+    counts = np.zeros(size, np.int64)
+    for start in range(0, flat.size, _SLAB_PIXELS):
+        indices = flat[start : start + _SLAB_PIXELS].astype(np.int64)
+        indices -= offset
+        counts += np.bincount(indices, minlength=size)
+    return counts
 
 
 def _histogram_percentiles(
