@@ -16,7 +16,7 @@ pytest.importorskip("pytestqt")
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
 from napari_unet._layers import output_role
-from napari_unet._workers import ImageStarted, Progress
+from napari_unet._workers import ImageDone, ImageStarted, Progress
 from napari_unet.widgets import UNetWidget
 
 
@@ -604,30 +604,54 @@ def test_removing_the_image_or_labels_while_training_keeps_training_and_says_so(
     assert widget.model is not None and widget.last_error is None and not widget.busy
 
 
-def test_renaming_or_removing_images_while_predicting(setup, qtbot):
-    viewer, widget = setup
+def _predict_with(viewer, widget, qtbot, monkeypatch, act):
+    """Segment all open images (the trained 'cells' and a second one, 'other'), calling ``act(message)`` after the
+    widget's own handler for every message of the worker (connected before it starts: none is missed)."""
     widget.train()
     wait_idle(qtbot, widget)
     for layer in [la for la in viewer.layers if output_role(la)]:
         viewer.layers.remove(layer)
     viewer.add_image(blobs(seed=1)[0], name="other")
     count = len(notification_manager.records)
+    handle = widget._on_predict_message
+
+    def both(message):
+        handle(message)
+        act(message)
+
+    monkeypatch.setattr(widget, "_on_predict_message", both)
     widget.segment_all()
-
-    def change(message):
-        if isinstance(message, ImageStarted):
-            if message.name == "cells":
-                viewer.layers["cells"].name = "renamed"
-            else:
-                viewer.layers.remove("other")
-
-    widget._worker.yielded.connect(change)
     wait_idle(qtbot, widget)
-    names = [la.name for la in viewer.layers]
+    return [la.name for la in viewer.layers], count
+
+
+def test_renaming_or_removing_images_while_predicting(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+
+    def change(message):  # while 'cells' is predicted, 'other' waits its turn
+        if isinstance(message, ImageStarted) and message.name == "cells":
+            viewer.layers["cells"].name = "renamed"
+            viewer.layers.remove("other")
+
+    names, count = _predict_with(viewer, widget, qtbot, monkeypatch, change)
     assert names.count("renamed segmentation") == 1 and not any(n.startswith(("cells s", "cells p")) for n in names)
     assert output_role(viewer.layers["renamed segmentation"])["source"] == "renamed"
-    assert not any(n.startswith("other") for n in names) and _outputs_without_source(viewer) == []
+    assert not any(n.startswith("other") for n in names) and _outputs_without_source(viewer) == [], names
     assert any("'other' was removed during prediction" in m for m in _messages(count, NotificationSeverity.WARNING))
+    assert widget.last_error is None
+
+
+def test_an_image_removed_after_its_outputs_were_shown_takes_them_along(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+
+    def remove(message):  # 'cells' is done and shown; 'other' is still to come
+        if isinstance(message, ImageDone) and message.result.name == "cells":
+            viewer.layers.remove("cells")
+
+    names, count = _predict_with(viewer, widget, qtbot, monkeypatch, remove)
+    assert not any(n.startswith("cells ") and n != "cells labels" for n in names), names
+    assert "other segmentation" in names and _outputs_without_source(viewer) == []
+    assert any("'cells' was removed during prediction" in m for m in _messages(count, NotificationSeverity.WARNING))
     assert widget.last_error is None
 
 

@@ -84,6 +84,7 @@ class UNetWidget(QWidget):
         self._pbar = None
         self._window = None
         self._predict_sources: dict = {}
+        self._predict_outputs: dict[int, list] = {}  # id(source layer): the output layers this prediction showed
         self._watch: LayerWatch | None = None
         self._relay = _Relay(self)
         self._relay.tiles.connect(self._on_tiles)
@@ -634,7 +635,8 @@ class UNetWidget(QWidget):
         self.last_error = None
         sources = list({id(la): la for la in (self.data.input_layers(layer)[0] for layer in layers)}.values())
         self._predict_sources = {layer.name: layer for layer in sources}
-        self._watch = LayerWatch(self.viewer, "prediction", sources)
+        self._predict_outputs = {}
+        self._watch = LayerWatch(self.viewer, "prediction", sources, on_removed=self._prediction_source_removed)
         jobs = [PredictJob(layer.name, self.data.input_image(layer)) for layer in sources]
         worker = create_worker(
             predict_steps,
@@ -669,6 +671,13 @@ class UNetWidget(QWidget):
             case ImageDone(result=result):
                 self._show_prediction(result)
 
+    def _prediction_source_removed(self, source) -> None:
+        """``source`` left the viewer during the prediction: the outputs already shown for it go too (napari can
+        deliver an image's result while that image is being removed, when its check still finds it)."""
+        for layer in self._predict_outputs.pop(id(source), []):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+
     def _show_prediction(self, result) -> None:
         """The output layers of one predicted image, with its domain check (``domain.py``) in their
         ``metadata[DOMAIN_KEY]``; a notification when the image looks unlike the training images."""
@@ -688,6 +697,7 @@ class UNetWidget(QWidget):
         )
         if result.uncertainty is not None:
             layers.append(output_layer(self.viewer, source, "uncertainty", data=result.uncertainty))
+        self._predict_outputs.setdefault(id(source), []).extend(layers)
         domain = result.domain
         for layer in layers:  # a layer kept from an earlier prediction drops that prediction's figures
             layer.metadata.pop(DOMAIN_KEY, None)
