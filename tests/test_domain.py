@@ -317,6 +317,28 @@ def test_outputs_are_unchanged_by_the_check(trained):
     np.testing.assert_array_equal(with_check.labels, without.labels)
 
 
+def test_a_stop_during_the_check_stops_it(trained, monkeypatch):
+    """Stop pressed once the image itself is predicted: the check's own predictions stop too."""
+    import napari_unet.predict as predict_module
+    from napari_unet.tiling import PredictionStopped
+
+    model, metadata = trained
+    image, _, _ = cells()
+    stop = []
+    labelled = predict_module.segmentation_from_probabilities
+
+    def then_stop(*args, **kwargs):
+        stop.append(True)
+        return labelled(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "segmentation_from_probabilities", then_stop)
+    with pytest.raises(PredictionStopped):
+        predict_image(model, metadata, image, FAST, should_stop=lambda: bool(stop))
+    stop.clear()
+    bare = {k: v for k, v in metadata.items() if k != "training_profile"}
+    assert predict_image(model, bare, image, FAST, should_stop=lambda: bool(stop)).domain is None  # no check: done
+
+
 def test_models_without_a_profile_get_no_check(trained, tmp_path):
     model, _ = trained
     path = save_model(model, tmp_path / "old.safetensors", {"class_ids": [1, 2]})

@@ -226,7 +226,7 @@ def predict_image(
         metadata,
         normalized,
         probabilities,
-        functools.partial(predict_regions, model, device=device, precision=settings.precision),
+        functools.partial(predict_regions, model, device=device, precision=settings.precision, should_stop=should_stop),
         halo=model.halo,
         grid=model.grid,
         channels=channel_axis == 0,
@@ -292,7 +292,8 @@ def predict_region(
 def predict_regions(model, normalized, regions: Sequence[tuple[slice, ...]], **options) -> list[np.ndarray]:
     """:func:`predict_region` of each of ``regions`` (``domain.sample_regions``: tiles of the last two axes, one
     plane thick in a stack), computed per plane as whichever reads fewer input pixels: every tile with its context,
-    or the whole plane once (the same probabilities either way). ``options``: ``device``, ``precision``."""
+    or the whole plane once (the same probabilities either way). ``options``: ``device``, ``precision``,
+    ``should_stop``."""
     spatial = tuple(normalized.shape[1:] if model.in_channels > 1 else normalized.shape)
     halo, grid, ndim = model.halo, model.grid, len(model.halo)
 
