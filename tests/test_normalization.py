@@ -358,3 +358,25 @@ def test_training_with_a_dataset_recipe_stores_fixed_values_that_every_predictio
         (other - fixed["low_values"][0]) / (fixed["high_values"][0] - fixed["low_values"][0]),
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_area_opening_equals_scikit_images(dtype):
+    """``_area_opening`` (Higra's max-tree) gives scikit-image's ``area_opening`` plane by plane: on noise, on a
+    smooth image with plateaus, with bright specks, in a stack."""
+    from scipy import ndimage
+    from skimage.morphology import area_opening
+
+    from napari_unet.normalization import _area_opening
+
+    rng = np.random.default_rng(0)
+    top = np.iinfo(dtype).max if dtype == np.uint8 else 1023
+    noise = rng.normal(size=(3, 96, 80))
+    smooth = ndimage.gaussian_filter(noise, (0, 3, 3))
+    for source in (noise, smooth):
+        levels = np.round((source - source.min()) / np.ptp(source) * top).astype(dtype)
+        levels[:, rng.integers(0, 96, 30), rng.integers(0, 80, 30)] = top  # specks at the brightest level
+        for area in (1, 7, 100):
+            expected = np.stack([area_opening(plane, area_threshold=area) for plane in levels])
+            np.testing.assert_array_equal(_area_opening(levels, area), expected)
+            np.testing.assert_array_equal(_area_opening(levels[0], area), expected[0])

@@ -71,20 +71,51 @@ def test_the_largest_candidate_winning_means_the_whole_budget(cache_dir, monkeyp
     assert tile_tuning.tuned_tile(_net(), torch.device("cpu"), None, budget) == (budget, 1)
 
 
-def test_out_of_memory_ends_the_measurement_with_what_was_timed(monkeypatch):
-    net = _net()
-    candidates = tile_tuning.candidate_strides(net, 300_000)
+def _timed_as(monkeypatch, seconds_of):
+    """``_timed_pass`` replaced by ``seconds_of(input_tile)`` (an exception it raises is raised by the pass); returns
+    the input tiles timed, in order."""
     timed = []
 
     def timed_pass(net_, batch, input_tile, device, memory_format):
-        if len(timed) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        timed.append(input_tile)
-        return 0.1
+        timed.append(tuple(input_tile))
+        return seconds_of(tuple(input_tile))
 
     monkeypatch.setattr(tile_tuning, "_timed_pass", timed_pass)
+    return timed
+
+
+def test_the_search_goes_down_from_the_largest_and_ends_after_slower_ones(monkeypatch):
+    net = _net()
+    candidates = tile_tuning.candidate_strides(net, 300_000)
+    assert len(candidates) > tile_tuning.PATIENCE + 1
+    inputs = [tuple(net.legal_input_shape(c)) for c in candidates]
+    timed = _timed_as(monkeypatch, lambda tile: 1.0)  # the same time for every tile: the largest does the most
     results = tile_tuning.measure_tiles(net, candidates, torch.device("cpu"), None, 300_000)
-    assert [r["stride"] for r in results] == [list(c) for c in candidates[:2]]
+    assert timed == inputs[::-1][: tile_tuning.PATIENCE + 1]
+    assert [r["stride"] for r in results] == [list(c) for c in candidates[-tile_tuning.PATIENCE - 1 :]]
+    timed = _timed_as(monkeypatch, lambda tile: math.prod(tile) ** 2.0)  # each smaller tile faster: all timed
+    results = tile_tuning.measure_tiles(net, candidates, torch.device("cpu"), None, 300_000)
+    assert timed == inputs[::-1] and max(results, key=lambda r: r["voxels_per_second"])["stride"] == list(candidates[0])
+
+
+def test_a_tile_out_of_memory_is_passed_over_and_none_fitting_raises(monkeypatch):
+    net = _net()
+    candidates = tile_tuning.candidate_strides(net, 300_000)
+    inputs = [tuple(net.legal_input_shape(c)) for c in candidates]
+
+    def seconds_of(tile):
+        if tile in inputs[-2:]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 0.1
+
+    _timed_as(monkeypatch, seconds_of)
+    results = tile_tuning.measure_tiles(net, candidates, torch.device("cpu"), None, 300_000)
+    assert results and all(tuple(net.legal_input_shape(r["stride"])) not in inputs[-2:] for r in results)
+    with pytest.raises(torch.OutOfMemoryError):
+        tile_tuning.measure_tiles(net, candidates[-2:], torch.device("cpu"), None, 300_000)
+    with pytest.raises(ValueError):  # any other error is not passed over
+        _timed_as(monkeypatch, lambda tile: (_ for _ in ()).throw(ValueError("broken")))
+        tile_tuning.measure_tiles(net, candidates, torch.device("cpu"), None, 300_000)
     monkeypatch.undo()
     real = tile_tuning.measure_tiles(net, candidates[:2], torch.device("cpu"), None, 300_000)  # the real passes
     assert all(r["voxels_per_second"] > 0 and 1 <= r["batch"] <= tile_tuning.MAX_BATCH for r in real)

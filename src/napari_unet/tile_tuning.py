@@ -10,8 +10,9 @@ second in ``machine_cache``, under a key of everything the answer depends on (de
 threads, precision, the network's shape, the budget). The result changes speed only: tiles are exact whatever their
 size.
 
-Each candidate is timed once after a warm-up pass, in batches of at most ``MAX_BATCH`` tiles, so a measurement costs
-about four passes of the largest tile.
+Each candidate is timed once after a warm-up pass, in batches of at most ``MAX_BATCH`` tiles (about the largest tile's
+voxels each), from the largest down, and the search ends after ``PATIENCE`` candidates in a row slower than the
+fastest so far: where the largest tile is the fastest, a measurement costs about six passes of it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ MIN_OUTPUT_SHARE = 0.5
 recompute halo)."""
 MIN_CANDIDATES = 3
 """Tiles timed at least (where the grid has that many below the largest)."""
+PATIENCE = 2
+"""Candidates in a row slower than the fastest so far that end the search (throughput changes smoothly with the
+tile's size; one slower candidate can be the timer's noise)."""
 MAX_MEASURED_VOXELS = 1 << 22
 """The largest input tile timed (2048² in 2D, 161³ in 3D): it bounds the measurement's cost whatever the memory
 budget. When it is the fastest, the whole budget is used (past it larger tiles only recompute less halo)."""
@@ -60,31 +64,36 @@ def candidate_strides(model, max_input_voxels: int) -> list[tuple[int, ...]]:
 
 def measure_tiles(net, candidates, device, dtype, max_input_voxels: int) -> list[dict]:
     """Output voxels per second of ``net`` (an eval-mode ``UNet`` on ``device``, in the memory format a prediction
-    uses) on each of ``candidates`` (output strides, ascending), in batches of ``max_input_voxels`` over the input
-    tile, at most ``MAX_BATCH``: ``[{"stride", "batch", "voxels_per_second"}]``. A candidate that runs out of device
-    memory ends the measurement (the larger ones would too)."""
+    uses) on ``candidates`` (output strides, ascending), in batches of ``max_input_voxels`` over the input tile, at
+    most ``MAX_BATCH``: ``[{"stride", "batch", "voxels_per_second"}]`` of those timed, ascending. Timed from the
+    largest down, until ``PATIENCE`` in a row are slower than the fastest so far; a candidate that runs out of
+    device memory is skipped (a smaller one may fit), and when none fits that error is raised."""
     from .devices import release_device_memory
     from .memory import is_out_of_memory
 
     memory_format = torch.channels_last if net.ndim == 2 else torch.channels_last_3d
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    results = []
+    results, slower, last_error = [], 0, None
     with torch.inference_mode(), autocast:
-        for stride in candidates:
+        for stride in reversed(candidates):
             input_tile = net.legal_input_shape(stride)
             batch = max(1, min(MAX_BATCH, max_input_voxels // math.prod(input_tile)))
             try:
                 seconds = _timed_pass(net, batch, input_tile, device, memory_format)
-            except Exception as error:  # only out-of-memory ends it quietly
-                if not is_out_of_memory(error) or not results:
+            except Exception as error:  # only out-of-memory is passed over
+                if not is_out_of_memory(error):
                     raise
-                seconds = None
-            if seconds is None:
+                last_error = error
                 release_device_memory(device)
+                continue
+            speed = batch * math.prod(net.legal_output_shape(stride)) / seconds
+            slower = slower + 1 if results and speed <= max(r["voxels_per_second"] for r in results) else 0
+            results.append({"stride": list(stride), "batch": batch, "voxels_per_second": speed})
+            if slower >= PATIENCE:
                 break
-            output = batch * math.prod(net.legal_output_shape(stride))
-            results.append({"stride": list(stride), "batch": batch, "voxels_per_second": output / seconds})
-    return results
+    if not results and last_error is not None:
+        raise last_error
+    return results[::-1]
 
 
 def _timed_pass(net, batch: int, input_tile, device, memory_format) -> float:
@@ -127,7 +136,7 @@ def tuned_tile(net, device, dtype, max_input_voxels: int) -> tuple[int, int]:
         candidates = candidate_strides(net, min(max_input_voxels, MAX_MEASURED_VOXELS))
         results = measure_tiles(net, candidates, device, dtype, max_input_voxels)
         best = max(results, key=lambda r: r["voxels_per_second"])
-        if best is results[-1] and len(results) == len(candidates):
+        if tuple(best["stride"]) == tuple(candidates[-1]):
             return [max_input_voxels, best["batch"]]
         return [math.prod(net.legal_input_shape(tuple(best["stride"]))), best["batch"]]
 
