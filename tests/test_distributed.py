@@ -69,6 +69,15 @@ def cluster():
         yield client, threads
 
 
+def test_the_local_cluster_runs_without_the_profiler(cluster):
+    import dask
+
+    client, _ = cluster
+    enabled = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+    assert len(enabled) == 2 and not any(enabled.values())
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's config is as it was
+
+
 @pytest.fixture
 def model_file(make_model, tmp_path):
     def make(**kwargs):

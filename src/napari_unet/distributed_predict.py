@@ -426,7 +426,12 @@ def dask_client(
     """A ``distributed.Client``: of the scheduler at ``scheduler`` (:class:`SchedulerUnreachable` when it does not
     answer within ``timeout`` seconds), or of a ``LocalCluster`` of ``workers`` processes on 127.0.0.1, one task at
     a time each, whose torch threads share this machine's cores (yielded as ``(client, threads)``; ``threads`` is
-    None for an existing cluster). ``log`` gets the dashboard's address (or why there is none)."""
+    None for an existing cluster). ``log`` gets the dashboard's address (or why there is none).
+
+    The workers of the ``LocalCluster`` run without Dask's statistical profiler: it keeps the profiles of the last
+    1,000 seconds in every worker (~100-190 MiB each after a long run, docs/benchmarks.md), so a worker's memory
+    would grow with the run's length. For the dashboard's profile, start a cluster of your own (``--scheduler``)."""
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
@@ -443,17 +448,16 @@ def dask_client(
             yield client, None
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with (
-        LocalCluster(
+    with dask.config.set({"distributed.worker.profile.enabled": False}):  # the nannies keep it for their workers
+        cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             silence_logs=40,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with cluster, Client(cluster) as client:
         log(f"Dask LocalCluster: {workers} worker process(es), {threads} torch thread(s) each; {_dashboard(client)}")
         yield client, threads
 
