@@ -62,3 +62,14 @@ def _fresh_widget_settings(tmp_path_factory, monkeypatch):
     """Each test's widgets remember their settings in a folder of their own, never in the user's configuration (a
     widget writes where it read, so a write after the test still lands in that folder)."""
     monkeypatch.setenv("NAPARI_UNET_CONFIG_DIR", str(tmp_path_factory.mktemp("napari-unet-config")))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """``machine_cache`` in a fresh folder of its own (nothing measured on this machine is known), forgotten after."""
+    from napari_unet import machine_cache
+
+    monkeypatch.setenv(machine_cache.CACHE_DIR_VARIABLE, str(tmp_path))
+    machine_cache.forget()
+    yield tmp_path
+    machine_cache.forget()

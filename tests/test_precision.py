@@ -14,14 +14,6 @@ from napari_unet.predict import PredictionSettings, predict_image
 from napari_unet.tiling import predict_tiled
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(machine_cache.CACHE_DIR_VARIABLE, str(tmp_path))
-    machine_cache.forget()
-    yield tmp_path
-    machine_cache.forget()
-
-
 def test_named_precisions_and_refusals():
     assert prediction_dtype("float32", "cpu") is None
     assert prediction_dtype("bfloat16", "cpu") is torch.bfloat16

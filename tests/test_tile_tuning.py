@@ -15,14 +15,6 @@ from napari_unet.predict import PredictionSettings
 from napari_unet.tiling import predict_tiled
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(machine_cache.CACHE_DIR_VARIABLE, str(tmp_path))
-    machine_cache.forget()
-    yield tmp_path
-    machine_cache.forget()
-
-
 def _net(ndim: int = 2) -> UNet:
     torch.manual_seed(0)
     return UNet(ndim=ndim, depth=2, base_filters=4, n_classes=2).eval()
