@@ -429,8 +429,8 @@ def dask_client(
     None for an existing cluster). ``log`` gets the dashboard's address (or why there is none).
 
     The workers of the ``LocalCluster`` run without Dask's statistical profiler: it keeps the profiles of the last
-    1,000 seconds in every worker (~100-190 MiB each after a long run, docs/benchmarks.md), so a worker's memory
-    would grow with the run's length. For the dashboard's profile, start a cluster of your own (``--scheduler``)."""
+    1,000 seconds in every worker, so a worker's memory would grow with the run's length (docs/benchmarks.md). For
+    the dashboard's profile, start a cluster of your own (``--scheduler``)."""
     import dask
     from distributed import Client, LocalCluster
 

@@ -215,7 +215,7 @@ def _area_opening(array: np.ndarray, area: int) -> np.ndarray:
     """The area opening of each plane (last two axes, 4-connected): the max-tree of the plane (Higra's
     ``component_tree_max_tree``), its nodes of fewer than ``area`` pixels given their parent's level. It equals
     scikit-image's ``area_opening``, whose max-tree construction grows much faster than the pixel count
-    (docs/benchmarks.md: minutes for one 2048² plane)."""
+    (docs/benchmarks.md, "The robust normalization's area opening")."""
     import higra as hg
 
     planes = np.ascontiguousarray(array.reshape(-1, *array.shape[-2:]))

@@ -672,8 +672,8 @@ class UNetWidget(QWidget):
                 self._show_prediction(result)
 
     def _prediction_source_removed(self, source) -> None:
-        """``source`` left the viewer during the prediction: the outputs already shown for it go too (napari can
-        deliver an image's result while that image is being removed, when its check still finds it)."""
+        """``source`` left the viewer during the prediction: the outputs this run already showed for it go too, as
+        the warning says (its prediction is not shown), and none is left without its image."""
         for layer in self._predict_outputs.pop(id(source), []):
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
