@@ -70,8 +70,9 @@ def main():
     def tuned():
         return predict_tiled(model, image, device=device, tile_tuning=True)
 
-    os.environ["NAPARI_UNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="napari-unet-bench-cache-")
-    from napari_unet.machine_cache import cache_path
+    from napari_unet.machine_cache import CACHE_DIR_VARIABLE, cache_path
+
+    os.environ[CACHE_DIR_VARIABLE] = tempfile.mkdtemp(prefix="napari-unet-bench-cache-")
 
     start = time.perf_counter()
     tuned()

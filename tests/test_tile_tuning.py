@@ -115,7 +115,7 @@ def test_a_tile_out_of_memory_is_passed_over_and_none_fitting_raises(monkeypatch
 
 def test_a_tuned_prediction_equals_the_untuned_one(cache_dir, monkeypatch):
     net = _net()
-    image = np.random.default_rng(0).normal(size=(150, 170)).astype(np.float32)
+    image = np.random.default_rng(0).normal(size=(2, 150, 170)).astype(np.float32)  # a stack: more than one tile
     small = tile_tuning.candidate_strides(net, 300_000)[0]
     monkeypatch.setattr(
         tile_tuning,
@@ -127,7 +127,7 @@ def test_a_tuned_prediction_equals_the_untuned_one(cache_dir, monkeypatch):
     counts = []
     tuned = predict_tiled(net, image, tile_tuning=True, progress=lambda done, total: counts.append(total))
     np.testing.assert_allclose(tuned, predict_tiled(net, image), atol=1e-5)
-    assert counts[-1] > 1  # the small tuned tile, not the whole image in one
+    assert counts[-1] > 2  # the small tuned tile, not each slice in one
 
 
 def test_the_setting_and_the_flag():
@@ -136,3 +136,17 @@ def test_the_setting_and_the_flag():
         PredictionSettings(tile_tuning="yes")
     args = build_parser().parse_args(["predict", "--model", "m.safetensors", "a.tif", "--out", "o", "--no-tile-tuning"])
     assert args.tile_tuning is False
+
+
+def test_an_image_of_one_tile_is_predicted_without_tuning(cache_dir, monkeypatch):
+    """Nothing to choose where the whole image is one tile: no measurement (it would cost a first prediction many
+    times its own time), and the result is the untuned one."""
+    net = _net()
+    image = np.random.default_rng(1).normal(size=(60, 50)).astype(np.float32)
+    calls = []
+    monkeypatch.setattr(tile_tuning, "tuned_tile", lambda *args: calls.append(args) or (10**6, 1))
+    np.testing.assert_array_equal(predict_tiled(net, image, tile_tuning=True), predict_tiled(net, image))
+    assert calls == []
+    stack = np.random.default_rng(1).normal(size=(3, 60, 50)).astype(np.float32)  # three tiles: tuned
+    predict_tiled(net, stack, tile_tuning=True)
+    assert len(calls) == 1

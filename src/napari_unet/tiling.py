@@ -316,9 +316,10 @@ def predict_tiled(
         equals that part of the whole-image prediction; ``out`` then has the region's shape. Not with
         ``refine_radius`` (the refinement of a region needs context of its own: ``blockwise.predict_block``).
     tile_tuning : bool
-        Without ``tile_shape``: tiles no larger than the fastest one measured for this network on this device
-        (``tile_tuning.tuned_tile``: timed on first use, kept per machine), in its batch size unless ``batch_size``
-        is given; False: as large as the memory budget allows. Speed only: the result is the same.
+        Without ``tile_shape``, for an image the memory budget cuts into more than one tile: tiles no larger than the
+        fastest one measured for this network on this device (``tile_tuning.tuned_tile``: timed on first use, kept
+        per machine), in its batch size unless ``batch_size`` is given; False: as large as the memory budget allows.
+        Speed only: the result is the same.
 
     Returns
     -------
@@ -348,12 +349,13 @@ def predict_tiled(
     memory_format = torch.channels_last if model.ndim == 2 else torch.channels_last_3d
     dtype = prediction_dtype(precision, device)
     net, tuned_batch = None, None  # the network is copied once the sizes are known to fit, unless tuning needs it
-    if tile_tuning and tile_shape is None:
+    plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget, region=region)
+    if tile_tuning and tile_shape is None and len(plan) > 1:  # one tile: the image's size, nothing to choose
         from .tile_tuning import tuned_tile
 
         net = model.inference_copy().to(device, memory_format=memory_format)
         budget, tuned_batch = tuned_tile(net, device, dtype, budget)
-    plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget, region=region)
+        plan = plan_tiles(model, spatial_shape, tile_shape, max_input_voxels=budget, region=region)
     if region is not None:
         spatial_shape = plan.stack_shape + plan.shape
     chosen_batch = batch_size is not None

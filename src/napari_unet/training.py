@@ -926,7 +926,7 @@ class Trainer:
             shape = shapes[index, j]
             keys = np.stack([c // BLOCK for c in np.unravel_index(flat, shape)], 1)
             inverse = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
-            cost = math.prod(min(n, BLOCK + 2 * (h + REFINEMENT_REACH) + model.grid) for n, h in zip(shape, model.halo))
+            cost = _patch_pixels([BLOCK] * len(shape), shape, model)
             candidates += [(index, j, np.flatnonzero(inverse == k), cost) for k in range(inverse.max() + 1)]
         chosen: dict[tuple[int, int], list[np.ndarray]] = {}
         spent = 0
@@ -995,6 +995,12 @@ class Trainer:
         save_model(self._leaving_model().cpu().eval(), path, {**self.metadata, **(extra or {})})
 
 
+def _patch_pixels(extent, shape: tuple[int, ...], model) -> int:
+    """Input pixels that ``calibration.held_out_patch`` predicts for held-out pixels spanning ``extent`` (per axis)
+    of a piece of ``shape``: the span grown by the refinement's reach and the network's context, within the piece."""
+    return math.prod(min(n, e + 2 * (h + REFINEMENT_REACH) + model.grid) for e, h, n in zip(extent, model.halo, shape))
+
+
 def _held_out_regions(flat: np.ndarray, shape: tuple[int, ...], model):
     """The held-out pixels ``flat`` of a piece of ``shape`` in groups to predict: one per ``holdout.BLOCK`` block, or
     all of them at once where their bounding box with its context reads fewer pixels; ``(coordinates, which)``
@@ -1002,8 +1008,7 @@ def _held_out_regions(flat: np.ndarray, shape: tuple[int, ...], model):
     coordinates = np.unravel_index(flat, shape)
 
     def cost(low, high):
-        reach = [2 * (h + REFINEMENT_REACH) + model.grid for h in model.halo]
-        return math.prod(min(n, hi - lo + r) for lo, hi, r, n in zip(low, high, reach, shape))
+        return _patch_pixels([hi - lo for lo, hi in zip(low, high)], shape, model)
 
     blocks = np.stack([c // BLOCK for c in coordinates], 1)
     keys, which = np.unique(blocks, axis=0, return_inverse=True)
