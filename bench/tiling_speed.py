@@ -5,7 +5,8 @@ same-width padded twin of the same network (same weights, every 3x3 convolution 
 the input's size) with `sliding_window_inference(roi 512, overlap 0.25, gaussian, sw_batch_size 4)`.
 Both on a 2048x2048 image, 2 CPU threads, runs interleaved; the figure is output pixels per second. A third
 contender is `predict_tiled(tile_tuning=True)`, what `predict_image` does by default: tiles no larger than the fastest
-measured on this machine (the tuning itself is timed once, before the runs, in a fresh cache folder). After the
+measured on this machine (the tuning itself is timed once, before the runs, in a fresh cache folder; an image the
+memory budget predicts in one tile is not tuned: choose a larger ``--size`` to time the tuning). After the
 runs, ``--default-command`` times what ``napari-unet predict`` does by default, once: ``predict_image`` with the
 default ``PredictionSettings`` (robust normalization, tuned tiles, the 8 test-time flips, the edge refinement).
 
