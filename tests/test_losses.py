@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.losses import border_weight_map, class_weights, masked_loss
+from napari_unet.losses import border_weight_map, class_weights, consistency_loss, masked_loss
 
 
 def _loss_and_grad(logits, target, **kwargs):
@@ -75,3 +75,17 @@ def test_border_weight_map_single_object_is_flat():
     target = np.zeros((20, 20), dtype=np.int16)
     target[5:10, 5:10] = 1
     assert np.all(border_weight_map(target) == 1)
+
+
+def test_consistency_loss_is_zero_for_equal_predictions_and_reaches_only_the_variant():
+    reference = torch.randn(2, 3, 8, 8, requires_grad=True)
+    same = reference.detach().clone().requires_grad_(True)
+    assert float(consistency_loss(reference, same).detach()) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = consistency_loss(reference, other)
+    assert float(loss.detach()) > 0.01
+    loss.backward()
+    assert reference.grad is None and other.grad is not None and other.grad.abs().sum() > 0
+    # the KL divergence per pixel, averaged: a closer variant costs less
+    closer = (reference.detach() + 0.1 * (other.detach() - reference.detach())).requires_grad_(True)
+    assert float(consistency_loss(reference, closer).detach()) < float(loss.detach())

@@ -4,7 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
+import napari_unet.normalization as normalization
 from napari_unet.normalization import (
     DEFAULT_RECIPE,
     PERCENTILE_RECIPE,
@@ -12,6 +14,7 @@ from napari_unet.normalization import (
     normalize_image,
     normalized_view,
     percentile_params,
+    robust_params,
 )
 
 
@@ -210,9 +213,9 @@ def test_normalized_view_reads_what_normalize_image_computes():
         view[0]
 
 
-def _nuclei(seed=0, shape=(256, 256), debris=0.0):
-    """Discs of radius 10-16 at ~100 over a background of ~20 (uint8), with bright saturated specks of radius 1-3
-    covering ``debris`` of the pixels."""
+def _nuclei(seed=0, shape=(256, 256), debris=0.0, radii=(1, 4)):
+    """Discs of radius 10-16 at ~100 over a background of ~20 (uint8), with bright saturated specks of radius
+    ``radii`` (1-3) covering ``debris`` of the pixels."""
     rng = np.random.default_rng(seed)
     image = rng.normal(20, 3, shape)
     yy, xx = np.ogrid[: shape[0], : shape[1]]
@@ -223,7 +226,7 @@ def _nuclei(seed=0, shape=(256, 256), debris=0.0):
     nuclei = image > 60
     covered = np.zeros(shape, bool)
     while covered.mean() < debris:
-        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(1, 4)
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(*radii)
         covered |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
     image[covered] = 255
     return image.astype(np.uint8), nuclei & ~covered
@@ -257,8 +260,30 @@ def test_robust_normalization_ignores_bright_debris():
     assert robust_params(filament)["high_values"] == [200.0]
 
 
+def test_saturated_debris_larger_than_the_area_does_not_set_the_upper_value(monkeypatch):
+    """Saturated debris of radius 6-9 px (over ``speck_area``: the opening keeps it) on 1.5 % of the pixels: the
+    plateau at the image's maximum would hold the upper percentile and is left out, so the objects keep their
+    range; saturated objects that shade into unsaturated rims keep an upper value close to saturation."""
+    clean, nuclei = _nuclei()
+    dirty, kept = _nuclei(debris=0.015, radii=(6, 10))
+    robust_clean, robust_dirty = normalize_image(clean), normalize_image(dirty)
+    np.testing.assert_allclose(np.median(robust_dirty[kept]), np.median(robust_clean[nuclei]), rtol=0.03)
+    with monkeypatch.context() as patched:  # the opening alone keeps the debris, which then sets the upper value
+        patched.setattr(normalization, "_held_by_top", lambda count, size, q: False)
+        assert np.median(normalize_image(dirty)[kept]) < 0.8 * np.median(robust_clean[nuclei])
+    # the same in other units: 16-bit and float images are opened on quantized levels
+    for scaled in (dirty.astype(np.uint16) * 200, dirty.astype(np.float32) / 255):
+        np.testing.assert_allclose(np.median(normalize_image(scaled)[kept]), np.median(robust_dirty[kept]), rtol=0.01)
+    # overexposed nuclei: clipped cores inside blurred rims; the upper value stays near the clipping level
+
+    overexposed = np.clip(ndimage.gaussian_filter(clean.astype(np.float64) * 3.0, 2.0), 0, 255).astype(np.uint8)
+    assert np.mean(overexposed == 255) > 0.05
+    assert robust_params(overexposed)["high_values"][0] >= 0.95 * 255
+
+
+@pytest.mark.parametrize("radii", [(1, 4), (6, 10)])
 @pytest.mark.parametrize("shape", [(200, 150), (5, 60, 70)])
-def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, monkeypatch):
+def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, radii, monkeypatch):
     """Streamed in slabs (a 2D image in bands of rows with a halo): the same values as the whole-image opening."""
     import dask.array as da
 
@@ -266,7 +291,7 @@ def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, monke
     from napari_unet.normalization import robust_params
 
     monkeypatch.setattr(normalization, "_SLAB_PIXELS", 3000)
-    image, _ = _nuclei(1, (shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1]), debris=0.01)
+    image, _ = _nuclei(1, (shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1]), debris=0.01, radii=radii)
     image = image.reshape(shape)
     lazy = da.from_array(image, chunks=(7,) + image.shape[1:])
     assert robust_params(lazy) == robust_params(image)

@@ -504,3 +504,28 @@ def test_targets_follow_the_class_order_of_the_model_file_also_when_unsorted():
     assert targets_from_labels(labels, [2, 5, 7]).tolist() == [[-1, 2, 0], [1, 0, 2]]
     with pytest.raises(ValueError, match=r"\[5\]"):
         targets_from_labels(labels, [7, 2])
+
+
+def test_consistency_pairs_each_tile_with_an_intensity_variant_under_the_same_labels():
+    image, labels, _ = _halves()
+    plain = Trainer(image, labels, _settings(batch_size=4, seed=3))._numpy_batch()
+    assert not plain.paired and len(plain.images) == 4
+    batch = Trainer(image, labels, _settings(batch_size=4, seed=3, consistency=1.0))._numpy_batch()
+    assert batch.paired and len(batch.images) == 4
+    tiles, variants = batch.images[:2], batch.images[2:]
+    np.testing.assert_array_equal(batch.targets[:2], batch.targets[2:])
+    assert (batch.targets >= 0).any()
+    assert not np.allclose(tiles, variants)
+    # the variant changes intensities only: it stays aligned with its tile (same geometry)
+    for tile, variant in zip(tiles[:, 0], variants[:, 0]):
+        assert np.corrcoef(tile.ravel(), variant.ravel())[0, 1] > 0.5
+    # with consistency off a seeded run draws what it drew before the option existed
+    again = Trainer(image, labels, _settings(batch_size=4, seed=3, consistency=0.0))._numpy_batch()
+    np.testing.assert_array_equal(again.images, plain.images)
+
+
+def test_consistency_trains_and_moves_variants_towards_the_tile_prediction():
+    image, labels, truth = _halves()
+    trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2, batch_size=4, consistency=1.0))
+    probabilities = predict_tiled(trainer.model, normalize_image(image, trainer.normalization))
+    assert ((probabilities.argmax(0) == 1) == truth).mean() > 0.95

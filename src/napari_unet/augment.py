@@ -245,6 +245,27 @@ SPECK_TOP = 4.0
 """The saturation value of specks (normalized units): values drawn above it are clipped to it."""
 
 
+STRONG_INTENSITY = {
+    "gamma_range": 0.7,
+    "scale_range": 0.3,
+    "shift_range": 0.1,
+    "illumination": 0.3,
+    "specks": 0.5,
+    "blur": 0.2,
+    "noise": 0.05,
+}
+"""The image-only changes of the intensity-consistency variants (``TrainingSettings.consistency``), on top of the
+tile's own augmentation: gamma 0.5-2, gain exp(+-0.3), offset +-0.1, illumination fields (log-gain sd 0.3), debris
+on half of the tiles, blur on a fifth, noise up to 0.05: how the images of one experiment differ after per-image
+normalization (which cancels a global gain and offset of the raw image, not these)."""
+
+
+def intensity_variant(rng: np.random.Generator) -> Augmenter:
+    """An augmenter of image-only ``STRONG_INTENSITY`` changes (geometry off: a variant stays aligned with its
+    tile and the tile's labels)."""
+    return Augmenter(rng, flips=False, rotations=False, elastic=False, **STRONG_INTENSITY)
+
+
 def paste_mix(images, targets, weights, rng: np.random.Generator, probability: float, region) -> None:
     """CutMix for sparse labels, in place: paste a box from another tile of the batch into some tiles.
 

@@ -102,3 +102,11 @@ def masked_loss(
         dice = (2 * intersection + smooth) / (denominator + smooth)
         loss = loss + dice_weight * (1 - dice).mean()
     return loss
+
+
+def consistency_loss(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of the KL divergence from the softmax of ``reference_logits`` (held fixed: no gradient
+    reaches it) to that of ``logits``, both ``(N, K, *spatial)``: how far a prediction of an intensity variant of a
+    tile lies from the prediction of the tile, on every pixel, painted or not."""
+    reference = F.log_softmax(reference_logits.detach(), dim=1)
+    return F.kl_div(F.log_softmax(logits, dim=1), reference, log_target=True, reduction="none").sum(1).mean()

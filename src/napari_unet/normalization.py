@@ -110,7 +110,12 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     without such artifacts the values are close to :func:`percentile_params`'s; on one whose upper percentile lies
     in its debris (0.2-2 % of the pixels, several times brighter than the objects) they follow the objects instead.
     When the opening empties the image (its upper value falls below ``EMPTIED_FRACTION`` of the plain range: the
-    objects are spots smaller than ``speck_area``), the plain percentile is kept.
+    objects are spots smaller than ``speck_area``), the plain percentile is kept. Pixels at the image's maximum that
+    survive the opening are left out when they are so many that the upper percentile would fall among them: a plateau
+    at the maximum is clipped (saturated) signal, whose value says only "this much or more", typically debris larger
+    than ``speck_area`` (specks that touch merge into larger components); where saturated objects shade into their
+    unsaturated rims, the percentile of the rest lies just below the plateau and little changes. (Only the image's own
+    maximum: the opening itself leaves plateaus at lower levels, where it flattened the tops of objects.)
 
     Why components and not a higher/lower percentile or a histogram rule: which percentile falls on the objects
     depends on how much of the image they cover, and a few per cent of debris moves any upper percentile and fools
@@ -183,12 +188,40 @@ def _opened_percentile(channel, area: int, q: float, mapper=None) -> float:
     it is taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where given), which
     gives the same value as ``np.percentile`` of the opened image in memory."""
     if not is_lazy(channel):
-        return _finite_percentiles(_without_specks(channel, area), q, q)[1]
+        values = np.asarray(channel)
+        extremes = None if values.dtype in (np.uint8, np.bool_) else _extremes(values)
+        opened = np.asarray(_open_planes(values, area, extremes), np.float64).ravel()
+        opened = opened[np.isfinite(opened)]
+        if opened.size == 0:
+            return 1.0
+        if extremes is None:
+            top = float(values.max())
+        else:
+            lo, step = _quantization(extremes)
+            top = float(np.float64(_top_level(extremes)) * step + lo)  # the value _open_planes gives that level
+        if _held_by_top(int(np.count_nonzero(opened == top)), opened.size, q):
+            opened = opened[opened != top]
+        return float(np.percentile(opened, q))
     if np.dtype(channel.dtype) in (np.uint8, np.bool_):
-        return _histogram_percentiles(_OpenedSlabs(channel, area, None), q, q, mapper)[1]
-    lo, step = _quantization(_extremes(channel, mapper))
+        top = int(_extremes(channel, mapper)[1])
+        return _histogram_percentiles(_OpenedSlabs(channel, area, None), q, q, mapper, clipped=top)[1]
+    extremes = _extremes(channel, mapper)
+    lo, step = _quantization(extremes)
     levels = _OpenedSlabs(channel, area, (lo, step))
-    return _histogram_percentiles(levels, q, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step))[1]
+    return _histogram_percentiles(
+        levels, q, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step), clipped=_top_level(extremes)
+    )[1]
+
+
+def _top_level(extremes: tuple[float, float]) -> int:
+    """The opening level of an image's maximum (the last level; 0 for a constant image)."""
+    return _OPENING_LEVELS - 1 if extremes[1] > extremes[0] else 0
+
+
+def _held_by_top(count: int, size: int, q: float) -> bool:
+    """Whether the ``q`` percentile of ``size`` values falls among the ``count`` largest (and some values lie below
+    them): a plateau at the top holds the upper percentile."""
+    return count < size and math.floor(q / 100.0 * (size - 1)) >= size - count
 
 
 def _extremes(values, mapper=None) -> tuple[float, float]:
@@ -341,18 +374,33 @@ def _slab_counts(values, bounds: tuple[slice, ...], offset: int, size: int) -> n
 
 
 def _histogram_percentiles(
-    values, low: float, high: float, mapper=None, exclude: int | None = None, scale: tuple[float, float] | None = None
+    values,
+    low: float,
+    high: float,
+    mapper=None,
+    exclude: int | None = None,
+    scale: tuple[float, float] | None = None,
+    clipped: int | None = None,
 ) -> tuple[float, float]:
     """Exact linear-interpolation percentiles (``np.percentile``'s) of an 8/16-bit integer lazy array,
     from a histogram accumulated over slabs of the first axis (:func:`reduce_slabs`, through ``mapper`` where
     given). ``exclude``: a value left out (not counted); ``scale``: ``(lo, step)``, the values stand for
-    ``value * step + lo`` (opened levels, :func:`_opened_percentile`); (0, 1) when nothing is counted."""
+    ``value * step + lo`` (opened levels, :func:`_opened_percentile`); ``clipped``: a value (the image's maximum)
+    left out when it is the largest counted and holds the ``high`` percentile (:func:`_held_by_top`); (0, 1) when
+    nothing is counted."""
     dtype = np.dtype(values.dtype)
     offset = int(np.iinfo(dtype).min)
     count = functools.partial(_slab_counts, offset=offset, size=1 << (8 * dtype.itemsize))
     counts = reduce_slabs(count, np.add, values, mapper)
     if exclude is not None:
         counts[exclude - offset] = 0
+    if (
+        clipped is not None
+        and counts.any()
+        and int(np.flatnonzero(counts)[-1]) == clipped - offset
+        and _held_by_top(int(counts[clipped - offset]), int(counts.sum()), high)
+    ):
+        counts[clipped - offset] = 0
     cumulative = np.cumsum(counts)
     last = int(cumulative[-1]) - 1
     if last < 0:

@@ -73,7 +73,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
-from .augment import Augmenter, paste_mix
+from .augment import Augmenter, intensity_variant, paste_mix
 from .calibration import REFINEMENT_REACH, held_out_patch
 from .devices import amp_dtype, default_cpu_threads, release_device_memory, resolve_device
 from .domain import (
@@ -90,7 +90,7 @@ from .domain import (
 from .encoders import encoder_parameters
 from .holdout import BLOCK, MIN_PIXELS, PREDICTED_PIXELS, held_out
 from .io import save_model
-from .losses import border_weight_map, class_weights, masked_loss
+from .losses import border_weight_map, class_weights, consistency_loss, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
@@ -102,12 +102,14 @@ from .training_settings import TrainingSettings
 
 class _Batch(NamedTuple):
     """A training batch as the prefetch thread hands it over: input tiles ``(B, 1, *tile)``, targets and
-    optional border weights on the output tiles, and the class weights when label updates changed them."""
+    optional border weights on the output tiles, and the class weights when label updates changed them. With
+    ``paired``, the second half of the tiles are intensity variants of the first half's (same labels)."""
 
     images: np.ndarray
     targets: np.ndarray
     weights: np.ndarray | None
     class_weights: torch.Tensor | None
+    paired: bool = False
 
 
 @dataclass(frozen=True)
@@ -475,6 +477,7 @@ class Trainer:
             class_power=settings.class_sampling,
         )
         self.augmenter = self._make_augmenter()
+        self._variant = intensity_variant(self._rng)
         self._class_weights = self._compute_class_weights()
 
     def _make_augmenter(self) -> Augmenter:
@@ -627,8 +630,9 @@ class Trainer:
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
         self._apply_smaller_sizes()
         changed = self._apply_pending()
+        paired = self.settings.consistency > 0 and self.settings.batch_size > 1
         images, targets, weights = [], [], []
-        for _ in range(self.settings.batch_size):
+        for _ in range(self.settings.batch_size // 2 if paired else self.settings.batch_size):
             image, target, weight = self.sampler.sample()
             image, target, weight = self.augmenter(image, target, weight)
             images.append(image)
@@ -637,17 +641,21 @@ class Trainer:
         images, targets = np.stack(images), np.stack(targets)
         weights = np.stack(weights) if self.settings.border_weight else None
         paste_mix(images, targets, weights, self._rng, self.settings.paste_mix, self._output_region)
+        if paired:  # each tile and its intensity variant (the labels are the tile's)
+            variants = [self._variant(image, target)[0] for image, target in zip(images, targets)]
+            images, targets = np.concatenate([images, variants]), np.concatenate([targets, targets])
+            weights = None if weights is None else np.concatenate([weights, weights])
         crop = (slice(None), *self._output_region)
         targets = targets[crop].astype(np.int64)
         weights = None if weights is None else np.ascontiguousarray(weights[crop])
         images = images if self.in_channels > 1 else images[:, None]  # (batch, channels, *tile)
-        return _Batch(images, targets, weights, self._class_weights if changed else None)
+        return _Batch(images, targets, weights, self._class_weights if changed else None, paired)
 
     def _to_device(self, batch: _Batch, device: torch.device):
         x = torch.from_numpy(batch.images).to(device).contiguous(memory_format=self._memory_format)
         y = torch.from_numpy(batch.targets).to(device)
         w = None if batch.weights is None else torch.from_numpy(batch.weights).to(device)
-        return x, y, w
+        return x, y, w, batch.paired
 
     def _progress(self, iteration: int, elapsed: float) -> float:
         """How much of the iteration/time budget is spent (the larger of the two fractions)."""
@@ -836,13 +844,17 @@ class Trainer:
         Returns the loss, or, for a step whose loss or weights are not finite, undone (``last_good``) before the
         average sees it, what was not finite ("loss" or "weights")."""
         s = self.settings
-        x, y, w = tensors
+        x, y, w, paired = tensors
         with self._lock:
             last_good.keep()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
-            loss = masked_loss(logits.float(), y, weights, weight_map=w, dice_weight=s.dice_weight)
+            logits = logits.float()
+            loss = masked_loss(logits, y, weights, weight_map=w, dice_weight=s.dice_weight)
+            if paired:
+                half = len(logits) // 2
+                loss = loss + s.consistency * consistency_loss(logits[:half], logits[half:])
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:

@@ -140,6 +140,12 @@ class TrainingSettings:
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
+    consistency: float = 0.0
+    """Weight of the intensity-consistency term (``losses.consistency_loss``); 0: off. When on, half of each batch
+    are strong intensity variants of the other half's tiles (``augment.STRONG_INTENSITY``: gamma 0.5-2, uneven
+    illumination, gain, offset, debris, blur, noise; the geometry and the labels shared), and the network's
+    prediction of each variant is pulled, on every output pixel, towards its (fixed) prediction of the tile: strokes
+    say nothing about where a class boundary lies at another intensity, the tile's own prediction does."""
     temperature: str | float = "auto"
     """The softmax temperature the trained model keeps (``calibration.py``): "auto" fits it when the run ends on
     labelled pixels training did not use (a dataset's validation images; for strokes the ``calibration_holdout``
@@ -258,6 +264,7 @@ _FRACTIONS = (
     ("class_balance", 1.0, "a class weight power"),
     ("class_sampling", 1.0, "a sampling power"),
     ("dice_weight", 100.0, "a loss weight"),
+    ("consistency", 100.0, "a loss weight"),
     ("calibration_holdout", 0.5, "a share of the painted pixels"),
 )
 """Other real fields with their largest value."""
