@@ -851,10 +851,18 @@ class Trainer:
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
             logits = logits.float()
-            loss = masked_loss(logits, y, weights, weight_map=w, dice_weight=s.dice_weight)
-            if paired:
+            if paired:  # the strokes teach from the tiles, the variants learn the tiles' predictions
                 half = len(logits) // 2
+                loss = masked_loss(
+                    logits[:half],
+                    y[:half],
+                    weights,
+                    weight_map=None if w is None else w[:half],
+                    dice_weight=s.dice_weight,
+                )
                 loss = loss + s.consistency * consistency_loss(logits[:half], logits[half:])
+            else:
+                loss = masked_loss(logits, y, weights, weight_map=w, dice_weight=s.dice_weight)
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
