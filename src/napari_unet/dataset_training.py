@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import intensity_variant
 from .datasets import Dataset, Sample
 from .normalization import dataset_recipe, image_params, normalize
 from .sampling import LazyPatchSampler
@@ -144,8 +143,7 @@ class DatasetTrainer(Trainer):
             self._rng,
             class_power=settings.class_sampling,
         )
-        self.augmenter = self._make_augmenter()
-        self._variant = intensity_variant(self._rng)
+        self._make_augmenters()
         self._class_weights = self._compute_class_weights()
         chosen = sorted({round(float(i)) for i in np.linspace(0, len(dataset.train) - 1, PROFILE_IMAGES)})
         images = [dataset.read_image(dataset.train[i]) for i in chosen]

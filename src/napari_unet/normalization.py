@@ -260,12 +260,6 @@ def _area_opening(array: np.ndarray, area: int) -> np.ndarray:
     return opened.reshape(array.shape)
 
 
-def _without_specks(channel: np.ndarray, area: int) -> np.ndarray:
-    """``channel`` (in memory) with its small bright components flattened."""
-    extremes = None if np.dtype(channel.dtype) in (np.uint8, np.bool_) else _extremes(channel)  # None: not quantized
-    return _open_planes(channel, area, extremes)
-
-
 class _OpenedSlabs:
     """A lazy array's plane-wise area opening, read along the first axis as :func:`slabs` does: the slices of a
     stack are opened one by one; a 2D image is read in bands of rows with ``area`` rows of context on each side (a

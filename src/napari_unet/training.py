@@ -476,14 +476,15 @@ class Trainer:
             weights=weights if settings.border_weight else None,
             class_power=settings.class_sampling,
         )
-        self.augmenter = self._make_augmenter()
-        self._variant = intensity_variant(self._rng)
+        self._make_augmenters()
         self._class_weights = self._compute_class_weights()
 
-    def _make_augmenter(self) -> Augmenter:
-        """The augmenter of ``settings``, drawing from the trainer's seeded generator."""
+    def _make_augmenters(self) -> None:
+        """The augmenter of ``settings`` and the maker of intensity variants (``consistency``), both drawing from
+        the trainer's seeded generator."""
         settings = self.settings
-        return Augmenter(
+        self._variant = intensity_variant(self._rng)
+        self.augmenter = Augmenter(
             self._rng,
             flips=settings.flips,
             rotations=settings.rotations,

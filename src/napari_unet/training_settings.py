@@ -147,7 +147,7 @@ class TrainingSettings:
     prediction of each variant is pulled, on every output pixel, towards its (fixed) prediction of the tile (the
     strokes' loss is on the tiles only): strokes say nothing about where a class boundary lies at another intensity,
     the tile's own prediction does. Off by default: on the robustness benchmark's validation images it held Dice
-    under gamma, gradient and combined shifts but cost clean images 0.013-0.025 at 1000 iterations
+    under gamma, gradient and combined shifts but cost clean images 0.013-0.024 at 1000 iterations
     (docs/benchmarks.md)."""
     temperature: str | float = "auto"
     """The softmax temperature the trained model keeps (``calibration.py``): "auto" fits it when the run ends on
