@@ -344,6 +344,11 @@ def test_train_normalization_choice_reaches_the_model(tmp_path):
     assert main([*common, "--out", str(tmp_path / "b.safetensors"), "--normalization", "dataset"]) == 0
     fixed = load_model(tmp_path / "b.safetensors")[1]["normalization"]
     assert fixed["method"] == "fixed" and fixed["from"] == "dataset" and len(fixed["high_values"]) == 1
+    # --consistency reaches the settings the model records
+    assert main([*common, "--out", str(tmp_path / "c.safetensors"), "--consistency", "0.3"]) == 0
+    assert load_model(tmp_path / "c.safetensors")[1]["training"]["history"][-1]["settings"]["consistency"] == 0.3
+    with pytest.raises(SystemExit):  # argparse: a negative weight is refused before anything runs
+        main([*common, "--out", str(tmp_path / "d.safetensors"), "--consistency", "-1"])
 
 
 def _train_args(folder, out, *extra):

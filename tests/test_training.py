@@ -509,9 +509,11 @@ def test_targets_follow_the_class_order_of_the_model_file_also_when_unsorted():
 def test_consistency_pairs_each_tile_with_an_intensity_variant_under_the_same_labels():
     image, labels, _ = _halves()
     plain = Trainer(image, labels, _settings(batch_size=4, seed=3))._numpy_batch()
-    assert not plain.paired and len(plain.images) == 4
-    batch = Trainer(image, labels, _settings(batch_size=4, seed=3, consistency=1.0))._numpy_batch()
-    assert batch.paired and len(batch.images) == 4
+    assert plain.consistency == 0 and len(plain.images) == 4
+    trainer = Trainer(image, labels, _settings(batch_size=4, seed=3, consistency=1.0))
+    trainer.iteration = trainer.settings.iterations // 2  # past the ramp (CONSISTENCY_RAMP)
+    batch = trainer._numpy_batch()
+    assert batch.consistency == 1.0 and len(batch.images) == 4
     tiles, variants = batch.images[:2], batch.images[2:]
     np.testing.assert_array_equal(batch.targets[:2], batch.targets[2:])
     assert (batch.targets >= 0).any()
@@ -522,6 +524,24 @@ def test_consistency_pairs_each_tile_with_an_intensity_variant_under_the_same_la
     # with consistency off a seeded run draws what it drew before the option existed
     again = Trainer(image, labels, _settings(batch_size=4, seed=3, consistency=0.0))._numpy_batch()
     np.testing.assert_array_equal(again.images, plain.images)
+
+
+def test_consistency_joins_after_a_tenth_of_the_budget_and_rises_to_its_weight():
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=1000, time_budget=None, batch_size=4, consistency=0.8))
+    weights = {}
+    for iteration in (0, 99, 200, 300, 900):
+        trainer.iteration = iteration
+        weights[iteration] = trainer._consistency_weight()
+    assert weights[0] == weights[99] == 0
+    assert weights[200] == pytest.approx(0.4) and weights[300] == weights[900] == pytest.approx(0.8)
+    trainer.iteration = 0
+    early = trainer._numpy_batch()  # before the ramp every tile of the batch carries strokes, none is a variant
+    assert early.consistency == 0 and len(early.images) == 4
+    assert not np.array_equal(early.targets[:2], early.targets[2:])
+    single = Trainer(image, labels, _settings(iterations=1000, batch_size=1, consistency=0.8))
+    single.iteration = 900
+    assert single._consistency_weight() == 0  # one tile: no pair
 
 
 def test_training_with_consistency_learns_the_image():

@@ -793,6 +793,16 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--border-weight", action="store_true", help="U-Net border weights between touching objects")
     parser.add_argument(
+        "--consistency",
+        type=_non_negative_float,
+        default=defaults.consistency,
+        metavar="WEIGHT",
+        help="weight of the intensity-consistency term: from a quarter of the budget on, half of each batch are "
+        "strong intensity variants (gamma, uneven illumination, debris) of the other half's tiles, pulled towards "
+        "the tiles' predictions, so that images brighter, dimmer or less even than the painted ones segment alike; "
+        "0: off (default %(default)g)",
+    )
+    parser.add_argument(
         "--init", type=Path, metavar="MODEL", help="fine-tune this saved model (keeps its classes and normalization)"
     )
     _add_device_argument(parser, defaults.device)
@@ -950,6 +960,7 @@ def _training_settings(args: argparse.Namespace, **fields):
     return TrainingSettings(
         ndim=args.ndim,
         border_weight=args.border_weight,
+        consistency=args.consistency,
         freeze_encoder=args.freeze_encoder,
         device=args.device,
         seed=args.seed,

@@ -102,14 +102,15 @@ from .training_settings import TrainingSettings
 
 class _Batch(NamedTuple):
     """A training batch as the prefetch thread hands it over: input tiles ``(B, 1, *tile)``, targets and
-    optional border weights on the output tiles, and the class weights when label updates changed them. With
-    ``paired``, the second half of the tiles are intensity variants of the first half's (same labels)."""
+    optional border weights on the output tiles, and the class weights when label updates changed them."""
 
     images: np.ndarray
     targets: np.ndarray
     weights: np.ndarray | None
     class_weights: torch.Tensor | None
-    paired: bool = False
+    consistency: float = 0.0
+    """The consistency term's weight for this batch (``Trainer._consistency_weight``); above 0 the second half of
+    the tiles are intensity variants of the first half's (same labels)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,12 @@ def integer_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
         raise ValueError(f"{name} must not hold negative ids (0 = unpainted, 1..K = classes)")
     return labels
 
+
+CONSISTENCY_RAMP = (0.1, 0.3)
+"""When the intensity-consistency term (``TrainingSettings.consistency``) joins, as fractions of the iteration/time
+budget: off before the first (each variant learns its tile's prediction, and early that prediction is poor: with the
+term on from the first step clean images lost Dice, docs/benchmarks.md), then rising linearly, full from the second
+(before the weight average's window, ``weight_averaging``, opens)."""
 
 DENSE_VOID = 255
 """With ``dense_labels`` (complete labels, e.g. a dataset's masks): the value that means "no label" (0 is a class)."""
@@ -380,6 +387,8 @@ class Trainer:
         """What the last run's fitted or given temperature does on its held-out pixels (``calibration.calibrate``:
         temperature, pixel count, NLL and expected calibration error before and after), or None (none fitted)."""
         self.iteration = 0
+        self._run_start: float | None = None
+        """``time.perf_counter()`` when the current or last ``run()`` began (the budget the prefetch thread sees)."""
         self._first_iteration = 0
         """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
 
@@ -631,7 +640,8 @@ class Trainer:
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
         self._apply_smaller_sizes()
         changed = self._apply_pending()
-        paired = self.settings.consistency > 0 and self.settings.batch_size > 1
+        consistency = self._consistency_weight()
+        paired = consistency > 0
         images, targets, weights = [], [], []
         for _ in range(self.settings.batch_size // 2 if paired else self.settings.batch_size):
             image, target, weight = self.sampler.sample()
@@ -650,13 +660,25 @@ class Trainer:
         targets = targets[crop].astype(np.int64)
         weights = None if weights is None else np.ascontiguousarray(weights[crop])
         images = images if self.in_channels > 1 else images[:, None]  # (batch, channels, *tile)
-        return _Batch(images, targets, weights, self._class_weights if changed else None, paired)
+        return _Batch(images, targets, weights, self._class_weights if changed else None, consistency)
 
     def _to_device(self, batch: _Batch, device: torch.device):
         x = torch.from_numpy(batch.images).to(device).contiguous(memory_format=self._memory_format)
         y = torch.from_numpy(batch.targets).to(device)
         w = None if batch.weights is None else torch.from_numpy(batch.weights).to(device)
-        return x, y, w, batch.paired
+        return x, y, w, batch.consistency
+
+    def _consistency_weight(self) -> float:
+        """The intensity-consistency weight for the next batch: 0 until ``CONSISTENCY_RAMP[0]`` of the budget is
+        spent (all tiles of the batch carry strokes), then rising linearly to ``settings.consistency`` at
+        ``CONSISTENCY_RAMP[1]``; 0 with a batch of one tile (no pair)."""
+        s = self.settings
+        if s.consistency <= 0 or s.batch_size < 2:
+            return 0.0
+        elapsed = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
+        start, full = CONSISTENCY_RAMP
+        ramp = (self._progress(self.iteration, elapsed) - start) / (full - start)
+        return s.consistency * min(1.0, max(0.0, ramp))
 
     def _progress(self, iteration: int, elapsed: float) -> float:
         """How much of the iteration/time budget is spent (the larger of the two fractions)."""
@@ -679,6 +701,7 @@ class Trainer:
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
         state = _RunState(learning_rate=s.learning_rate, iteration=self._first_iteration)
+        self._run_start = state.start
         check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
             training_bytes(self.model, self.input_shape, s.batch_size),
             device,
@@ -845,14 +868,14 @@ class Trainer:
         Returns the loss, or, for a step whose loss or weights are not finite, undone (``last_good``) before the
         average sees it, what was not finite ("loss" or "weights")."""
         s = self.settings
-        x, y, w, paired = tensors
+        x, y, w, consistency = tensors
         with self._lock:
             last_good.keep()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
             logits = logits.float()
-            if paired:  # the strokes teach from the tiles, the variants learn the tiles' predictions
+            if consistency:  # the strokes teach from the tiles, the variants learn the tiles' predictions
                 half = len(logits) // 2
                 loss = masked_loss(
                     logits[:half],
@@ -861,7 +884,7 @@ class Trainer:
                     weight_map=None if w is None else w[:half],
                     dice_weight=s.dice_weight,
                 )
-                loss = loss + s.consistency * consistency_loss(logits[:half], logits[half:])
+                loss = loss + consistency * consistency_loss(logits[:half], logits[half:])
             else:
                 loss = masked_loss(logits, y, weights, weight_map=w, dice_weight=s.dice_weight)
             if scaler is not None:
