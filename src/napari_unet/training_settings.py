@@ -141,14 +141,15 @@ class TrainingSettings:
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
     consistency: float = 0.0
-    """Weight of the intensity-consistency term (``losses.consistency_loss``); 0: off. When on, half of each batch
-    are strong intensity variants of the other half's tiles (``augment.STRONG_INTENSITY``: gamma 0.5-2, uneven
-    illumination, gain, offset, debris, blur, noise; the geometry and the labels shared), and the network's
-    prediction of each variant is pulled, on every output pixel, towards its (fixed) prediction of the tile (the
-    strokes' loss is on the tiles only): strokes say nothing about where a class boundary lies at another intensity,
-    the tile's own prediction does. Off by default: on the robustness benchmark's validation images it held Dice
-    under gamma, gradient and combined shifts but cost clean images 0.013-0.024 at 1000 iterations
-    (docs/benchmarks.md)."""
+    """Weight of the intensity-consistency term (``losses.consistency_loss``); 0: off. When on, from a tenth of the
+    budget on (``training.CONSISTENCY_RAMP``, the weight rising to full by 0.3) half of each batch are strong intensity
+    variants of the other half's tiles (``augment.STRONG_INTENSITY``: gamma 0.5-2, uneven illumination, gain, offset,
+    debris, blur, noise; the geometry and the labels shared), and the network's prediction of each variant is pulled,
+    on every output pixel, towards its (fixed) prediction of the tile (the strokes' loss is on the tiles only):
+    strokes say nothing about where a class boundary lies at another intensity, the tile's own prediction does. For
+    acquisitions known to vary (``--consistency``). Off by default: on the robustness benchmark it held Dice under
+    gamma, illumination and combined shifts on both sets and kept clean membranes, but cost the clean nuclei test
+    images Dice (docs/benchmarks.md)."""
     temperature: str | float = "auto"
     """The softmax temperature the trained model keeps (``calibration.py``): "auto" fits it when the run ends on
     labelled pixels training did not use (a dataset's validation images; for strokes the ``calibration_holdout``
