@@ -797,7 +797,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_float,
         default=defaults.consistency,
         metavar="WEIGHT",
-        help="weight of the intensity-consistency term: from a quarter of the budget on, half of each batch are "
+        help="weight of the intensity-consistency term: from a tenth of the budget on, half of each batch are "
         "strong intensity variants (gamma, uneven illumination, debris) of the other half's tiles, pulled towards "
         "the tiles' predictions, so that images brighter, dimmer or less even than the painted ones segment alike; "
         "0: off (default %(default)g)",
