@@ -875,18 +875,12 @@ class Trainer:
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
             logits = logits.float()
-            if consistency:  # the strokes teach from the tiles, the variants learn the tiles' predictions
-                half = len(logits) // 2
-                loss = masked_loss(
-                    logits[:half],
-                    y[:half],
-                    weights,
-                    weight_map=None if w is None else w[:half],
-                    dice_weight=s.dice_weight,
-                )
-                loss = loss + consistency * consistency_loss(logits[:half], logits[half:])
-            else:
-                loss = masked_loss(logits, y, weights, weight_map=w, dice_weight=s.dice_weight)
+            # paired: the strokes teach from the tiles (first half), the variants learn the tiles' predictions
+            tiles = len(logits) // 2 if consistency else len(logits)
+            weight_map = None if w is None else w[:tiles]
+            loss = masked_loss(logits[:tiles], y[:tiles], weights, weight_map=weight_map, dice_weight=s.dice_weight)
+            if consistency:
+                loss = loss + consistency * consistency_loss(logits[:tiles], logits[tiles:])
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
