@@ -511,7 +511,7 @@ def test_consistency_pairs_each_tile_with_an_intensity_variant_under_the_same_la
     plain = Trainer(image, labels, _settings(batch_size=4, seed=3))._numpy_batch()
     assert plain.consistency == 0 and len(plain.images) == 4
     trainer = Trainer(image, labels, _settings(batch_size=4, seed=3, consistency=1.0))
-    trainer.iteration = trainer.settings.iterations // 2  # past the ramp (CONSISTENCY_RAMP)
+    trainer._batch_iteration = trainer.settings.iterations // 2  # past the ramp (CONSISTENCY_RAMP)
     batch = trainer._numpy_batch()
     assert batch.consistency == 1.0 and len(batch.images) == 4
     tiles, variants = batch.images[:2], batch.images[2:]
@@ -531,17 +531,27 @@ def test_consistency_joins_after_a_tenth_of_the_budget_and_rises_to_its_weight()
     trainer = Trainer(image, labels, _settings(iterations=1000, time_budget=None, batch_size=4, consistency=0.8))
     weights = {}
     for iteration in (0, 99, 200, 300, 900):
-        trainer.iteration = iteration
-        weights[iteration] = trainer._consistency_weight()
+        weights[iteration] = trainer._consistency_weight(iteration)
     assert weights[0] == weights[99] == 0
     assert weights[200] == pytest.approx(0.4) and weights[300] == weights[900] == pytest.approx(0.8)
-    trainer.iteration = 0
     early = trainer._numpy_batch()  # before the ramp every tile of the batch carries strokes, none is a variant
     assert early.consistency == 0 and len(early.images) == 4
     assert not np.array_equal(early.targets[:2], early.targets[2:])
     single = Trainer(image, labels, _settings(iterations=1000, batch_size=1, consistency=0.8))
-    single.iteration = 900
-    assert single._consistency_weight() == 0  # one tile: no pair
+    assert single._consistency_weight(900) == 0  # one tile: no pair
+
+
+def test_consistency_follows_the_batches_built_not_the_training_thread():
+    """The prefetch thread builds batch k+1 while step k runs: the weight of a batch is that of the iteration it is
+    built for, so a seeded run with the term is bit-identical from run to run (an iteration budget)."""
+    image, labels, _ = _halves()
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(image, labels, _settings(iterations=12, batch_size=4, seed=5, consistency=1.0))
+        runs.append(([event.loss for event in trainer.run()], trainer.model.state_dict()))
+    (losses_a, a), (losses_b, b) = runs
+    assert losses_a == losses_b and all(torch.equal(a[k], b[k]) for k in a)
+    assert trainer._batch_iteration >= 12  # one batch per iteration was built for the schedule, counted there
 
 
 def test_training_with_consistency_learns_the_image():

@@ -391,6 +391,10 @@ class Trainer:
         """``time.perf_counter()`` when the current or last ``run()`` began (the budget the prefetch thread sees)."""
         self._first_iteration = 0
         """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
+        self._batch_iteration = 0
+        """The iteration the prefetch thread's next batch is for, counted where batches are built (not read from
+        ``iteration``, which the training thread advances meanwhile): a seeded run pairs the same batches whatever
+        the two threads' timing."""
 
     def _model_from_init(self, init: tuple[torch.nn.Module, dict], found: list[int]) -> None:
         """Take the model to fine-tune from ``init`` (a copy; the caller's stays untouched) with its class ids and
@@ -640,7 +644,8 @@ class Trainer:
         ``update_labels`` are applied first; the class weights come along when they changed (else None)."""
         self._apply_smaller_sizes()
         changed = self._apply_pending()
-        consistency = self._consistency_weight()
+        consistency = self._consistency_weight(self._batch_iteration)
+        self._batch_iteration += 1
         paired = consistency > 0
         images, targets, weights = [], [], []
         for _ in range(self.settings.batch_size // 2 if paired else self.settings.batch_size):
@@ -668,16 +673,16 @@ class Trainer:
         w = None if batch.weights is None else torch.from_numpy(batch.weights).to(device)
         return x, y, w, batch.consistency
 
-    def _consistency_weight(self) -> float:
-        """The intensity-consistency weight for the next batch: 0 until ``CONSISTENCY_RAMP[0]`` of the budget is
-        spent (all tiles of the batch carry strokes), then rising linearly to ``settings.consistency`` at
+    def _consistency_weight(self, iteration: int) -> float:
+        """The intensity-consistency weight for the batch of ``iteration``: 0 until ``CONSISTENCY_RAMP[0]`` of the
+        budget is spent (all tiles of the batch carry strokes), then rising linearly to ``settings.consistency`` at
         ``CONSISTENCY_RAMP[1]``; 0 with a batch of one tile (no pair)."""
         s = self.settings
         if s.consistency <= 0 or s.batch_size < 2:
             return 0.0
         elapsed = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
         start, full = CONSISTENCY_RAMP
-        ramp = (self._progress(self.iteration, elapsed) - start) / (full - start)
+        ramp = (self._progress(iteration, elapsed) - start) / (full - start)
         return s.consistency * min(1.0, max(0.0, ramp))
 
     def _progress(self, iteration: int, elapsed: float) -> float:
@@ -701,7 +706,7 @@ class Trainer:
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
         state = _RunState(learning_rate=s.learning_rate, iteration=self._first_iteration)
-        self._run_start = state.start
+        self._run_start, self._batch_iteration = state.start, state.iteration
         check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
             training_bytes(self.model, self.input_shape, s.batch_size),
             device,
