@@ -66,8 +66,10 @@ def test_training_panel_gives_the_default_settings_and_follows_its_forms(qtbot):
     panel.form["ndim"].value = 3
     panel.form["iterations"].value = 0
     panel.basic["time_budget"].value = 90
+    panel.form["consistency"].value = 0.3  # for acquisitions that vary in intensity
     settings = panel.settings("cpu")
     assert (settings.depth, settings.ndim, settings.iterations, settings.time_budget) == (2, 3, None, 90)
+    assert settings.consistency == pytest.approx(0.3)
     others = {f.name for f in dataclasses.fields(TrainingSettings)} - labelled
     assert all(getattr(settings, n) == getattr(TrainingSettings(), n) for n in others - {"device"})
 

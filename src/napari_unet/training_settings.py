@@ -140,16 +140,29 @@ class TrainingSettings:
     """Add the U-Net border weight map (w0 = 10, sigma = 5 px) between touching painted objects."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term added to the cross-entropy."""
-    consistency: float = 0.0
+    consistency: float = field(
+        default=0.0,
+        metadata={
+            "label": "Intensity consistency",
+            "min": 0.0,
+            "max": 100.0,
+            "step": 0.1,
+            "tooltip": "For images that vary in brightness, contrast or illumination (e.g. 0.3): teaches the network "
+            "to segment a tile alike under strong intensity changes. Leave at 0 when classes differ by brightness "
+            "alone (bright vs dim cells) and for complete labels",
+        },
+    )
     """Weight of the intensity-consistency term (``losses.consistency_loss``); 0: off. When on, from a tenth of the
     budget on (``training.CONSISTENCY_RAMP``, the weight rising to full by 0.3) half of each batch are strong intensity
     variants of the other half's tiles (``augment.STRONG_INTENSITY``: gamma 0.5-2, uneven illumination, gain, offset,
     debris, blur, noise; the geometry and the labels shared), and the network's prediction of each variant is pulled,
     on every output pixel, towards its (fixed) prediction of the tile (the strokes' loss is on the tiles only):
     strokes say nothing about where a class boundary lies at another intensity, the tile's own prediction does. For
-    acquisitions known to vary (``--consistency``). Off by default: on the robustness benchmark it held Dice under
-    gamma, illumination and combined shifts on both sets and kept clean membranes, but cost the clean nuclei test
-    images Dice (docs/benchmarks.md)."""
+    acquisitions known to vary (``--consistency 0.3``; 0.3 kept clean Dice and raised it under gamma, illumination
+    and combined shifts on both benchmark sets, docs/benchmarks.md). Off by default because it teaches that a tile's
+    brightness does not decide its class: classes told apart by brightness alone (bright vs dim nuclei, positive vs
+    negative cells) are then confused, and complete labels (a dataset), which already place every boundary, lost
+    Dice with it."""
     temperature: str | float = "auto"
     """The softmax temperature the trained model keeps (``calibration.py``): "auto" fits it when the run ends on
     labelled pixels training did not use (a dataset's validation images; for strokes the ``calibration_holdout``
