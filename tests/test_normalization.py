@@ -260,6 +260,29 @@ def test_robust_normalization_ignores_bright_debris():
     assert robust_params(filament)["high_values"] == [200.0]
 
 
+def test_debris_far_brighter_than_the_objects_does_not_pass_for_spots(monkeypatch):
+    """Specks at 30x the nuclei's level (nuclei at 2,000 counts of a 16-bit camera, debris saturating it): the plain
+    upper value lies so far above the objects that the opening alone takes the range below ``EMPTIED_FRACTION`` of
+    it, which is also what an image of spots does; the nuclei left in the opened image tell the two apart. Spots on
+    a noisy background still keep the plain value."""
+    clean, nuclei = _nuclei()
+    dirty, kept = _nuclei(debris=0.01)
+    bright = dirty.astype(np.float32)
+    bright[dirty == 255] = 3000.0
+    robust_clean = normalize_image(clean)
+    np.testing.assert_allclose(np.median(normalize_image(bright)[kept]), np.median(robust_clean[nuclei]), rtol=0.03)
+    with monkeypatch.context() as patched:  # the spots rule alone (before BACKGROUND_SPREAD) kept the plain value
+        patched.setattr(normalization, "BACKGROUND_SPREAD", np.inf)
+        assert np.median(normalize_image(bright)[kept]) < 0.2 * np.median(robust_clean[nuclei])
+    rng = np.random.default_rng(3)
+    for background in (rng.normal(100.0, 5.0, (256, 256)), rng.poisson(20.0, (256, 256)).astype(np.float64)):
+        spots = background.copy()
+        for y, x in rng.integers(2, 254, (300, 2)):
+            spots[y - 1 : y + 2, x - 1 : x + 2] += 200.0
+        spots = spots.astype(np.float32)
+        assert robust_params(spots)["high_values"] == percentile_params(spots)["high_values"]
+
+
 def test_saturated_debris_larger_than_the_area_does_not_set_the_upper_value(monkeypatch):
     """Saturated debris of radius 6-9 px (over ``speck_area``: the opening keeps it) on 1.5 % of the pixels: the
     plateau at the image's maximum would hold the upper percentile and is left out, so the objects keep their
@@ -296,6 +319,8 @@ def test_robust_parameters_of_a_lazy_image_equal_the_in_memory_ones(shape, radii
     lazy = da.from_array(image, chunks=(7,) + image.shape[1:])
     assert robust_params(lazy) == robust_params(image)
     floats = image.astype(np.float32) * 10.0  # quantized with the whole image's extremes, band by band alike
+    assert robust_params(da.from_array(floats, chunks=(7,) + image.shape[1:])) == robust_params(floats)
+    floats[image == 255] = 30.0 * 255  # debris far brighter than the objects: the opened median decides (streamed)
     assert robust_params(da.from_array(floats, chunks=(7,) + image.shape[1:])) == robust_params(floats)
     with_nan = image.astype(np.float32)
     with_nan[..., 3, 4] = np.nan

@@ -45,8 +45,14 @@ DATASET_RECIPE = {"method": "dataset", "low": 1.0, "high": 99.8, "speck_area": S
 DEFAULT_RECIPE = ROBUST_RECIPE
 """What new models use (docs/benchmarks.md: robustness across images)."""
 EMPTIED_FRACTION = 0.15
-"""When leaving out the small components takes the upper value below this fraction of the plain percentile range,
-the image's objects themselves are that small (spots): the "robust" method then keeps the plain percentile."""
+"""When leaving out the small components takes the upper value below this fraction of the plain percentile range
+and nothing but background is left (``BACKGROUND_SPREAD``), the image's objects themselves are that small (spots):
+the "robust" method then keeps the plain percentile."""
+BACKGROUND_SPREAD = 2.0
+"""The opened image holds nothing but background (noise, texture) when its upper value lies less than this many
+times as far above its median as the median lies above the low percentile. Noise and texture stay within about
+one such distance (a Gaussian background: 1.24; EM slices: 0.6-0.9); objects larger than ``speck_area`` on a
+background stand far above it (DSB nuclei fields: 3.7 and more)."""
 MAX_SPECK_AREA = 1 << 20
 """Largest ``speck_area`` (pixels) a recipe may ask for (:func:`check_recipe`)."""
 _OPENING_LEVELS = 1024
@@ -109,13 +115,16 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     reflections) to its surroundings and keeps larger objects, thin long ones (filaments) included. On an image
     without such artifacts the values are close to :func:`percentile_params`'s; on one whose upper percentile lies
     in its debris (0.2-2 % of the pixels, several times brighter than the objects) they follow the objects instead.
-    When the opening empties the image (its upper value falls below ``EMPTIED_FRACTION`` of the plain range: the
-    objects are spots smaller than ``speck_area``), the plain percentile is kept. Pixels at the image's maximum that
-    survive the opening are left out when they are so many that the upper percentile would fall among them: a plateau
-    at the maximum is clipped (saturated) signal, whose value says only "this much or more", typically debris larger
-    than ``speck_area`` (specks that touch merge into larger components); where saturated objects shade into their
-    unsaturated rims, the percentile of the rest lies just below the plateau and little changes. (Only the image's own
-    maximum: the opening itself leaves plateaus at lower levels, where it flattened the tops of objects.)
+    When the opening empties the image (its upper value falls below ``EMPTIED_FRACTION`` of the plain range and no
+    object stands out of the background of the opened image, ``BACKGROUND_SPREAD``: the objects are spots smaller
+    than ``speck_area``), the plain percentile is kept; the second condition keeps debris many times brighter than
+    the objects (which alone takes the upper value below that fraction of the plain range) from passing for spots.
+    Pixels at the image's maximum that survive the opening are left out when they are so many that the upper
+    percentile would fall among them: a plateau at the maximum is clipped (saturated) signal, whose value says only
+    "this much or more", typically debris larger than ``speck_area`` (specks that touch merge into larger
+    components); where saturated objects shade into their unsaturated rims, the percentile of the rest lies just
+    below the plateau and little changes. (Only the image's own maximum: the opening itself leaves plateaus at lower
+    levels, where it flattened the tops of objects.)
 
     Why components and not a higher/lower percentile or a histogram rule: which percentile falls on the objects
     depends on how much of the image they cover, and a few per cent of debris moves any upper percentile and fools
@@ -134,8 +143,9 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
         channels = _channels(image if is_lazy(image) else np.asarray(image), params["channel_axis"])
         for c, channel in enumerate(channels):
             lo, plain = params["low_values"][c], params["high_values"][c]
-            opened = _opened_percentile(channel, speck_area, high, mapper)
-            if opened - lo >= EMPTIED_FRACTION * (plain - lo):
+            middle, opened = _opened_percentiles(channel, speck_area, high, mapper)
+            emptied = opened - lo < EMPTIED_FRACTION * (plain - lo)
+            if not (emptied and opened - middle <= BACKGROUND_SPREAD * max(middle - lo, 0.0)):
                 params["high_values"][c] = opened
     return {**params, "method": "robust", "speck_area": speck_area}
 
@@ -183,17 +193,18 @@ def _opened_levels(values: np.ndarray, area: int, lo: float, step: float) -> np.
     return np.where(finite, _area_opening(levels, area), _NOT_FINITE).astype(np.uint16)
 
 
-def _opened_percentile(channel, area: int, q: float, mapper=None) -> float:
-    """The ``q`` percentile of ``channel`` after the plane-wise area opening (finite pixels only). Of a lazy array
-    it is taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where given), which
-    gives the same value as ``np.percentile`` of the opened image in memory."""
+def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[float, float]:
+    """The median and the ``q`` percentile of ``channel`` after the plane-wise area opening (finite pixels only;
+    the image's maximum left out where it holds the ``q`` percentile, :func:`_held_by_top`). Of a lazy array they
+    are taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where given), which
+    gives the same values as ``np.percentile`` of the opened image in memory."""
     if not is_lazy(channel):
         values = np.asarray(channel)
         extremes = None if values.dtype in (np.uint8, np.bool_) else _extremes(values)
         opened = np.asarray(_open_planes(values, area, extremes), np.float64).ravel()
         opened = opened[np.isfinite(opened)]
         if opened.size == 0:
-            return 1.0
+            return 0.0, 1.0
         if extremes is None:
             top = float(values.max())
         else:
@@ -201,16 +212,17 @@ def _opened_percentile(channel, area: int, q: float, mapper=None) -> float:
             top = float(np.float64(_top_level(extremes)) * step + lo)  # the value _open_planes gives that level
         if _held_by_top(int(np.count_nonzero(opened == top)), opened.size, q):
             opened = opened[opened != top]
-        return float(np.percentile(opened, q))
+        middle, upper = np.percentile(opened, [50.0, q])
+        return float(middle), float(upper)
     if np.dtype(channel.dtype) in (np.uint8, np.bool_):
         top = int(_extremes(channel, mapper)[1])
-        return _histogram_percentiles(_OpenedSlabs(channel, area, None), q, q, mapper, clipped=top)[1]
+        return _histogram_percentiles(_OpenedSlabs(channel, area, None), 50.0, q, mapper, clipped=top)
     extremes = _extremes(channel, mapper)
     lo, step = _quantization(extremes)
     levels = _OpenedSlabs(channel, area, (lo, step))
     return _histogram_percentiles(
-        levels, q, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step), clipped=_top_level(extremes)
-    )[1]
+        levels, 50.0, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step), clipped=_top_level(extremes)
+    )
 
 
 def _top_level(extremes: tuple[float, float]) -> int:
@@ -379,7 +391,7 @@ def _histogram_percentiles(
     """Exact linear-interpolation percentiles (``np.percentile``'s) of an 8/16-bit integer lazy array,
     from a histogram accumulated over slabs of the first axis (:func:`reduce_slabs`, through ``mapper`` where
     given). ``exclude``: a value left out (not counted); ``scale``: ``(lo, step)``, the values stand for
-    ``value * step + lo`` (opened levels, :func:`_opened_percentile`); ``clipped``: a value (the image's maximum)
+    ``value * step + lo`` (opened levels, :func:`_opened_percentiles`); ``clipped``: a value (the image's maximum)
     left out when it is the largest counted and holds the ``high`` percentile (:func:`_held_by_top`); (0, 1) when
     nothing is counted."""
     dtype = np.dtype(values.dtype)
