@@ -283,7 +283,12 @@ def test_debris_far_brighter_than_the_objects_does_not_pass_for_spots(monkeypatc
         assert robust_params(spots)["high_values"] == percentile_params(spots)["high_values"]
 
 
-def test_saturated_debris_larger_than_the_area_does_not_set_the_upper_value(monkeypatch):
+def _opened_upper(image) -> float:
+    """The robust upper value with the plateau at the maximum taken in (the opening alone)."""
+    return float(np.percentile(normalization._open_planes(image, normalization.SPECK_AREA), 99.8))
+
+
+def test_saturated_debris_larger_than_the_area_does_not_set_the_upper_value():
     """Saturated debris of radius 6-9 px (over ``speck_area``: the opening keeps it) on 1.5 % of the pixels: the
     plateau at the image's maximum would hold the upper percentile and is left out, so the objects keep their
     range; saturated objects that shade into unsaturated rims keep an upper value close to saturation."""
@@ -291,9 +296,8 @@ def test_saturated_debris_larger_than_the_area_does_not_set_the_upper_value(monk
     dirty, kept = _nuclei(debris=0.015, radii=(6, 10))
     robust_clean, robust_dirty = normalize_image(clean), normalize_image(dirty)
     np.testing.assert_allclose(np.median(robust_dirty[kept]), np.median(robust_clean[nuclei]), rtol=0.03)
-    with monkeypatch.context() as patched:  # the opening alone keeps the debris, which then sets the upper value
-        patched.setattr(normalization, "_held_by_top", lambda count, size, q: False)
-        assert np.median(normalize_image(dirty)[kept]) < 0.8 * np.median(robust_clean[nuclei])
+    low = robust_params(dirty)["low_values"][0]  # the opening alone keeps the debris, which sets the upper value
+    assert np.median((dirty[kept] - low) / (_opened_upper(dirty) - low)) < 0.8 * np.median(robust_clean[nuclei])
     # the same in other units: 16-bit and float images are opened on quantized levels
     for scaled in (dirty.astype(np.uint16) * 200, dirty.astype(np.float32) / 255):
         np.testing.assert_allclose(np.median(normalize_image(scaled)[kept]), np.median(robust_dirty[kept]), rtol=0.01)
@@ -302,6 +306,29 @@ def test_saturated_debris_larger_than_the_area_does_not_set_the_upper_value(monk
     overexposed = np.clip(ndimage.gaussian_filter(clean.astype(np.float64) * 3.0, 2.0), 0, 255).astype(np.uint8)
     assert np.mean(overexposed == 255) > 0.05
     assert robust_params(overexposed)["high_values"][0] >= 0.95 * 255
+
+
+def test_saturated_debris_under_its_share_of_the_pixels_does_not_raise_the_upper_value():
+    """Merged saturated debris on fewer pixels than the 0.2 % above the upper percentile: taken in, it fills the
+    top ranks and pushes the percentile into the brightest objects' tail (domes of mixed brightness here); left
+    out, the upper value is the clean image's."""
+    rng = np.random.default_rng(4)
+    shape = (256, 256)
+    clean = rng.normal(20, 3, shape)
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    for _ in range(25):
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(10, 17)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        dome = rng.uniform(60, 200) * (1.0 - ((yy - cy) ** 2 + (xx - cx) ** 2) / r**2)
+        clean[disc] = np.maximum(clean[disc], 20 + dome[disc])
+    clean = np.clip(clean, 0, 254).astype(np.uint8)
+    dirty = clean.copy()
+    dirty[(yy - 40) ** 2 + (xx - 40) ** 2 <= 22] = 255  # two touching discs of ~70 px: one speck over speck_area
+    dirty[(yy - 40) ** 2 + (xx - 47) ** 2 <= 22] = 255
+    assert 100 <= np.count_nonzero(dirty == 255) < 0.002 * dirty.size
+    upper = robust_params(clean)["high_values"][0]
+    np.testing.assert_allclose(robust_params(dirty)["high_values"][0], upper, rtol=0.01)
+    assert _opened_upper(dirty) > 1.02 * upper  # what taking the plateau in gives
 
 
 @pytest.mark.parametrize("radii", [(1, 4), (6, 10)])

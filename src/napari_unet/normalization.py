@@ -119,12 +119,13 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     object stands out of the background of the opened image, ``BACKGROUND_SPREAD``: the objects are spots smaller
     than ``speck_area``), the plain percentile is kept; the second condition keeps debris many times brighter than
     the objects (which alone takes the upper value below that fraction of the plain range) from passing for spots.
-    Pixels at the image's maximum that survive the opening are left out when they are so many that the upper
-    percentile would fall among them: a plateau at the maximum is clipped (saturated) signal, whose value says only
+    Pixels at the image's maximum that survive the opening are left out of both percentiles of the opened image: a
+    plateau of ``speck_area`` pixels or more at the maximum is clipped (saturated) signal, whose value says only
     "this much or more", typically debris larger than ``speck_area`` (specks that touch merge into larger
-    components); where saturated objects shade into their unsaturated rims, the percentile of the rest lies just
-    below the plateau and little changes. (Only the image's own maximum: the opening itself leaves plateaus at lower
-    levels, where it flattened the tops of objects.)
+    components); taken in, it holds the upper percentile when it covers more than its share of the pixels, and
+    pushes it into the objects' brightest tail when it covers less. Where saturated objects shade into their
+    unsaturated rims, the percentile of the rest lies just below the plateau and little changes. (Only the image's
+    own maximum: the opening itself leaves plateaus at lower levels, where it flattened the tops of objects.)
 
     Why components and not a higher/lower percentile or a histogram rule: which percentile falls on the objects
     depends on how much of the image they cover, and a few per cent of debris moves any upper percentile and fools
@@ -195,9 +196,9 @@ def _opened_levels(values: np.ndarray, area: int, lo: float, step: float) -> np.
 
 def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[float, float]:
     """The median and the ``q`` percentile of ``channel`` after the plane-wise area opening (finite pixels only;
-    the image's maximum left out where it holds the ``q`` percentile, :func:`_held_by_top`). Of a lazy array they
-    are taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where given), which
-    gives the same values as ``np.percentile`` of the opened image in memory."""
+    the image's maximum left out where some of it survives the opening and other values lie below it). Of a lazy
+    array they are taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where
+    given), which gives the same values as ``np.percentile`` of the opened image in memory."""
     if not is_lazy(channel):
         values = np.asarray(channel)
         extremes = None if values.dtype in (np.uint8, np.bool_) else _extremes(values)
@@ -210,7 +211,7 @@ def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[floa
         else:
             lo, step = _quantization(extremes)
             top = float(np.float64(_top_level(extremes)) * step + lo)  # the value _open_planes gives that level
-        if _held_by_top(int(np.count_nonzero(opened == top)), opened.size, q):
+        if 0 < np.count_nonzero(opened == top) < opened.size:
             opened = opened[opened != top]
         middle, upper = np.percentile(opened, [50.0, q])
         return float(middle), float(upper)
@@ -228,12 +229,6 @@ def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[floa
 def _top_level(extremes: tuple[float, float]) -> int:
     """The opening level of an image's maximum (the last level; 0 for a constant image)."""
     return _OPENING_LEVELS - 1 if extremes[1] > extremes[0] else 0
-
-
-def _held_by_top(count: int, size: int, q: float) -> bool:
-    """Whether the ``q`` percentile of ``size`` values falls among the ``count`` largest (and some values lie below
-    them): a plateau at the top holds the upper percentile."""
-    return count < size and math.floor(q / 100.0 * (size - 1)) >= size - count
 
 
 def _extremes(values, mapper=None) -> tuple[float, float]:
@@ -392,7 +387,7 @@ def _histogram_percentiles(
     from a histogram accumulated over slabs of the first axis (:func:`reduce_slabs`, through ``mapper`` where
     given). ``exclude``: a value left out (not counted); ``scale``: ``(lo, step)``, the values stand for
     ``value * step + lo`` (opened levels, :func:`_opened_percentiles`); ``clipped``: a value (the image's maximum)
-    left out when it is the largest counted and holds the ``high`` percentile (:func:`_held_by_top`); (0, 1) when
+    left out when it is the largest counted and other values are counted too; (0, 1) when
     nothing is counted."""
     dtype = np.dtype(values.dtype)
     offset = int(np.iinfo(dtype).min)
@@ -404,7 +399,7 @@ def _histogram_percentiles(
         clipped is not None
         and counts.any()
         and int(np.flatnonzero(counts)[-1]) == clipped - offset
-        and _held_by_top(int(counts[clipped - offset]), int(counts.sum()), high)
+        and int(counts[clipped - offset]) < int(counts.sum())
     ):
         counts[clipped - offset] = 0
     cumulative = np.cumsum(counts)
