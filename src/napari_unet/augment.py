@@ -62,13 +62,12 @@ class Augmenter:
     specks : float
         Probability that a tile (channel) gets bright debris: discs (balls in 3D, the radius along the first
         axis uniform in 1 to the in-plane radius) of radius uniform in ``SPECK_RADIUS`` (1-5 px) at uniform
-        positions, added one by one (each shrunk to the budget left, but not below 1 px) until the next
+        random positions, added one by one (each shrunk to the budget left, but not below 1 px) until the next
         would cover more than a fraction uniform in ``SPECK_COVER`` (0.2-2 %) of the tile (rims counted; so a
         tile under ~25x25 px may get none). Each has a value uniform in 1.5-6.5 (normalized units, objects are
         about 1), clipped at ``SPECK_TOP`` (4.0): half of them saturate, a plateau at exactly 4.0 that noise
         does not touch. Their rim blends into the image over 2 px (smoothstep of the distance). The labels
-        under a speck are left as they are, and ``SPECK_ON_LABELS`` of the specks are centred on labelled pixels,
-        of each class present alike, so that the labels say what lies under them. 0: off.
+        under a speck are left as they are. 0: off.
     noise : float
         Maximum noise level ``s`` (uniform in ``[0, noise]`` per tile and channel), Poisson-Gaussian: a
         fraction ``m`` (uniform in [0, 1]) of the variance grows with the signal, variance
@@ -123,9 +122,9 @@ class Augmenter:
             arrays = self._warp(arrays, deform, zoom)
         if self.intensity:
             arrays[0] = (
-                self._intensity(arrays[0], arrays[1])
+                self._intensity(arrays[0])
                 if image.ndim == target.ndim
-                else np.stack([self._intensity(channel, arrays[1]) for channel in arrays[0]])
+                else np.stack([self._intensity(channel) for channel in arrays[0]])
             )
         return arrays[0], arrays[1], (arrays[2] if weight is not None else None)
 
@@ -156,9 +155,8 @@ class Augmenter:
             out.append(ndimage.map_coordinates(arrays[2], coords, order=0, mode="nearest"))
         return out
 
-    def _intensity(self, image: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
-        """The image-only changes of one channel (its spatial shape; ``target``: the labels of the same pixels, where
-        specks are placed): each piece draws only when it is on."""
+    def _intensity(self, image: np.ndarray) -> np.ndarray:
+        """The image-only changes of one channel (its spatial shape): each piece draws only when it is on."""
         if self.blur and self.rng.random() < self.blur:
             sigma = float(self.rng.uniform(*BLUR_SIGMA))
             image = ndimage.gaussian_filter(image, [0.0] * (image.ndim - 2) + [sigma, sigma], mode="mirror")
@@ -169,7 +167,7 @@ class Augmenter:
         shift = float(self.rng.uniform(-self.shift_range, self.shift_range))
         image = np.sign(image) * np.abs(image) ** gamma
         image = (image * scale + shift).astype(np.float32, copy=False)
-        saturated = self._add_specks(image, target) if self.specks and self.rng.random() < self.specks else None
+        saturated = self._add_specks(image) if self.specks and self.rng.random() < self.specks else None
         if self.noise:
             level = float(self.rng.uniform(0.0, self.noise))
             mix = float(self.rng.uniform(0.0, 1.0))
@@ -188,13 +186,10 @@ class Augmenter:
         log_gain = _spline_matrix(plane[0], grid) @ coarse @ _spline_matrix(plane[1], grid).T
         return np.exp((log_gain - log_gain.mean()).astype(np.float32))
 
-    def _add_specks(self, image: np.ndarray, target: np.ndarray | None = None) -> np.ndarray | None:
-        """Composite bright blobs into ``image`` in place; return the mask of their saturated pixels (or None).
-        With ``target`` (labels of the same pixels, painted >= 0), ``SPECK_ON_LABELS`` of the specks are centred on
-        labelled pixels, of a class drawn uniformly among those present."""
+    def _add_specks(self, image: np.ndarray) -> np.ndarray | None:
+        """Composite bright blobs into ``image`` in place; return the mask of their saturated pixels (or None)."""
         shape, budget = image.shape, self.rng.uniform(*SPECK_COVER) * image.size
         covered, saturated = 0, None
-        painted = _labelled_pixels(target) if target is not None else []
         while True:
             # shrink a speck to the budget left (its footprint is about pi (r + 1)^2 pixels, a ball's more)
             radius = min(float(self.rng.uniform(*SPECK_RADIUS)), np.sqrt((budget - covered) / np.pi) - 1.0)
@@ -203,11 +198,7 @@ class Augmenter:
             radii = [radius] * len(shape)
             if len(shape) == 3:
                 radii[0] = float(self.rng.uniform(SPECK_RADIUS[0], radius))
-            if painted and self.rng.random() < SPECK_ON_LABELS:
-                pixels = painted[int(self.rng.integers(len(painted)))]
-                centre = [float(c) + self.rng.uniform(-0.5, 0.5) for c in pixels[int(self.rng.integers(len(pixels)))]]
-            else:
-                centre = [self.rng.uniform(0, s) for s in shape]
+            centre = [self.rng.uniform(0, s) for s in shape]
             value = min(float(self.rng.uniform(*SPECK_VALUE)), SPECK_TOP)
             box = tuple(
                 slice(max(0, int(np.floor(c - r - 1))), min(s, int(np.ceil(c + r + 1)) + 1))
@@ -232,12 +223,6 @@ class Augmenter:
         return saturated
 
 
-def _labelled_pixels(target: np.ndarray) -> list[np.ndarray]:
-    """The coordinates ``(n, ndim)`` of the labelled pixels of each class present in ``target`` (painted >= 0)."""
-    values = np.unique(target[target >= 0])
-    return [np.argwhere(target == value) for value in values]
-
-
 @functools.lru_cache(maxsize=64)
 def _spline_matrix(size: int, grid: int) -> np.ndarray:
     """``(size, grid)``: cubic-spline zoom of ``grid`` points to ``size`` (``ndimage.zoom``'s, on one axis)."""
@@ -258,11 +243,6 @@ SPECK_VALUE = (1.5, 6.5)
 """Range of a speck's value (normalized units) before it is clipped at ``SPECK_TOP``."""
 SPECK_TOP = 4.0
 """The saturation value of specks (normalized units): values drawn above it are clipped to it."""
-SPECK_ON_LABELS = 0.5
-"""Share of the specks centred on labelled pixels (a class drawn uniformly among those of the tile, then one of its
-pixels), the rest anywhere. What a speck on a labelled pixel teaches depends on the label under it: specks dropped
-anywhere land mostly on the background and its strokes, and the network learns that a speck is background even
-where it covers an object, and cuts holes in the nuclei that debris lies on (docs/benchmarks.md)."""
 
 
 STRONG_INTENSITY = {
