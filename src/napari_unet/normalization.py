@@ -51,8 +51,8 @@ the "robust" method then keeps the plain percentile."""
 BACKGROUND_SPREAD = 2.0
 """The opened image holds nothing but background (noise, texture) when its upper value lies less than this many
 times as far above its median as the median lies above the low percentile. Noise and texture stay within about
-one such distance (a Gaussian background: 1.24; EM slices: 0.6-0.9); objects larger than ``speck_area`` on a
-background stand far above it (DSB nuclei fields: 3.7 and more)."""
+one such distance (a Gaussian background: 1.24), objects larger than ``speck_area`` on a background stand several
+such distances above it (the DSB and ISBI images measured: docs/benchmarks.md)."""
 MAX_SPECK_AREA = 1 << 20
 """Largest ``speck_area`` (pixels) a recipe may ask for (:func:`check_recipe`)."""
 _OPENING_LEVELS = 1024
