@@ -20,6 +20,7 @@ unperturbed Dice. "warned": how many images of a condition the out-of-distributi
 unlike the training images (each image's Dice and check score are in the JSON).
 
     python bench/robustness.py [--budget 300] [--sets dsb isbi] [--set FIELD=VALUE ...] [--json OUT]
+                               [--save-models DIR]
 """
 
 from __future__ import annotations
@@ -134,9 +135,14 @@ def validation_images(name: str, data: Path) -> list:
     return [(read("images", i), read("labels", i).astype(np.uint8)) for i in range(5, 20)]
 
 
-def run(name, train_pairs, test_pairs, budget, threads, overrides, baseline: bool, only=None) -> dict:
+def run(
+    name, train_pairs, test_pairs, budget, threads, overrides, baseline: bool, only=None, save: Path | None = None
+) -> dict:
+    """Train on ``train_pairs``' strokes, score ``test_pairs`` under each condition; ``save``: write the trained
+    model there (``<save>/<name>.safetensors``) for diagnosis after the run."""
     import torch
 
+    from napari_unet.io import save_model
     from napari_unet.predict import PredictionSettings, predict_image
     from napari_unet.training import train
 
@@ -158,6 +164,9 @@ def run(name, train_pairs, test_pairs, budget, threads, overrides, baseline: boo
         "conditions": {},
     }
     print(name, "trained:", record["iterations"], "iterations,", f"{result['train_s']:.0f} s", flush=True)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        result["model"] = str(save_model(trainer.model, save / f"{name}.safetensors", trainer.metadata))
     torch.set_num_threads(threads)
     prediction = PredictionSettings(device="cpu")
     forest = fit_forest(images, strokes, threads) if baseline else None  # fitted once, scored on every condition
@@ -194,6 +203,7 @@ def main(argv=None):
         "--validation", action="store_true", help="score the validation images no benchmark scores (choosing defaults)"
     )
     parser.add_argument("--only", nargs="+", choices=list(PERTURBATIONS), help="score only these conditions")
+    parser.add_argument("--save-models", type=Path, metavar="DIR", help="write each set's trained model to DIR")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -211,7 +221,9 @@ def main(argv=None):
         if args.validation:
             test_pairs = validation_images(n, args.data)
         baseline = not args.no_baseline
-        results.append(run(n, train_pairs, test_pairs, args.budget, args.threads, overrides, baseline, args.only))
+        results.append(
+            run(n, train_pairs, test_pairs, args.budget, args.threads, overrides, baseline, args.only, args.save_models)
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"budget_s": args.budget, "threads": args.threads, "results": results}, indent=1))
     print("\n| set | perturbation | napari-unet | forest | margin | drop | warned |")

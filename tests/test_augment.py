@@ -157,7 +157,7 @@ def test_paste_mix_pastes_every_channel():
 
 # --- image-only pieces for images that differ in intensity (issue 17) -------------------------------------------
 
-NEW_OFF = dict(blur=0.0, illumination=0.0, specks=0.0, noise=0.0)
+NEW_OFF = dict(blur=0.0, illumination=0.0, background=0.0, specks=0.0, noise=0.0)
 ONLY = dict(flips=False, rotations=False, elastic=False, gamma_range=0, scale_range=0, shift_range=0)
 """No geometry and none of the mild gamma/gain/offset: what comes out is the piece under test alone."""
 
@@ -235,10 +235,10 @@ def test_new_pieces_off_replay_the_old_draws(shape):
             assert np.array_equal(channel, expected.astype(np.float32))
 
 
-PIECES = [dict(blur=1.0), dict(illumination=0.3), dict(specks=1.0), dict(noise=0.1)]
+PIECES = [dict(blur=1.0), dict(illumination=0.3), dict(background=0.3), dict(specks=1.0), dict(noise=0.1)]
 
 
-@pytest.mark.parametrize("piece", [*PIECES, dict(blur=1.0, illumination=0.3, specks=1.0, noise=0.1)])
+@pytest.mark.parametrize("piece", [*PIECES, dict(blur=1.0, illumination=0.3, background=0.3, specks=1.0, noise=0.1)])
 @pytest.mark.parametrize("shape", [(40, 40), (6, 24, 24), "channels"])
 def test_new_pieces_change_the_image_only(piece, shape):
     """Targets and weights are bit-equal to the same seeded call with the piece off (the geometry draws come
@@ -291,6 +291,28 @@ def test_illumination_is_a_smooth_multiplicative_field_of_mean_one(shape):
         assert all(np.allclose(plane, planes[0], atol=1e-5) for plane in planes)
         spreads.append(log_gain.std())
     assert max(spreads) - min(spreads) > 0.05  # the unevenness varies from tile to tile
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (6, 96, 96)])
+def test_background_is_a_smooth_additive_field_within_its_level(shape):
+    """The same field is added whatever the image (additive), it lies in [0, background], is smooth with no fine
+    detail, is the same on every slice of a volume, and its level varies from tile to tile."""
+    image, target = _scene(shape)
+    other = np.random.default_rng(1).random(shape).astype(np.float32) * 3
+    tops = []
+    for seed in range(12):
+        field = Augmenter(np.random.default_rng(seed), background=0.3, **ONLY)(image, target)[0] - image
+        again = Augmenter(np.random.default_rng(seed), background=0.3, **ONLY)(other, target)[0] - other
+        np.testing.assert_allclose(again, field, atol=1e-5)  # the same field whatever the image: additive
+        assert field.min() >= -1e-6 and field.max() <= 0.3 + 1e-6
+        for axis in (-2, -1):
+            assert np.abs(np.diff(field, axis=axis)).max() < 30 * 0.3 / shape[axis]
+        detail = field - ndimage.gaussian_filter(field, [0] * (len(shape) - 2) + [2, 2], mode="nearest")
+        assert detail[..., 4:-4, 4:-4].std() <= 0.05 * field.std() + 1e-6
+        planes = field.reshape(-1, *shape[-2:])
+        assert all(np.allclose(plane, planes[0], atol=1e-6) for plane in planes)
+        tops.append(field.max())
+    assert max(tops) > 0.15 and min(tops) < 0.1  # the level varies from tile to tile, up to its maximum
 
 
 @pytest.mark.parametrize("shape", [(188, 188), (16, 64, 64)])
@@ -402,6 +424,7 @@ def test_the_mild_ranges_are_the_settings_defaults():
         ("gamma_range", 2.5, "gamma_range is a log-gamma range in [0, 2], got 2.5"),
         ("offset_range", float("inf"), "offset_range is an offset range in normalized units in [0, 1], got inf"),
         ("illumination", float("nan"), "illumination is a log-gain standard deviation in [0, 1], got nan"),
+        ("background", 1.5, "background is a level in normalized units in [0, 1], got 1.5"),
         ("specks", 1.5, "specks is a probability in [0, 1], got 1.5"),
         ("blur", "0.5", "blur is a probability in [0, 1], got '0.5'"),
         ("noise", True, "noise is a noise level in normalized units in [0, 1], got True"),

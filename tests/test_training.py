@@ -303,7 +303,7 @@ def test_seeded_runs_are_reproducible():
 
 def test_intensity_augmentation_settings_reach_the_augmenter_and_train():
     image, labels, _ = _halves()
-    pieces = dict(illumination=0.3, specks=0.5, blur=0.5, noise=0.1)
+    pieces = dict(illumination=0.3, background=0.2, specks=0.5, blur=0.5, noise=0.1)
     trainer = Trainer(
         image, labels, _settings(iterations=4, gain_range=0.5, gamma_range=0.2, offset_range=0.1, **pieces)
     )
@@ -313,7 +313,8 @@ def test_intensity_augmentation_settings_reach_the_augmenter_and_train():
     assert all(np.isfinite(event.loss) for event in trainer.run())
     default = Trainer(image, labels, _settings(iterations=1, specks=TrainingSettings().specks)).augmenter
     assert (default.scale_range, default.gamma_range, default.shift_range) == (0.07, 0.1, 0.03)
-    assert default.illumination == default.blur == default.noise == 0.0 and default.specks == 0.5
+    assert default.illumination == default.background == default.blur == default.noise == 0.0
+    assert default.specks == 0.5
 
 
 def test_seeded_fine_tuning_and_stacks_are_bit_identical_through_the_averaging_window():

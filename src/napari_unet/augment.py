@@ -13,12 +13,13 @@ paper: random displacement vectors on a coarse 3x3 grid (10 px standard deviatio
 shares that resampling. In 3D the deformation, the zoom and the rotations act in the last two (in-plane) axes
 only, which is safe for anisotropic volumes.
 
-Four more image-only pieces imitate how the images of one experiment differ (uneven illumination, bright debris,
-focus, noise); each has its own strength, all are off (0) by default, and each draws random numbers only when on,
-so with all of them off a seeded run is bit-identical to one without them. Per channel (each its own draws) and
+Five more image-only pieces imitate how the images of one experiment differ (uneven illumination, a hazy or
+uneven background, bright debris, focus, noise); each has its own strength, and each draws random numbers only when
+on, so with all of them off a seeded run is bit-identical to one without them. Per channel (each its own draws) and
 after the geometry, in this order: ``blur`` (in-plane Gaussian), ``illumination`` (a smooth multiplicative in-plane
-field), the mild gamma / scale / shift above, ``specks`` (bright blobs in normalized units), ``noise`` (additive,
-signal-dependent); the pixels that specks saturate stay at the top value after the noise, as a clipped sensor's do.
+field), ``background`` (a smooth additive in-plane field), the mild gamma / scale / shift above, ``specks`` (bright
+blobs in normalized units), ``noise`` (additive, signal-dependent); the pixels that specks saturate stay at the top
+value after the noise, as a clipped sensor's do.
 ``intensity=False`` switches all image-only changes off, these included.
 """
 
@@ -59,6 +60,15 @@ class Augmenter:
         ``illumination`` on a coarse grid of ``ILLUMINATION_GRID`` (3x3) points, interpolated with cubic
         splines (as the elastic field) and centred (mean of ``g`` over the tile 0, so the geometric mean gain is
         1: global gain is ``scale_range``'s). 0.3: gains of roughly 0.6-1.7 within a tile. 0: off.
+    background : float
+        Uneven background (out-of-focus haze, autofluorescence, illumination acting on a background that is not
+        at zero): a field is added to the tile, ``level * h``, ``h`` bilinear between uniform [0, 1] values at the
+        tile's four corners, ``level`` uniform in ``[0, background]`` (normalized units, objects are about 1; a
+        volume's slices get the same field). Per-image normalization puts a flat background at 0 and cancels a
+        global offset, but not a background that rises across the image, which a network that has only seen
+        backgrounds at 0 takes for objects. Bilinear, not a finer smooth field: such a background varies over the
+        field of view, so a tile sees its first-order part; bumps of object size are what dim objects look like,
+        and teaching them as background costs dim objects (docs/benchmarks.md). 0: off.
     specks : float
         Probability that a tile (channel) gets bright debris: discs (balls in 3D, the radius along the first
         axis uniform in 1 to the in-plane radius) of radius uniform in ``SPECK_RADIUS`` (1-5 px) at uniform
@@ -92,6 +102,7 @@ class Augmenter:
         shift_range: float = 0.03,
         blur: float = 0.0,
         illumination: float = 0.0,
+        background: float = 0.0,
         specks: float = 0.0,
         noise: float = 0.0,
     ):
@@ -103,6 +114,7 @@ class Augmenter:
         self.zoom_range = zoom_range
         self.gamma_range, self.scale_range, self.shift_range = gamma_range, scale_range, shift_range
         self.blur, self.illumination, self.specks, self.noise = blur, illumination, specks, noise
+        self.background = background
 
     def __call__(self, image: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None):
         """Return augmented ``(image, target, weight)``; target pixels moved in from outside become -1. A
@@ -162,6 +174,8 @@ class Augmenter:
             image = ndimage.gaussian_filter(image, [0.0] * (image.ndim - 2) + [sigma, sigma], mode="mirror")
         if self.illumination:
             image = image * self._illumination_field(image.shape[-2:])  # a volume's slices alike
+        if self.background:
+            image = image + self._background_field(image.shape[-2:])  # a volume's slices alike
         gamma = float(np.exp(self.rng.uniform(-self.gamma_range, self.gamma_range)))
         scale = float(np.exp(self.rng.uniform(-self.scale_range, self.scale_range)))
         shift = float(self.rng.uniform(-self.shift_range, self.shift_range))
@@ -185,6 +199,14 @@ class Augmenter:
         # the spline zoom is separable: one small (size, grid) matrix per axis instead of ndimage.zoom (10x faster)
         log_gain = _spline_matrix(plane[0], grid) @ coarse @ _spline_matrix(plane[1], grid).T
         return np.exp((log_gain - log_gain.mean()).astype(np.float32))
+
+    def _background_field(self, plane: tuple[int, int]) -> np.ndarray:
+        """``level * h`` over ``plane``: ``h`` bilinear between uniform [0, 1] values at the four corners,
+        ``level`` uniform in ``[0, background]``."""
+        level = float(self.rng.uniform(0.0, self.background))
+        corners = self.rng.uniform(0.0, 1.0, size=(2, 2))
+        rows, columns = (np.linspace(0.0, 1.0, n)[:, None] * [-1.0, 1.0] + [1.0, 0.0] for n in plane)
+        return (level * (rows @ corners @ columns.T)).astype(np.float32)
 
     def _add_specks(self, image: np.ndarray) -> np.ndarray | None:
         """Composite bright blobs into ``image`` in place; return the mask of their saturated pixels (or None)."""

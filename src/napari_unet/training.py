@@ -509,6 +509,7 @@ class Trainer:
             shift_range=settings.offset_range,
             blur=settings.blur,
             illumination=settings.illumination,
+            background=settings.background,
             specks=settings.specks,
             noise=settings.noise,
         )

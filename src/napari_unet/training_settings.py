@@ -99,7 +99,7 @@ class TrainingSettings:
     rotations: bool = True
     elastic: bool = True
     intensity: bool = True
-    """Image-only intensity augmentation (the seven fields below; False: none of them, whatever their values)."""
+    """Image-only intensity augmentation (the eight fields below; False: none of them, whatever their values)."""
     gain_range: float = 0.07
     """Random gain of the normalized training tile, ``exp(+-gain_range)`` (``Augmenter.scale_range``); 0: off."""
     gamma_range: float = 0.1
@@ -112,6 +112,9 @@ class TrainingSettings:
     illumination: float = 0.0
     """Uneven illumination: standard deviation of the log-gain of a smooth multiplicative field over each
     training tile (3 points per axis, cubic splines, geometric mean 1; ``Augmenter.illumination``); 0: off."""
+    background: float = 0.0
+    """Uneven background: the largest level (normalized units) of an additive field over each training tile
+    (bilinear between random corner values, level uniform in [0, background]; ``Augmenter.background``); 0: off."""
     specks: float = 0.5
     """Fraction of training tiles that get bright debris: 1-5 px discs covering 0.2-2 % of the tile at 1.5-4
     normalized units, half of them saturated, labels untouched (``Augmenter.specks``); 0: off. On by default: with
@@ -301,6 +304,7 @@ _INTENSITY_AUGMENTATION = (
     ("gamma_range", 2.0, "a log-gamma range"),
     ("offset_range", 1.0, "an offset range in normalized units"),
     ("illumination", 1.0, "a log-gain standard deviation"),
+    ("background", 1.0, "a level in normalized units"),
     ("specks", 1.0, "a probability"),
     ("blur", 1.0, "a probability"),
     ("noise", 1.0, "a noise level in normalized units"),
