@@ -62,13 +62,13 @@ class Augmenter:
         1: global gain is ``scale_range``'s). 0.3: gains of roughly 0.6-1.7 within a tile. 0: off.
     background : float
         Uneven background (out-of-focus haze, autofluorescence, illumination acting on a background that is not
-        at zero): a field is added to the tile, ``level * h``, ``h`` bilinear between uniform [0, 1] values at the
-        tile's four corners, ``level`` uniform in ``[0, background]`` (normalized units, objects are about 1; a
-        volume's slices get the same field). Per-image normalization puts a flat background at 0 and cancels a
-        global offset, but not a background that rises across the image, which a network that has only seen
-        backgrounds at 0 takes for objects. Bilinear, not a finer smooth field: such a background varies over the
-        field of view, so a tile sees its first-order part; bumps of object size are what dim objects look like,
-        and teaching them as background costs dim objects (docs/benchmarks.md). 0: off.
+        at zero): a smooth in-plane field is added to the tile, ``level * h``, ``h`` interpolated (cubic splines,
+        as the illumination field) from uniform [0, 1] values on the coarse ``ILLUMINATION_GRID`` and clipped to
+        [0, 1], ``level`` uniform in ``[0, background]`` (normalized units, objects are about 1; a volume's slices
+        get the same field). Per-image normalization puts a flat background at 0 and cancels a global offset, but
+        not a background that rises across the image, which a network that has only seen backgrounds at 0 takes
+        for objects. Off by default: the lifted backgrounds overlap the levels of dim objects, which it then
+        misses (docs/benchmarks.md). 0: off.
     specks : float
         Probability that a tile (channel) gets bright debris: discs (balls in 3D, the radius along the first
         axis uniform in 1 to the in-plane radius) of radius uniform in ``SPECK_RADIUS`` (1-5 px) at uniform
@@ -201,12 +201,13 @@ class Augmenter:
         return np.exp((log_gain - log_gain.mean()).astype(np.float32))
 
     def _background_field(self, plane: tuple[int, int]) -> np.ndarray:
-        """``level * h`` over ``plane``: ``h`` bilinear between uniform [0, 1] values at the four corners,
-        ``level`` uniform in ``[0, background]``."""
+        """``level * h`` over ``plane``: ``h`` interpolated (cubic spline) from a coarse grid of uniform [0, 1]
+        values and clipped to [0, 1], ``level`` uniform in ``[0, background]``."""
+        grid = ILLUMINATION_GRID
         level = float(self.rng.uniform(0.0, self.background))
-        corners = self.rng.uniform(0.0, 1.0, size=(2, 2))
-        rows, columns = (np.linspace(0.0, 1.0, n)[:, None] * [-1.0, 1.0] + [1.0, 0.0] for n in plane)
-        return (level * (rows @ corners @ columns.T)).astype(np.float32)
+        coarse = self.rng.uniform(0.0, 1.0, size=(grid, grid))
+        field = _spline_matrix(plane[0], grid) @ coarse @ _spline_matrix(plane[1], grid).T
+        return (level * np.clip(field, 0.0, 1.0)).astype(np.float32)
 
     def _add_specks(self, image: np.ndarray) -> np.ndarray | None:
         """Composite bright blobs into ``image`` in place; return the mask of their saturated pixels (or None)."""

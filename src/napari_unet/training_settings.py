@@ -113,8 +113,8 @@ class TrainingSettings:
     """Uneven illumination: standard deviation of the log-gain of a smooth multiplicative field over each
     training tile (3 points per axis, cubic splines, geometric mean 1; ``Augmenter.illumination``); 0: off."""
     background: float = 0.0
-    """Uneven background: the largest level (normalized units) of an additive field over each training tile
-    (bilinear between random corner values, level uniform in [0, background]; ``Augmenter.background``); 0: off."""
+    """Uneven background: the largest level (normalized units) of a smooth additive field over each training tile
+    (3 points per axis, cubic splines, level uniform in [0, background]; ``Augmenter.background``); 0: off."""
     specks: float = 0.5
     """Fraction of training tiles that get bright debris: 1-5 px discs covering 0.2-2 % of the tile at 1.5-4
     normalized units, half of them saturated, labels untouched (``Augmenter.specks``); 0: off. On by default: with
