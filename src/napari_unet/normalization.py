@@ -42,6 +42,9 @@ ROBUST_RECIPE = {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": SPE
 """The same with the upper percentile taken without bright components under ``speck_area`` pixels."""
 DATASET_RECIPE = {"method": "dataset", "low": 1.0, "high": 99.8, "speck_area": SPECK_AREA}
 """One mapping for every image, fixed from the training images' robust values (acquisitions known to be alike)."""
+BACKGROUND_RECIPE = {**ROBUST_RECIPE, "background_grid": 4}
+"""The robust percentiles of each image after subtracting its smooth background (:mod:`napari_unet.background`: the
+low percentile of 4 x 4 cells of the plane, interpolated): for uneven illumination and hazy backgrounds."""
 DEFAULT_RECIPE = ROBUST_RECIPE
 """What new models use (docs/benchmarks.md: robustness across images)."""
 EMPTIED_FRACTION = 0.15
@@ -55,6 +58,8 @@ one such distance (a Gaussian background: 1.24), objects larger than ``speck_are
 such distances above it (the DSB and ISBI images measured: docs/benchmarks.md)."""
 MAX_SPECK_AREA = 1 << 20
 """Largest ``speck_area`` (pixels) a recipe may ask for (:func:`check_recipe`)."""
+MAX_BACKGROUND_GRID = 64
+"""Most cells per axis of a background field a recipe may ask for (``background_grid``, :func:`check_recipe`)."""
 _OPENING_LEVELS = 1024
 """Grey levels of the image the area opening sees when it has more than 8 bits (its cost grows with the levels)."""
 
@@ -544,8 +549,12 @@ def _finite_percentiles(values, low: float, high: float, mapper=None) -> tuple[f
     return float(lo), float(hi)
 
 
-def normalize(image, params: dict) -> np.ndarray:
+def normalize(image, params: dict, key=None) -> np.ndarray:
     """Apply normalization parameters; returns a new float32 array of the image's shape.
+
+    ``key``: where ``image`` lies in the image the parameters are of (``image = whole[key]``, ints and slices),
+    needed only by parameters with background fields (:func:`napari_unet.background.field_like`; None: the whole
+    image, or a part that keeps the whole plane, e.g. one slice of a stack).
 
     ``params`` comes from :func:`percentile_params` or :func:`robust_params` (or is a "fixed" recipe: maps
     ``low_values`` to 0 and ``high_values`` to 1, no clipping; a channel with ``high == low`` is only shifted) or is
@@ -556,6 +565,11 @@ def normalize(image, params: dict) -> np.ndarray:
         out = np.array(image, dtype=np.float32, copy=True)
     elif method in ("percentile", "robust", "fixed"):
         image = np.asarray(image)
+        if params.get("background"):
+            from .background import subtract_fields
+
+            ndim = params.get("ndim", image.ndim) if key is not None else image.ndim
+            image = subtract_fields(image, params["background"], params.get("channel_axis"), ndim, key)
         lo = np.asarray(params["low_values"], dtype=np.float64)
         hi = np.asarray(params["high_values"], dtype=np.float64)
         scale = np.divide(1.0, hi - lo, out=np.ones_like(lo), where=hi > lo)
@@ -589,6 +603,9 @@ def image_params(image, recipe: dict | None = None, channel_axis=None, mapper=No
     method = recipe.get("method", "percentile")
     if method == "none":
         return {"method": "none"}
+    grid = recipe.get("background_grid", 0)
+    if grid:
+        return _background_params(image, recipe, grid, channel_axis, mapper)
     if method == "fixed":
         return {**recipe, "channel_axis": None if channel_axis is None else channel_axis % len(image.shape)}
     low, high = recipe.get("low", DEFAULT_RECIPE["low"]), recipe.get("high", DEFAULT_RECIPE["high"])
@@ -597,6 +614,30 @@ def image_params(image, recipe: dict | None = None, channel_axis=None, mapper=No
     if method in ("robust", "dataset"):  # "dataset" before training has fixed it: each image its own robust values
         return robust_params(image, low, high, recipe.get("speck_area", SPECK_AREA), channel_axis, mapper)
     raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
+
+
+def _background_params(image, recipe: dict, grid: int, channel_axis, mapper) -> dict:
+    """:func:`image_params` of a recipe with ``background_grid``: each channel's background field
+    (:func:`napari_unet.background.estimate_field`, its ``low`` percentile per cell), then the recipe's
+    parameters of the image less its fields; the fields go with them (``"background"``, one per channel), for
+    :func:`normalize` to subtract."""
+    from .background import FlattenedView, estimate_field, subtract_fields, with_top
+
+    ndim = len(image.shape)
+    if channel_axis is not None:
+        channel_axis %= ndim
+    if ndim - (channel_axis is not None) < 2:
+        raise ValueError("a background field needs an image of at least two spatial axes")
+    lazy = is_lazy(image)
+    source = image if lazy else np.asarray(image)
+    low = recipe.get("low", DEFAULT_RECIPE["low"])
+    fields = [
+        with_top(estimate_field(channel, grid, low), _extremes(channel, mapper)[1])
+        for channel in _channels(source, channel_axis)
+    ]
+    flattened = FlattenedView(source, fields, channel_axis) if lazy else subtract_fields(source, fields, channel_axis, ndim)
+    params = image_params(flattened, {**recipe, "background_grid": 0}, channel_axis, mapper)
+    return {**params, "background_grid": grid, "background": fields, "ndim": ndim}
 
 
 def dataset_recipe(images, recipe: dict, channel_axis=None) -> dict:
@@ -611,6 +652,7 @@ def dataset_recipe(images, recipe: dict, channel_axis=None) -> dict:
         "low": recipe.get("low", DEFAULT_RECIPE["low"]),
         "high": recipe.get("high", DEFAULT_RECIPE["high"]),
         "speck_area": recipe.get("speck_area", SPECK_AREA),
+        "background_grid": recipe.get("background_grid", 0),
         "low_values": np.median([p["low_values"] for p in per_image], axis=0).tolist(),
         "high_values": np.median([p["high_values"] for p in per_image], axis=0).tolist(),
     }
@@ -650,7 +692,7 @@ class NormalizedView:
             first = key[0] if isinstance(key, tuple) and key else key
             if not (isinstance(first, slice) and first == slice(None)):
                 raise IndexError("a per-channel NormalizedView is read with all channels (key starting with ':')")
-        return normalize(np.asarray(self.source[key]), self.params)
+        return normalize(np.asarray(self.source[key]), self.params, key if self.params.get("background") else None)
 
 
 def normalized_view(image, recipe: dict | None = None, channel_axis=None) -> NormalizedView:
@@ -681,6 +723,9 @@ def check_recipe(recipe, channels: int | None = None) -> None:
     area = recipe.get("speck_area", SPECK_AREA)
     if not (isinstance(area, int) and not isinstance(area, bool) and 0 <= area <= MAX_SPECK_AREA):
         raise ValueError(f"speck_area must be an integer from 0 to {MAX_SPECK_AREA} (pixels), got {_brief(area)}")
+    grid = recipe.get("background_grid", 0)
+    if not (isinstance(grid, int) and not isinstance(grid, bool) and 0 <= grid <= MAX_BACKGROUND_GRID):
+        raise ValueError(f"background_grid must be an integer from 0 to {MAX_BACKGROUND_GRID} (cells), got {_brief(grid)}")
     if method == "fixed":
         for key in ("low_values", "high_values"):
             values = recipe.get(key)
