@@ -3,8 +3,9 @@
 The field is what an uneven illumination or a haze adds to every pixel of a plane: a grid of ``gy x gx`` cells over
 the plane (the last two spatial axes; each cell spans every plane of a stack), each cell's value the ``low``
 percentile of its finite pixels (the dim end of the cell, its background wherever objects leave some of it
-uncovered), interpolated linearly between the cells' centres (and extrapolated beyond the outermost ones, to the border). A ramp
-or a vignette across the field of view becomes a field that follows it; objects smaller than a cell do not.
+uncovered), interpolated linearly between the cells' centres (and extrapolated beyond the outermost ones, to the
+border). A ramp or a vignette across the field of view becomes a field that follows it; objects smaller than a cell
+do not.
 
 Why not rolling-ball (ImageJ's "Subtract Background", ``skimage.restoration.rolling_ball``) or a large grey
 opening: their radius must exceed the largest object, a property of the data that a model trained on one image
@@ -195,7 +196,8 @@ def subtract_fields(array, fields: list, channel_axis: int | None, ndim: int, ke
     (``normalization.robust_params``) must still see them as one."""
     array = np.asarray(array)
     with np.errstate(over="ignore", invalid="ignore"):
-        out = np.subtract(array, field_like(array, fields, channel_axis, ndim, key).astype(np.float32), dtype=np.float32)
+        field = field_like(array, fields, channel_axis, ndim, key).astype(np.float32)
+        out = np.subtract(array, field, dtype=np.float32)
     if all("top" in f for f in fields):
         constant = [{"plane": f["plane"], "values": [[f["top"]]]} for f in fields]
         levels = [{"plane": f["plane"], "values": [[f["top_level"]]]} for f in fields]

@@ -635,7 +635,10 @@ def _background_params(image, recipe: dict, grid: int, channel_axis, mapper) -> 
         with_top(estimate_field(channel, grid, low), _extremes(channel, mapper)[1])
         for channel in _channels(source, channel_axis)
     ]
-    flattened = FlattenedView(source, fields, channel_axis) if lazy else subtract_fields(source, fields, channel_axis, ndim)
+    if lazy:
+        flattened = FlattenedView(source, fields, channel_axis)
+    else:
+        flattened = subtract_fields(source, fields, channel_axis, ndim)
     params = image_params(flattened, {**recipe, "background_grid": 0}, channel_axis, mapper)
     return {**params, "background_grid": grid, "background": fields, "ndim": ndim}
 
@@ -725,7 +728,9 @@ def check_recipe(recipe, channels: int | None = None) -> None:
         raise ValueError(f"speck_area must be an integer from 0 to {MAX_SPECK_AREA} (pixels), got {_brief(area)}")
     grid = recipe.get("background_grid", 0)
     if not (isinstance(grid, int) and not isinstance(grid, bool) and 0 <= grid <= MAX_BACKGROUND_GRID):
-        raise ValueError(f"background_grid must be an integer from 0 to {MAX_BACKGROUND_GRID} (cells), got {_brief(grid)}")
+        raise ValueError(
+            f"background_grid must be an integer from 0 to {MAX_BACKGROUND_GRID} (cells), got {_brief(grid)}"
+        )
     if method == "fixed":
         for key in ("low_values", "high_values"):
             values = recipe.get(key)
