@@ -313,8 +313,9 @@ def test_train_normalization_choice_reaches_the_model(tmp_path):
     import numpy as np
 
     from napari_unet.cli import main
-    from napari_unet.io import load_model, write_tiff
-    from napari_unet.normalization import DEFAULT_RECIPE
+    from napari_unet.io import load_model, read_image, write_tiff
+    from napari_unet.normalization import BACKGROUND_RECIPE, DEFAULT_RECIPE
+    from napari_unet.predict import PredictionSettings, predict_image
 
     rng = np.random.default_rng(0)
     image = (rng.random((48, 48)) * 200).astype(np.uint8)
@@ -344,6 +345,16 @@ def test_train_normalization_choice_reaches_the_model(tmp_path):
     assert main([*common, "--out", str(tmp_path / "b.safetensors"), "--normalization", "dataset"]) == 0
     fixed = load_model(tmp_path / "b.safetensors")[1]["normalization"]
     assert fixed["method"] == "fixed" and fixed["from"] == "dataset" and len(fixed["high_values"]) == 1
+    # background: the recipe with its grid; the CLI's predict (a lazy file) equals the in-memory prediction
+    assert main([*common, "--out", str(tmp_path / "e.safetensors"), "--normalization", "background"]) == 0
+    model, metadata = load_model(tmp_path / "e.safetensors")
+    assert metadata["normalization"] == BACKGROUND_RECIPE
+    predict = ["predict", "--model", str(tmp_path / "e.safetensors"), "--device", "cpu", "--out", str(tmp_path / "p")]
+    assert main([*predict, str(tmp_path / "i.tif")]) == 0
+    settings = PredictionSettings(device="cpu")
+    expected = predict_image(model, metadata, image, settings)
+    saved = [p for p in (tmp_path / "p").iterdir() if "prob" in p.name]
+    np.testing.assert_allclose(read_image(saved[0])[0], expected.probabilities, atol=1e-5)
     # --consistency reaches the settings the model records
     assert main([*common, "--out", str(tmp_path / "c.safetensors"), "--consistency", "0.3"]) == 0
     assert load_model(tmp_path / "c.safetensors")[1]["training"]["history"][-1]["settings"]["consistency"] == 0.3

@@ -233,3 +233,17 @@ def test_worker_killed_mid_run_output_still_equal(cluster, model_file, tmp_path)
     client.wait_for_workers(2, timeout=120)  # its nanny started a new worker process
     assert pids[0] not in client.run(os.getpid).values()
     _check_equal(result, predict_image(model, METADATA, image, settings))
+
+
+def test_the_cluster_subtracts_the_background_as_the_whole_image_does(cluster, model_file, tmp_path):
+    """A model whose recipe subtracts a smooth background (``background_grid``): the block-wise prediction on the
+    cluster, each block subtracting its window of the volume's field, equals the single-process one."""
+    client, threads = cluster
+    model, _ = model_file(ndim=3)
+    recipe = {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": 20, "background_grid": 3}
+    path = save_model(model, tmp_path / "background.safetensors", {**METADATA, "normalization": recipe})
+    image = _image((20, 30, 27)) + np.add.outer(np.arange(30), np.arange(27)).astype(np.uint16) * 20  # a ramp
+    source = _ome_zarr(tmp_path / "in.zarr", image, "zyx", (2.0, 0.5, 0.5))
+    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    result = _predict(path, source, tmp_path, settings, block=(10, 16, 16), client=client)
+    _check_equal(result, predict_image(model, {**METADATA, "normalization": recipe}, image, settings))

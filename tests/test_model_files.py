@@ -114,10 +114,10 @@ def test_metadata_out_of_range_is_one_line(saved, tmp_path, edit, message):
 
 
 def test_recipes_the_engine_writes_are_accepted(saved, tmp_path, make_model):
-    from napari_unet.normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
+    from napari_unet.normalization import BACKGROUND_RECIPE, DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 
     fixed = {"method": "fixed", "from": "dataset", "low": 1.0, "high": 99.8, "low_values": [3], "high_values": [9.5]}
-    for recipe in (DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE, fixed, {"method": "none"}):
+    for recipe in (DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE, BACKGROUND_RECIPE, fixed, {"method": "none"}):
         path = _rewrite(saved, tmp_path / "ok.safetensors", lambda r, recipe=recipe: r.update(normalization=recipe))
         assert load_model(path)[1]["normalization"] == recipe
     rgb = save_model(make_model(in_channels=3), tmp_path / "rgb.safetensors")

@@ -313,6 +313,13 @@ def _write_cover(
 
 def _preprocessing_note(recipe: dict) -> str:
     method = recipe.get("method", "percentile")
+    if recipe.get("background_grid"):
+        return (
+            f"napari-unet first subtracts each image's smooth background (the low percentile of "
+            f"{recipe['background_grid']} x {recipe['background_grid']} cells, interpolated); the package has no such "
+            f"step, so it normalizes without it: {_preprocessing_note({**recipe, 'background_grid': 0})}, and its "
+            "predictions differ where a background is uneven"
+        )
     if method == "fixed":
         return "`scale_linear` in the package, exactly"
     if method == "robust":

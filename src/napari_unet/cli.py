@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 from .holdout import MIN_PIXELS as MIN_HELD_OUT
 from .io import ImageFileError, ModelFileError
-from .normalization import DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
+from .normalization import BACKGROUND_RECIPE, DATASET_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from .precisions import PRECISIONS
 from .predict import PredictionSettings, predict_image
 from .refine import AUTO
@@ -47,7 +47,12 @@ from .training_settings import BLOCKS, CHECKPOINT_SECONDS
 PROG = "napari-unet"
 
 
-NORMALIZATIONS = {"robust": ROBUST_RECIPE, "percentile": PERCENTILE_RECIPE, "dataset": DATASET_RECIPE}
+NORMALIZATIONS = {
+    "robust": ROBUST_RECIPE,
+    "background": BACKGROUND_RECIPE,
+    "percentile": PERCENTILE_RECIPE,
+    "dataset": DATASET_RECIPE,
+}
 """``napari-unet train --normalization`` choices (``normalization.py``)."""
 
 
@@ -818,7 +823,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(NORMALIZATIONS),
         default=next(k for k, v in NORMALIZATIONS.items() if v == defaults.normalization),
         help="intensity scaling of each whole image: robust (1st-99.8th percentiles, bright specks and debris left "
-        "out), percentile (plain percentiles), dataset (one mapping fixed from the training images, for acquisitions "
+        "out), background (robust after subtracting each image's smooth background: uneven illumination, haze), "
+        "percentile (plain percentiles), dataset (one mapping fixed from the training images, for acquisitions "
         "known to be alike) (default: %(default)s)",
     )
 

@@ -11,7 +11,14 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from .normalization import DATASET_RECIPE, DEFAULT_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE, check_recipe
+from .normalization import (
+    BACKGROUND_RECIPE,
+    DATASET_RECIPE,
+    DEFAULT_RECIPE,
+    PERCENTILE_RECIPE,
+    ROBUST_RECIPE,
+    check_recipe,
+)
 
 
 @dataclass
@@ -181,11 +188,13 @@ class TrainingSettings:
             "label": "Normalization",
             "choices": [
                 ("robust percentiles (debris left out)", ROBUST_RECIPE),
+                ("robust, uneven background subtracted", BACKGROUND_RECIPE),
                 ("percentiles of each image", PERCENTILE_RECIPE),
                 ("fixed from the training images", DATASET_RECIPE),
             ],
             "tooltip": "How intensities are scaled before the network sees them, computed over each whole image: "
-            "its 1st-99.8th percentiles with bright specks and debris left out (default), plain percentiles, or one "
+            "its 1st-99.8th percentiles with bright specks and debris left out (default), the same after subtracting a "
+            "smooth background (uneven illumination, haze; objects well above it), plain percentiles, or one "
             "mapping fixed from the painted images for acquisitions known to be alike (same exposure and gain)",
         },
     )
