@@ -283,6 +283,27 @@ def test_debris_far_brighter_than_the_objects_does_not_pass_for_spots(monkeypatc
         assert robust_params(spots)["high_values"] == percentile_params(spots)["high_values"]
 
 
+def test_saturated_debris_on_an_image_of_spots_does_not_set_the_upper_value(monkeypatch):
+    """Spots (smaller than ``speck_area``, so the opening empties the image) and a saturated disc larger than a speck
+    at 15x their level: the spots rule keeps the plain percentile, which the disc would hold; taken without the
+    pixels at the image's maximum it is the spots' value again, in memory and streamed alike."""
+    import dask.array as da
+
+    rng = np.random.default_rng(5)
+    spots = rng.normal(100.0, 5.0, (256, 256))
+    for y, x in rng.integers(2, 254, (300, 2)):
+        spots[y - 1 : y + 2, x - 1 : x + 2] += 200.0
+    spots = spots.astype(np.float32)
+    dirty = spots.copy()
+    yy, xx = np.ogrid[:256, :256]
+    dirty[(yy - 128) ** 2 + (xx - 128) ** 2 <= 64] = 4500.0  # ~200 px, over speck_area and over 0.2 % of the pixels
+    assert percentile_params(dirty)["high_values"] == [4500.0]  # what the plain value is
+    upper = robust_params(spots)["high_values"][0]
+    np.testing.assert_allclose(robust_params(dirty)["high_values"][0], upper, rtol=0.02)
+    monkeypatch.setattr(normalization, "_SLAB_PIXELS", 3000)
+    assert robust_params(da.from_array(dirty, chunks=(40, 256))) == robust_params(dirty)
+
+
 def _opened_upper(image) -> float:
     """The robust upper value with the plateau at the maximum taken in (the opening alone)."""
     return float(np.percentile(normalization._open_planes(image, normalization.SPECK_AREA), 99.8))

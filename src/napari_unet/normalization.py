@@ -122,8 +122,11 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     in its debris (0.2-2 % of the pixels, several times brighter than the objects) they follow the objects instead.
     When the opening empties the image (its upper value falls below ``EMPTIED_FRACTION`` of the plain range and no
     object stands out of the background of the opened image, ``BACKGROUND_SPREAD``: the objects are spots smaller
-    than ``speck_area``), the plain percentile is kept; the second condition keeps debris many times brighter than
-    the objects (which alone takes the upper value below that fraction of the plain range) from passing for spots.
+    than ``speck_area``), the plain percentile is kept (taken without the pixels at the image's maximum where a
+    plateau of them survives the opening and anything but them rises above the low value: spots are what the
+    opening removes, so that plateau is clipped debris, not spots); the second condition keeps debris many times
+    brighter than the objects (which alone takes the upper value below that fraction of the plain range) from
+    passing for spots.
     Pixels at the image's maximum that survive the opening are left out of both percentiles of the opened image: a
     plateau of ``speck_area`` pixels or more at the maximum is clipped (saturated) signal, whose value says only
     "this much or more", typically debris larger than ``speck_area`` (specks that touch merge into larger
@@ -149,10 +152,14 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
         channels = _channels(image if is_lazy(image) else np.asarray(image), params["channel_axis"])
         for c, channel in enumerate(channels):
             lo, plain = params["low_values"][c], params["high_values"][c]
-            middle, opened = _opened_percentiles(channel, speck_area, high, mapper)
+            middle, opened, clipped = _opened_percentiles(channel, speck_area, high, mapper)
             emptied = opened - lo < EMPTIED_FRACTION * (plain - lo)
             if not (emptied and opened - middle <= BACKGROUND_SPREAD * max(middle - lo, 0.0)):
                 params["high_values"][c] = opened
+            elif clipped:  # spots, and a saturated plateau larger than a speck: the spots' value, not the plateau's
+                below = _percentile_below_top(channel, high, mapper)
+                if below > lo:
+                    params["high_values"][c] = below
     return {**params, "method": "robust", "speck_area": speck_area}
 
 
@@ -199,7 +206,7 @@ def _opened_levels(values: np.ndarray, area: int, lo: float, step: float) -> np.
     return np.where(finite, _area_opening(levels, area), _NOT_FINITE).astype(np.uint16)
 
 
-def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[float, float]:
+def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[float, float, bool]:
     """The median and the ``q`` percentile of ``channel`` after the plane-wise area opening (finite pixels only;
     the image's maximum left out where some of it survives the opening and other values lie below it). Of a lazy
     array they are taken from the histogram of the opened planes' levels (one pass, through ``mapper`` where
@@ -210,25 +217,49 @@ def _opened_percentiles(channel, area: int, q: float, mapper=None) -> tuple[floa
         opened = np.asarray(_open_planes(values, area, extremes), np.float64).ravel()
         opened = opened[np.isfinite(opened)]
         if opened.size == 0:
-            return 0.0, 1.0
+            return 0.0, 1.0, False
         if extremes is None:
             top = float(values.max())
         else:
             lo, step = _quantization(extremes)
             top = float(np.float64(_top_level(extremes)) * step + lo)  # the value _open_planes gives that level
-        if 0 < np.count_nonzero(opened == top) < opened.size:
+        clipped = 0 < np.count_nonzero(opened == top) < opened.size
+        if clipped:
             opened = opened[opened != top]
         middle, upper = np.percentile(opened, [50.0, q])
-        return float(middle), float(upper)
+        return float(middle), float(upper), bool(clipped)
     if np.dtype(channel.dtype) in (np.uint8, np.bool_):
         top = int(_extremes(channel, mapper)[1])
-        return _histogram_percentiles(_OpenedSlabs(channel, area, None), 50.0, q, mapper, clipped=top)
+        return _histogram_percentiles(_OpenedSlabs(channel, area, None), 50.0, q, mapper, clipped=top, report=True)
     extremes = _extremes(channel, mapper)
     lo, step = _quantization(extremes)
     levels = _OpenedSlabs(channel, area, (lo, step))
     return _histogram_percentiles(
-        levels, 50.0, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step), clipped=_top_level(extremes)
+        levels, 50.0, q, mapper, exclude=int(_NOT_FINITE), scale=(lo, step), clipped=_top_level(extremes), report=True
     )
+
+
+class _WithoutTop:
+    """A lazy array read as float64 with its value ``top`` (its maximum) made NaN, so percentiles leave it out."""
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, source, top: float):
+        self.source, self.top = source, top
+        self.shape = tuple(source.shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        values = np.asarray(self.source[key], np.float64)
+        return np.where(values == self.top, np.nan, values)
+
+
+def _percentile_below_top(channel, q: float, mapper=None) -> float:
+    """The ``q`` percentile of ``channel``'s finite pixels below its maximum (streamed for a lazy array)."""
+    top = _extremes(channel, mapper)[1]
+    if is_lazy(channel):
+        return _finite_percentiles(_WithoutTop(channel, top), q, q)[1]
+    return _finite_percentiles(_WithoutTop(np.asarray(channel), top)[...], q, q)[1]
 
 
 def _top_level(extremes: tuple[float, float]) -> int:
@@ -387,30 +418,32 @@ def _histogram_percentiles(
     exclude: int | None = None,
     scale: tuple[float, float] | None = None,
     clipped: int | None = None,
-) -> tuple[float, float]:
+    report: bool = False,
+) -> tuple:
     """Exact linear-interpolation percentiles (``np.percentile``'s) of an 8/16-bit integer lazy array,
     from a histogram accumulated over slabs of the first axis (:func:`reduce_slabs`, through ``mapper`` where
     given). ``exclude``: a value left out (not counted); ``scale``: ``(lo, step)``, the values stand for
     ``value * step + lo`` (opened levels, :func:`_opened_percentiles`); ``clipped``: a value (the image's maximum)
     left out when it is the largest counted and other values are counted too; (0, 1) when
-    nothing is counted."""
+    nothing is counted. ``report``: a third value says whether ``clipped`` was left out."""
     dtype = np.dtype(values.dtype)
     offset = int(np.iinfo(dtype).min)
     count = functools.partial(_slab_counts, offset=offset, size=1 << (8 * dtype.itemsize))
     counts = reduce_slabs(count, np.add, values, mapper)
     if exclude is not None:
         counts[exclude - offset] = 0
-    if (
+    left_out = (
         clipped is not None
         and counts.any()
         and int(np.flatnonzero(counts)[-1]) == clipped - offset
         and int(counts[clipped - offset]) < int(counts.sum())
-    ):
+    )
+    if left_out:
         counts[clipped - offset] = 0
     cumulative = np.cumsum(counts)
     last = int(cumulative[-1]) - 1
     if last < 0:
-        return 0.0, 1.0
+        return (0.0, 1.0, False) if report else (0.0, 1.0)
     lo, step = scale or (0.0, 1.0)
 
     def order_statistic(k: int) -> float:
@@ -423,7 +456,7 @@ def _histogram_percentiles(
         below = math.floor(position)
         a, b = order_statistic(below), order_statistic(min(below + 1, last))
         result.append(float(np.percentile([a, b], 100.0 * (position - below))))  # numpy's own interpolation
-    return result[0], result[1]
+    return (result[0], result[1], bool(left_out)) if report else (result[0], result[1])
 
 
 _SELECTION_BINS = 1 << 12  # bins of each narrowing pass of _selected_percentiles
