@@ -785,3 +785,31 @@ def test_train_from_a_dataset_folder_shows_validation_and_keeps_the_best_model(s
     widget.train_dataset(tmp_path)
     wait_idle(qtbot, widget)
     assert "cell0.png has no mask" in widget.last_error
+
+
+def test_the_background_choice_is_stored_and_applied_by_predict(setup, qtbot):
+    """*Normalization* "robust, uneven background subtracted" on an image with a ramp: training stores the recipe,
+    and Predict gives what the engine gives on the image normalized with it (the fields subtracted), not what the
+    robust recipe alone gives."""
+    from napari_unet import predict_tiled
+    from napari_unet.normalization import BACKGROUND_RECIPE, ROBUST_RECIPE, normalize_image
+
+    viewer, widget = setup
+    image = viewer.layers["cells"].data
+    ramped = (image + np.linspace(0.0, 2.0, image.shape[1])[None, :]).astype(np.float32)
+    viewer.layers["cells"].data = ramped
+    widget.training.form["normalization"].value = BACKGROUND_RECIPE
+    widget.training.form["iterations"].value = 5
+    widget.train()
+    wait_idle(qtbot, widget)
+    assert widget.last_error is None and widget.metadata["normalization"] == BACKGROUND_RECIPE
+    widget.prediction.form["test_time_flips"].value = False
+    widget.prediction.form["refine_radius"].value = 0
+    widget.predict()
+    wait_idle(qtbot, widget)
+    predicted = viewer.layers["cells probabilities"].data
+    np.testing.assert_allclose(
+        predicted, predict_tiled(widget.model, normalize_image(ramped, BACKGROUND_RECIPE)), atol=1e-5
+    )
+    without = predict_tiled(widget.model, normalize_image(ramped, ROBUST_RECIPE))
+    assert np.abs(predicted - without).max() > 0.01
