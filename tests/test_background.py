@@ -117,3 +117,19 @@ def test_a_saturated_plateau_stays_one_plateau_after_the_subtraction():
     clean = normalize_image(image, BACKGROUND_RECIPE)
     objects[150:175, 20:45] = False
     assert abs(flat[objects].mean() - clean[objects].mean()) < 0.03
+
+
+def test_the_field_stays_within_its_cells_next_to_a_dark_one():
+    """A dark region filling one cell (0 counts among cells at 50): extrapolated to the border beside it, the field
+    would overshoot the cells' range (above 50 on the far side, below 0 on this side); it is held within it, so the
+    flattened image holds nothing outside the image's own range less the field's."""
+    rng = np.random.default_rng(1)
+    image = (50.0 + rng.normal(0, 1.0, (128, 128))).clip(49).astype(np.float32)
+    image[32:64, 32:64] = 0.0  # cell (1, 1) of a 4 x 4 grid
+    field = estimate_field(image, 4, 1.0)
+    values = np.asarray(field["values"])
+    assert values.min() == 0.0 and values.max() >= 49.0
+    whole = field_window(field, np.arange(128), np.arange(128))
+    assert whole.min() >= values.min() and whole.max() <= values.max()
+    flat = image - whole
+    assert flat.max() <= image.max() - values.min() and flat.min() >= image.min() - values.max()

@@ -268,13 +268,13 @@ def test_debris_far_brighter_than_the_objects_does_not_pass_for_spots(monkeypatc
     clean, nuclei = _nuclei()
     dirty, kept = _nuclei(debris=0.01)
     bright = dirty.astype(np.float32)
-    bright[dirty == 255] = 3000.0
+    rng = np.random.default_rng(3)
+    bright[dirty == 255] = rng.uniform(2500.0, 3500.0, np.count_nonzero(dirty == 255))  # no plateau at the maximum
     robust_clean = normalize_image(clean)
     np.testing.assert_allclose(np.median(normalize_image(bright)[kept]), np.median(robust_clean[nuclei]), rtol=0.03)
     with monkeypatch.context() as patched:  # the spots rule alone (before BACKGROUND_SPREAD) kept the plain value
         patched.setattr(normalization, "BACKGROUND_SPREAD", np.inf)
         assert np.median(normalize_image(bright)[kept]) < 0.2 * np.median(robust_clean[nuclei])
-    rng = np.random.default_rng(3)
     for background in (rng.normal(100.0, 5.0, (256, 256)), rng.poisson(20.0, (256, 256)).astype(np.float64)):
         spots = background.copy()
         for y, x in rng.integers(2, 254, (300, 2)):
@@ -302,6 +302,27 @@ def test_saturated_debris_on_an_image_of_spots_does_not_set_the_upper_value(monk
     np.testing.assert_allclose(robust_params(dirty)["high_values"][0], upper, rtol=0.02)
     monkeypatch.setattr(normalization, "_SLAB_PIXELS", 3000)
     assert robust_params(da.from_array(dirty, chunks=(40, 256))) == robust_params(dirty)
+
+
+def test_small_saturated_debris_on_an_image_without_a_dark_background_does_not_set_the_upper_value():
+    """EM-like: dark membranes on a bright cytoplasm (no dark background for ``BACKGROUND_SPREAD`` to find objects
+    above) and specks smaller than ``speck_area`` at 8x the upper value on 2 % of the pixels. The opening removes
+    them and passes the image for one of spots, whose plain value the saturated plateau holds; taken without it the
+    upper value is the clean image's."""
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:256, :256]
+    clean = rng.normal(150.0, 15.0, (256, 256))
+    clean[(yy % 32 < 3) | (xx % 40 < 3)] = 40.0
+    clean = clean.astype(np.float32)
+    dirty, covered = clean.copy(), np.zeros(clean.shape, bool)
+    while covered.mean() < 0.02:
+        cy, cx, r = rng.integers(0, 256), rng.integers(0, 256), rng.integers(1, 6)
+        covered |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    dirty[covered] = 8.0 * float(np.percentile(clean, 99.8))
+    upper = robust_params(clean)["high_values"][0]
+    # within 5 %: the opening flattens each speck to the level of its brightest surroundings
+    np.testing.assert_allclose(robust_params(dirty)["high_values"][0], upper, rtol=0.05)
+    assert percentile_params(dirty)["high_values"][0] > 5 * upper  # what the plain value is
 
 
 def _opened_upper(image) -> float:

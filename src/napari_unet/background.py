@@ -4,8 +4,8 @@ The field is what an uneven illumination or a haze adds to every pixel of a plan
 the plane (the last two spatial axes; each cell spans every plane of a stack), each cell's value the ``low``
 percentile of its finite pixels (the dim end of the cell, its background wherever objects leave some of it
 uncovered), interpolated linearly between the cells' centres (and extrapolated beyond the outermost ones, to the
-border). A ramp or a vignette across the field of view becomes a field that follows it; objects smaller than a cell
-do not.
+border, within the range of the cells' values). A ramp or a vignette across the field of view becomes a field that
+follows it; objects smaller than a cell do not.
 
 Why not rolling-ball (ImageJ's "Subtract Background", ``skimage.restoration.rolling_ball``) or a large grey
 opening: their radius must exceed the largest object, a property of the data that a model trained on one image
@@ -97,7 +97,9 @@ def _weights(indices: np.ndarray, size: int, cells: int) -> np.ndarray:
 def field_window(field: dict, rows, cols) -> np.ndarray:
     """The field at pixel ``rows`` x ``cols`` (integer index arrays of the plane, e.g. ``np.arange(y0, y1)``):
     a float64 array ``(len(rows), len(cols))``, bit for bit that part of the whole plane's field (the sums are
-    taken term by term in the grid's order, so no pixel's arithmetic depends on the window's size)."""
+    taken term by term in the grid's order, so no pixel's arithmetic depends on the window's size), held within
+    the range of the cells' values (the extrapolation to the border would otherwise overshoot it next to a cell much
+    darker than its neighbour, and lift the flattened border above anything the image holds)."""
     grid = np.asarray(field["values"], np.float64)
     height, width = field["plane"]
     wy = _weights(np.asarray(rows, np.float64), height, grid.shape[0])
@@ -108,7 +110,7 @@ def field_window(field: dict, rows, cols) -> np.ndarray:
     out = np.zeros((wy.shape[0], wx.shape[0]))
     for m in range(grid.shape[1]):
         out += along[:, m : m + 1] * wx[:, m]
-    return out
+    return np.clip(out, grid.min(), grid.max())
 
 
 def _full_key(key, ndim: int) -> tuple:
@@ -181,11 +183,9 @@ class FlattenedView:
 
 def with_top(field: dict, top: float) -> dict:
     """``field`` with the image's maximum ``top`` and the level its pixels keep once the field is subtracted:
-    ``top`` less the field's minimum over the plane (a piecewise bilinear field is least at a cell centre or a
-    corner of the plane), so that a saturated plateau stays one plateau at the top of the flattened image."""
-    height, width = field["plane"]
-    corners = field_window(field, np.array([0, height - 1]), np.array([0, width - 1]))
-    floor = min(float(np.min(field["values"])), float(corners.min()))
+    ``top`` less the field's minimum over the plane (its least cell value: :func:`field_window` holds it within
+    their range), so that a saturated plateau stays one plateau at the top of the flattened image."""
+    floor = float(np.min(field["values"]))
     return {**field, "top": float(top), "top_level": float(np.float32(top) - np.float32(floor))}
 
 

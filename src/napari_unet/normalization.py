@@ -123,8 +123,9 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     When the opening empties the image (its upper value falls below ``EMPTIED_FRACTION`` of the plain range and no
     object stands out of the background of the opened image, ``BACKGROUND_SPREAD``: the objects are spots smaller
     than ``speck_area``), the plain percentile is kept (taken without the pixels at the image's maximum where a
-    plateau of them survives the opening and anything but them rises above the low value: spots are what the
-    opening removes, so that plateau is clipped debris, not spots); the second condition keeps debris many times
+    plateau of them survives the opening or holds that percentile itself, and anything but them rises above the low
+    value: a plateau larger than a speck is clipped debris, not spots, and one on more pixels than the percentile
+    leaves above it says only "this much or more"); the second condition keeps debris many times
     brighter than the objects (which alone takes the upper value below that fraction of the plain range) from
     passing for spots.
     Pixels at the image's maximum that survive the opening are left out of both percentiles of the opened image: a
@@ -153,13 +154,15 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
         for c, channel in enumerate(channels):
             lo, plain = params["low_values"][c], params["high_values"][c]
             middle, opened, clipped = _opened_percentiles(channel, speck_area, high, mapper)
+            background_only = opened - middle <= BACKGROUND_SPREAD * max(middle - lo, 0.0)
             emptied = opened - lo < EMPTIED_FRACTION * (plain - lo)
-            if not (emptied and opened - middle <= BACKGROUND_SPREAD * max(middle - lo, 0.0)):
-                params["high_values"][c] = opened
-            elif clipped:  # spots, and a saturated plateau larger than a speck: the spots' value, not the plateau's
-                below = _percentile_below_top(channel, high, mapper)
+            if emptied and background_only and (clipped or plain >= _extremes(channel, mapper)[1]):
+                below = _percentile_below_top(channel, high, mapper)  # the plain value without a saturated plateau
                 if below > lo:
-                    params["high_values"][c] = below
+                    plain = params["high_values"][c] = below
+                    emptied = opened - lo < EMPTIED_FRACTION * (plain - lo)
+            if not (emptied and background_only):
+                params["high_values"][c] = opened
     return {**params, "method": "robust", "speck_area": speck_area}
 
 
