@@ -125,9 +125,8 @@ def robust_params(image, low=1.0, high=99.8, speck_area=SPECK_AREA, channel_axis
     than ``speck_area``), the plain percentile is kept (taken without the pixels at the image's maximum where a
     plateau of them survives the opening or holds that percentile itself, and anything but them rises above the low
     value: a plateau larger than a speck is clipped debris, not spots, and one on more pixels than the percentile
-    leaves above it says only "this much or more"); the second condition keeps debris many times
-    brighter than the objects (which alone takes the upper value below that fraction of the plain range) from
-    passing for spots.
+    leaves above it says only "this much or more"); the second condition keeps debris many times brighter than the
+    objects (which alone takes the upper value below that fraction of the plain range) from passing for spots.
     Pixels at the image's maximum that survive the opening are left out of both percentiles of the opened image: a
     plateau of ``speck_area`` pixels or more at the maximum is clipped (saturated) signal, whose value says only
     "this much or more", typically debris larger than ``speck_area`` (specks that touch merge into larger
