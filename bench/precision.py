@@ -5,8 +5,8 @@ Dice against the ground truth, agreement of the labels with float32's, the large
 Train as ``bench/quality.py`` does (DSB 2018: first 10 images, ISBI 2012: slices 0-4, 2 % simulated strokes) with a
 fixed number of iterations (the result must not depend on the machine's load), or load a model saved by an earlier
 run (``--models DIR``: ``<set>.safetensors``, written there after training). On a CPU without native bfloat16 /
-float16 (``devices.cpu_has_native_bfloat16``), torch emulates them: the numbers are those a native CPU computes
-(oneDNN accumulates in float32 either way), the times are not.
+float16 (``devices.cpu_has_native_bfloat16``), torch emulates them: neither the times nor the numbers are a native
+CPU's (native bfloat16 kernels round differently: docs/benchmarks.md).
 
     python bench/precision.py [--sets dsb isbi] [--iterations 1000] [--images N] [--models DIR] [--json OUT]
 """

@@ -64,6 +64,32 @@ def _fresh_widget_settings(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NAPARI_UNET_CONFIG_DIR", str(tmp_path_factory.mktemp("napari-unet-config")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_machine_cache(tmp_path_factory):
+    """The suite's machine measurements (``machine_cache``) go to a folder of its own, never to the user's cache
+    folder: a test must neither read what an earlier run measured on this machine nor leave its own there."""
+    from napari_unet import machine_cache
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(machine_cache.CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("napari-unet-cache")))
+        machine_cache.forget()
+        yield
+    machine_cache.forget()
+
+
+@pytest.fixture(autouse=True)
+def _bfloat16_measured_not_to_pay(request, monkeypatch):
+    """Precision "auto" predicts in float32 on the CPU in every test: the suite's expected numbers must not depend
+    on the host CPU, and "auto" takes bfloat16 where it measured faster (a CPU with native bfloat16, e.g. AMD Zen 4
+    or Intel with AVX-512 BF16 / AMX), whose probabilities differ from a float32 composition's in the 4th digit.
+    The measurement is replaced by a speedup of 1 (below ``devices.BFLOAT16_MIN_SPEEDUP``); tests of the choice
+    replace it themselves, and a test marked ``real_bfloat16_measurement`` runs the real one."""
+    if request.node.get_closest_marker("real_bfloat16_measurement") is None:
+        from napari_unet import devices
+
+        monkeypatch.setattr(devices, "measure_cpu_bfloat16_speedup", lambda *args, **kwargs: 1.0)
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """``machine_cache`` in a fresh folder of its own (nothing measured on this machine is known), forgotten after."""

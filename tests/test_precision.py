@@ -67,6 +67,7 @@ def test_a_damaged_or_unwritable_cache_means_measuring_again(cache_dir):
     assert machine_cache.cached("k", lambda: pytest.fail("measured twice")) == 5
 
 
+@pytest.mark.real_bfloat16_measurement
 def test_the_real_measurement_is_a_positive_ratio():
     torch.set_num_threads(1)
     assert devices.measure_cpu_bfloat16_speedup(repeats=1) > 0

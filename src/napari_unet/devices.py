@@ -133,9 +133,9 @@ def prediction_dtype(precision: str, device) -> torch.dtype | None:
 
     ``precision`` is one of ``PRECISIONS``. "auto": float16 on CUDA, bfloat16 on a CPU where it pays
     (:func:`cpu_bfloat16_pays`), float32 otherwise (MPS included). "bfloat16" and "float16" are honoured where
-    torch's autocast runs them (on a CPU without native support they are emulated: slower, same numbers);
-    reduced precision on MPS is refused (unreliable there). The probabilities are float32 whatever the precision:
-    the softmax runs on float32 logits.
+    torch's autocast runs them (on a CPU without native support they are emulated: slower, and rounded differently
+    from native kernels); reduced precision on MPS is refused (unreliable there). The probabilities are float32
+    whatever the precision: the softmax runs on float32 logits.
     """
     device = device if isinstance(device, torch.device) else torch.device(device)
     if precision not in PRECISIONS:
