@@ -18,6 +18,9 @@ from napari_unet.io import open_image, read_image, save_model, write_tiff
 from napari_unet.predict import PredictionSettings, predict_image
 
 METADATA = {"class_ids": [1, 2, 5], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
+PRECISION = "float32"
+"""Named, not "auto": the workers are processes of their own, which conftest.py's float32 pin does not reach, and on
+a CPU with native bfloat16 they would choose it while this process's reference does not."""
 
 
 def _image(shape, seed=0):
@@ -92,7 +95,7 @@ def test_in_process_equals_predict_image_and_keeps_metadata(model_file, tmp_path
     model, path = model_file()
     image = _image((70, 93))
     source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (0.5, 0.25), version)
-    settings = PredictionSettings(device="cpu", test_time_flips=True, refine_radius="auto")
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=True, refine_radius="auto")
     result = _predict(path, source, tmp_path, settings, block=(32, 40), version=version, pyramid=1)
     assert (result.predicted, result.skipped) == (9, 0)
     info = _check_equal(result, predict_image(model, METADATA, image, settings))
@@ -109,7 +112,7 @@ def test_probabilities_dtype_uint8(model_file, tmp_path):
     model, path = model_file()
     image = _image((40, 50))
     write_tiff(tmp_path / "in.tif", image)
-    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=False, refine_radius=0)
     result = _predict(path, tmp_path / "in.tif", tmp_path, settings, block=(16, 16), probabilities_dtype="uint8")
     expected = predict_image(model, METADATA, image, settings)
     stored, _ = read_image(result.probabilities)
@@ -122,7 +125,7 @@ def test_interrupted_run_resumes_the_missing_blocks(model_file, tmp_path):
     model, path = model_file()
     image = _image((60, 70))
     source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (1.0, 1.0))
-    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=1)
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=False, refine_radius=1)
 
     def stop_after_three(done, total):
         if done == 3:
@@ -137,7 +140,13 @@ def test_interrupted_run_resumes_the_missing_blocks(model_file, tmp_path):
     _check_equal(result, predict_image(model, METADATA, image, settings))
     again = _predict(path, source, tmp_path, settings, block=(16, 16))
     assert (again.predicted, again.skipped) == (0, 20)
-    other = _predict(path, source, tmp_path, PredictionSettings(device="cpu", test_time_flips=False), block=(16, 16))
+    other = _predict(
+        path,
+        source,
+        tmp_path,
+        PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=False),
+        block=(16, 16),
+    )
     assert other.predicted == 20  # other settings: a new run, not a resume
 
 
@@ -146,7 +155,7 @@ def test_foreign_store_refused(model_file, tmp_path):
     source = _ome_zarr(tmp_path / "in.zarr", _image((30, 30)), "yx", (1.0, 1.0))
     _ome_zarr(tmp_path / "img_labels.zarr", np.zeros((30, 30), np.uint8), "yx", (1.0, 1.0))
     with pytest.raises(OutputRefused, match=r"img_labels\.zarr exists and is not a napari-unet labels output"):
-        _predict(path, source, tmp_path, PredictionSettings(device="cpu"))
+        _predict(path, source, tmp_path, PredictionSettings(device="cpu", precision=PRECISION))
     assert read_image(tmp_path / "img_labels.zarr")[0].max() == 0  # untouched
 
 
@@ -177,7 +186,7 @@ def test_cluster_equals_single_process(cluster, model_file, tmp_path, ndim, shap
     model, path = model_file(ndim=ndim)
     image = _image(shape)
     source = _ome_zarr(tmp_path / "in.zarr", image, "zyx"[-ndim:], (2.0, 0.5, 0.5)[-ndim:])
-    settings = PredictionSettings(device="cpu", test_time_flips=flips, refine_radius=radius)
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=flips, refine_radius=radius)
     result = _predict(path, source, tmp_path, settings, block=block, client=client, torch_threads=threads)
     assert result.predicted > 4
     _check_equal(result, predict_image(model, METADATA, image, settings))
@@ -200,7 +209,7 @@ def test_the_cluster_counts_the_robust_normalization_exactly(cluster, model_file
     image = _image((24, 30, 27))
     image[::3, 5:7, 5:7] = 9000  # bright specks of 4 px in every third plane: the robust upper value ignores them
     source = _ome_zarr(tmp_path / "in.zarr", image, "zyx", (2.0, 0.5, 0.5))
-    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=False, refine_radius=0)
     monkeypatch.setattr(normalization, "_SLAB_PIXELS", 30 * 27 * 2)  # slabs of 2 planes
     monkeypatch.setattr(distributed_predict, "NORMALIZATION_TASK_PIXELS", 30 * 27 * 4)  # 2 slabs a task
     with get_task_stream(client) as stream:
@@ -219,7 +228,7 @@ def test_worker_killed_mid_run_output_still_equal(cluster, model_file, tmp_path)
     model, path = model_file()
     image = _image((96, 96))
     source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (1.0, 1.0))
-    settings = PredictionSettings(device="cpu", test_time_flips=True, refine_radius=1)
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=True, refine_radius=1)
     pids = list(client.run(os.getpid).values())
     killed = []
 
@@ -244,6 +253,6 @@ def test_the_cluster_subtracts_the_background_as_the_whole_image_does(cluster, m
     path = save_model(model, tmp_path / "background.safetensors", {**METADATA, "normalization": recipe})
     image = _image((20, 30, 27)) + np.add.outer(np.arange(30), np.arange(27)).astype(np.uint16) * 20  # a ramp
     source = _ome_zarr(tmp_path / "in.zarr", image, "zyx", (2.0, 0.5, 0.5))
-    settings = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
+    settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=False, refine_radius=0)
     result = _predict(path, source, tmp_path, settings, block=(10, 16, 16), client=client)
     _check_equal(result, predict_image(model, {**METADATA, "normalization": recipe}, image, settings))
