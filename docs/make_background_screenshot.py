@@ -10,14 +10,11 @@ model's foreground Dice on it against the bundled ground truth.
 """
 
 import sys
-import time
 from pathlib import Path
 
-import imageio.v3 as iio
-import napari
 import numpy as np
 import tifffile
-from qtpy.QtWidgets import QApplication
+from screenshot_session import open_viewer, pump, shot, wait_idle
 
 from napari_unet.demo import NUCLEUS_ID, dice, sample_paths
 from napari_unet.normalization import BACKGROUND_RECIPE, ROBUST_RECIPE
@@ -25,23 +22,7 @@ from napari_unet.normalization import BACKGROUND_RECIPE, ROBUST_RECIPE
 OUT = Path(sys.argv[1])
 OUT.mkdir(parents=True, exist_ok=True)
 ITERATIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-app = QApplication.instance() or QApplication([])
-viewer = napari.Viewer(show=True)
-viewer.window._qt_window.resize(1500, 950)
-viewer.window._qt_window.move(0, 0)
-
-
-def pump(seconds=0.5):
-    end = time.time() + seconds
-    while time.time() < end:
-        app.processEvents()
-        time.sleep(0.01)
-
-
-def wait(widget):
-    while widget.busy:
-        pump(0.1)
-    assert widget.last_error is None, widget.last_error
+viewer = open_viewer()
 
 
 def hazy(image: np.ndarray) -> np.ndarray:
@@ -71,10 +52,10 @@ for title, recipe in (("robust (default)", ROBUST_RECIPE), ("background subtract
     widget.model_panel.finetune_check.setChecked(False)  # a new model each time
     widget.training.form["normalization"].value = recipe
     widget.train()
-    wait(widget)
+    wait_idle(widget)
     widget.data.image_combo.setCurrentText(name)
     widget.predict()
-    wait(widget)
+    wait_idle(widget)
     scores[title] = dice(viewer.layers[f"{name} segmentation"].data == NUCLEUS_ID, truth)
     print(f"{title}: Dice {scores[title]:.3f}", flush=True)
 
@@ -89,7 +70,5 @@ viewer.grid.stride = 2
 viewer.grid.shape = (2, 1)  # top: the default recipe, bottom: the background subtracted
 viewer.reset_view()
 pump(1.0)
-image_out = viewer.screenshot(canvas_only=False, flash=False)
-iio.imwrite(OUT / "06_uneven_background.png", image_out)
-print("saved 06_uneven_background.png", image_out.shape)
+shot(viewer, OUT, "06_uneven_background.png")
 viewer.close()

@@ -10,39 +10,20 @@ import sys
 import time
 from pathlib import Path
 
-import imageio.v3 as iio
-import napari
 import tifffile
-from qtpy.QtWidgets import QApplication
+from screenshot_session import open_viewer, pump, shot
 
 from napari_unet.demo import dice, sample_paths
 
 OUT = Path(sys.argv[1])
 OUT.mkdir(parents=True, exist_ok=True)
-app = QApplication.instance() or QApplication([])
-viewer = napari.Viewer(show=True)
-viewer.window._qt_window.resize(1500, 950)
-viewer.window._qt_window.move(0, 0)
-
-
-def pump(seconds=0.5):
-    end = time.time() + seconds
-    while time.time() < end:
-        app.processEvents()
-        time.sleep(0.01)
-
-
-def shot(name):
-    pump(0.8)
-    img = viewer.screenshot(canvas_only=False, flash=False)
-    iio.imwrite(OUT / name, img)
-    print("saved", name, img.shape)
+viewer = open_viewer()
 
 
 viewer.open_sample("napari-unet", "nuclei_strokes")
 _, widget = viewer.window.add_plugin_dock_widget("napari-unet", "U-Net")
 viewer.reset_view()
-shot("01_sample_with_strokes.png")
+shot(viewer, OUT, "01_sample_with_strokes.png")
 
 widget.training.basic["time_budget"].value = int(sys.argv[2]) if len(sys.argv) > 2 else 40
 widget.device_combo.setCurrentText("cpu")
@@ -52,11 +33,11 @@ taken = False
 while widget.busy:
     pump(0.1)
     if not taken and widget.previews_shown >= 3 and time.time() - start > 15:
-        shot("02_training_live_preview.png")
+        shot(viewer, OUT, "02_training_live_preview.png")
         taken = True
 print(widget.status_label.text())
 widget.training.advanced.expand(animate=False)
-shot("03_training_done.png")
+shot(viewer, OUT, "03_training_done.png")
 widget.training.advanced.collapse(animate=False)
 
 viewer.open_sample("napari-unet", "nuclei")
@@ -73,11 +54,11 @@ viewer.layers["nuclei3"].visible = True
 viewer.layers["nuclei3 segmentation"].visible = True
 viewer.layers.selection.active = viewer.layers["nuclei3 segmentation"]
 viewer.reset_view()
-shot("04_segment_all.png")
+shot(viewer, OUT, "04_segment_all.png")
 viewer.layers["nuclei3 segmentation"].visible = False
 viewer.layers["nuclei3 uncertainty"].visible = True
 viewer.layers["nuclei3 uncertainty"].opacity = 0.8
-shot("05_uncertainty.png")
+shot(viewer, OUT, "05_uncertainty.png")
 # Dice of the segment-all result against the bundled ground truth
 for i, path in enumerate(sample_paths()["truths"]):
     name = f"nuclei{i + 1}"
