@@ -1,6 +1,7 @@
 """The training engine: learning, stopping, label updates, id mapping, fine-tuning, validation."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -294,11 +295,29 @@ def test_float_labels_with_whole_numbers_are_accepted():
     assert trainer.class_ids == [1, 3]
 
 
-def test_seeded_runs_are_reproducible():
+@pytest.mark.parametrize("time_budget", [None, 3600.0])
+def test_seeded_runs_are_reproducible(time_budget):
+    # a time budget that does not end the run must not steer its schedule: the clock of the first steps (start-up,
+    # the first batches) differs from run to run
     image, labels, _ = _halves()
-    a = train(image, labels, _settings(iterations=3, seed=7)).model.state_dict()
-    b = train(image, labels, _settings(iterations=3, seed=7)).model.state_dict()
+    a = train(image, labels, _settings(iterations=6, seed=7, time_budget=time_budget)).model.state_dict()
+    b = train(image, labels, _settings(iterations=6, seed=7, time_budget=time_budget)).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_schedule_clock_counts_from_the_end_of_the_first_step(monkeypatch):
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=100, time_budget=10.0))
+    now = 1000.0
+    monkeypatch.setattr(time, "perf_counter", lambda: now)
+    trainer._run_start, trainer._clock_start = now - 5.0, None
+    assert trainer._progress(0) == 0.0  # before the first step ends the clock does not count
+    assert trainer._progress(20) == 0.2
+    trainer._clock_start = now - 1.0  # the first step ended 4 s into the run: 6 s of the budget were left
+    assert trainer._progress(1) == pytest.approx(1.0 / 6.0)
+    assert trainer._progress(50) == 0.5  # the iteration count ahead of the clock
+    trainer._run_start = now - 12.0  # a first step longer than the whole budget: all of it is spent
+    assert trainer._progress(1) == 1.0
 
 
 def test_intensity_augmentation_settings_reach_the_augmenter_and_train():

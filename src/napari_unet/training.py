@@ -389,6 +389,9 @@ class Trainer:
         self.iteration = 0
         self._run_start: float | None = None
         """``time.perf_counter()`` when the current or last ``run()`` began (the budget the prefetch thread sees)."""
+        self._clock_start: float | None = None
+        """``time.perf_counter()`` when the current run's first step ended (None before): where the time fraction
+        of the schedule starts (:meth:`_progress`)."""
         self._first_iteration = 0
         """The iteration the next ``run()`` starts counting from (a resumed dataset training: where it stopped)."""
         self._batch_iteration = 0
@@ -681,15 +684,23 @@ class Trainer:
         s = self.settings
         if s.consistency <= 0 or s.batch_size < 2:
             return 0.0
-        elapsed = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
         start, full = CONSISTENCY_RAMP
-        ramp = (self._progress(iteration, elapsed) - start) / (full - start)
+        ramp = (self._progress(iteration) - start) / (full - start)
         return s.consistency * min(1.0, max(0.0, ramp))
 
-    def _progress(self, iteration: int, elapsed: float) -> float:
-        """How much of the iteration/time budget is spent (the larger of the two fractions)."""
+    def _progress(self, iteration: int) -> float:
+        """How much of the iteration/time budget is spent: the larger of the two fractions, the time's counted from
+        the end of the run's first step (``_clock_start``) over what the budget had left then. The first step's
+        one-off costs (kernel creation, the first batches, the model moved to the device) would otherwise put the
+        clock ahead of the iteration count in the first steps of a run that the count ends, and steer its warm-up by
+        the machine's load: a seeded run is repeatable unless its time budget is what ends it."""
         s = self.settings
-        return max(iteration / s.iterations if s.iterations else 0.0, elapsed / s.time_budget if s.time_budget else 0.0)
+        spent = iteration / s.iterations if s.iterations else 0.0
+        clock_start, run_start = self._clock_start, self._run_start
+        if s.time_budget and clock_start is not None and run_start is not None:
+            left = s.time_budget - (clock_start - run_start)
+            spent = max(spent, 1.0 if left <= 0 else (time.perf_counter() - clock_start) / left)
+        return spent
 
     def _learning_rate(self, progress: float) -> float:
         peak = self.settings.learning_rate
@@ -707,7 +718,7 @@ class Trainer:
         if device.type == "cpu":
             torch.set_num_threads(s.cpu_threads or default_cpu_threads())
         state = _RunState(learning_rate=s.learning_rate, iteration=self._first_iteration)
-        self._run_start, self._batch_iteration = state.start, state.iteration
+        self._run_start, self._batch_iteration, self._clock_start = state.start, state.iteration, None
         check_fits(  # a one-line ValueError before the optimizer and the first batch are allocated
             training_bytes(self.model, self.input_shape, s.batch_size),
             device,
@@ -757,7 +768,7 @@ class Trainer:
                 state.reason = self._stop_reason(state, elapsed)
                 if state.reason:
                     return
-                state.learning_rate = lr = self._learning_rate(self._progress(state.iteration, elapsed))
+                state.learning_rate = lr = self._learning_rate(self._progress(state.iteration))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tick = time.perf_counter()
@@ -782,6 +793,8 @@ class Trainer:
                     state.reason, state.message = "not_finite", _not_finite_message(state.iteration + 1, loss, lr)
                     return
                 state.iteration = self.iteration = state.iteration + 1
+                if self._clock_start is None:
+                    self._clock_start = time.perf_counter()
                 state.add_loss(loss)
                 yield TrainingEvent(state.iteration, state.loss, state.elapsed(), state.iteration * s.batch_size, lr)
 
@@ -903,7 +916,7 @@ class Trainer:
             if problem is not None:
                 last_good.restore()
                 return problem
-            spent = self._progress(state.iteration + 1, state.elapsed())
+            spent = self._progress(state.iteration + 1)
             if s.weight_averaging and spent > 1 - s.weight_averaging:
                 if self._average is None:
                     self._average = AveragedModel(model, use_buffers=True, multi_avg_fn=_running_mean)
