@@ -67,12 +67,18 @@ def _fresh_widget_settings(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session", autouse=True)
 def _session_machine_cache(tmp_path_factory):
     """The suite's machine measurements (``machine_cache``) go to a folder of its own, never to the user's cache
-    folder: a test must neither read what an earlier run measured on this machine nor leave its own there."""
-    from napari_unet import machine_cache
+    folder: a test must neither read what an earlier run measured on this machine nor leave its own there. The
+    folder starts with a bfloat16 speedup of 1 for this CPU at every thread count (see the next fixture), which the
+    processes that tests start (Dask workers) read too: beyond this process's patch they would measure the CPU."""
+    import os
+
+    from napari_unet import devices, machine_cache
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(machine_cache.CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("napari-unet-cache")))
         machine_cache.forget()
+        for threads in range(1, (os.cpu_count() or 1) + 1):
+            machine_cache.cached(devices.bfloat16_speedup_key(threads), lambda: 1.0)
         yield
     machine_cache.forget()
 

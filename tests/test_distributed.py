@@ -19,8 +19,8 @@ from napari_unet.predict import PredictionSettings, predict_image
 
 METADATA = {"class_ids": [1, 2, 5], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
 PRECISION = "float32"
-"""Named, not "auto": the workers are processes of their own, which conftest.py's float32 pin does not reach, and on
-a CPU with native bfloat16 they would choose it while this process's reference does not."""
+"""Named, not "auto": the workers are processes of their own, which conftest.py's patch reaches only through the
+cache file it fills; the comparisons with this process's prediction must not rest on that."""
 
 
 def _image(shape, seed=0):
@@ -256,3 +256,46 @@ def test_the_cluster_subtracts_the_background_as_the_whole_image_does(cluster, m
     settings = PredictionSettings(device="cpu", precision=PRECISION, test_time_flips=False, refine_radius=0)
     result = _predict(path, source, tmp_path, settings, block=(10, 16, 16), client=client)
     _check_equal(result, predict_image(model, {**METADATA, "normalization": recipe}, image, settings))
+
+
+class _Answers:
+    """A client whose workers answer ``client.run`` with the given precisions (their CPUs and GPUs differ)."""
+
+    def __init__(self, *answers):
+        self.answers = answers
+
+    def run(self, function, *args):
+        return {f"tcp://127.0.0.1:{4000 + i}": answer for i, answer in enumerate(self.answers)}
+
+
+def test_auto_precision_is_the_one_the_workers_agree_on_or_float32():
+    from napari_unet.distributed_predict import cluster_precision
+
+    assert cluster_precision(_Answers("bfloat16", "bfloat16"), "cpu") == "bfloat16"
+    with pytest.warns(UserWarning, match=r"1 worker\(s\) bfloat16, 1 worker\(s\) float32\): every block .* float32"):
+        assert cluster_precision(_Answers("bfloat16", "float32"), "cpu") == "float32"
+    with pytest.warns(UserWarning, match="float16"):
+        assert cluster_precision(_Answers("float16", "float32", "float16"), "auto") == "float32"
+
+
+def test_auto_precision_is_decided_once_for_the_volume_and_kept_for_a_resume(cluster, model_file, tmp_path):
+    from napari_unet.distributed_predict import here_precision
+    from napari_unet.ome_zarr_io import store_record
+
+    client, threads = cluster
+    model, path = model_file(ndim=2)
+    image = _image((40, 52))
+    source = _ome_zarr(tmp_path / "in.zarr", image, "yx", (0.5, 0.5))
+    settings = PredictionSettings(device="cpu", precision="auto", test_time_flips=False, refine_radius=0)
+    result = _predict(path, source, tmp_path, settings, block=(16, 24), client=client, torch_threads=threads)
+    answers = set(client.run(here_precision, "cpu", threads).values())
+    assert answers <= {"float32", "bfloat16"}
+    stored = store_record(result.labels)["block_settings"]["precision"]
+    assert stored == (answers.pop() if len(answers) == 1 else "float32")
+    # in this process (conftest pins float32 here): the store says what "auto" was, and the resume keeps it
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    first = _predict(path, source, alone, settings, block=(16, 24))
+    assert store_record(first.labels)["block_settings"]["precision"] == here_precision("cpu") == "float32"
+    again = _predict(path, source, alone, settings, block=(16, 24))
+    assert again.predicted == 0 and again.skipped == first.predicted

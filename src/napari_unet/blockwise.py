@@ -50,7 +50,8 @@ class BlockSettings:
     device: str = "cpu"
     """A device name (``PredictionSettings.device``: "auto", "cuda", ...), resolved by the process that predicts."""
     precision: str = "float32"
-    """``PredictionSettings.precision``, resolved (``devices.prediction_dtype``) by the process that predicts."""
+    """``PredictionSettings.precision`` (``distributed_predict`` names one for "auto", the same for every block),
+    turned into a dtype (``devices.prediction_dtype``) by the process that predicts."""
     tile_tuning: bool = False
     """``PredictionSettings.tile_tuning``: measured where the blocks run (each machine keeps its own)."""
 

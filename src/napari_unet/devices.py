@@ -124,8 +124,15 @@ def cpu_bfloat16_pays() -> bool:
         return False
     from .machine_cache import cached
 
-    key = f"cpu bfloat16 speedup | {cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    return float(cached(key, measure_cpu_bfloat16_speedup)) >= BFLOAT16_MIN_SPEEDUP
+    return float(cached(bfloat16_speedup_key(torch.get_num_threads()), measure_cpu_bfloat16_speedup)) >= (
+        BFLOAT16_MIN_SPEEDUP
+    )
+
+
+def bfloat16_speedup_key(threads: int) -> str:
+    """The ``machine_cache`` key of :func:`measure_cpu_bfloat16_speedup`'s answer for this CPU model and torch
+    version with ``threads`` torch threads."""
+    return f"cpu bfloat16 speedup | {cpu_model()} | torch {torch.__version__} | {threads} threads"
 
 
 def prediction_dtype(precision: str, device) -> torch.dtype | None:

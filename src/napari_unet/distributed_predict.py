@@ -15,6 +15,8 @@ here schedules.
   the image's source (:class:`ClusterSlabs`, :class:`SourceArray`); exact, so the parameters equal a
   single-process prediction's. A float volume's percentiles are selected by this process (streamed, several
   passes: ``normalization._selected_percentiles``).
+- One precision for every block: "auto" becomes the precision every worker resolves it to, or float32 where they
+  differ (:func:`cluster_precision`); the stores keep it, so a resumed run predicts the rest in it too.
 - Every block's output chunks are written whole (idempotent: a task run twice writes the same bytes), then the
   block is marked done in a small array of the labels store (``napari_unet_blocks``, one chunk per block).
 - Resumable: the stores' attributes hold the run (image, model digest, settings, block size) and the settings
@@ -26,9 +28,11 @@ here schedules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -286,6 +290,10 @@ def predict_volume(
             else:  # the slabs counted by the workers, each reading the source
                 lazy = SourceArray(source, tuple(image.shape), np.dtype(image.dtype), chunk_shape(image))
                 decided = volume_settings(model, metadata, lazy, prediction_settings, ClusterSlabs(client))
+        if decided.precision == "auto":  # one precision for every block, whichever process predicts it
+            device = decided.device
+            precision = here_precision(device) if client is None else cluster_precision(client, device, torch_threads)
+            decided = dataclasses.replace(decided, precision=precision)
         record = {"run": run, "block_settings": _jsonable(asdict(decided))}
         _create_stores(
             model,
@@ -329,6 +337,39 @@ def predict_volume(
         write_pyramid(probabilities_path, pyramid, labels=False)
         write_pyramid(labels_path, pyramid, labels=True)
     return VolumeResult(probabilities_path, labels_path, len(missing), skipped)
+
+
+def here_precision(device: str, torch_threads: int | None = None) -> str:
+    """The precision "auto" resolves to in this process for ``device`` (``devices.prediction_dtype``) with
+    ``torch_threads`` torch threads (the blocks' count: a CPU's bfloat16 measurement is per thread count)."""
+    import torch
+
+    from .devices import prediction_dtype, resolve_device
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    dtype = prediction_dtype("auto", resolve_device(device))
+    return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def cluster_precision(client, device: str, torch_threads: int | None = None) -> str:
+    """The one precision that every block of a volume is predicted in on ``client``'s cluster when the settings
+    say "auto": what each worker resolves it to (:func:`here_precision`), where they agree; float32 where they do
+    not (a warning says so). Each worker would otherwise choose for its own CPU or GPU, and a volume would hold
+    blocks of different roundings side by side (bfloat16 moved a probability by up to 0.2 near a boundary in
+    docs/benchmarks.md's measurement), seams where two meet. A worker that joins later predicts in the same one."""
+    answers = client.run(here_precision, device, torch_threads)
+    chosen = sorted(set(answers.values()))
+    if len(chosen) == 1:
+        return chosen[0]
+    by_choice = {c: sum(v == c for v in answers.values()) for c in chosen}
+    warnings.warn(
+        "the workers' precisions differ under precision auto ("
+        + ", ".join(f"{n} worker(s) {c}" for c, n in by_choice.items())
+        + "): every block is predicted in float32; name a precision (--precision) to choose another",
+        stacklevel=3,
+    )
+    return "float32"
 
 
 def _run_on_cluster(client, job: BlockJob, model_bytes: bytes, missing, skipped: int, total: int, progress) -> None:
