@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -813,3 +814,19 @@ def test_the_background_choice_is_stored_and_applied_by_predict(setup, qtbot):
     )
     without = predict_tiled(widget.model, normalize_image(ramped, ROBUST_RECIPE))
     assert np.abs(predicted - without).max() > 0.01
+
+
+def test_training_the_same_strokes_again_gives_the_same_model(setup, qtbot):
+    """Seeded: two trainings of a new model that their iteration count ends are the same model, bit for bit, though
+    the live preview runs beside them and a time budget is set (it does not end them)."""
+    viewer, widget = setup
+    widget.training.form["iterations"].value = 12
+    widget.training.basic["time_budget"].value = 600
+    weights = []
+    for _ in range(2):
+        widget.model_panel.finetune_check.setChecked(False)
+        widget.train()
+        wait_idle(qtbot, widget)
+        weights.append({k: v.clone() for k, v in widget.model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
