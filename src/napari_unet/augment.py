@@ -9,9 +9,9 @@ strong gamma/contrast changes teach it that the edge of a nucleus sits at no par
 nuclei benchmark, the ranges exp(+-0.3) / exp(+-0.2) / +-0.1 cost 0.02 Dice through over-segmentation;
 docs/benchmarks.md). Elastic deformation follows the U-Net
 paper: random displacement vectors on a coarse 3x3 grid (10 px standard deviation), interpolated smoothly
-(cubic spline, ``scipy.ndimage.zoom``) to a dense field; the random zoom (magnification about the tile centre)
-shares that resampling. In 3D the deformation, the zoom and the rotations act in the last two (in-plane) axes
-only, which is safe for anisotropic volumes.
+(cubic spline: ``scipy.ndimage.zoom``'s, as one small matrix per axis, ``_spline_field``) to a dense field; the
+random zoom (magnification about the tile centre) shares that resampling. In 3D the deformation, the zoom and
+the rotations act in the last two (in-plane) axes only, which is safe for anisotropic volumes.
 
 Five more image-only pieces imitate how the images of one experiment differ (uneven illumination, a hazy or
 uneven background, bright debris, focus, noise); each has its own strength, and each draws random numbers only when
@@ -148,13 +148,7 @@ class Augmenter:
         in_plane = [(g - (s - 1) / 2) / zoom + (s - 1) / 2 for g, s in zip(grid[-2:], plane)]
         if deform:
             coarse = self.rng.normal(0.0, self.elastic_sigma, size=(2, self.elastic_grid, self.elastic_grid))
-            in_plane = [
-                g
-                + ndimage.zoom(
-                    c, [p / self.elastic_grid for p in plane], order=3, mode="nearest", grid_mode=True
-                ).astype(np.float32)
-                for g, c in zip(in_plane, coarse)
-            ]
+            in_plane = [g + _spline_field(c, plane).astype(np.float32) for g, c in zip(in_plane, coarse)]
         coords = [np.broadcast_to(g, shape) for g in grid[:-2]] + [np.broadcast_to(g, shape) for g in in_plane]
         image = arrays[0]
         if image.ndim > len(shape):  # channels first: each channel moves alike
