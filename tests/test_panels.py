@@ -143,6 +143,31 @@ def test_an_unusable_settings_file_means_the_defaults(make_napari_viewer, qtbot)
         widget.shutdown()
 
 
+def test_a_remembered_choice_this_version_does_not_offer_is_said_not_dropped_silently(make_napari_viewer, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    from napari_unet.normalization import BACKGROUND_RECIPE
+    from napari_unet.widgets import UNetWidget, remembered
+
+    older = {**BACKGROUND_RECIPE, "background_grid": 4}  # what an earlier version offered
+    path = remembered.settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"training": {"normalization": older, "depth": 2}}))
+    start = len(notification_manager.records)
+    widget = UNetWidget(make_napari_viewer())
+    settings = widget.training.settings("cpu")
+    assert settings.depth == 2 and settings.normalization == TrainingSettings().normalization
+    said = [n.message for n in notification_manager.records[start:]]
+    assert any("remembered Normalization not restored" in m and "default is shown" in m for m in said), said
+    widget.shutdown()
+    path.write_text(json.dumps({"training": {"normalization": BACKGROUND_RECIPE, "depth": 2}}))
+    start = len(notification_manager.records)
+    widget = UNetWidget(make_napari_viewer())
+    assert widget.training.settings("cpu").normalization == BACKGROUND_RECIPE
+    assert not [n for n in notification_manager.records[start:] if "not restored" in n.message]
+    widget.shutdown()
+
+
 def test_the_device_line_says_what_runs(make_napari_viewer, qtbot):
     from napari_unet.devices import default_cpu_threads
     from napari_unet.widgets import UNetWidget

@@ -33,5 +33,5 @@ class PredictionPanel(QGroupBox):
     def values(self) -> dict:
         return self.form.values()
 
-    def set_values(self, values: dict) -> None:
-        self.form.set_values(values)
+    def set_values(self, values: dict) -> list[str]:
+        return self.form.set_values(values)

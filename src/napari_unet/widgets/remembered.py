@@ -92,8 +92,15 @@ class SettingsMemory(QObject):
         from ..devices import DEVICE_CHOICES
 
         w = self.widget
-        w.training.set_values(remembered.get("training", {}))
-        w.prediction.set_values(remembered.get("prediction", {}))
+        refused = w.training.set_values(remembered.get("training", {}))
+        refused += w.prediction.set_values(remembered.get("prediction", {}))
+        if refused:  # e.g. a choice an earlier version offered: say so rather than change a recipe silently
+            from napari.utils.notifications import show_info
+
+            show_info(
+                f"U-Net: remembered {', '.join(refused)} not restored (not offered by this version, or out of range): "
+                "the default is shown"
+            )
         shown = remembered.get("widget", {})
         if shown.get("device") in DEVICE_CHOICES:
             w.device_combo.setCurrentText(shown["device"])

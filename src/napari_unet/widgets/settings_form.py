@@ -80,8 +80,10 @@ class SettingsForm:
             values[name] = None if "none" in f.metadata and value == f.metadata["none"] else value
         return values
 
-    def set_values(self, values: dict) -> None:
-        """Show ``values`` (field name -> value); unknown names and values a widget refuses are left out."""
+    def set_values(self, values: dict) -> list[str]:
+        """Show ``values`` (field name -> value); unknown names and values a widget refuses are left out. Returns
+        the labels of this form's fields whose value was refused (they keep what they showed)."""
+        refused = []
         for name, value in values.items():
             f = self._fields.get(name)
             if f is None:
@@ -91,4 +93,5 @@ class SettingsForm:
             try:
                 self[name].value = value
             except (TypeError, ValueError):
-                continue
+                refused.append(f.metadata.get("label", name))
+        return refused

@@ -45,7 +45,7 @@ class TrainingPanel(QGroupBox):
         """Field values of both forms."""
         return {**self.basic.values(), **self.form.values()}
 
-    def set_values(self, values: dict) -> None:
-        """Show remembered field values (unknown names and values out of range are left out)."""
-        self.basic.set_values(values)
-        self.form.set_values(values)
+    def set_values(self, values: dict) -> list[str]:
+        """Show remembered field values (unknown names and values out of range are left out); the labels of the
+        fields whose value was refused."""
+        return self.basic.set_values(values) + self.form.set_values(values)
