@@ -124,9 +124,8 @@ def cpu_bfloat16_pays() -> bool:
         return False
     from .machine_cache import cached
 
-    return float(cached(bfloat16_speedup_key(torch.get_num_threads()), measure_cpu_bfloat16_speedup)) >= (
-        BFLOAT16_MIN_SPEEDUP
-    )
+    speedup = cached(bfloat16_speedup_key(torch.get_num_threads()), measure_cpu_bfloat16_speedup)
+    return float(speedup) >= BFLOAT16_MIN_SPEEDUP
 
 
 def bfloat16_speedup_key(threads: int) -> str:
