@@ -160,7 +160,8 @@ def test_the_trainer_records_the_profile_and_it_survives_save_and_load(trained, 
     assert profile_["version"] == domain.PROFILE_VERSION and len(profile_["images"]) == 1
     entry = profile_["images"][0]
     assert entry["pixels"] == 128 * 128  # a small image is sampled whole
-    assert set(entry) == {"pixels", "intensity", "class_fractions", "class_intensity", "entropy"}
+    assert set(entry) == {"pixels", "intensity", "background_spread", "class_fractions", "class_intensity", "entropy"}
+    assert 0.0 <= entry["background_spread"][0] < 0.05  # an even background (the disks fill no block's low end)
     assert 0.1 < entry["class_fractions"][1] < 0.4  # the disks
     assert entry["class_intensity"][1][0][1] > 0.3 > entry["class_intensity"][0][0][1]
     path = save_model(model, tmp_path / "m.safetensors", metadata)
@@ -174,7 +175,7 @@ def test_a_trainer_that_never_ran_has_intensities_only_and_no_check():
     image, labels, _ = cells()
     trainer = Trainer(image, labels, TrainingSettings(depth=1, base_filters=4, patch_size=16, device="cpu"))
     (entry,) = trainer.metadata["training_profile"]["images"]
-    assert set(entry) == {"pixels", "intensity"}
+    assert set(entry) == {"pixels", "intensity", "background_spread"}
     outputs = predict_image(trainer.model, trainer.metadata, image, FAST)
     assert outputs.domain is None
 
@@ -301,7 +302,7 @@ def test_fires_on_bright_saturated_debris(trained, fraction):
     assert "cell" in check.reason and "training" in check.reason  # names the class and the figures
     record = check.as_metadata()
     assert record["unlike"] is True and record["score"] == round(check.score, 3) and record["reason"] == check.reason
-    assert set(record["terms"]) == {"class_level", "class_fraction", "stability", "entropy"}
+    assert set(record["terms"]) == {"class_level", "class_fraction", "stability", "entropy", "background"}
     message = check.message("img_17")
     assert message.startswith("'img_17' looks unlike the training images (")
     assert message.endswith("): paint a few strokes on it and train on")
@@ -403,6 +404,62 @@ def test_the_range_of_several_training_images_is_inside():
     check = compare(_image([0.05, 0.45], [0.75, 0.25]), training)
     assert check.score == 0.0 and not check.unlike
     assert compare(_image([0.05, 0.45], [0.75, 0.25]), training_profile([a])).score > 0
+
+
+def hazy(image, peak=900.0):
+    """``image`` plus a smooth bright bump centred on its top-left corner (out-of-focus light), ``peak`` counts at
+    the corner (the disks of :func:`cells` are 500 counts above their background)."""
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    width = 0.6 * image.shape[0]
+    return image + peak * np.exp(-(yy**2 + xx**2) / (2 * width**2))
+
+
+def test_the_background_spread_sees_a_haze_and_not_the_objects():
+    image = cells(shape=(256, 256))[0]
+    spreads = {}
+    for name, x in (("clean", image), ("haze", hazy(image))):
+        params = image_params(x, {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": 100})
+        spreads[name] = image_profile(NormalizedView(x, params))["background_spread"][0]
+    assert spreads["clean"] < 0.05  # disks in half the blocks, none filled by one
+    assert spreads["haze"] > spreads["clean"] + 1.5 * domain.BACKGROUND_TOLERANCE
+    parts = [np.zeros((1, 20, 20), np.float32)] * 3  # three blocks: too few to say
+    assert domain.background_spread(parts) is None
+
+
+def test_the_background_term_its_reason_and_the_hint():
+    training = _trained_profile([0.05, 0.5], [0.8, 0.2])
+    training["images"][0]["background_spread"] = [0.04]
+    image = _image([0.05, 0.5], [0.8, 0.2])  # classes as in training
+    hazy_ = compare({**image, "background_spread": [0.34]}, training, ["background", "nucleus"])
+    assert hazy_.terms["background"] == pytest.approx(0.30 / domain.BACKGROUND_TOLERANCE)
+    assert hazy_.score == pytest.approx(hazy_.terms["background"]) and hazy_.unlike
+    assert hazy_.reason == "background level varies by 0.34 across the image (training at most 0.04)"
+    assert hazy_.hint == domain.BACKGROUND_HINT and hazy_.message("img_3").endswith(
+        "paint a few strokes on it and train on; " + domain.BACKGROUND_HINT
+    )
+    assert hazy_.as_metadata()["hint"] == hazy_.hint
+    assert compare({**image, "background_spread": [0.34]}, training, background_subtracted=True).hint == ""
+    assert not compare({**image, "background_spread": [0.34]}, training, background_seen=0.3).unlike  # augmented
+    even = compare({**image, "background_spread": [0.1]}, training)
+    assert even.terms["background"] == pytest.approx(0.06 / domain.BACKGROUND_TOLERANCE) and not even.unlike
+    dimmed = compare({**_image([0.05, 0.2], [0.8, 0.2]), "background_spread": [0.04]}, training)
+    assert dimmed.unlike and dimmed.terms["background"] == 0.0 and dimmed.hint == ""  # unlike for another reason
+    assert "background" not in compare(image, training).terms  # no figure for the image
+    del training["images"][0]["background_spread"]  # a model saved before the figure was recorded
+    assert "background" not in compare({**image, "background_spread": [0.34]}, training).terms
+
+
+def test_a_haze_is_warned_with_the_hint_and_debris_without(trained):
+    """A haze lifts part of the background, which the class and behaviour terms barely see on this model (score
+    0.9 without the background term); saturated debris squashes the disks toward an even background."""
+    model, metadata = trained
+    image = cells()[0]
+    trained_spread = metadata["training_profile"]["images"][0]["background_spread"][0]
+    check = predict_image(model, metadata, hazy(image), FAST).domain
+    assert check.unlike and check.terms["background"] > 1.0 and check.hint == domain.BACKGROUND_HINT, check
+    assert check.profile["background_spread"][0] > trained_spread + domain.BACKGROUND_TOLERANCE
+    debris = predict_image(model, metadata, with_debris(image), FAST).domain
+    assert debris.unlike and debris.terms["background"] < domain.REASON_TERM and debris.hint == ""
 
 
 def test_channels_and_classes_that_do_not_match_give_no_check():

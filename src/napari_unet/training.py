@@ -82,8 +82,10 @@ from .domain import (
     TRAINING_MIN_PIXELS,
     TRAINING_STEPS,
     TRAINING_TILES,
+    background_spread,
+    flatten_regions,
     profile,
-    sample_intensities,
+    read_regions,
     sample_regions,
     training_profile,
 )
@@ -522,8 +524,9 @@ class Trainer:
         pixels give the intensity part now; each run's end predicts the same tiles for the class part
         (:meth:`_profile_classes`). As many tiles as a budget of about ``domain.TRAINING_STEPS`` training steps
         allows with the network's context (``domain.TRAINING_TILES`` at most), up to ``domain.SAMPLE_TILES`` per
-        image; images beyond one tile each are chosen evenly. ``params``: each image's normalization parameters,
-        ``shapes``: its spatial shape."""
+        image; images beyond one tile each are chosen evenly. The background spread of each chosen image
+        (``domain.background_spread``, no network) is read from the whole sample a prediction of it reads.
+        ``params``: each image's normalization parameters, ``shapes``: its spatial shape."""
         s, halo, grid = self.settings, self.model.halo, self.model.grid
         budget = max(TRAINING_MIN_PIXELS, TRAINING_STEPS * 3 * s.batch_size * math.prod(self.input_shape))
         tile = [SAMPLE_TILE] * len(halo)
@@ -538,8 +541,11 @@ class Trainer:
         for i in chosen:
             view = NormalizedView(images[i], params[i])
             regions = sample_regions(shapes[i], tiles)
-            self._profile_samples.append((view, regions, sample_intensities(view, regions, channels)))
-        self.image_profiles = [profile(values) for _, _, values in self._profile_samples]
+            parts = read_regions(view, regions, channels)
+            full = regions == sample_regions(shapes[i])  # else the spread reads the sample a prediction reads
+            background = background_spread(parts if full else read_regions(view, sample_regions(shapes[i]), channels))
+            self._profile_samples.append((view, regions, flatten_regions(parts), background))
+        self.image_profiles = [profile(values, None, spread) for _, _, values, spread in self._profile_samples]
         """The profiles of (some of) the training images: intensities, and once a run has ended the class
         fractions, class intensities and entropy of the model it left (``metadata["training_profile"]``)."""
 
@@ -549,9 +555,9 @@ class Trainer:
         tiles lie in where that reads fewer pixels; the same probabilities either way)."""
         model = self.model.inference_copy().to(device)
         profiles = []
-        for view, regions, values in self._profile_samples:
+        for view, regions, values, spread in self._profile_samples:
             sampled = np.concatenate([p.reshape(p.shape[0], -1) for p in predict_regions(model, view, regions)], 1)
-            profiles.append(profile(values, sampled))
+            profiles.append(profile(values, sampled, spread))
         self.image_profiles = profiles
 
     # --- data -------------------------------------------------------------------------------------
