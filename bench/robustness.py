@@ -19,7 +19,8 @@ test image (float32, no clipping or requantization, fixed seeds, applied to the 
 
 Floors (issue 17): under every perturbation napari-unet's Dice >= the forest's + 0.05 and at most 0.03 below its
 unperturbed Dice. "warned": how many images of a condition the out-of-distribution check (``domain.py``) flags as
-unlike the training images (each image's Dice and check score are in the JSON).
+unlike the training images, "hinted": how many of those the warning tells to try the background-subtracting
+normalization (each image's Dice, check score and terms are in the JSON).
 
     python bench/robustness.py [--budget 300] [--sets dsb isbi] [--set FIELD=VALUE ...] [--json OUT]
                                [--save-models DIR]
@@ -191,6 +192,8 @@ def run(
             "warned": sum(o.domain is not None and o.domain.unlike for o in outputs),
             "per_image": [round(float(s), 4) for s in scores],
             "domain_scores": [None if o.domain is None else round(o.domain.score, 3) for o in outputs],
+            "domain_terms": [None if o.domain is None else o.domain.as_metadata()["terms"] for o in outputs],
+            "hinted": sum(o.domain is not None and bool(o.domain.hint) for o in outputs),
         }
         if forest is not None:
             foreground = forest_foreground(forest)
@@ -237,8 +240,8 @@ def main(argv=None):
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"budget_s": args.budget, "threads": args.threads, "results": results}, indent=1))
-    print("\n| set | perturbation | napari-unet | forest | margin | drop | warned |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| set | perturbation | napari-unet | forest | margin | drop | warned | hinted |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         clean = r["conditions"]["none"]["napari_unet"]
         for condition, row in r["conditions"].items():
@@ -247,7 +250,7 @@ def main(argv=None):
             forest = "" if forest is None else f"{forest:.3f}"
             print(
                 f"| {r['set']} | {condition} | {row['napari_unet']:.3f} | {forest} | {margin} "
-                f"| {row['napari_unet'] - clean:+.3f} | {row['warned']}/{len(row['per_image'])} |"
+                f"| {row['napari_unet'] - clean:+.3f} | {row['warned']}/{len(row['per_image'])} | {row['hinted']} |"
             )
     print(f"\nresults written to {args.json}")
 
