@@ -582,7 +582,7 @@ def test_objects_dimmed_to_where_the_network_decides_are_caught_by_the_stability
             discs |= (yy - y) ** 2 + (xx - x) ** 2 <= 100
     clean = np.where(discs, 1.0, 0.05).astype(np.float32)
     regions = sample_regions(clean.shape)
-    values = domain.sample_intensities(clean, regions)
+    values = domain.flatten_regions(domain.read_regions(clean, regions))
     probabilities = np.concatenate([p.reshape(2, -1) for p in _threshold_model(clean, regions)], axis=1)
     metadata = {"training_profile": training_profile([profile(values, probabilities)]), "class_names": ["bg", "disc"]}
 

@@ -254,11 +254,6 @@ def flatten_regions(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=1)
 
 
-def sample_intensities(normalized, regions: Sequence[tuple[slice, ...]], channels: bool = False) -> np.ndarray:
-    """The normalized pixels of ``regions`` as ``(C, N)`` float32 (:func:`read_regions`, flattened)."""
-    return flatten_regions(read_regions(normalized, regions, channels))
-
-
 def background_spread(parts: Sequence[np.ndarray]) -> list[float] | None:
     """How much the background level varies across an image, per channel, from :func:`read_regions`' arrays.
 
@@ -290,7 +285,7 @@ def background_spread(parts: Sequence[np.ndarray]) -> list[float] | None:
 
 def sample_probabilities(probabilities, regions: Sequence[tuple[slice, ...]]) -> np.ndarray:
     """The class probabilities ``(n_classes, *spatial)`` at ``regions`` as ``(n_classes, N)`` float32, in the
-    order of :func:`sample_intensities`."""
+    order of :func:`flatten_regions`."""
     parts = []
     for region in regions:
         values = np.asarray(probabilities[(slice(None), *region)], dtype=np.float32)
