@@ -1,6 +1,8 @@
 """What the docs' screenshot scripts share: a real napari window of a fixed size, the Qt event loop run by hand
 (the scripts drive the widget from the main thread), and a screenshot of the whole window written to a file."""
 
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -8,9 +10,14 @@ import imageio.v3 as iio
 import napari
 from qtpy.QtWidgets import QApplication
 
+from napari_unet.widgets.remembered import CONFIG_DIR_VARIABLE
+
 
 def open_viewer() -> napari.Viewer:
-    """A shown napari viewer, 1500 x 950 at the screen's corner (the size the user guide's images have)."""
+    """A shown napari viewer, 1500 x 950 at the screen's corner (the size the user guide's images have), whose
+    U-Net widget starts as on a first run: a fresh configuration folder, so no settings remembered from earlier
+    sessions (an "Uncertainty" left on, another normalization) and no recovery files change what the scripts show."""
+    os.environ[CONFIG_DIR_VARIABLE] = tempfile.mkdtemp(prefix="napari-unet-screenshots-")
     QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
