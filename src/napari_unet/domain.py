@@ -196,6 +196,11 @@ BACKGROUND_TOLERANCE = 0.15
 """One tolerance of the background term: an image's background spread this far (normalized units: 15 % of the way
 from the background to the upper percentile) above the highest the network saw (the training images', or the
 level of the background augmentation it trained with)."""
+BACKGROUND_HINT = (
+    "if these images have uneven illumination or haze, train with the normalization that subtracts a smooth "
+    "background ('robust, uneven background subtracted', --normalization background)"
+)
+"""The :attr:`DomainCheck.hint` of an image whose background term is part of its warning."""
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -558,14 +563,16 @@ def _background_findings(image: dict, training: dict, seen: float) -> list[_Find
     """The background term per channel: ``image``'s background spread above the highest the network saw (the
     training images', at least ``seen``); none when either side lacks the figure (models saved before it)."""
     spread = image.get("background_spread")
+    if not isinstance(spread, list):
+        return []
     trained = [e.get("background_spread") for e in training.get("images") or [] if isinstance(e, dict)]
-    trained = [t for t in trained if isinstance(t, list) and isinstance(spread, list) and len(t) == len(spread)]
+    trained = [t for t in trained if isinstance(t, list) and len(t) == len(spread)]
     findings = []
     for c in range(len(spread) if trained else 0):
         try:
             value, highest = float(spread[c]), max(float(t[c]) for t in trained)
         except (TypeError, ValueError):
-            return []
+            return []  # a malformed record: no term rather than a failed prediction
         if not (math.isfinite(value) and math.isfinite(highest)):
             continue
         channel = f" (channel {c})" if len(spread) > 1 else ""
@@ -573,13 +580,6 @@ def _background_findings(image: dict, training: dict, seen: float) -> list[_Find
         text = f"background level varies by {value:.2f} across the image{channel} (training at most {reference:.2f})"
         findings.append(_Finding(max(0.0, value - reference) / BACKGROUND_TOLERANCE, "background", text))
     return findings
-
-
-BACKGROUND_HINT = (
-    "if these images have uneven illumination or haze, train with the normalization that subtracts a smooth "
-    "background ('robust, uneven background subtracted', --normalization background)"
-)
-"""The :attr:`DomainCheck.hint` of an image whose background term is part of its warning."""
 
 
 def compare(

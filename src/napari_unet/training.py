@@ -540,10 +540,9 @@ class Trainer:
         self._profile_samples = []
         for i in chosen:
             view = NormalizedView(images[i], params[i])
-            regions = sample_regions(shapes[i], tiles)
+            regions, predicted = sample_regions(shapes[i], tiles), sample_regions(shapes[i])
             parts = read_regions(view, regions, channels)
-            full = regions == sample_regions(shapes[i])  # else the spread reads the sample a prediction reads
-            background = background_spread(parts if full else read_regions(view, sample_regions(shapes[i]), channels))
+            background = background_spread(parts if regions == predicted else read_regions(view, predicted, channels))
             self._profile_samples.append((view, regions, flatten_regions(parts), background))
         self.image_profiles = [profile(values, None, spread) for _, _, values, spread in self._profile_samples]
         """The profiles of (some of) the training images: intensities, and once a run has ended the class
