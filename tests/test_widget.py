@@ -5,6 +5,7 @@ Tiny models and short time budgets keep these fast on a 2-core CPU.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -84,6 +85,29 @@ def test_pickers_follow_layers(setup):
             for b in (widget.train_button, widget.stop_button, widget.predict_button, widget.segment_all_button)
             if b.text() == text
         ]
+
+
+def test_the_panels_scroll_in_a_short_dock_and_the_buttons_stay_in_view(make_napari_viewer, qtbot):
+    """napari makes a docked widget's minimum height the window's: the panels with *Advanced settings* open are
+    taller than a laptop screen, so they scroll, and the buttons below them stay on screen."""
+    viewer = make_napari_viewer(show=True)
+    widget = UNetWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    try:
+        collapsed = widget.settings_area.widget().sizeHint().height()
+        widget.training.advanced.expand(animate=False)
+        qtbot.waitUntil(lambda: widget.settings_area.widget().sizeHint().height() > collapsed + 200)
+        assert widget.minimumSizeHint().height() < 500
+        viewer.window._qt_window.resize(1200, 600)
+        qtbot.waitUntil(lambda: widget.settings_area.verticalScrollBar().maximum() > 0)
+        assert widget.height() < 600
+        for button in (widget.train_button, widget.stop_button, widget.segment_all_button):
+            top = button.mapTo(widget, button.rect().topLeft()).y()
+            assert top >= 0 and top + button.height() <= widget.height()
+        widget.settings_area.ensureWidgetVisible(widget.prediction)
+        assert widget.settings_area.verticalScrollBar().value() > 0  # the panels below the fold: scrolled to
+    finally:
+        widget.shutdown()
 
 
 def test_train_previews_predict_and_labels_untouched(setup, qtbot, tmp_path):
@@ -396,6 +420,19 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot):
     viewer.close()
     assert not worker.is_running and not widget.busy
     assert time.monotonic() - started < 5.0
+
+
+def test_closing_a_shown_viewer_with_the_widget_docked_raises_nothing(make_napari_viewer, qtbot):
+    """The viewer's window closes while Python clears the widget (the window's event filter still installed): an
+    exception there aborts a PyQt6 process that has no exception hook (a script, a notebook)."""
+    viewer = make_napari_viewer(show=True)
+    widget = UNetWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    qtbot.wait(50)
+    del widget
+    viewer.close()
+    gc.collect()
+    qtbot.wait(50)
 
 
 def test_removing_the_dock_widget_stops_training(setup, qtbot):

@@ -44,6 +44,7 @@ from .model_panel import ModelPanel
 from .prediction_panel import PredictionPanel
 from .recovery import RecoveryFile
 from .remembered import SettingsMemory
+from .settings_scroll import SettingsScroll
 from .training_panel import TrainingPanel
 
 PREVIEW_INTERVAL = 3.0
@@ -127,9 +128,17 @@ class UNetWidget(QWidget):
         self.device_combo.currentTextChanged.connect(self._show_device)
         device_row.addRow("Device", self.device_combo)
         device_row.addRow("Runs on", self.device_label)
+        settings = QWidget()
+        settings_layout = QVBoxLayout(settings)
+        settings_layout.setContentsMargins(0, 0, 0, 0)
         for panel in (self.data, self.model_panel, self.training, self.prediction):
-            root.addWidget(panel)
-        root.addLayout(device_row)
+            settings_layout.addWidget(panel)
+        settings_layout.addLayout(device_row)
+        settings_layout.addStretch(1)
+        self.settings_area = SettingsScroll(settings)
+        """The panels above the buttons, scrolled when the dock is shorter than they are (a laptop screen, the
+        *Advanced settings* open), so the buttons, status and loss curve below stay in view."""
+        root.addWidget(self.settings_area, 1)
 
         buttons = QGridLayout()
         self.train_button = QPushButton("Train")
@@ -159,7 +168,6 @@ class UNetWidget(QWidget):
         root.addWidget(self.status_label)
         self.loss_plot = LossPlot()
         root.addWidget(self.loss_plot)
-        root.addStretch(1)
 
     def _show_device(self, *args) -> None:
         """Say which device the choice runs on (``devices.describe_device``), e.g. ``cpu, 1 thread``."""
@@ -366,7 +374,9 @@ class UNetWidget(QWidget):
         return super().event(event)
 
     def eventFilter(self, watched, event):  # noqa: N802 (Qt API)
-        if watched is self._window and event.type() == QEvent.Type.Close and self.busy:
+        # Qt still calls this while the viewer closes and Python has already cleared this widget's attributes: an
+        # exception here would abort the process (PyQt6 without napari's exception hook), so nothing is assumed.
+        if event.type() == QEvent.Type.Close and watched is getattr(self, "_window", None) and self.busy:
             self.shutdown()
         return super().eventFilter(watched, event)
 
