@@ -434,10 +434,14 @@ def test_the_background_term_its_reason_and_the_hint():
     assert hazy_.terms["background"] == pytest.approx(0.30 / domain.BACKGROUND_TOLERANCE)
     assert hazy_.score == pytest.approx(hazy_.terms["background"]) and hazy_.unlike
     assert hazy_.reason == "background level varies by 0.34 across the image (training at most 0.04)"
-    assert hazy_.hint == domain.BACKGROUND_HINT and hazy_.message("img_3").endswith(
-        "paint a few strokes on it and train on; " + domain.BACKGROUND_HINT
-    )
-    assert hazy_.as_metadata()["hint"] == hazy_.hint
+    assert hazy_.hint == domain.BACKGROUND_HINT
+    advice = "paint a few strokes on it and train on; if these images have uneven illumination or haze, train with "
+    cli, widget = hazy_.message("img_3"), hazy_.message("img_3", surface="widget")
+    assert cli.endswith(advice + "the normalization that subtracts a smooth background (--normalization background)")
+    assert widget.endswith("(Advanced settings > Normalization: 'robust, uneven background subtracted')")
+    assert "--normalization" not in widget and "{how}" not in cli + widget  # each surface names its own control
+    record = hazy_.as_metadata()["hint"]
+    assert "--normalization background" in record and "'robust, uneven background subtracted'" in record
     assert compare({**image, "background_spread": [0.34]}, training, background_subtracted=True).hint == ""
     assert not compare({**image, "background_spread": [0.34]}, training, background_seen=0.3).unlike  # augmented
     even = compare({**image, "background_spread": [0.1]}, training)

@@ -198,9 +198,17 @@ from the background to the upper percentile) above the highest the network saw (
 level of the background augmentation it trained with)."""
 BACKGROUND_HINT = (
     "if these images have uneven illumination or haze, train with the normalization that subtracts a smooth "
-    "background ('robust, uneven background subtracted', --normalization background)"
+    "background ({how})"
 )
-"""The :attr:`DomainCheck.hint` of an image whose background term is part of its warning."""
+"""The :attr:`DomainCheck.hint` of an image whose background term is part of its warning; ``{how}`` is filled in
+with the choice as the surface that shows the warning names it (``HINT_WORDING``)."""
+HINT_WORDING = {
+    "cli": "--normalization background",
+    "widget": "Advanced settings > Normalization: 'robust, uneven background subtracted'",
+    "record": "'robust, uneven background subtracted' in the widget, --normalization background on the command line",
+}
+"""How each surface names the background-subtracting normalization: the command line, the dock widget, and the
+outputs' metadata record (read from either)."""
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -432,13 +440,15 @@ class DomainCheck:
             "unlike": self.unlike,
             "reason": self.reason,
             "terms": {k: round(v, 3) for k, v in self.terms.items()},
-            "hint": self.hint,
+            "hint": self.hint.format(how=HINT_WORDING["record"]),
             "profile": self.profile,
         }
 
-    def message(self, name: str) -> str:
-        """The warning for an unlike image called ``name``."""
-        advice = "paint a few strokes on it and train on" + (f"; {self.hint}" if self.hint else "")
+    def message(self, name: str, surface: str = "cli") -> str:
+        """The warning for an unlike image called ``name``, its hint worded for ``surface`` (a key of
+        ``HINT_WORDING``: ``"cli"`` or ``"widget"``)."""
+        hint = self.hint.format(how=HINT_WORDING[surface])
+        advice = "paint a few strokes on it and train on" + (f"; {hint}" if hint else "")
         score = f"score {self.score:.2f} > {self.threshold:g}"
         return f"'{name}' looks unlike the training images ({score}: {self.reason}): {advice}"
 

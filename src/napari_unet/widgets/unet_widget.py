@@ -715,7 +715,7 @@ class UNetWidget(QWidget):
                 layer.metadata[DOMAIN_KEY] = domain.as_metadata()
         self.status_label.setText(f"Predicted {result.name}")
         if domain is not None and domain.unlike:
-            show_warning(f"U-Net: {domain.message(result.name)}")
+            show_warning(f"U-Net: {domain.message(result.name, surface='widget')}")
             self.status_label.setText(f"Predicted {result.name}; it looks unlike the training images")
 
 
