@@ -37,8 +37,11 @@ while widget.busy:
         taken = True
 print(widget.status_label.text())
 widget.training.advanced.expand(animate=False)
+pump(0.5)
+widget.settings_area.ensureWidgetVisible(widget.training.form.native)  # the panels scroll: show the form
 shot(viewer, OUT, "03_training_done.png")
 widget.training.advanced.collapse(animate=False)
+widget.settings_area.verticalScrollBar().setValue(0)
 
 viewer.open_sample("napari-unet", "nuclei")
 viewer.layers.remove("nuclei1 [1]")  # already open with its strokes
