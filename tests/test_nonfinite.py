@@ -153,11 +153,13 @@ def test_a_learning_rate_out_of_range_is_one_line(pair, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_cli_training_that_learns_nothing_finite_writes_nothing(pair, tmp_path, capsys, make_model):
-    # A model to fine-tune whose fixed normalization maps the images to ~1e37: the first forward pass overflows.
-    recipe = {"method": "fixed", "low": 1.0, "high": 99.8, "low_values": [0.0], "high_values": [1e-35]}
-    init = save_model(
-        make_model(n_classes=2, depth=1), tmp_path / "init.safetensors", {"class_ids": [1, 3], "normalization": recipe}
-    )
+    # A model to fine-tune whose weights are near float32's largest: the first forward pass overflows. (Normalized
+    # images cannot do it any more: they are held within normalization.NORMALIZED_LIMIT.)
+    model = make_model(n_classes=2, depth=1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(1e38)
+    init = save_model(model, tmp_path / "init.safetensors", {"class_ids": [1, 3]})
     out = tmp_path / "m.safetensors"
     code = main(["train", *pair, "--out", str(out), "--init", str(init), *CLI_TINY])
     err = capsys.readouterr().err

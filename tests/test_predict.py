@@ -275,3 +275,25 @@ def test_preview_region_equals_whole_image_prediction():
                 region.append(slice(start, stop))
             part = predict_region(model, image, tuple(region))
             np.testing.assert_allclose(part, whole[(slice(None), *region)], atol=1e-4, err_msg=str(region))
+
+
+@pytest.mark.parametrize("recipe", ["percentile", "robust"])
+def test_a_huge_finite_pixel_leaves_every_output_finite(recipe):
+    """A hot pixel of 1e20 and a speck at float32's largest in an image of 0-1: normalized they would be squared by
+    the edge refinement and summed through the network, both overflow and NaN spreads around them; they are held
+    at ``NORMALIZED_LIMIT`` instead."""
+    from napari_unet.normalization import NORMALIZED_LIMIT, PERCENTILE_RECIPE, ROBUST_RECIPE
+
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32)
+    image[16:40, 16:40] += 1.0
+    hot = image.copy()
+    hot[50, 50] = 1e20
+    hot[5:7, 5:7] = np.finfo(np.float32).max
+    metadata = {"normalization": PERCENTILE_RECIPE if recipe == "percentile" else ROBUST_RECIPE}
+    normalized = normalize_image(hot, metadata["normalization"])
+    assert normalized.max() == NORMALIZED_LIMIT and np.isfinite(normalized).all()
+    settings = PredictionSettings(device="cpu", uncertainty=True)  # flips and the edge refinement
+    outputs = predict_image(_model(), metadata, hot, settings)
+    assert np.isfinite(outputs.probabilities).all() and np.isfinite(outputs.uncertainty).all()
+    np.testing.assert_allclose(outputs.probabilities.sum(axis=0), 1.0, atol=1e-5)

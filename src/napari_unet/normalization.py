@@ -10,7 +10,10 @@ recipe's parameters on a new image and applies them.
 
 Non-finite pixels: NaN and +/-Inf are ignored when the percentiles are computed, and every
 pixel that is not finite after normalization (NaN/Inf input, or float32 overflow) is set to 0,
-so a few bad pixels neither shift the intensity scale nor poison the prediction.
+so a few bad pixels neither shift the intensity scale nor poison the prediction. Finite pixels
+far outside the scale (a hot pixel of 1e20 in an image of 0-1) are held within
++/-``NORMALIZED_LIMIT``: squared by the edge refinement or summed through the network they
+would overflow float32 (or float16) and turn the outputs around them into NaN.
 
 Images larger than memory: :func:`normalized_view` takes a lazy array (anything sliceable with a
 ``shape`` and ``dtype``, e.g. :func:`napari_unet.io.open_image`'s) and returns a
@@ -62,6 +65,9 @@ MAX_SPECK_AREA = 1 << 20
 """Largest ``speck_area`` (pixels) a recipe may ask for (:func:`check_recipe`)."""
 MAX_BACKGROUND_GRID = 64
 """Most cells per axis of a background field a recipe may ask for (``background_grid``, :func:`check_recipe`)."""
+NORMALIZED_LIMIT = 1000.0
+"""Normalized values are held within +/- this (the scaled methods; "none" keeps the image's own values): a thousand
+times the objects' range is an artifact whatever its value, and the network never saw more than a few."""
 _OPENING_LEVELS = 1024
 """Grey levels of the image the area opening sees when it has more than 8 bits (its cost grows with the levels)."""
 
@@ -595,7 +601,8 @@ def normalize(image, params: dict, key=None) -> np.ndarray:
 
     ``params`` comes from :func:`percentile_params` or :func:`robust_params` (or is a "fixed" recipe: maps
     ``low_values`` to 0 and ``high_values`` to 1, no clipping; a channel with ``high == low`` is only shifted) or is
-    ``{"method": "none"}`` (a float32 copy). Pixels that are not finite afterwards become 0.
+    ``{"method": "none"}`` (a float32 copy). Pixels that are not finite afterwards become 0; the scaled methods hold
+    the others within +/-``NORMALIZED_LIMIT``.
     """
     method = params.get("method", "percentile")
     if method == "none":
@@ -630,6 +637,8 @@ def normalize(image, params: dict, key=None) -> np.ndarray:
     else:
         raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
     out[~np.isfinite(out)] = 0.0
+    if method != "none":
+        np.clip(out, -NORMALIZED_LIMIT, NORMALIZED_LIMIT, out=out)
     return out
 
 
