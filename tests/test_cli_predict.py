@@ -94,6 +94,61 @@ def test_predict_streams_probabilities_through_a_scratch_file(tmp_path, model_fi
     assert list(failed.iterdir()) == []
 
 
+def test_the_scratch_files_of_a_killed_predict_are_removed_by_the_next(tmp_path, model_file, image_file):
+    """A predict killed mid-image (SIGKILL, the out-of-memory killer, a cluster's time limit) leaves its scratch
+    memory maps behind: another process of this host finds them by their names (the host and the dead process's
+    id) and removes them; scratch files of a live process stay."""
+    import sys
+
+    model_path, _ = model_file
+    image_path, _ = image_file
+    out = tmp_path / "o"
+    out.mkdir()
+    killed = subprocess.run(  # a process that creates scratch files as predict does, then dies without cleaning up
+        [
+            sys.executable,
+            "-c",
+            "import sys, os; from napari_unet.io import temporary_file; "
+            "print(temporary_file(sys.argv[1])); os._exit(9)",
+            str(out / "cells_probabilities.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    left = Path(killed.stdout.strip())
+    assert killed.returncode == 9 and left.parent == out and left.exists()
+    from napari_unet.io import temporary_file
+
+    alive = temporary_file(out / "other_probabilities.npy")  # this process's: alive
+    assert main(["predict", "-m", str(model_path), str(image_path), "-o", str(out), "--no-test-time-flips"]) == 0
+    assert not left.exists() and alive.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([alive.name, "cells_labels.tif", "cells_probabilities.tif"])
+
+
+def test_a_full_disk_is_one_line_not_a_crash(tmp_path, model_file, image_file, monkeypatch, capsys):
+    """The scratch memory maps are sparse files: on a full disk the first write to one of their pages was a SIGBUS
+    that killed the process without a word. Their space is reserved first, so a full disk is a one-line error
+    (here posix_fallocate says so), and nothing is left in the output folder."""
+    import errno
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate here: nothing is reserved")
+    model_path, _ = model_file
+    image_path, _ = image_file
+    out = tmp_path / "o"
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert main(["predict", "-m", str(model_path), str(image_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cells: no room for its probabilities while predicting" in err
+    assert "No space left on device" in err and str(out) in err
+    assert list(out.iterdir()) == []
+
+
 def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_file):
     """The default averages the 8 flips/transpositions and snaps to edges (radius "auto"); ``--no-test-time-flips``
     and ``--refine-radius 0`` turn each off, ``--refine-radius``/``--refine-eps`` set the guided filter."""

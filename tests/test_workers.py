@@ -198,3 +198,26 @@ def test_predict_steps_stop_is_an_end_not_an_error_even_within_a_flipped_pass():
     with pytest.raises(StopIteration) as ended:
         next(steps)
     assert ended.value.value == 0 and len(layers) == 1  # stopped within the first of 8 flipped passes
+
+
+def test_an_output_memory_map_on_a_full_disk_is_an_error_not_a_crash(monkeypatch):
+    """Beyond ``arrays.IN_MEMORY_OUTPUT_BYTES`` the widget's outputs are memory maps of sparse temporary files; on a
+    full disk the first write to a page would kill napari with a SIGBUS. The space is reserved first: an OSError
+    that says where and how much (the worker's error, a notification), and a map that fits is zeros."""
+    import errno
+    import os
+    import tempfile
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate here: nothing is reserved")
+    monkeypatch.setattr(arrays, "IN_MEMORY_OUTPUT_BYTES", 0)
+    mapped = arrays.output_array((4, 256, 256), np.float32)
+    assert isinstance(mapped, np.memmap) and mapped.shape == (4, 256, 256) and not mapped.any()
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"cannot reserve 1\.0 MiB in .*: No space left on device") as raised:
+        arrays.output_array((4, 256, 256), np.float32)
+    assert raised.value.errno == errno.ENOSPC and tempfile.gettempdir() in str(raised.value)

@@ -600,18 +600,27 @@ def _predict_to_files(
 
     The class probabilities (4 bytes per class and pixel, the largest array of a prediction) and the labels are
     predicted into hidden ``.npy`` memory maps next to the outputs instead of RAM, and the scratch files are deleted
-    afterwards, also when prediction fails. Their names are unpredictable and each is created exclusively
-    (``tempfile.mkstemp``) before it is mapped, so a symbolic link planted in the output folder is never followed.
+    afterwards, also when prediction fails. They are ``io.temporary_file``'s: unpredictable names created exclusively
+    (a symbolic link planted in the output folder is never followed) that hold this host and process, so those of
+    a killed run are removed by the next one; their disk space is reserved before they are mapped
+    (``arrays.reserve_space``), so a full disk is an error message and not a SIGBUS.
     """
     import numpy as np
+
+    from .arrays import reserve_space
+    from .io import temporary_file
 
     scratch = []
 
     def scratch_file(role: str, shape: tuple, dtype) -> np.ndarray:
-        fd, name = tempfile.mkstemp(dir=out, prefix=f".{stem}_{role}.", suffix=".npy")
-        os.close(fd)
-        scratch.append(Path(name))
-        return np.lib.format.open_memmap(scratch[-1], mode="w+", dtype=dtype, shape=shape)
+        scratch.append(temporary_file(out / f"{stem}_{role}.npy"))
+        array = np.lib.format.open_memmap(scratch[-1], mode="w+", dtype=dtype, shape=shape)
+        try:
+            with open(scratch[-1], "rb+") as f:
+                reserve_space(f.fileno(), os.fstat(f.fileno()).st_size, out)
+        except OSError as e:
+            raise CLIError(f"{stem}: no room for its {role} while predicting: {e.strerror}") from None
+        return array
 
     outputs = None
     try:

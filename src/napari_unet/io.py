@@ -75,9 +75,8 @@ def atomic_write(path, write) -> Path:
     processes of this host left there (:func:`remove_stale_temporaries`; once per folder, so writing thousands of
     outputs into one folder lists it once).
     """
+    tmp = temporary_file(path)
     path = Path(path)
-    _remove_stale_once(path.parent)
-    tmp = _exclusive_temporary(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -122,6 +121,15 @@ def _exclusive_temporary(path: Path) -> Path:
     raise FileExistsError(f"no free temporary name next to {path}")
 
 
+def temporary_file(path) -> Path:
+    """A new empty file next to ``path`` (``.<name>.<host>.<pid>.<random>.tmp``, created exclusively, as
+    :func:`atomic_write`'s are), for scratch data the caller deletes; if the process is killed first, the next
+    process that writes into the folder removes it (:func:`remove_stale_temporaries`)."""
+    path = Path(path)
+    _remove_stale_once(path.parent)
+    return _exclusive_temporary(path)
+
+
 def _remove_stale_once(folder: Path) -> None:
     key = os.path.abspath(folder)
     with _cleaned_lock:
@@ -132,8 +140,8 @@ def _remove_stale_once(folder: Path) -> None:
 
 
 def remove_stale_temporaries(folder) -> list[Path]:
-    """Remove the temporary files that :func:`atomic_write` calls of processes no longer alive on this host left in
-    ``folder`` (a process killed mid-write); returns them.
+    """Remove the temporary files (of :func:`atomic_write`, :func:`temporary_file`) that processes no longer alive
+    on this host left in ``folder`` (a process killed mid-write); returns them.
 
     Only regular files of the current user whose name has exactly the form ``.<name>.<this host>.<pid>.<16
     hex>.tmp`` with ``pid`` not running are removed: another host's (a shared network folder), a live process's,
