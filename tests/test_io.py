@@ -224,6 +224,9 @@ def test_load_on_a_device(tmp_path, make_model):
         ((4, 2, 20, 30), np.float32, "ZCYX", (2.0, 0.5, 0.5)),
         ((20, 30), np.uint32, "YX", None),
         ((20, 30), np.float64, "YX", (0.1, 0.1)),
+        ((2, 20, 1), np.float32, "CYX", (0.5, 0.5)),  # one pixel wide: ImageJ's writer would take it for samples
+        ((5, 20, 1), np.uint8, "ZYX", (2.0, 0.5, 0.5)),
+        ((3, 1, 1), np.float32, "CYX", None),
     ],
 )
 def test_tiff_round_trip(tmp_path, shape, dtype, axes, scale):

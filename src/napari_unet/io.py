@@ -586,6 +586,7 @@ def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="
         array.dtype in (np.uint8, np.uint16, np.float32)
         and len(imagej_order) == len(axes)
         and imagej_order == sorted(imagej_order)
+        and array.shape[-1] > 1  # tifffile's ImageJ writer takes a last axis of 1 for samples: an unreadable file
     ):
         metadata = {"axes": axes, "unit": unit}
         if pixel.get("Z"):
