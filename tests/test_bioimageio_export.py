@@ -96,6 +96,20 @@ def test_export_refuses_an_image_that_does_not_fit(tmp_path):
     assert test_input.shape[:2] == (1, 1) and test_input.ndim == 4
 
 
+def test_a_sample_image_with_nan_and_inf_gives_a_finite_test_output(tmp_path):
+    """One NaN pixel in the sample image made every value of the package's test output NaN (the package's
+    percentiles have no rule for them): its bad pixels are set to the median of the finite ones."""
+    torch.manual_seed(0)
+    model = UNet(n_classes=2, depth=1, base_filters=2).eval()
+    image = np.random.default_rng(3).random((40, 40)).astype(np.float32)
+    image[20, 20], image[3, 4], image[30, 1] = np.nan, np.inf, -np.inf
+    test_input, test_output, _ = _package_arrays(export_bioimageio(model, METADATA, image, tmp_path / "nan.zip"))
+    assert np.isfinite(test_input).all() and np.isfinite(test_output).all()
+    assert np.median(image[np.isfinite(image)]) in test_input
+    with pytest.raises(ValueError, match="without a finite pixel"):
+        export_bioimageio(model, METADATA, np.full((40, 40), np.nan, np.float32), tmp_path / "none.zip")
+
+
 def test_export_command_writes_a_package_and_errors_in_one_line(tmp_path, capsys):
     torch.manual_seed(0)
     model_path = save_model(UNet(n_classes=2, depth=1, base_filters=2), tmp_path / "m.safetensors", METADATA)

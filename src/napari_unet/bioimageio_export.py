@@ -90,9 +90,10 @@ def export_bioimageio(
 
     ``sample_image`` is an image like those the model is for (numpy or lazy, e.g. dask: only the part used is
     read), channels first when the model has several (``(C, *spatial)``; a stack for a 2D model gives its middle
-    slice); a crop of its centre (mirrored where it is too small) becomes the package's test input. The
-    description is validated by ``bioimageio.spec`` before the package is written; returns ``out``. Raises
-    ``ValueError`` for an image that does not fit the model and ``ImportError`` without ``bioimageio.spec``.
+    slice); a crop of its centre (mirrored where it is too small; NaN and infinite pixels set to the median) becomes
+    the package's test input. The description is validated by ``bioimageio.spec`` before the package is written;
+    returns ``out``. Raises ``ValueError`` for an image that does not fit the model and ``ImportError`` without
+    ``bioimageio.spec``.
     """
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5 as spec
@@ -111,7 +112,7 @@ def export_bioimageio(
         )
     if channels > 1 and image.shape[0] != channels:
         raise ValueError(f"the sample image has {image.shape[0]} channels, the model takes {channels}")
-    image = image.reshape(channels, *image.shape[-ndim:])
+    image = _finite_sample(image.reshape(channels, *image.shape[-ndim:]))
     recipe = metadata.get("normalization") or {"method": "percentile", "low": 1.0, "high": 99.8}
     class_ids = model_class_ids(model, metadata)
     class_names = list(metadata.get("class_names") or [f"class {c}" for c in class_ids])
@@ -264,6 +265,21 @@ def _scale_linear(recipe: dict, channels: int):
     return spec.ScaleLinearDescr(
         kwargs=spec.ScaleLinearAlongAxisKwargs(axis=spec.AxisId("channel"), gain=gain, offset=offset)
     )
+
+
+def _finite_sample(image: np.ndarray) -> np.ndarray:
+    """``image`` (channels first) with its NaN and infinite pixels set to the median of the channel's finite ones:
+    the package's test input. Its preprocessing (``scale_range``'s percentiles) has no rule for them, so one NaN
+    made every value of the test output NaN, in this package's test and in every tool that runs it."""
+    finite = np.isfinite(image)
+    if finite.all():
+        return image
+    image = image.copy()
+    for channel, ok in zip(image, finite):
+        if not ok.any():
+            raise ValueError("the sample image has a channel without a finite pixel")
+        channel[~ok] = np.median(channel[ok])
+    return image
 
 
 def _scale_range(tensor: np.ndarray, recipe: dict) -> np.ndarray:
