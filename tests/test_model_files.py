@@ -80,8 +80,9 @@ def saved(tmp_path, make_model):
         (lambda r: r["config"].update(dropout=math.nan), "dropout must be a probability"),
         (lambda r: r["config"].update(dropout=1.0), "dropout must be a probability"),
         (lambda r: r["config"].update(block="magic"), "cannot build.*block"),
-        (lambda r: r["config"].update(temperature=0), "temperature must be a finite number greater than 0"),
-        (lambda r: r["config"].update(temperature=math.inf), "temperature must be a finite number greater than 0"),
+        (lambda r: r["config"].update(temperature=0), "temperature must be a number from 0.05 to 20"),
+        (lambda r: r["config"].update(temperature=math.inf), "temperature must be a number from 0.05 to 20"),
+        (lambda r: r["config"].update(temperature=1e-300), "temperature must be a number from 0.05 to 20"),  # NaN
         (lambda r: r["config"].update(kernel=5), "cannot build.*kernel"),
         (lambda r: r.update(config=[1, 2]), "missing format or config"),
         (lambda r: r.update(format_version="1"), "format version"),

@@ -134,7 +134,8 @@ CLI_TINY = ["--iterations", "3", "--depth", "1", "--filters", "4", "--patch-size
 
 @pytest.mark.parametrize(
     "option, value", [("--time-budget", "nan"), ("--time-budget", "inf"), ("--learning-rate", "inf"),
-                      ("--learning-rate", "nan"), ("--learning-rate", "0"), ("--learning-rate", "-1e-3")]
+                      ("--learning-rate", "nan"), ("--learning-rate", "0"), ("--learning-rate", "-1e-3"),
+                      ("--temperature", "1e-40"), ("--temperature", "1e9")]  # 1e-40: every probability NaN
 )  # fmt: skip
 def test_non_finite_numbers_are_usage_errors(pair, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as usage:

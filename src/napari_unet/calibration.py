@@ -30,7 +30,11 @@ from .refine import AUTO, DEFAULT_EPS, DEFAULT_RADIUS, MAX_AUTO_RADIUS
 
 MAX_PIXELS = 1 << 20
 """Held-out pixels a fit uses at most (a seeded sample beyond that): the NLL is an average, a million is plenty."""
-LOG_T_RANGE = (math.log(0.05), math.log(20.0))
+TEMPERATURE_RANGE = (0.05, 20.0)
+"""Softmax temperatures a model may have, fitted or given (``model.UNet``, ``--temperature``): dividing the logits
+by much less overflows them (a temperature of 1e-40 made every probability NaN), by much more makes every pixel
+equally likely."""
+LOG_T_RANGE = tuple(math.log(t) for t in TEMPERATURE_RANGE)
 """The temperatures a fit may choose."""
 REFINEMENT_REACH = 2 * MAX_AUTO_RADIUS
 """Pixels beyond a held-out pixel that the default edge refinement reads (its two box means of the widest radius)."""
@@ -117,7 +121,7 @@ def fit_temperature(held: Held, targets: np.ndarray) -> float:
         method="bounded",
         options={"xatol": 1e-4},
     )
-    return float(math.exp(result.x))
+    return float(min(max(math.exp(result.x), TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]))  # exp(log(t)) may miss t
 
 
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:

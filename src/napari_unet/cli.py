@@ -283,9 +283,16 @@ def _bounded_number(text: str, kind, what: str, minimum):
 
 
 def _temperature(text: str) -> str | float:
+    from .calibration import TEMPERATURE_RANGE
+
     if text in ("auto", "off"):
         return text
-    return _positive_float(text)
+    value = _positive_float(text)
+    if not TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, off or a number from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}, got {text!r}"
+        )
+    return value
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -718,7 +725,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="auto|off|T",
         help="softmax temperature stored in the model (calibrated probabilities): auto fits it on the validation "
         "pixels of a --dataset, or on the --calibration-holdout share of the painted pixels, which training then does "
-        "not use; off: none; a number: that one (default auto)",
+        "not use; off: none; a number from 0.05 to 20: that one (default auto)",
     )
     parser.add_argument(
         "--calibration-holdout",

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .calibration import TEMPERATURE_RANGE
+
 BLOCKS = {"plain": 2, "residual": 2, "vgg": 3, "vgg16": None}
 """Block kinds and the number of 3x3 convolutions each holds (None: per level, ``VGG16_LEVELS``)."""
 VGG16_LEVELS = ((2, 1), (2, 2), (3, 4), (3, 8), (3, 8))
@@ -99,6 +101,12 @@ class Block(nn.Module):
         return F.relu(y + center_crop(self.shortcut(x), y.shape[2:]))
 
 
+def _check_temperature(value) -> None:
+    low, high = TEMPERATURE_RANGE
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"temperature must be a number from {low:g} to {high:g}, got {value!r}")
+
+
 class UNet(nn.Module):
     """Valid-padding U-Net, 2D or 3D.
 
@@ -151,8 +159,7 @@ class UNet(nn.Module):
             raise ValueError(f"the vgg16 layout has {len(VGG16_LEVELS) - 1} poolings: depth 1 to 4, got {depth}")
         if in_channels < 1 or n_classes < 1 or base_filters < 1:
             raise ValueError("in_channels, n_classes and base_filters must be positive")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number greater than 0, got {temperature!r}")
+        _check_temperature(temperature)
         self.config = dict(
             in_channels=int(in_channels),
             n_classes=int(n_classes),
@@ -225,8 +232,7 @@ class UNet(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"temperature must be a finite number greater than 0, got {value!r}")
+        _check_temperature(value)
         self.config["temperature"] = float(value)
 
     # --- size arithmetic -------------------------------------------------------------------------

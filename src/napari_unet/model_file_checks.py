@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import TEMPERATURE_RANGE
 from .io import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ModelFileError
 from .model import BLOCKS, UNet
 from .normalization import check_recipe
@@ -227,8 +228,9 @@ def _checked_config(config: dict) -> dict:
         raise ValueError(f"batch_norm must be true or false, got {_short(config['batch_norm'])}")
     if not (_is_number(config["dropout"]) and 0.0 <= config["dropout"] < 1.0):
         raise ValueError(f"dropout must be a probability in [0, 1), got {_short(config['dropout'])}")
-    if not (_is_number(config["temperature"]) and config["temperature"] > 0):
-        raise ValueError(f"temperature must be a finite number greater than 0, got {_short(config['temperature'])}")
+    low, high = TEMPERATURE_RANGE
+    if not (_is_number(config["temperature"]) and low <= config["temperature"] <= high):
+        raise ValueError(f"temperature must be a number from {low:g} to {high:g}, got {_short(config['temperature'])}")
     if config["block"] not in BLOCKS:
         raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {_short(config['block'])}")
     return config

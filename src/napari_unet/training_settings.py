@@ -11,6 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from .calibration import TEMPERATURE_RANGE
 from .normalization import (
     BACKGROUND_RECIPE,
     DATASET_RECIPE,
@@ -257,8 +258,13 @@ class TrainingSettings:
             value = getattr(self, name)
             if not (_is_number(value) and 0.0 <= value <= top):
                 raise ValueError(f"{name} is {what} in [0, {top:g}], got {value!r}")
-        if not (self.temperature in ("auto", "off") or (_is_number(self.temperature) and self.temperature > 0)):
-            raise ValueError(f"temperature must be auto, off or a number greater than 0, got {self.temperature!r}")
+        low, high = TEMPERATURE_RANGE
+        if not (
+            self.temperature in ("auto", "off") or (_is_number(self.temperature) and low <= self.temperature <= high)
+        ):
+            raise ValueError(
+                f"temperature must be auto, off or a number from {low:g} to {high:g}, got {self.temperature!r}"
+            )
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a name such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         check_recipe(self.normalization)
