@@ -151,6 +151,11 @@ def _broken(tmp_path, what: str):
         (images / "cell1.png").write_bytes(b"not a png")
     elif what == "no_folders":
         images.rename(tmp_path / "pictures")
+    elif what == "jpeg_mask":
+        (masks / "cell0.png").rename(masks / "cell0.jpg")
+    elif what == "listed_nowhere":
+        (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("cell0\ncell9\n")
 
 
 @pytest.mark.parametrize(
@@ -164,6 +169,8 @@ def _broken(tmp_path, what: str):
         ("rgb", "is an RGB image, not an indexed one"),
         ("unreadable", "cannot read"),
         ("no_folders", "is not a dataset"),
+        ("jpeg_mask", "cell0.jpg is a JPEG: its lossy compression puts values between the classes"),
+        ("listed_nowhere", "cell9, listed in"),
     ],
 )
 def test_every_problem_is_one_line(tmp_path, what, message):

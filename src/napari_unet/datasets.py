@@ -5,8 +5,8 @@ Layouts (``open_dataset(root)``):
 - VOC: ``JPEGImages/`` (or ``images/``) and ``SegmentationClass/`` (indexed/palette PNG masks); the samples are the
   stems of ``ImageSets/Segmentation/train.txt`` and ``val.txt`` when present, else every mask's stem (a VOC image
   folder also holds images that were never segmented: those are not samples).
-- plain: ``images/`` and ``masks/`` (or ``labels/``) with matching stems, TIFF/PNG/JPEG, 2D or 3D (TIFF); every
-  image needs a mask and every mask an image. ``ImageSets/Segmentation/*.txt`` are honoured here too.
+- plain: ``images/`` and ``masks/`` (or ``labels/``) with matching stems, TIFF/PNG/JPEG images and TIFF/PNG
+  masks (lossless), 2D or 3D (TIFF); every image needs a mask and every mask an image. ``ImageSets/Segmentation/*.txt`` are honoured here too.
 - optional ``classes.txt``: one class name per line, in mask-value order (line k names value k).
 
 Mask semantics (dense): value ``k`` is class ``k``, 0 included (e.g. background); :data:`IGNORE` (255, the VOC
@@ -32,6 +32,8 @@ import numpy as np
 IGNORE = 255
 """The mask value that means "void / not annotated": no class, weight zero in the loss and the scores."""
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".tif", ".tiff", ".png")
+"""Masks are lossless: JPEG's compression puts values between the classes (a 0/1 mask saved as JPEG holds 2s)."""
 """Image and mask files a dataset folder may hold (case-insensitive)."""
 VOC_IMAGES, VOC_MASKS, SPLITS = "JPEGImages", "SegmentationClass", Path("ImageSets", "Segmentation")
 IMAGE_FOLDERS, MASK_FOLDERS = ("images", VOC_IMAGES), ("masks", "labels", VOC_MASKS)
@@ -115,7 +117,7 @@ def open_dataset(root, *, val_fraction: float = 0.1, seed: int | None = 0, spati
             f"{root} is not a dataset: it needs images/ (or JPEGImages/) and masks/, labels/ (or SegmentationClass/)"
         )
     layout = "voc" if masks_dir.name == VOC_MASKS else "plain"
-    images, masks = _files_by_stem(images_dir), _files_by_stem(masks_dir)
+    images, masks = _files_by_stem(images_dir), _files_by_stem(masks_dir, masks=True)
     if not masks:
         raise DatasetError(f"{masks_dir} holds no masks (.png, .tif, .tiff)")
     train_list, val_list = (_read_split(root / SPLITS / f"{name}.txt") for name in ("train", "val"))
@@ -126,8 +128,10 @@ def open_dataset(root, *, val_fraction: float = 0.1, seed: int | None = 0, spati
         if train_list is None:
             stems = sorted(set(masks) | set(val_list))
     for stem in stems:
+        if stem not in images and stem not in masks:
+            raise DatasetError(f"{stem}, listed in {root / SPLITS}, has neither an image nor a mask")
         if stem not in images:
-            raise DatasetError(f"mask {masks.get(stem, masks_dir / stem)} has no image in {images_dir}")
+            raise DatasetError(f"mask {masks[stem]} has no image in {images_dir}")
         if stem not in masks:
             raise DatasetError(f"image {images[stem]} has no mask in {masks_dir}")
     if not stems:
@@ -164,11 +168,20 @@ def _first_folder(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
-    """The image files of ``folder`` by stem; two files of one stem are an error."""
+def _files_by_stem(folder: Path, masks: bool = False) -> dict[str, Path]:
+    """The image files of ``folder`` by stem (``masks``: of ``MASK_SUFFIXES``, a JPEG is an error); two files of one
+    stem are an error."""
     found: dict[str, Path] = {}
+    suffixes = MASK_SUFFIXES if masks else IMAGE_SUFFIXES
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if masks and path.suffix.lower() in set(IMAGE_SUFFIXES) - set(MASK_SUFFIXES):
+            raise DatasetError(
+                f"mask {path} is a JPEG: its lossy compression puts values between the classes; save masks as PNG "
+                "or TIFF"
+            )
+        if path.suffix.lower() in suffixes:
             if path.stem in found:
                 raise DatasetError(f"{found[path.stem]} and {path} have the same name: keep one")
             found[path.stem] = path
