@@ -358,6 +358,26 @@ def test_models_without_a_profile_get_no_check(trained, tmp_path):
         assert check_prediction(metadata, image, probabilities, unused, halo=(4, 4), grid=2) is None
 
 
+def test_a_model_file_edited_into_other_shapes_predicts_with_or_without_a_check(trained):
+    """A model file's metadata edited by hand (or by another tool) that still loads: a profile's images that are no
+    list, runs whose settings are no dict. The check uses what it can read and never raises."""
+    model, metadata = trained
+    image = cells()[0]
+    profile = metadata["training_profile"]
+    for edited in (
+        {**metadata, "training_profile": {**profile, "images": 5}},
+        {**metadata, "training_profile": {**profile, "images": [3, "x", *profile["images"]]}},
+        {**metadata, "training": {**metadata["training"], "history": [{"settings": [1, 2]}, 7]}},
+        {**metadata, "training": {"history": "x"}},
+    ):
+        outputs = predict_image(model, edited, image, FAST)
+        assert outputs.labels.shape == image.shape
+    kept = predict_image(
+        model, {**metadata, "training_profile": {**profile, "images": [3, *profile["images"]]}}, image, FAST
+    )
+    assert kept.domain is not None and kept.domain.score == predict_image(model, metadata, image, FAST).domain.score
+
+
 def _trained_profile(medians, fractions):
     """A training profile of one image whose classes have these medians (one channel) and fractions."""
     entry = {

@@ -6,7 +6,8 @@ Layouts (``open_dataset(root)``):
   stems of ``ImageSets/Segmentation/train.txt`` and ``val.txt`` when present, else every mask's stem (a VOC image
   folder also holds images that were never segmented: those are not samples).
 - plain: ``images/`` and ``masks/`` (or ``labels/``) with matching stems, TIFF/PNG/JPEG images and TIFF/PNG
-  masks (lossless), 2D or 3D (TIFF); every image needs a mask and every mask an image. ``ImageSets/Segmentation/*.txt`` are honoured here too.
+  masks (lossless), 2D or 3D (TIFF); every image needs a mask and every mask an image.
+  ``ImageSets/Segmentation/*.txt`` are honoured here too.
 - optional ``classes.txt``: one class name per line, in mask-value order (line k names value k).
 
 Mask semantics (dense): value ``k`` is class ``k``, 0 included (e.g. background); :data:`IGNORE` (255, the VOC

@@ -397,7 +397,7 @@ def training_profile(images: Sequence[dict], earlier: dict | None = None) -> dic
     ``earlier`` (the profile of the model it was fine-tuned from, if usable), the latest ``MAX_TRAINING_IMAGES``."""
     kept = []
     if isinstance(earlier, dict) and earlier.get("version") == PROFILE_VERSION:
-        kept = [p for p in earlier.get("images") or [] if isinstance(p, dict)]
+        kept = _profile_images(earlier)
     kept = [*kept, *images][-MAX_TRAINING_IMAGES:]
     return {
         "version": PROFILE_VERSION,
@@ -465,12 +465,19 @@ def _logit(fraction: float) -> float:
     return math.log(f / (1.0 - f))
 
 
+def _profile_images(training) -> list[dict]:
+    """The image profiles of a training profile read from a model file: only its list's dicts (a file edited by
+    hand may hold anything there)."""
+    images = training.get("images") if isinstance(training, dict) else None
+    return [entry for entry in images if isinstance(entry, dict)] if isinstance(images, list) else []
+
+
 def _usable(training: dict, n_classes: int, n_channels: int) -> list[dict]:
     """The training profiles that hold class statistics of ``n_classes`` classes and ``n_channels`` channels."""
     if not isinstance(training, dict) or training.get("version") != PROFILE_VERSION:
         return []
     usable = []
-    for entry in training.get("images") or []:
+    for entry in _profile_images(training):
         try:
             fractions = [float(f) for f in entry["class_fractions"]]
             levels = entry["class_intensity"]
@@ -575,7 +582,7 @@ def _background_findings(image: dict, training: dict, seen: float) -> list[_Find
     spread = image.get("background_spread")
     if not isinstance(spread, list):
         return []
-    trained = [e.get("background_spread") for e in training.get("images") or [] if isinstance(e, dict)]
+    trained = [e.get("background_spread") for e in _profile_images(training)]
     trained = [t for t in trained if isinstance(t, list) and len(t) == len(spread)]
     findings = []
     for c in range(len(spread) if trained else 0):
@@ -717,7 +724,8 @@ def _background_seen(metadata: dict) -> float:
     history = training.get("history") if isinstance(training, dict) else None
     levels = [0.0]
     for run in history if isinstance(history, list) else []:
-        level = (run.get("settings") or {}).get("background") if isinstance(run, dict) else None
+        settings = run.get("settings") if isinstance(run, dict) else None
+        level = settings.get("background") if isinstance(settings, dict) else None
         if isinstance(level, (int, float)) and math.isfinite(level):
             levels.append(float(level))
     return max(levels)
