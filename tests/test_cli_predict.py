@@ -268,6 +268,27 @@ def test_folders_shards_skip_existing_and_keep_going(tmp_path, model_file, capsy
     assert "no TIFF images in folder" in capsys.readouterr().err
 
 
+def test_skip_existing_predicts_again_an_output_cut_short(tmp_path, model_file, capsys):
+    """An output cut short after napari-unet wrote it (a failed copy or sync) still holds its marker on the first
+    page: --skip-existing looks at its pages too (how many, and where their data ends), so it predicts that image
+    again and replaces the file; the complete outputs are left."""
+    model_path, _ = model_file
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a", "b"):
+        write_tiff(folder / f"{name}.tif", (np.random.default_rng(1).random((40, 50)) * 255).astype(np.uint8))
+    run = ["predict", "-m", str(model_path), str(folder), "-o", str(out), "--no-test-time-flips", "--skip-existing"]
+    assert main(run) == 0
+    whole = (out / "a_probabilities.tif").read_bytes()
+    (out / "a_probabilities.tif").write_bytes(whole[: len(whole) // 2])  # 3 pages: the later ones lost
+    kept = (out / "b_labels.tif").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(run) == 0
+    assert "skipping 1 image(s)" in capsys.readouterr().err
+    assert read_image(out / "a_probabilities.tif")[0].shape == (3, 40, 50)  # predicted again, whole
+    assert (out / "b_labels.tif").stat().st_mtime_ns == kept
+
+
 def test_predict_refuses_a_corrupt_image_in_one_line(tmp_path, model_file, capsys):
     model_path, _ = model_file
     image = (np.random.default_rng(2).random((64, 256, 256)) * 4000).astype(np.uint16)
@@ -526,12 +547,16 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, model_file, im
     run = ["predict", "-m", str(model_path), str(image_path), "-o", str(out), "--no-test-time-flips"]
     assert main(run) == 2
     err = _one_line_error(capsys)
-    assert f"2 files at the output paths were not written by napari-unet: {truth}" in err and "--overwrite" in err
+    assert (
+        f"2 files at the output paths are not napari-unet outputs (other files, or too damaged to read): {truth}" in err
+    )
+    assert "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before anything was written
     (out / "cells_probabilities.tif").unlink()
     assert main(run) == 2
-    assert f"{truth} exists and was not written by napari-unet: not replaced (--overwrite replaces it)" in (
-        _one_line_error(capsys)
+    assert (
+        f"{truth} exists and is not a napari-unet output (another file, or one too damaged to read): not replaced"
+        in (_one_line_error(capsys))
     )
     assert truth.read_bytes() == before["cells_labels.tif"]
 
@@ -599,7 +624,7 @@ def test_predicting_into_the_image_folder_again_leaves_its_outputs_out(tmp_path,
     mine = write_tiff(data / "b_labels.tif", np.zeros((40, 50), np.uint8))  # the user's file, same name
     named = ["predict", "-m", str(model_path), str(data / "a.tif"), str(data / "b.tif"), "-o", str(data)]
     assert main([*named, "--skip-existing"]) == 2  # b is not done: its labels are not napari-unet's
-    assert f"{mine} exists and was not written by napari-unet" in _one_line_error(capsys)
+    assert f"{mine} exists and is not a napari-unet output" in _one_line_error(capsys)
     assert main([*run, "--skip-existing", "--overwrite"]) == 2  # in the folder, that file is an image: an input
     assert f"would replace {mine}, an input" in _one_line_error(capsys)
     assert read_image(mine)[0].max() == 0

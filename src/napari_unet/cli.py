@@ -419,13 +419,14 @@ def _check_outputs(jobs: list[tuple[Path, str]], out: Path, inputs: list[Path], 
                 foreign.append(str(target))
     if len(foreign) == 1:
         raise CLIError(
-            f"{foreign[0]} exists and was not written by napari-unet: not replaced (--overwrite replaces it)"
+            f"{foreign[0]} exists and is not a napari-unet output (another file, or one too damaged to read): not "
+            "replaced (--overwrite replaces it)"
         )
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CLIError(
-            f"{len(foreign)} files at the output paths were not written by napari-unet: {shown}; not replaced "
-            "(--overwrite replaces them)"
+            f"{len(foreign)} files at the output paths are not napari-unet outputs (other files, or too damaged to "
+            f"read): {shown}; not replaced (--overwrite replaces them)"
         )
 
 
@@ -514,9 +515,11 @@ def _run_predict(args: argparse.Namespace) -> int:
         jobs = jobs[index::count]
     zarr_output = cli_volume.wanted(args, images)
     if args.skip_existing and not zarr_output:
-        from .io import output_role
+        from .io import complete_output_role
 
-        done = [(p, s) for p, s in jobs if all(output_role(output_path(args.out, s, r)) == r for r in OUTPUT_ROLES)]
+        done = [
+            (p, s) for p, s in jobs if all(complete_output_role(output_path(args.out, s, r)) == r for r in OUTPUT_ROLES)
+        ]
         jobs = [job for job in jobs if job not in done]
         if done:
             print(f"skipping {len(done)} image(s) with outputs in {args.out}", file=sys.stderr, flush=True)

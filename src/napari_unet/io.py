@@ -34,6 +34,7 @@ TIFF images
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -621,6 +622,37 @@ def read_tiff_record(path) -> dict | None:
 
 OUTPUT_KEY = "output"
 """The key of a TIFF record (:func:`read_tiff_record`) that marks a file as napari-unet's output."""
+
+
+def complete_output_role(path) -> str | None:
+    """:func:`output_role` of an output file whose pixel data is all there: as many pages as its image needs, each
+    page's data within the file; None otherwise. A file cut short (a failed copy or sync, a full disk on another
+    tool's side) still reads its marker from the first page; its later pages are missing or end past the file's
+    end. Read from the pages' tags only: nothing is decoded."""
+    role = output_role(path)
+    if role is None:
+        return None
+    try:
+        size = Path(path).stat().st_size
+        with _open_series(path) as (tif, series), _tifffile_quiet():
+            pages = list(tif.pages)
+            needed = math.prod(series.shape) // max(1, math.prod(pages[0].shape))
+            ends = [o + c for page in pages for o, c in zip(page.dataoffsets, page.databytecounts)]
+    except (ImageFileError, OSError, ValueError, IndexError):
+        return None
+    return role if len(pages) >= needed and ends and max(ends) <= size else None
+
+
+@contextmanager
+def _tifffile_quiet():
+    """tifffile's log silenced: it logs each page it cannot reach, which is what is being checked here."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def output_role(path) -> str | None:
