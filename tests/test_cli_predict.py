@@ -185,6 +185,7 @@ def test_predict_flips_and_refinement_on_request(tmp_path, model_file, image_fil
         ["--refine-radius", "1.5"],
         ["--refine-radius", "Auto"],
         ["--refine-eps", "0"],
+        ["--refine-eps", "-1"],
         ["--refine-eps", "nan"],
         ["--refine-eps", "inf"],
         ["--refine-eps", "x"],
@@ -196,6 +197,8 @@ def test_bad_refinement_options_are_usage_errors(bad, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert bad[0] in err and "Traceback" not in err
+    if bad[0] == "--refine-eps" and bad[1] != "x":  # the bound it names is the one it applies
+        assert "must be a finite number greater than 0" in err
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])

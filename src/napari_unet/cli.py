@@ -259,8 +259,11 @@ def _refine_radius(text: str) -> int | str:
 
 
 def _positive_float(text: str) -> float:
-    value = _bounded_number(text, float, "a number", 0.0)
-    if not 0.0 < value < float("inf"):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < float("inf"):  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {value}")
     return value
 
