@@ -297,3 +297,16 @@ def test_a_huge_finite_pixel_leaves_every_output_finite(recipe):
     outputs = predict_image(_model(), metadata, hot, settings)
     assert np.isfinite(outputs.probabilities).all() and np.isfinite(outputs.uncertainty).all()
     np.testing.assert_allclose(outputs.probabilities.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_the_api_takes_a_bool_mask_a_nested_list_and_no_settings():
+    """From a script: a bool array is 0 and 1 (numpy refused to subtract it), a nested list is its array, and
+    ``settings=None`` means the defaults (it raised AttributeError)."""
+    model = _model()
+    image = np.zeros((40, 40), bool)
+    image[10:25, 12:30] = True
+    expected = predict_image(model, {}, image.astype(np.uint8), PredictionSettings())
+    for given in (image, image.astype(np.uint8).tolist()):
+        outputs = predict_image(model, {}, given, None)
+        np.testing.assert_array_equal(outputs.probabilities, expected.probabilities)
+        np.testing.assert_array_equal(outputs.labels, expected.labels)

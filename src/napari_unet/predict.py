@@ -175,7 +175,7 @@ def predict_image(
     model,
     metadata: dict,
     image,
-    settings: PredictionSettings = PredictionSettings(),
+    settings: PredictionSettings | None = None,
     *,
     out: OutputFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -184,9 +184,10 @@ def predict_image(
     """Segment one raw image with ``model`` and its model-file ``metadata`` (``normalization``, ``class_ids``).
 
     ``image`` is the image as read, not normalized: ``(*spatial)``, or ``(C, *spatial)`` channels first for a
-    multi-channel model; numpy or lazy (dask, ``io.open_image``'s view): it is read once for its percentiles and
-    then tile by tile, so no float32 copy of it is made. ``spatial`` has the model's dimensions, or one more for a
-    stack that a 2D model predicts slice by slice. ``out(role, shape, dtype)`` makes each output array (default:
+    multi-channel model (a bool array counts as 0 and 1, a nested list as its array); numpy or lazy (dask,
+    ``io.open_image``'s view): it is read once for its percentiles and then tile by tile, so no float32 copy of it
+    is made. ``spatial`` has the model's dimensions, or one more for a stack that a 2D model predicts slice by
+    slice. ``settings`` None: the defaults. ``out(role, shape, dtype)`` makes each output array (default:
     :func:`in_memory`), e.g. memory maps for images larger than memory. ``progress(done, total)`` counts tiles;
     ``should_stop()`` is polled between tile batches and raises ``tiling.PredictionStopped``. A device the machine
     lacks and an image that does not fit the model raise ``ValueError``. ``domain`` of the outputs compares the
@@ -196,6 +197,11 @@ def predict_image(
     from .tiling import predict_tiled
 
     out = in_memory if out is None else out
+    settings = PredictionSettings() if settings is None else settings
+    if not hasattr(image, "shape"):  # a nested list, say
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray) and image.dtype == bool:  # a mask as an image: 0 and 1
+        image = image.view(np.uint8)
     channel_axis = 0 if model.in_channels > 1 else None
     normalized = normalized_view(image, metadata.get("normalization"), channel_axis=channel_axis)
     spatial = tuple(normalized.shape[1:] if channel_axis == 0 else normalized.shape)
