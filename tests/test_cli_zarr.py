@@ -69,6 +69,24 @@ def test_refusals_are_one_line(files, capsys):
     assert _predict(files, files / "g", "--out-format", "tif", "--workers", "2") == 2
 
 
+def test_a_full_disk_under_the_stores_is_one_line(files, capsys, monkeypatch):
+    """A block write that finds the disk full: the image, the folder and the cause in one line (it was "unexpected
+    OSError" without a path), exit 2; the blocks written stay for the same command to resume."""
+    import errno
+    import os
+
+    import napari_unet.distributed_predict as distributed_predict
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(distributed_predict, "predict_volume", full)
+    assert _predict(files, files / "z", "--out-format", "zarr") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "img.tif: cannot write its outputs in" in err and str(files / "z") in err
+    assert "No space left on device" in err and "resumes" in err
+
+
 def test_napari_opens_the_stores_lazily(files, make_napari_viewer):
     import dask.array as da
 

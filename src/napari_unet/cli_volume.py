@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,13 @@ def run(args: argparse.Namespace, model_path: Path, jobs: list[tuple[Path, str]]
                 raise CLIError(str(e)) from None
             except ValueError as e:
                 raise CLIError(f"{path}: {e}") from None
+            except OSError as e:  # a full disk, a quota, a read-only file system: what and where, in one line
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+                    raise
+                raise CLIError(
+                    f"{path}: cannot write its outputs in {args.out}: {e.strerror} (blocks already written stay: "
+                    "the same command resumes)"
+                ) from None
             done = f", {result.skipped} were done before" if result.skipped else ""
             print(
                 f"{path} -> {result.labels}, {result.probabilities} ({result.predicted} blocks predicted{done}; "
