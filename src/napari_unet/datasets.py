@@ -33,9 +33,10 @@ import numpy as np
 IGNORE = 255
 """The mask value that means "void / not annotated": no class, weight zero in the loss and the scores."""
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+"""Image files a dataset folder may hold (case-insensitive)."""
 MASK_SUFFIXES = (".tif", ".tiff", ".png")
-"""Masks are lossless: JPEG's compression puts values between the classes (a 0/1 mask saved as JPEG holds 2s)."""
-"""Image and mask files a dataset folder may hold (case-insensitive)."""
+"""Mask files: lossless only, JPEG's compression puts values between the classes (a 0/1 mask saved as JPEG holds
+2s)."""
 VOC_IMAGES, VOC_MASKS, SPLITS = "JPEGImages", "SegmentationClass", Path("ImageSets", "Segmentation")
 IMAGE_FOLDERS, MASK_FOLDERS = ("images", VOC_IMAGES), ("masks", "labels", VOC_MASKS)
 
