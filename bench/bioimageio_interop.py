@@ -11,6 +11,7 @@ environment, e.g. ``python -m venv --system-site-packages ENV && ENV/bin/pip ins
 ``/work/shared/data`` (or ``--data``).
 
     ENV/bin/python bench/bioimageio_interop.py [--model MODEL] [--iterations 300] [--data DIR]
+        [--normalization percentile|robust|background]
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import quality
 
 from napari_unet.bioimageio_export import export_bioimageio
 from napari_unet.io import load_model
+from napari_unet.normalization import BACKGROUND_RECIPE, PERCENTILE_RECIPE, ROBUST_RECIPE
 from napari_unet.predict import PredictionSettings, predict_image
 
-ONE_PASS = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0)
-"""The network's own probabilities, what the package's weights compute: no flips, no edge refinement."""
+ONE_PASS = PredictionSettings(device="cpu", test_time_flips=False, refine_radius=0, precision="float32")
+"""The network's own probabilities, what the package's weights compute: no flips, no edge refinement, float32 (the
+package's TorchScript runs in float32; "auto" is bfloat16 on a CPU with native bfloat16)."""
+RECIPES = {"percentile": PERCENTILE_RECIPE, "robust": ROBUST_RECIPE, "background": BACKGROUND_RECIPE}
 
 
 def main(argv=None):
@@ -36,6 +40,12 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, help="a saved model (default: train one on the DSB strokes)")
     parser.add_argument("--iterations", type=int, default=300, help="training iterations without --model")
     parser.add_argument("--data", type=Path, default=quality.DEFAULT_DATA)
+    parser.add_argument(
+        "--normalization",
+        choices=sorted(RECIPES),
+        default="robust",
+        help="the recipe the model trains with, without --model (default robust, napari-unet's default)",
+    )
     args = parser.parse_args(argv)
     from bioimageio.core import Tensor, create_prediction_pipeline, load_model_description, predict, test_model
 
@@ -47,7 +57,13 @@ def main(argv=None):
 
         strokes = [simulate_strokes(truth, quality.PAINTED, seed=k) for k, (_, truth) in enumerate(train)]
         trainer = train_model(
-            [image for image, _ in train], strokes, iterations=args.iterations, time_budget=None, device="cpu", seed=0
+            [image for image, _ in train],
+            strokes,
+            iterations=args.iterations,
+            time_budget=None,
+            device="cpu",
+            seed=0,
+            normalization=RECIPES[args.normalization],
         )
         model, metadata = trainer.model, trainer.metadata
     else:

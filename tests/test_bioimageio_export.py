@@ -16,6 +16,7 @@ from napari_unet import UNet, normalize_image, predict_tiled
 from napari_unet.bioimageio_export import _scale_range, export_bioimageio, grid_shift
 from napari_unet.cli import main
 from napari_unet.io import save_model
+from napari_unet.normalization import NORMALIZED_LIMIT
 
 METADATA = {
     "class_ids": [1, 3],
@@ -160,9 +161,12 @@ def test_a_fixed_recipe_is_the_packages_linear_map_and_a_robust_one_says_what_it
     assert isinstance(description, ModelDescr), description.validation_summary.format()
     steps = {step.id: step for step in description.inputs[0].preprocessing}
     step = steps["scale_linear"]
-    assert "scale_range" not in steps
+    assert "scale_range" not in steps and list(steps)[-1] == "clip"
     np.testing.assert_allclose([step.kwargs.gain, step.kwargs.offset], [1 / 2800, -200 / 2800])
+    clip = steps["clip"].kwargs
+    assert [clip.min, clip.max] == [-1000, 1000] == [-NORMALIZED_LIMIT, NORMALIZED_LIMIT]  # the clip
     crop = image[:64, :64].astype(np.float32)[None, None]
+    crop[0, 0, 5, 5] = 1e12  # held at the bound by napari-unet and by the package alike
     np.testing.assert_allclose(_scale_range(crop, fixed)[0, 0], normalize_image(crop[0, 0], fixed), rtol=1e-5)
 
     robust = {"method": "robust", "low": 1.0, "high": 99.8, "speck_area": 100}

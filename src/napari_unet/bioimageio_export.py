@@ -34,6 +34,7 @@ import torch
 
 from .class_ids import class_colour
 from .model import UNet
+from .normalization import NORMALIZED_LIMIT
 from .predict import model_class_ids
 
 U_NET_CITATION = (
@@ -161,6 +162,8 @@ def export_bioimageio(
                 )
             )
         )
+    if len(preprocessing) > 1:  # scaled: held within the bound napari-unet holds normalized values in
+        preprocessing.append(spec.ClipDescr(kwargs=spec.ClipKwargs(min=-NORMALIZED_LIMIT, max=NORMALIZED_LIMIT)))
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -284,17 +287,19 @@ def _finite_sample(image: np.ndarray) -> np.ndarray:
 
 def _scale_range(tensor: np.ndarray, recipe: dict) -> np.ndarray:
     """The package's preprocessing in numpy: per sample and channel, percentiles over the spatial axes (a "fixed"
-    recipe: its linear map)."""
+    recipe: its linear map), then the clip at +/-``normalization.NORMALIZED_LIMIT``."""
     if recipe.get("method") == "fixed":
         gain, offset = _linear(recipe, tensor.shape[1])
         shape = (1, -1) + (1,) * (tensor.ndim - 2)
-        return (tensor * np.reshape(gain, shape) + np.reshape(offset, shape)).astype(np.float32)
-    if recipe.get("method", "percentile") not in PERCENTILE_METHODS:
+        scaled = tensor * np.reshape(gain, shape) + np.reshape(offset, shape)
+    elif recipe.get("method", "percentile") in PERCENTILE_METHODS:
+        axes = tuple(range(2, tensor.ndim))
+        low = np.percentile(tensor, recipe.get("low", 1.0), axis=axes, keepdims=True)
+        high = np.percentile(tensor, recipe.get("high", 99.8), axis=axes, keepdims=True)
+        scaled = (tensor - low) / (high - low + 1e-6)
+    else:
         return tensor
-    axes = tuple(range(2, tensor.ndim))
-    low = np.percentile(tensor, recipe.get("low", 1.0), axis=axes, keepdims=True)
-    high = np.percentile(tensor, recipe.get("high", 99.8), axis=axes, keepdims=True)
-    return ((tensor - low) / (high - low + 1e-6)).astype(np.float32)
+    return np.clip(scaled, -NORMALIZED_LIMIT, NORMALIZED_LIMIT).astype(np.float32)
 
 
 def _identifier(name: str, class_id: int) -> str:
