@@ -110,7 +110,8 @@ def test_sigterm_during_prediction_exits_143_and_leaves_no_scratch_files(tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     with open(tmp_path / "err", "w") as err:
         child = subprocess.Popen([*argv, "--tile", "8", "8", "--device", "cpu"], stderr=err, env=env)  # slow
-    _wait_until(lambda: out.is_dir() and any(p.suffix == ".npy" for p in out.iterdir()), child, "prediction")
+    scratch = lambda: [p for p in out.iterdir() if p.name.startswith(".im_probabilities.npy.")]  # noqa: E731
+    _wait_until(lambda: out.is_dir() and scratch(), child, "prediction")
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=120) == 143
     err = (tmp_path / "err").read_text()
