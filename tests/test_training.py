@@ -215,6 +215,30 @@ def test_update_labels_is_picked_up_without_restart():
     list(events)
 
 
+def test_every_stroke_erased_while_training_keeps_the_earlier_ones_and_the_run():
+    """The user erases all strokes mid-run (to repaint): the sampler had nothing left to draw from and the run
+    failed ("nothing is painted"), taking the model with it. The update is refused with its reason, the earlier
+    strokes stay, the run goes on; strokes painted again are taken."""
+    image, labels, _ = _halves()
+    trainer = Trainer(image, labels, _settings(iterations=12))
+    events = trainer.run()
+    next(events)
+    counts = trainer.sampler.class_counts(2).copy()
+    source = np.zeros_like(labels)
+    trainer.update_labels_later(0, source)
+    for _ in range(3):
+        next(events)
+    [(index, problem)] = trainer.label_problems
+    assert index == 0 and "no strokes are left" in problem
+    np.testing.assert_array_equal(trainer.sampler.class_counts(2), counts)
+    source[labels == 1] = 1  # painted again: one class only, but something to learn from
+    trainer.update_labels_later(0, source)
+    for _ in range(3):
+        next(events)
+    assert trainer.sampler.class_counts(2).tolist() == [(labels == 1).sum(), 0]
+    assert list(events)[-1].done and trainer.iteration == 12
+
+
 def test_update_labels_later_reads_the_source_on_the_training_thread_and_skips_bad_updates():
     image, labels, _ = _halves()
     trainer = Trainer(image, labels, _settings(iterations=9))

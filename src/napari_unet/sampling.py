@@ -82,6 +82,10 @@ class PatchSampler:
         self._painted[index] = painted
         self._table = None
 
+    def targets_of(self, index: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """The targets and weights of image ``index`` (what :meth:`set_targets` takes back)."""
+        return self._targets[index], self._weights[index]
+
     def image_piece(self, index: int, piece: int):
         """Piece ``piece`` of image ``index`` as the sampler reads it (normalized, channels first if any)."""
         return self._images[index][piece]

@@ -635,8 +635,14 @@ class Trainer:
                 except ValueError as e:
                     self.label_problems.append((index, str(e)))
                     continue
+            before = (*self.sampler.targets_of(index), self._held[index])
             targets, weights, self._held[index] = update
             self.sampler.set_targets(index, targets, weights)
+            if not self.sampler.class_counts(len(self.class_ids)).any():  # every stroke erased: nothing to learn from
+                targets, weights, self._held[index] = before
+                self.sampler.set_targets(index, targets, weights)
+                self.label_problems.append((index, "no strokes are left on any image: the earlier ones are kept"))
+                continue
             changed = True
         if changed:
             self._class_weights = self._compute_class_weights()
