@@ -17,6 +17,7 @@ pytest.importorskip("pytestqt")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
+from napari_unet import UNet
 from napari_unet._layers import output_role
 from napari_unet._workers import ImageDone, ImageStarted, Progress
 from napari_unet.widgets import UNetWidget
@@ -265,6 +266,22 @@ def test_stop_returns_to_idle_quickly_and_keeps_model(setup, qtbot):
     assert took < 2.0, f"Stop took {took:.2f} s"
     assert widget.model is not None
     assert widget.train_button.isEnabled()
+
+
+def test_a_run_stopped_before_its_first_step_keeps_the_current_model(setup, qtbot):
+    """Train a fresh network (fine-tuning off) and Stop at once: nothing was learned, so the model trained before
+    stays current (an untrained network replaced it, and Predict painted every pixel one class)."""
+    viewer, widget = setup
+    torch.manual_seed(0)
+    earlier = UNet(n_classes=2, depth=1, base_filters=4).eval()
+    widget.set_model(earlier, {"class_ids": [1, 2]}, "test")
+    widget.model_panel.finetune_check.setChecked(False)
+    start = len(notification_manager.records)
+    widget.train()
+    widget.stop()
+    wait_idle(qtbot, widget, timeout=30_000)
+    assert widget.model is earlier and widget.last_error is None
+    assert any("stopped before its first iteration; the current model is kept" in m for m in _messages(start))
 
 
 def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypatch):

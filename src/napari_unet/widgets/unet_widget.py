@@ -590,8 +590,12 @@ class UNetWidget(QWidget):
             self._run.follow_view(self._trainer.settings.ndim)
 
     def _on_trained(self, trainer) -> None:
-        self.set_model(trainer.model, trainer.metadata, "trained here")
         record = (trainer.metadata.get("training") or {}).get("history", [{}])[-1]
+        if record.get("iterations") == 0:  # stopped before its first step: a new network learned nothing
+            kept = "the current model is kept" if self.model is not None else "no model was made"
+            show_info(f"U-Net: training stopped before its first iteration; {kept}")
+            return
+        self.set_model(trainer.model, trainer.metadata, "trained here")
         if record.get("stop_reason") == "stopped":
             show_info(f"U-Net: training stopped after {trainer.iteration} iterations; the model is kept")
 
