@@ -268,6 +268,22 @@ def test_class_names_by_painted_id():
     assert trainer.class_names == ["background", "class 3"]
 
 
+def test_ids_and_names_a_model_file_cannot_hold_are_refused_before_training():
+    """A painted id above 2**32 - 1 or a class name over 1000 characters: training went through and Save wrote a
+    file that Load refused; now the trainer refuses them first, naming the limit."""
+    from napari_unet.model_file_checks import MAX_CLASS_ID, MAX_CLASS_NAME
+
+    image, labels, _ = _halves()  # ids 1 and 3
+    huge = labels.astype(np.int64)
+    huge[labels == 3] = MAX_CLASS_ID + 1
+    with pytest.raises(ValueError, match=f"painted id {MAX_CLASS_ID + 1} is above {MAX_CLASS_ID}"):
+        Trainer(image, huge, _settings(iterations=1))
+    with pytest.raises(ValueError, match=f"a class name of {MAX_CLASS_NAME + 1} characters: at most"):
+        Trainer(image, labels, _settings(iterations=1), class_names=["bg", "x" * (MAX_CLASS_NAME + 1)])
+    huge[labels == 3] = MAX_CLASS_ID  # the largest napari's uint32 labels hold: fine
+    assert Trainer(image, huge, _settings(iterations=1)).class_ids == [1, MAX_CLASS_ID]
+
+
 def test_non_contiguous_ids_round_trip(tmp_path):
     image, labels, truth = _halves()
     trainer = train(image, labels, _settings(iterations=60, learning_rate=1e-2), class_names=["bg", "cell"])

@@ -95,6 +95,7 @@ from .io import save_model
 from .losses import border_weight_map, class_weights, consistency_loss, masked_loss
 from .memory import OutOfMemoryRetry, check_fits, is_out_of_memory, training_bytes
 from .model import UNet
+from .model_file_checks import MAX_CLASS_ID, MAX_CLASS_NAME
 from .normalization import NormalizedView, dataset_recipe, image_params, is_lazy, normalize, slabs
 from .predict import predict_regions
 from .prefetch import Prefetcher
@@ -443,6 +444,11 @@ class Trainer:
         names = list(class_names) if class_names else [f"class {c}" for c in found]
         if len(names) != len(found):
             raise ValueError(f"got {len(names)} class names for {len(found)} painted classes")
+        if max(found) > MAX_CLASS_ID:  # what a model file may hold: a model Save writes, Load must read
+            raise ValueError(f"painted id {max(found)} is above {MAX_CLASS_ID}, the largest a model file holds")
+        long = next((n for n in names if len(str(n)) > MAX_CLASS_NAME), None)
+        if long is not None:
+            raise ValueError(f"a class name of {len(str(long))} characters: at most {MAX_CLASS_NAME}")
         self.class_names = names
         self._history = []
         self._earlier_profile = None
