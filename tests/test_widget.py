@@ -884,3 +884,19 @@ def test_training_the_same_strokes_again_gives_the_same_model(setup, qtbot):
         weights.append({k: v.clone() for k, v in widget.model.state_dict().items()})
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_class_ids_beyond_what_direct_colours_draw_get_a_colormap_napari_can_draw():
+    """Painted ids above 65,536 (uint32 labels): without numba (optional in napari) a direct colormap raised at every
+    draw of the preview and segmentation layers, and Predict showed no segmentation. Such ids get napari's default
+    colours; small ids keep their class colours and a transparent background class."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from napari_unet._layers import segmentation_colormap
+
+    values = np.array([0, 1, 70_000], np.uint32)
+    colours = segmentation_colormap([1, 70_000], ["background", "cell"]).map(values)
+    assert colours.shape == (3, 4) and np.isfinite(colours).all()
+    small = segmentation_colormap([1, 2], ["background", "nucleus"])
+    assert isinstance(small, DirectLabelColormap)
+    assert small.map(np.array([1], np.uint32))[0, 3] == 0 and small.map(np.array([2], np.uint32))[0, 3] == 1

@@ -18,17 +18,31 @@ META_KEY = "napari_unet"
 ROLES = ("probabilities", "segmentation", "uncertainty")
 
 
+DIRECT_COLORMAP_LIMIT = 2**16
+"""Largest label napari draws through a ``DirectLabelColormap`` without numba (optional in napari; beyond it every
+draw raises "Cannot use numpy implementation for large values of labels direct colormap")."""
+
+
 def class_colormap(class_ids, transparent=()):
     """A ``DirectLabelColormap`` giving class id k its colour (``class_ids.class_colour``).
 
-    Ids in ``transparent`` (and 0) are not drawn.
+    Ids in ``transparent`` (and 0) are not drawn. Ids beyond ``DIRECT_COLORMAP_LIMIT`` without numba: napari's
+    default colormap instead (every id its own colour, none transparent), as direct colours could not be drawn.
     """
-    from napari.utils.colormaps import DirectLabelColormap
+    from napari.utils.colormaps import DirectLabelColormap, label_colormap
 
+    if max((abs(int(k)) for k in class_ids), default=0) > DIRECT_COLORMAP_LIMIT and not _has_numba():
+        return label_colormap()
     colours = {None: "transparent", 0: "transparent"}
     colours.update({int(k): class_colour(k) for k in class_ids if int(k) > 0})
     colours.update({int(k): "transparent" for k in transparent})
     return DirectLabelColormap(color_dict=colours)
+
+
+def _has_numba() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
 
 
 def segmentation_colormap(class_ids, class_names=()):
