@@ -638,6 +638,25 @@ def test_renaming_the_image_while_training_takes_its_previews_along(setup, qtbot
     assert widget.model is not None and widget.last_error is None
 
 
+def test_new_image_data_of_another_shape_while_training_ends_the_previews_with_a_warning(setup, qtbot):
+    """``layer.data = other`` of another shape mid-run: every preview raised a broadcast error in a Qt slot (and the
+    preview layers were remade at the new shape). Now one warning, no more previews, the run goes on to its end."""
+    viewer, widget = setup
+    widget.training.basic["time_budget"].value = 600
+    widget.preview_interval = 0.2
+    count = len(notification_manager.records)
+    widget.train()
+    qtbot.waitUntil(lambda: widget.previews_shown >= 1, timeout=30_000)
+    shown = widget.previews_shown
+    viewer.layers["cells"].data = np.zeros((120, 130), np.float32)
+    qtbot.wait(1500)  # several preview intervals
+    widget.stop()
+    wait_idle(qtbot, widget)
+    assert widget.previews_shown == shown and widget.model is not None and widget.last_error is None
+    warned = [m for m in _messages(count) if "'cells' changed shape during training ((96, 96) -> (120, 130))" in m]
+    assert len(warned) == 1 and viewer.layers["cells segmentation"].data.shape == (96, 96)
+
+
 @pytest.mark.parametrize("removed", ["cells", "cells labels"])
 def test_removing_the_image_or_labels_while_training_keeps_training_and_says_so(setup, qtbot, removed):
     viewer, widget = setup

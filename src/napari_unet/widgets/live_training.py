@@ -23,6 +23,7 @@ class LiveTraining(QObject):
     def __init__(self, viewer, image, labels: list, *, previews: bool, parent=None):
         super().__init__(parent)
         self.viewer, self.image, self.labels, self.previews = viewer, image, list(labels), previews
+        self._shape = spatial_shape(image)  # what the trainer reads: previews are regions of it
         self.view = ViewRegion()
         self.trainer = None
         """The running trainer, once the worker has built it."""
@@ -86,10 +87,26 @@ class LiveTraining(QObject):
         name = self.labels[message.index].name if message.index < len(self.labels) else f"labels {message.index}"
         show_warning(f"U-Net: new strokes in '{name}' not used: {message.reason}")
 
-    def show_preview(self, message: Preview) -> None:
-        """Write a preview region into the output layers of the training image (if it is still there)."""
-        result = message.result
+    def _image_unchanged(self) -> bool:
+        """Whether the training image is still in the viewer with the shape training started on. New data of
+        another shape (``layer.data = ...``) ends the previews with a warning, once: the run goes on with the image
+        it read, whose regions no longer fit the layer."""
         if self.image not in self.viewer.layers:
+            return False
+        if spatial_shape(self.image) == self._shape:
+            return True
+        if self.previews:
+            self.previews = False
+            show_warning(
+                f"U-Net: '{self.image.name}' changed shape during training ({self._shape} -> "
+                f"{spatial_shape(self.image)}): no more previews; training goes on with the image it started with"
+            )
+        return False
+
+    def show_preview(self, message: Preview) -> None:
+        """Write a preview region into the output layers of the training image (if it is still there, as it was)."""
+        result = message.result
+        if not self._image_unchanged():
             return
         shape = spatial_shape(self.image)
         probabilities = output_layer(
@@ -131,7 +148,7 @@ class LiveTraining(QObject):
     def follow_view(self, model_ndim: int) -> None:
         """Record the part of the training image in view (current slice, visible field) for previews."""
         layer, viewer = self.image, self.viewer
-        if layer not in viewer.layers:
+        if not self._image_unchanged():
             return
         shape = spatial_shape(layer)
         point = np.asarray(layer.world_to_data(viewer.dims.point))
