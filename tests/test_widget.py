@@ -284,6 +284,20 @@ def test_a_run_stopped_before_its_first_step_keeps_the_current_model(setup, qtbo
     assert any("stopped before its first iteration; the current model is kept" in m for m in _messages(start))
 
 
+def test_a_button_that_cannot_start_replaces_an_earlier_failure_on_the_status_line(setup):
+    """A refusal (no model, a setting out of range) said so in a notification only: the status line and
+    ``last_error`` kept the previous run's failure, which then read as the reason for this one."""
+    viewer, widget = setup
+    widget.last_error = "U-Net training failed: an earlier problem"
+    widget.status_label.setText(widget.last_error)
+    widget.predict()  # no model yet
+    assert widget.last_error == "U-Net: there is no model yet: Train or load one first"
+    assert widget.status_label.text() == widget.last_error and not widget.busy
+    widget.status_label.setText("Idle")
+    widget.segment_all()
+    assert widget.status_label.text() == widget.last_error == "U-Net: there is no model yet: Train or load one first"
+
+
 def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypatch):
     viewer, widget = setup
     widget.training.basic["time_budget"].value = 600

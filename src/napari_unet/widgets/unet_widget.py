@@ -259,7 +259,7 @@ class UNetWidget(QWidget):
             else self.fit_problem(image)
         )
         if problem:
-            show_error(f"U-Net: {problem}")
+            self._refuse(problem)
             return
         self.last_error = None
         name = Path(path).stem
@@ -380,6 +380,13 @@ class UNetWidget(QWidget):
             self.shutdown()
         return super().eventFilter(watched, event)
 
+    def _refuse(self, message: str) -> None:
+        """A button that cannot start (no model, a bad setting, an image that does not fit): the message as a
+        notification, on the status line and as ``last_error``, so an earlier failure's text does not stay there."""
+        self.last_error = f"U-Net: {message}"
+        show_error(self.last_error)
+        self.status_label.setText(self.last_error)
+
     def _on_error(self, exc: Exception) -> None:
         what = {"train": "training", "predict": "prediction", "export": "export"}.get(self._task, "work")
         self.last_error = f"U-Net {what} failed: {exc}"
@@ -442,13 +449,13 @@ class UNetWidget(QWidget):
         finetune = self.model_panel.finetune_check.isChecked() and self.model is not None
         problem = self.data.training_problem(image, labels, self.model.config if finetune else None)
         if problem:
-            show_error(f"U-Net: {problem}")
+            self._refuse(problem)
             return
         image = self.data.input_layers(image)[0]  # a channel group's previews and results go with its first layer
         try:
             settings = self.training.settings(self.device_combo.currentText())
         except ValueError as e:
-            show_error(f"U-Net: {e}")
+            self._refuse(str(e))
             return
         pairs = self.data.training_pairs(image, labels)
         self.last_error = None
@@ -500,7 +507,7 @@ class UNetWidget(QWidget):
         try:
             settings = self.training.settings(self.device_combo.currentText())
         except ValueError as e:
-            show_error(f"U-Net: {e}")
+            self._refuse(str(e))
             return
         self.last_error = None
         self._run = None
@@ -605,14 +612,14 @@ class UNetWidget(QWidget):
         """Segment the chosen image (button "Predict")."""
         image = self.data.image_layer
         if image is None:
-            show_error("U-Net: choose an image layer to predict")
+            self._refuse("choose an image layer to predict")
             return
         self._predict([image])
 
     def segment_all(self) -> None:
         """Segment every open image layer that fits the model (button "Segment all")."""
         if self.model is None:
-            show_error("U-Net: there is no model yet: Train or load one first")
+            self._refuse("there is no model yet: Train or load one first")
             return
         fitting = [
             la
@@ -620,7 +627,7 @@ class UNetWidget(QWidget):
             if self.data.input_layers(la)[0] is la and self.fit_problem(la) is None
         ]
         if not fitting:
-            show_error("U-Net: no open image fits the model")
+            self._refuse("no open image fits the model")
             return
         self._predict(fitting)
 
@@ -634,17 +641,17 @@ class UNetWidget(QWidget):
         if self.busy:
             return
         if self.model is None:
-            show_error("U-Net: there is no model yet: Train or load one first")
+            self._refuse("there is no model yet: Train or load one first")
             return
         for layer in layers:
             problem = self.fit_problem(layer)
             if problem:
-                show_error(f"U-Net: {problem}")
+                self._refuse(problem)
                 return
         try:
             settings = self.prediction.settings(self.device_combo.currentText())
         except ValueError as e:
-            show_error(f"U-Net: {e}")
+            self._refuse(str(e))
             return
         self.last_error = None
         sources = list({id(la): la for la in (self.data.input_layers(layer)[0] for layer in layers)}.values())
