@@ -298,6 +298,24 @@ def test_a_button_that_cannot_start_replaces_an_earlier_failure_on_the_status_li
     assert widget.status_label.text() == widget.last_error == "U-Net: there is no model yet: Train or load one first"
 
 
+def test_a_prediction_napari_cannot_show_is_an_error_not_a_silent_stall(setup, qtbot, monkeypatch):
+    """An exception while the outputs become layers (napari refusing a colormap, say) left the status line on
+    "Predicting ..." with no message; now it names the image and the cause, and the widget is idle again."""
+    import napari_unet.widgets.unet_widget as unet_widget
+
+    viewer, widget = setup
+    widget.set_model(UNet(n_classes=2, depth=1, base_filters=4).eval(), {"class_ids": [1, 2]}, "test")
+
+    def refusing(*args, **kwargs):
+        raise RuntimeError("cannot draw these labels")
+
+    monkeypatch.setattr(unet_widget, "output_layer", refusing)
+    widget.predict()
+    wait_idle(qtbot, widget)
+    assert widget.last_error == "U-Net: cannot show the prediction of cells: RuntimeError: cannot draw these labels"
+    assert widget.status_label.text() == widget.last_error and widget.predict_button.isEnabled()
+
+
 def test_strokes_painted_while_training_reach_the_trainer(setup, qtbot, monkeypatch):
     viewer, widget = setup
     widget.training.basic["time_budget"].value = 600

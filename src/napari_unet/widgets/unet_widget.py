@@ -690,7 +690,12 @@ class UNetWidget(QWidget):
                 self.last_error = f"U-Net prediction of {name} failed: {reason}"
                 show_warning(self.last_error)
             case ImageDone(result=result):
-                self._show_prediction(result)
+                try:
+                    self._show_prediction(result)
+                except Exception as e:  # napari cannot show it: say so (in a Qt slot it would abort or vanish)
+                    self.last_error = f"U-Net: cannot show the prediction of {result.name}: {type(e).__name__}: {e}"
+                    show_error(self.last_error)
+                    self.status_label.setText(self.last_error)
 
     def _prediction_source_removed(self, source) -> None:
         """``source`` left the viewer during the prediction: the outputs this run already showed for it go too, as
