@@ -389,6 +389,21 @@ def test_atomic_write_keeps_the_umask_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_device_or_pipe_at_the_path_is_never_replaced(tmp_path, make_model):
+    """``os.replace`` renames over whatever is at the path: as root, Save to ``/dev/full`` replaced the device node
+    with a file. A path that is not a regular file is refused before anything is written, and stays."""
+    import stat
+
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)
+    with pytest.raises(FileExistsError, match="is not a regular file"):
+        save_model(make_model(), pipe)
+    with pytest.raises(FileExistsError, match="is not a regular file"):
+        write_tiff(pipe, np.zeros((4, 4), np.uint8))
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.safetensors"]
+
+
 def test_stale_temporaries_of_dead_processes_are_removed_on_the_next_save(tmp_path, make_model):
     """What processes killed mid-write left (their temporary files, named with their host and process id) is
     removed by the next write into the folder; a live process's, another host's, a link and a name of another form

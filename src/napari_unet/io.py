@@ -33,6 +33,7 @@ TIFF images
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ import threading
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 
@@ -74,10 +75,17 @@ def atomic_write(path, write) -> Path:
     exclusively (never through a symbolic link someone planted) before ``write`` fills it; its name holds this
     host and process, so the first write of a process into a folder removes the temporary files that killed
     processes of this host left there (:func:`remove_stale_temporaries`; once per folder, so writing thousands of
-    outputs into one folder lists it once).
+    outputs into one folder lists it once). A device or pipe at ``path`` is never replaced by a file
+    (``FileExistsError``; run as root, a save to ``/dev/full`` replaced the device node).
     """
-    tmp = temporary_file(path)
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there yet (or unreadable: the write says why)
+        mode = None
+    if mode is not None and not S_ISREG(mode) and not S_ISDIR(mode):  # a folder: os.replace refuses it itself
+        raise FileExistsError(errno.EEXIST, f"{path} is not a regular file (a device or a pipe): not replaced")
+    tmp = temporary_file(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
