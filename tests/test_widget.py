@@ -650,13 +650,19 @@ def _messages(start: int, severity=None) -> list[str]:
     return [n.message for n in notification_manager.records[start:] if severity is None or n.severity == severity]
 
 
-def test_renaming_the_image_while_training_takes_its_previews_along(setup, qtbot):
-    viewer, widget = setup
+def _training_with_a_preview(widget, qtbot) -> int:
+    """Start a long training with frequent previews and wait for the first; the notification count before it."""
     widget.training.basic["time_budget"].value = 600
     widget.preview_interval = 0.2
     count = len(notification_manager.records)
     widget.train()
     qtbot.waitUntil(lambda: widget.previews_shown >= 1, timeout=30_000)
+    return count
+
+
+def test_renaming_the_image_while_training_takes_its_previews_along(setup, qtbot):
+    viewer, widget = setup
+    count = _training_with_a_preview(widget, qtbot)
     viewer.layers["cells"].name = "renamed"
     shown = widget.previews_shown
     qtbot.waitUntil(lambda: widget.previews_shown > shown + 1, timeout=30_000)
@@ -674,11 +680,7 @@ def test_new_image_data_of_another_shape_while_training_ends_the_previews_with_a
     """``layer.data = other`` of another shape mid-run: every preview raised a broadcast error in a Qt slot (and the
     preview layers were remade at the new shape). Now one warning, no more previews, the run goes on to its end."""
     viewer, widget = setup
-    widget.training.basic["time_budget"].value = 600
-    widget.preview_interval = 0.2
-    count = len(notification_manager.records)
-    widget.train()
-    qtbot.waitUntil(lambda: widget.previews_shown >= 1, timeout=30_000)
+    count = _training_with_a_preview(widget, qtbot)
     shown = widget.previews_shown
     viewer.layers["cells"].data = np.zeros((120, 130), np.float32)
     qtbot.wait(1500)  # several preview intervals
