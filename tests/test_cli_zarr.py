@@ -40,6 +40,27 @@ def test_zarr_outputs_equal_tiff_outputs(files, capsys):
     assert "0 blocks predicted, 9 were done before" in capsys.readouterr().out  # the same command again
 
 
+def test_an_input_written_again_or_another_zarr_version_is_predicted_anew(files, capsys):
+    """The same command after the image was overwritten in place (same path, same shape) said "0 blocks predicted"
+    and kept the old result; so did another --zarr-version. Both are another run now: predicted anew."""
+    from scipy import ndimage
+
+    run = ("--block", "32", "--out-format", "zarr")
+    assert _predict(files, files / "z", *run) == 0
+    assert _predict(files, files / "z", *run) == 0
+    assert "0 blocks predicted, 9 were done before" in capsys.readouterr().out
+    other = (ndimage.gaussian_filter(np.random.default_rng(7).random((75, 90)), 2) * 4000).astype(np.uint16)
+    write_tiff(files / "img.tif", other, scale=(0.5, 0.25), unit="um")
+    assert _predict(files, files / "z", *run) == 0
+    assert "9 blocks predicted" in capsys.readouterr().out
+    assert _predict(files, files / "fresh", *run) == 0  # the edited image into new stores: what "z" must hold
+    for role in ("probabilities", "labels"):
+        got, _ = read_image(files / "z" / f"img_{role}.zarr")
+        np.testing.assert_array_equal(got, read_image(files / "fresh" / f"img_{role}.zarr")[0])
+    assert _predict(files, files / "z", *run, "--zarr-version", "0.5") == 0
+    assert "9 blocks predicted" in capsys.readouterr().out
+
+
 def test_workers_equal_in_process(files, capsys):
     assert _predict(files, files / "here.zarr", "--block", "32", "40") == 0  # --out ending in .zarr: zarr
     assert _predict(files, files / "cluster", "--block", "32", "40", "--workers", "2") == 0

@@ -272,11 +272,14 @@ def predict_volume(
     run = _jsonable(
         {
             "image": str(Path(source.path).resolve()),
+            "image_state": source_state(source.path),
             "shape": list(image.shape),
             "model_sha256": digest,
             "settings": {k: v for k, v in asdict(prediction_settings).items() if k != "device"},
             "block": list(plan.block),
             "probabilities_dtype": probabilities_dtype,
+            "pyramid": pyramid,
+            "version": version,
         }
     )
     probabilities_path, labels_path = (Path(p) for p in outputs)
@@ -398,6 +401,23 @@ def _jsonable(value):
     import json
 
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else list(v)))
+
+
+def source_state(path) -> list[int]:
+    """What changes when an input is written again: a file's size and modification time; a store's (a folder)
+    file count, total size and newest modification time over its files. Part of a run's identity, so an image
+    edited in place (same path, same shape) is predicted anew instead of resumed from the old blocks."""
+    path = Path(path)
+    if not path.is_dir():
+        info = path.stat()
+        return [info.st_size, info.st_mtime_ns]
+    count = size = newest = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file gone meanwhile: the next run sees the store as it is then
+                info = os.stat(os.path.join(folder, name))
+                count, size, newest = count + 1, size + info.st_size, max(newest, info.st_mtime_ns)
+    return [count, size, newest]
 
 
 def _resumable(probabilities: Path, labels: Path, run: dict, overwrite: bool) -> BlockSettings | None:
