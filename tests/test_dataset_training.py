@@ -4,6 +4,7 @@ semantics (0 a class, 255 void) and predictions with the dataset's values."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -100,6 +101,13 @@ def test_resume_goes_on_from_the_checkpoint(tmp_path):
     assert events[0].iteration == first.epoch_iterations + 1  # counts on from the checkpoint
     assert events[-1].reason == "epochs" and events[-1].iteration == 3 * first.epoch_iterations
     assert [s["epoch"] for s in resumed.scores] == [1, 2, 3]
+    # images added since the checkpoint: the seeded split would validate on images it trained on, so refused
+    for i in (4, 5):
+        for folder in ("images", "masks"):
+            shutil.copy(tmp_path / folder / "cell0.png", tmp_path / folder / f"cell{i}.png")
+    grown = open_dataset(tmp_path, val_fraction=0.25)
+    with pytest.raises(ValueError, match=r"the dataset.s images changed since the checkpoint .*train anew"):
+        DatasetTrainer(grown, TrainingSettings(**TINY), epochs=3, init=(model, meta), resume=state)
     # an initial model whose classes are not the dataset's values is refused
     with pytest.raises(ValueError, match="train a new model"):
         DatasetTrainer(dataset, TrainingSettings(**TINY), init=(model, {**meta, "class_ids": [1, 2]}))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -155,6 +157,13 @@ class DatasetTrainer(Trainer):
         )
         self._init_run_state()
         state = resume or {}
+        if "split" in state and state["split"] != self.split:
+            raise ValueError(
+                f"the dataset's images changed since the checkpoint ({state.get('train_images')} training and "
+                f"{state.get('val_images')} validation images then, {len(dataset.train)} and {len(dataset.val)} now, "
+                "or other ones): a resumed run would validate on other images, some trained on; train anew, without "
+                "--resume"
+            )
         self._first_iteration = self.iteration = int(state.get("iteration", 0))
         self.scores: list[dict] = list(state.get("epochs", []))
         """Every epoch's validation scores (``EpochScores`` as dicts), resumed ones included."""
@@ -265,6 +274,12 @@ class DatasetTrainer(Trainer):
         return self.best_mean_iou if math.isfinite(self.best_mean_iou) else None
 
     @property
+    def split(self) -> str:
+        """A digest of the training and validation images' names: a resumed run must see the same split."""
+        names = [sorted(s.name for s in part) for part in (self.dataset.train, self.dataset.val)]
+        return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+
+    @property
     def metadata(self) -> dict:
         """The model file's metadata (with ``dense_labels``: its ``class_ids`` are mask values, 0 is a class), and
         ``dataset_training``: the dataset, the epochs scored, the best one and
@@ -275,6 +290,7 @@ class DatasetTrainer(Trainer):
                 "dataset": str(self.dataset.root),
                 "train_images": len(self.dataset.train),
                 "val_images": len(self.dataset.val),
+                "split": self.split,
                 "epoch_iterations": self.epoch_iterations,
                 "iteration": self.iteration,
                 "epochs": copy.deepcopy(self.scores),
