@@ -151,6 +151,11 @@ def _broken(tmp_path, what: str):
         (images / "cell1.png").write_bytes(b"not a png")
     elif what == "no_folders":
         images.rename(tmp_path / "pictures")
+    elif what == "void_validation":
+        (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("cell0\ncell1\n")
+        (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("cell2\n")
+        Image.fromarray(np.full((64, 64), 255, np.uint8)).save(masks / "cell2.png")
     elif what == "jpeg_mask":
         (masks / "cell0.png").rename(masks / "cell0.jpg")
     elif what == "listed_nowhere":
@@ -171,6 +176,7 @@ def _broken(tmp_path, what: str):
         ("no_folders", "is not a dataset"),
         ("jpeg_mask", "cell0.jpg is a JPEG: its lossy compression puts values between the classes"),
         ("listed_nowhere", "cell9, listed in"),
+        ("void_validation", "the validation images (cell2) hold no labelled pixel (all 255, void)"),
     ],
 )
 def test_every_problem_is_one_line(tmp_path, what, message):

@@ -147,6 +147,11 @@ def open_dataset(root, *, val_fraction: float = 0.1, seed: int | None = 0, spati
         raise DatasetError(f"{root}: no training images are left after the validation split")
     names = _read_class_names(root / "classes.txt")
     counts, values = _mask_counts(train + val, names)
+    if val and not counts[len(train) :].any():
+        raise DatasetError(
+            f"{root}: the validation images ({', '.join(s.name for s in val[:3])}{', ...' if len(val) > 3 else ''}) "
+            f"hold no labelled pixel (all {IGNORE}, void): no epoch could be scored"
+        )
     class_values = list(range(len(names))) if names else values
     if len(class_values) < 2:
         raise DatasetError(f"{root}: the masks hold one class only (value {class_values}); a segmentation needs two")
