@@ -177,6 +177,22 @@ def test_scheduler_unreachable_is_one_line_within_the_timeout():
     assert time.monotonic() - started < 30
 
 
+def test_a_scheduler_without_workers_is_one_line_within_the_timeout():
+    """A scheduler that no worker has joined took the blocks and the command waited forever."""
+    import time
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None, silence_logs=50) as empty:
+        started, address = time.monotonic(), empty.scheduler_address
+        with (
+            pytest.raises(SchedulerUnreachable, match=f"the Dask scheduler at {address} has no workers"),
+            dask_client(address, timeout=2),
+        ):
+            pass
+        assert time.monotonic() - started < 30
+
+
 @pytest.mark.parametrize(
     ("ndim", "shape", "block", "flips", "radius"),
     [(2, (70, 93), (32, 40), True, "auto"), (3, (21, 30, 27), (12, 16, 16), False, 1)],

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import tempfile
 import warnings
@@ -503,6 +504,13 @@ def dask_client(
                 f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({type(e).__name__})"
             ) from None
         with client:
+            try:  # a scheduler without workers would take the blocks and never run them
+                client.wait_for_workers(1, timeout=timeout)
+            except (OSError, TimeoutError):
+                raise SchedulerUnreachable(
+                    f"the Dask scheduler at {scheduler} has no workers (none joined within {timeout:g} s): start "
+                    "some (dask worker ADDRESS), or use --workers N"
+                ) from None
             log(
                 f"Dask scheduler {scheduler}, {len(client.scheduler_info()['workers'])} worker(s); {_dashboard(client)}"
             )
@@ -516,7 +524,7 @@ def dask_client(
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
-            silence_logs=40,
+            silence_logs=logging.CRITICAL,  # a failing block is reported once, by the command; not by each worker
         )
     with cluster, Client(cluster) as client:
         log(f"Dask LocalCluster: {workers} worker process(es), {threads} torch thread(s) each; {_dashboard(client)}")
