@@ -14,7 +14,7 @@ from napari_unet.distributed_predict import (
     dask_client,
     predict_volume,
 )
-from napari_unet.io import open_image, read_image, save_model, write_tiff
+from napari_unet.io import ImageFileError, open_image, read_image, save_model, write_tiff
 from napari_unet.predict import PredictionSettings, predict_image
 
 METADATA = {"class_ids": [1, 2, 5], "normalization": {"method": "percentile", "low": 1.0, "high": 99.8}}
@@ -175,6 +175,33 @@ def test_scheduler_unreachable_is_one_line_within_the_timeout():
     ):
         pass
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(axes=["y", "x"]), "metadata is malformed"),  # axes as strings, not objects
+        (lambda m: m.update(datasets=["0"]), "metadata is malformed"),
+        (lambda m: m["datasets"][0].update(coordinateTransformations=[{"type": "scale", "scale": [1.0]}]), "scale"),
+        (
+            lambda m: m["datasets"][0].update(coordinateTransformations=[{"type": "scale", "scale": [0.0, 1.0]}]),
+            "scale",
+        ),
+    ],
+)
+def test_malformed_ome_zarr_metadata_is_one_image_file_error(tmp_path, edit, message):
+    """Metadata another tool wrote wrongly: "unexpected AttributeError/TypeError/IndexError" before, or a scale of 0
+    copied into the outputs; now an ``ImageFileError`` naming the store (the CLI's one line)."""
+    import zarr
+
+    path = _ome_zarr(tmp_path / "in.zarr", _image((30, 30)), "yx", (1.0, 1.0))
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    multiscales = attrs["multiscales"][0]
+    edit(multiscales)
+    group.attrs.update(attrs)
+    with pytest.raises(ImageFileError, match=f"{path}: .*{message}"), open_image(path):
+        pass
 
 
 def test_a_scheduler_without_workers_is_one_line_within_the_timeout():

@@ -85,13 +85,24 @@ def open_ome_zarr(path, axes=None) -> tuple:
     """``(lazy array, info)`` of level 0 of the OME-Zarr image at ``path`` (module docstring); ``axes``
     (``io.parse_axes``) overrides the metadata's. :class:`~napari_unet.io.ImageFileError` for a store that is not a
     readable OME-Zarr image, an empty image, or axes napari-unet cannot use (more than one stack or channel axis)."""
-    import dask.array as da
-    import zarr
 
     path = Path(path)
     if not path.exists():
         raise ImageFileError(f"image not found: {path}")
     group = _open_group(path)
+    try:
+        return _level_zero(group, path, axes)
+    except ImageFileError:
+        raise
+    except (AttributeError, TypeError, IndexError, KeyError, ValueError) as e:  # axes as strings, a short scale...
+        raise ImageFileError(f"{path}: its OME-Zarr metadata is malformed ({type(e).__name__}: {e})") from None
+
+
+def _level_zero(group, path: Path, axes) -> tuple:
+    """:func:`open_ome_zarr` once the group is open (its metadata as NGFF describes it, or some exception)."""
+    import dask.array as da
+    import zarr
+
     image = _multiscales(dict(group.attrs), path)
     level = image["datasets"][0]
     try:
@@ -106,6 +117,8 @@ def open_ome_zarr(path, axes=None) -> tuple:
     overall = _scale(image.get("coordinateTransformations"))
     if overall is not None and len(overall) == len(scale):
         scale = [s * o for s, o in zip(scale, overall)]
+    if len(scale) != array.ndim or not all(float(s) > 0 for s in scale):
+        raise ImageFileError(f"{path}: its scale {scale} is not one positive number per axis ({array.ndim})")
     letters = [_letter(axis) for axis in image["axes"]]
     keep = [i for i, n in enumerate(array.shape) if n > 1 or letters[i] in "YX"]
     squeeze = tuple(slice(None) if i in keep else 0 for i in range(array.ndim))
