@@ -108,6 +108,22 @@ def test_a_full_disk_under_the_stores_is_one_line(files, capsys, monkeypatch):
     assert "No space left on device" in err and "resumes" in err
 
 
+def test_a_lost_cluster_is_one_line_that_says_the_command_resumes(files, capsys, monkeypatch):
+    """The scheduler went away mid-run: "unexpected FutureCancelledError" (exit 1) before; now one line, exit 2."""
+    from distributed.client import FutureCancelledError
+
+    import napari_unet.distributed_predict as distributed_predict
+
+    def lost(*args, **kwargs):
+        raise FutureCancelledError("block-3", "scheduler-connection-lost")
+
+    monkeypatch.setattr(distributed_predict, "predict_volume", lost)
+    assert _predict(files, files / "z", "--out-format", "zarr") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "img.tif: the Dask cluster failed (FutureCancelledError" in err
+    assert err.endswith("the same command resumes")
+
+
 def test_napari_opens_the_stores_lazily(files, make_napari_viewer):
     import dask.array as da
 

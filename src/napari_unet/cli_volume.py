@@ -155,6 +155,13 @@ def run(args: argparse.Namespace, model_path: Path, jobs: list[tuple[Path, str]]
                     f"{path}: cannot write its outputs in {args.out}: {e.strerror} (blocks already written stay: "
                     "the same command resumes)"
                 ) from None
+            except Exception as e:  # the cluster itself failed (scheduler lost, workers gone): what, and what to do
+                if not type(e).__module__.startswith("distributed"):
+                    raise
+                raise CLIError(
+                    f"{path}: the Dask cluster failed ({type(e).__name__}: {e}); blocks already written stay: the "
+                    "same command resumes"
+                ) from None
             done = f", {result.skipped} were done before" if result.skipped else ""
             print(
                 f"{path} -> {result.labels}, {result.probabilities} ({result.predicted} blocks predicted{done}; "
