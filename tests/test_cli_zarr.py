@@ -124,6 +124,20 @@ def test_a_lost_cluster_is_one_line_that_says_the_command_resumes(files, capsys,
     assert err.endswith("the same command resumes")
 
 
+def test_zarr_options_with_tiff_outputs_are_refused_not_ignored(files, capsys):
+    """--block, --pyramid, --zarr-version or --probabilities-dtype with TIFF outputs were ignored without a word
+    (and --pyramid -1 everywhere): a one-line error that says how to get OME-Zarr outputs, nothing written."""
+    assert _predict(files, files / "t", "--block", "32", "--pyramid") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--block, --pyramid: for OME-Zarr outputs" in err
+    assert "--out-format zarr" in err
+    assert _predict(files, files / "t", "--out-format", "tif", "--zarr-version", "0.5") == 2
+    assert "--zarr-version: for OME-Zarr outputs" in capsys.readouterr().err
+    assert _predict(files, files / "z", "--out-format", "zarr", "--pyramid", "-1") == 2
+    assert "--pyramid must be at least 0 levels, got -1" in capsys.readouterr().err
+    assert not (files / "t").exists() and not (files / "z").exists()
+
+
 def test_napari_opens_the_stores_lazily(files, make_napari_viewer):
     import dask.array as da
 

@@ -82,9 +82,32 @@ def wanted(args: argparse.Namespace, images: list[Path]) -> bool:
         from .cli import CLIError
 
         raise CLIError("--scheduler and --workers write OME-Zarr outputs: leave out --out-format tif")
+    if args.pyramid < 0:
+        from .cli import CLIError
+
+        raise CLIError(f"--pyramid must be at least 0 levels, got {args.pyramid}")
     if args.out_format != "auto":
-        return args.out_format == "zarr"
-    return distributed or str(args.out).lower().rstrip("/").endswith(".zarr") or any(map(is_zarr_path, images))
+        zarr = args.out_format == "zarr"
+    else:
+        zarr = distributed or str(args.out).lower().rstrip("/").endswith(".zarr") or any(map(is_zarr_path, images))
+    given = [
+        option
+        for option, used in (
+            ("--block", args.block is not None),
+            ("--probabilities-dtype", args.probabilities_dtype != "float32"),
+            ("--pyramid", args.pyramid != 0),
+            ("--zarr-version", args.zarr_version != "0.4"),
+        )
+        if used
+    ]
+    if given and not zarr:
+        from .cli import CLIError
+
+        raise CLIError(
+            f"{', '.join(given)}: for OME-Zarr outputs, and these are TIFFs: add --out-format zarr (or an --out "
+            "ending in .zarr)"
+        )
+    return zarr
 
 
 def output_store(out: Path, stem: str, role: str) -> Path:
