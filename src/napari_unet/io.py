@@ -616,16 +616,26 @@ def write_tiff(path, array, *, scale=None, axes=None, compression="zlib", unit="
 def read_tiff_record(path) -> dict | None:
     """The ``record`` that :func:`write_tiff` stored in a TIFF file, or None (none stored, or not readable)."""
     with _open_series(path) as (tif, _):
-        if tif.is_imagej:
-            info = (tif.imagej_metadata or {}).get("Info")
-            with suppress(TypeError, ValueError):
-                stored = json.loads(info).get(METADATA_KEY) if isinstance(info, str) else None
-                return stored if isinstance(stored, dict) else None
-            return None
-        if tif.is_shaped and tif.shaped_metadata:
-            stored = tif.shaped_metadata[0].get(METADATA_KEY)
+        return _stored_record(tif)
+
+
+def _stored_record(tif) -> dict | None:
+    """:func:`read_tiff_record` of an open ``TiffFile``."""
+    if tif.is_imagej:
+        info = (tif.imagej_metadata or {}).get("Info")
+        with suppress(TypeError, ValueError):
+            stored = json.loads(info).get(METADATA_KEY) if isinstance(info, str) else None
             return stored if isinstance(stored, dict) else None
+        return None
+    if tif.is_shaped and tif.shaped_metadata:
+        stored = tif.shaped_metadata[0].get(METADATA_KEY)
+        return stored if isinstance(stored, dict) else None
     return None
+
+
+def _role(record: dict | None) -> str | None:
+    role = None if record is None else record.get(OUTPUT_KEY)
+    return role if isinstance(role, str) else None
 
 
 OUTPUT_KEY = "output"
@@ -636,13 +646,15 @@ def complete_output_role(path) -> str | None:
     """:func:`output_role` of an output file whose pixel data is all there: as many pages as its image needs, each
     page's data within the file; None otherwise. A file cut short (a failed copy or sync, a full disk on another
     tool's side) still reads its marker from the first page; its later pages are missing or end past the file's
-    end. Read from the pages' tags only: nothing is decoded."""
-    role = output_role(path)
-    if role is None:
-        return None
+    end. Read from the pages' tags only (the file opened once): nothing is decoded."""
     try:
+        if not Path(path).is_file():
+            return None
         size = Path(path).stat().st_size
         with _open_series(path) as (tif, series), _tifffile_quiet():
+            role = _role(_stored_record(tif))
+            if role is None:
+                return None
             pages = list(tif.pages)
             needed = math.prod(series.shape) // max(1, math.prod(pages[0].shape))
             ends = [o + c for page in pages for o, c in zip(page.dataoffsets, page.databytecounts)]
@@ -674,5 +686,4 @@ def output_role(path) -> str | None:
         record = read_tiff_record(path)
     except (ImageFileError, OSError):
         return None
-    role = None if record is None else record.get(OUTPUT_KEY)
-    return role if isinstance(role, str) else None
+    return _role(record)
